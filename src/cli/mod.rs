@@ -1,0 +1,1 @@
+//! The `uload` command line.

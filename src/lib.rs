@@ -1,0 +1,9 @@
+//! uLoad edge: a redirect edge for a URL shortener that answers every short
+//! link from memory, so that nothing remote can take redirects down.
+//!
+//! - [`store`]: the link store (append-only link log, memory-mapped
+//!   snapshots, lock-free hot table). Format: `docs/storage.md`.
+//! - [`cli`]: the `uload` command line (the binary is a thin wrapper).
+
+pub mod cli;
+pub mod store;

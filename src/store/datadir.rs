@@ -1,0 +1,442 @@
+//! A data directory: where the link log, the snapshots and the manifest live,
+//! who may write to it, and the operations that span them (open, load,
+//! compact).
+//!
+//! ```text
+//! data/
+//!   LOCK                    writer lock (flock), holds the writer's pid
+//!   MANIFEST                names the current snapshot (absent: none yet)
+//!   snapshots/<seq>.snap    immutable snapshots
+//!   log/<first_seq>.log     link log segments
+//! ```
+//!
+//! [`Store`] is the one writer (the admin, or a CLI command): it holds the
+//! lock, appends through [`LinkLog`] and compacts. Readers (the edge) call
+//! [`DataDir::load_view`] and follow the log; they take no lock.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use super::frame::{LogOp, LogOpRef};
+use super::log::{self, LinkLog, LogError, LogOptions, Recovery};
+use super::record::Link;
+use super::snapshot::{Snapshot, SnapshotError, SnapshotInfo, write_snapshot};
+use super::sync_dir;
+use super::view::{TableView, merge_links};
+
+/// First line of a manifest file.
+pub const MANIFEST_MAGIC: &str = "uload-manifest v1";
+
+/// Errors of data-dir level operations.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("{path}: invalid manifest: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error(
+        "{path}: the data dir is locked by another writer{holder}; only one writer (admin, import, compact) may run at a time"
+    )]
+    Locked { path: PathBuf, holder: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What the manifest says: the current snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// File name of the snapshot, inside `snapshots/`.
+    pub snapshot: String,
+    /// Sequence the snapshot holds (must match its header).
+    pub seq: u64,
+    /// Links in the snapshot (must match its header).
+    pub links: u64,
+}
+
+impl Manifest {
+    /// The manifest's text: `key value` lines, the last one a CRC32C of the others.
+    pub fn encode(&self) -> String {
+        let body = format!(
+            "{MANIFEST_MAGIC}\nsnapshot {}\nseq {}\nlinks {}\n",
+            self.snapshot, self.seq, self.links
+        );
+        let crc = crc32c::crc32c(body.as_bytes());
+        format!("{body}crc32c {crc:08x}\n")
+    }
+
+    /// Parses a manifest's text.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let Some(crc_at) = text.rfind("crc32c ") else {
+            return Err("no crc32c line".into());
+        };
+        let (body, crc_line) = text.split_at(crc_at);
+        let stored = crc_line
+            .trim_end()
+            .strip_prefix("crc32c ")
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or("crc32c line is not 8 hex digits")?;
+        let computed = crc32c::crc32c(body.as_bytes());
+        if stored != computed {
+            return Err(format!(
+                "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
+            ));
+        }
+        let mut lines = body.lines();
+        if lines.next() != Some(MANIFEST_MAGIC) {
+            return Err(format!("first line is not {MANIFEST_MAGIC:?}"));
+        }
+        let mut field = |key: &str| -> Result<String, String> {
+            let line = lines.next().ok_or(format!("missing {key}"))?;
+            line.strip_prefix(key)
+                .and_then(|v| v.strip_prefix(' '))
+                .map(str::to_owned)
+                .ok_or(format!("expected {key:?}, found {line:?}"))
+        };
+        let snapshot = field("snapshot")?;
+        if snapshot.contains('/') || !snapshot.ends_with(".snap") {
+            return Err(format!(
+                "snapshot name {snapshot:?} is not a .snap file name"
+            ));
+        }
+        let number = |v: String, key: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{key} {v:?} is not a number"))
+        };
+        let seq = number(field("seq")?, "seq")?;
+        let links = number(field("links")?, "links")?;
+        Ok(Self {
+            snapshot,
+            seq,
+            links,
+        })
+    }
+}
+
+/// Paths of a data directory. Cloning copies a path.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// A data dir rooted at `root` (nothing is touched until used).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.root.join("log")
+    }
+
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.root.join("MANIFEST")
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.root.join("LOCK")
+    }
+
+    /// Reads the manifest; `None` when there is none yet (no snapshot).
+    pub fn read_manifest(&self) -> Result<Option<Manifest>, StoreError> {
+        let path = self.manifest_path();
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let text = String::from_utf8(text).map_err(|_| StoreError::Manifest {
+            path: path.clone(),
+            reason: "not UTF-8".into(),
+        })?;
+        Manifest::decode(&text)
+            .map(Some)
+            .map_err(|reason| StoreError::Manifest { path, reason })
+    }
+
+    /// Opens the snapshot the manifest names, checking that they agree.
+    pub fn open_snapshot(
+        &self,
+        verify_checksums: bool,
+    ) -> Result<Option<Arc<Snapshot>>, StoreError> {
+        let Some(manifest) = self.read_manifest()? else {
+            return Ok(None);
+        };
+        self.open_manifest_snapshot(&manifest, verify_checksums)
+            .map(Some)
+    }
+
+    /// Opens the snapshot `manifest` names, checking that they agree.
+    pub fn open_manifest_snapshot(
+        &self,
+        manifest: &Manifest,
+        verify_checksums: bool,
+    ) -> Result<Arc<Snapshot>, StoreError> {
+        let path = self.snapshot_dir().join(&manifest.snapshot);
+        let snap = Snapshot::open(&path, verify_checksums)?;
+        if snap.seq() != manifest.seq || snap.len() != manifest.links {
+            return Err(StoreError::Manifest {
+                path: self.manifest_path(),
+                reason: format!(
+                    "names {} at sequence {} with {} links, but the file holds sequence {} with {} links",
+                    manifest.snapshot,
+                    manifest.seq,
+                    manifest.links,
+                    snap.seq(),
+                    snap.len()
+                ),
+            });
+        }
+        Ok(Arc::new(snap))
+    }
+
+    /// Loads the whole table as a reader: the current snapshot plus every log
+    /// record after it. Takes no lock and writes nothing.
+    pub fn load_view(&self, verify_checksums: bool) -> Result<TableView, StoreError> {
+        let snapshot = self.open_snapshot(verify_checksums)?;
+        let mut view = TableView::new(snapshot);
+        let mut bad = None;
+        log::replay(&self.log_dir(), view.seq(), |seq, op| {
+            if bad.is_none()
+                && let Err(e) = view.apply(seq, op)
+            {
+                bad = Some(e);
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(LogError::Invalid(e).into());
+        }
+        Ok(view)
+    }
+
+    fn write_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let path = self.manifest_path();
+        let tmp = self.root.join("MANIFEST.tmp");
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(manifest.encode().as_bytes())
+            .map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.root).map_err(io_err(&self.root))
+    }
+}
+
+/// Name of the snapshot file holding the log up to `seq`.
+pub fn snapshot_file_name(seq: u64) -> String {
+    format!("{seq:020}.snap")
+}
+
+/// The writer lock: an exclusive `flock` on `LOCK`, released when dropped
+/// (or when the process dies, so a SIGKILLed writer never leaves it stale).
+#[derive(Debug)]
+pub struct WriterLock {
+    _file: File,
+}
+
+impl WriterLock {
+    /// Takes the lock or fails at once, naming the holder's pid.
+    pub fn acquire(dir: &DataDir) -> Result<Self, StoreError> {
+        let path = dir.lock_path();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let holder = match pid.trim() {
+                    "" => String::new(),
+                    p => format!(" (pid {p})"),
+                };
+                return Err(StoreError::Locked { path, holder });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+        }
+        file.set_len(0).map_err(io_err(&path))?;
+        file.write_all(std::process::id().to_string().as_bytes())
+            .map_err(io_err(&path))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactReport {
+    /// The snapshot written (`None` when there was nothing new to compact).
+    pub snapshot: Option<SnapshotInfo>,
+    /// Log records folded into it.
+    pub records: u64,
+    /// Old snapshots and log segments removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// The single writer of a data dir: holds the lock, appends to the log,
+/// compacts. Share it behind an `Arc`; `append` is safe from many threads.
+pub struct Store {
+    dir: DataDir,
+    log: LinkLog,
+    recovery: Recovery,
+    compacting: Mutex<()>,
+    _lock: WriterLock,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data dir at `root` as its writer.
+    pub fn open(root: &Path, opts: LogOptions) -> Result<Self, StoreError> {
+        let dir = DataDir::new(root);
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let lock = WriterLock::acquire(&dir)?;
+        let snap_dir = dir.snapshot_dir();
+        fs::create_dir_all(&snap_dir).map_err(io_err(&snap_dir))?;
+        remove_tmp_snapshots(&snap_dir)?;
+        let snapshot = dir.open_snapshot(true)?;
+        let base_seq = snapshot.as_ref().map_or(0, |s| s.seq());
+        let (log, recovery) = LinkLog::open(&dir.log_dir(), base_seq, opts)?;
+        Ok(Self {
+            dir,
+            log,
+            recovery,
+            compacting: Mutex::new(()),
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// What recovery did on open (a truncated torn tail, the last sequence).
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The log, for appends.
+    pub fn log(&self) -> &LinkLog {
+        &self.log
+    }
+
+    /// Appends `ops`; returns once they are on disk. See [`LinkLog::append`].
+    pub fn append(&self, ops: &[LogOp]) -> Result<u64, StoreError> {
+        Ok(self.log.append(ops)?)
+    }
+
+    /// Merges the current snapshot and the log up to the last durable record
+    /// into a new snapshot, points the manifest at it, then removes the old
+    /// snapshot and the log segments it covers. Appends may continue meanwhile.
+    pub fn compact(&self) -> Result<CompactReport, StoreError> {
+        let _one_at_a_time = self
+            .compacting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let upto = self.log.durable_seq();
+        let old = self.dir.read_manifest()?;
+        let snapshot = match &old {
+            Some(m) => Some(self.dir.open_manifest_snapshot(m, true)?),
+            None => None,
+        };
+        let base_seq = snapshot.as_ref().map_or(0, |s| s.seq());
+        let mut report = CompactReport {
+            snapshot: None,
+            records: 0,
+            removed: Vec::new(),
+        };
+        if upto > base_seq {
+            let mut changes: BTreeMap<Vec<u8>, Option<Link>> = BTreeMap::new();
+            let mut bad = None;
+            log::replay(&self.dir.log_dir(), base_seq, |seq, op| {
+                if seq > upto || bad.is_some() {
+                    return;
+                }
+                report.records += 1;
+                match op {
+                    LogOpRef::Put(link) => match link.to_link() {
+                        Ok(l) => {
+                            changes.insert(link.code.to_vec(), Some(l));
+                        }
+                        Err(e) => bad = Some(e),
+                    },
+                    LogOpRef::Delete(code) => {
+                        changes.insert(code.to_vec(), None);
+                    }
+                }
+            })?;
+            if let Some(e) = bad {
+                return Err(LogError::Invalid(e).into());
+            }
+            let path = self.dir.snapshot_dir().join(snapshot_file_name(upto));
+            let base = snapshot.as_ref().map(|s| s.iter());
+            let merged = merge_links(
+                base.into_iter().flatten(),
+                changes
+                    .iter()
+                    .map(|(code, link)| (code.as_slice(), link.as_ref().map(Link::as_ref))),
+            );
+            let info = write_snapshot(&path, upto, merged)?;
+            self.dir.write_manifest(&Manifest {
+                snapshot: snapshot_file_name(upto),
+                seq: upto,
+                links: info.header.link_count,
+            })?;
+            report.snapshot = Some(info);
+        }
+        let current = report
+            .snapshot
+            .as_ref()
+            .map(|i| i.path.clone())
+            .or_else(|| snapshot.as_ref().map(|s| s.path().to_owned()));
+        report.removed = self.remove_old_files(current.as_deref(), upto.max(base_seq))?;
+        Ok(report)
+    }
+
+    fn remove_old_files(
+        &self,
+        keep: Option<&Path>,
+        covered: u64,
+    ) -> Result<Vec<PathBuf>, StoreError> {
+        let snap_dir = self.dir.snapshot_dir();
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&snap_dir).map_err(io_err(&snap_dir))? {
+            let path = entry.map_err(io_err(&snap_dir))?.path();
+            if path.extension().is_some_and(|e| e == "snap") && Some(path.as_path()) != keep {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                removed.push(path);
+            }
+        }
+        removed.extend(log::remove_segments_upto(&self.dir.log_dir(), covered)?);
+        Ok(removed)
+    }
+}
+
+fn remove_tmp_snapshots(dir: &Path) -> Result<(), StoreError> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
+}

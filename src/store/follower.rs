@@ -1,0 +1,269 @@
+//! `LogFollower`: keeps a [`HotTable`] up to date with a data dir, off the
+//! request path. Each poll picks up a new snapshot named by the manifest (if
+//! any), then the log records written since the last poll, and publishes one
+//! new view if anything changed. A file that fails validation is refused
+//! (counted, logged) and the current view stays in service.
+//!
+//! Where records come from is behind [`RecordSource`]: the log files of a
+//! shared data dir today, a replicated log (NATS JetStream) past one machine.
+//!
+//! ```
+//! use std::time::Duration;
+//! use uload::store::{LogFollower, LogOp, Store, record::Link};
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = Store::open(dir.path(), Default::default()).unwrap();
+//! let follower = LogFollower::open(dir.path()).unwrap();
+//! let table = follower.table();
+//! let _running = follower.spawn(Duration::from_millis(2)); // stops when dropped
+//! store.append(&[LogOp::Put(Link::new("new", "https://example.com/").unwrap())]).unwrap();
+//! while table.load().get(b"new").is_none() { std::thread::yield_now(); }
+//! ```
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::datadir::{DataDir, Manifest, StoreError};
+use super::frame::LogOpRef;
+use super::log::{LogError, LogTail, TailStatus};
+use super::view::{HotTable, TableView};
+
+/// A source of log records in sequence order.
+pub trait RecordSource: Send {
+    /// Calls `visit` for each record newer than the last one returned.
+    fn poll(&mut self, visit: &mut dyn FnMut(u64, LogOpRef<'_>)) -> Result<TailStatus, LogError>;
+    /// Continues after `after_seq` (used when a newer snapshot is loaded).
+    fn reset(&mut self, after_seq: u64);
+}
+
+/// The shared data dir's log files as a record source.
+pub struct FileLogSource {
+    tail: LogTail,
+    dir: std::path::PathBuf,
+}
+
+impl FileLogSource {
+    pub fn new(log_dir: &Path, after_seq: u64) -> Self {
+        Self {
+            tail: LogTail::new(log_dir, after_seq),
+            dir: log_dir.to_owned(),
+        }
+    }
+}
+
+impl RecordSource for FileLogSource {
+    fn poll(&mut self, visit: &mut dyn FnMut(u64, LogOpRef<'_>)) -> Result<TailStatus, LogError> {
+        self.tail.poll(visit)
+    }
+
+    fn reset(&mut self, after_seq: u64) {
+        self.tail = LogTail::new(&self.dir, after_seq);
+    }
+}
+
+/// Counters a follower keeps; read them from any thread (metrics, /health).
+#[derive(Debug, Default)]
+pub struct FollowerStats {
+    pub polls: AtomicU64,
+    pub records_applied: AtomicU64,
+    pub views_published: AtomicU64,
+    pub snapshots_loaded: AtomicU64,
+    /// Snapshots, manifests or log files refused because they failed validation.
+    pub files_refused: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl FollowerStats {
+    fn refuse(&self, error: String) {
+        self.files_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%error, "link store: refused a file; still serving the current view");
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+}
+
+/// What one poll did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollOutcome {
+    /// Records applied.
+    pub applied: u64,
+    /// Sequence of a snapshot swapped in.
+    pub new_snapshot: Option<u64>,
+    /// A new view was published.
+    pub published: bool,
+}
+
+/// Tails a data dir and publishes views into a [`HotTable`].
+pub struct LogFollower {
+    dir: DataDir,
+    table: Arc<HotTable>,
+    /// The working copy; published (cheaply cloned) after each change.
+    view: TableView,
+    source: Box<dyn RecordSource>,
+    /// The manifest last acted on (loaded or refused), to act once per change.
+    manifest_seen: Option<Manifest>,
+    stats: Arc<FollowerStats>,
+}
+
+impl LogFollower {
+    /// Loads the data dir at `root` (snapshot with checksums verified, then
+    /// the log) and returns a follower whose table serves it.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let dir = DataDir::new(root);
+        let manifest = dir.read_manifest()?;
+        let view = dir.load_view(true)?;
+        let source = Box::new(FileLogSource::new(&dir.log_dir(), view.seq()));
+        Ok(Self::with_source(dir, view, manifest, source))
+    }
+
+    /// A follower over `view` reading new records from `source`.
+    pub fn with_source(
+        dir: DataDir,
+        view: TableView,
+        manifest: Option<Manifest>,
+        source: Box<dyn RecordSource>,
+    ) -> Self {
+        Self {
+            table: Arc::new(HotTable::new(view.clone())),
+            dir,
+            view,
+            source,
+            manifest_seen: manifest,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The table this follower publishes into.
+    pub fn table(&self) -> Arc<HotTable> {
+        self.table.clone()
+    }
+
+    /// The follower's counters.
+    pub fn stats(&self) -> Arc<FollowerStats> {
+        self.stats.clone()
+    }
+
+    /// Picks up a new snapshot and new log records; publishes if anything changed.
+    pub fn poll_once(&mut self) -> PollOutcome {
+        self.stats.polls.fetch_add(1, Ordering::Relaxed);
+        let mut outcome = PollOutcome {
+            new_snapshot: self.check_manifest(),
+            ..Default::default()
+        };
+        let view = &mut self.view;
+        let stats = &self.stats;
+        let mut bad_record = None;
+        let status = self.source.poll(&mut |seq, op| match view.apply(seq, op) {
+            Ok(()) => outcome.applied += 1,
+            Err(e) => {
+                bad_record.get_or_insert(format!("record {seq}: {e}"));
+            }
+        });
+        if let Some(e) = bad_record {
+            stats.refuse(e);
+        }
+        match status {
+            Ok(TailStatus::CaughtUp) => {}
+            Ok(TailStatus::NeedSnapshot) => {
+                // Records we need were compacted away: a newer snapshot must exist.
+                self.manifest_seen = None;
+                if let Some(seq) = self.check_manifest() {
+                    outcome.new_snapshot = Some(seq);
+                }
+            }
+            Err(e) => self.stats.refuse(e.to_string()),
+        }
+        if outcome.applied > 0 || outcome.new_snapshot.is_some() {
+            self.stats
+                .records_applied
+                .fetch_add(outcome.applied, Ordering::Relaxed);
+            self.stats.views_published.fetch_add(1, Ordering::Relaxed);
+            self.table.publish(Arc::new(self.view.clone()));
+            outcome.published = true;
+        }
+        outcome
+    }
+
+    /// Loads the snapshot a changed manifest names. Returns its sequence when
+    /// it was swapped into the working view.
+    fn check_manifest(&mut self) -> Option<u64> {
+        let manifest = match self.dir.read_manifest() {
+            Ok(Some(m)) => m,
+            Ok(None) => return None,
+            Err(e) => {
+                let text = e.to_string();
+                let seen = self.stats.last_error.lock().ok().and_then(|g| g.clone());
+                if seen.as_deref() != Some(&text) {
+                    self.stats.refuse(text);
+                }
+                return None;
+            }
+        };
+        if self.manifest_seen.as_ref() == Some(&manifest)
+            || manifest.seq <= self.view.snapshot_seq()
+        {
+            self.manifest_seen = Some(manifest);
+            return None;
+        }
+        self.manifest_seen = Some(manifest.clone());
+        let result = self
+            .dir
+            .open_manifest_snapshot(&manifest, true)
+            .map_err(|e| e.to_string())
+            .and_then(|snap| self.view.rebase(snap));
+        match result {
+            Ok(()) => {
+                self.stats.snapshots_loaded.fetch_add(1, Ordering::Relaxed);
+                if manifest.seq >= self.view.seq() {
+                    self.source.reset(manifest.seq);
+                }
+                Some(manifest.seq)
+            }
+            Err(e) => {
+                self.stats.refuse(e);
+                None
+            }
+        }
+    }
+
+    /// Runs the follower on its own thread, polling every `interval`, until
+    /// the returned handle is dropped.
+    pub fn spawn(mut self, interval: Duration) -> FollowerHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("uload-log-follower".into())
+            .spawn(move || {
+                while !stop_flag.load(Ordering::Acquire) {
+                    self.poll_once();
+                    std::thread::park_timeout(interval);
+                }
+            })
+            .ok();
+        FollowerHandle { stop, thread }
+    }
+}
+
+/// Keeps a spawned follower running; dropping it stops and joins the thread.
+pub struct FollowerHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FollowerHandle {
+    /// Whether the thread started.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for FollowerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}

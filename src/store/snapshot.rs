@@ -1,0 +1,670 @@
+//! Snapshots: immutable files holding every link up to a sequence number,
+//! used in place through `memmap2`.
+//!
+//! Layout (byte by byte in `docs/storage.md`): a 128-byte header, the records
+//! region (link encodings sorted by code, each padded to 8 bytes), then the
+//! hash index (`bucket_count` little-endian `u64` slots, linear probing).
+//! Opening maps the file and checks the header and, unless told not to, the
+//! checksums of both regions; a lookup is a hash, a probe or two and a key
+//! comparison, with no allocation.
+//!
+//! ```no_run
+//! use uload::store::snapshot::{Snapshot, write_snapshot};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let link = uload::store::record::Link::new("abc", "https://example.com/")?;
+//! let path = std::path::Path::new("/tmp/example.snap");
+//! write_snapshot(path, 1, [link.as_ref()].into_iter().map(Ok))?;
+//! let snap = Snapshot::open(path, true)?;
+//! assert_eq!(snap.get(b"abc").unwrap().target, b"https://example.com/");
+//! # Ok(()) }
+//! ```
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::hash::{HASH_FNV1A_FMIX64, code_hash};
+use super::record::{LINK_FIXED_LEN, LinkRef, RecordError};
+use super::sync_dir;
+
+/// Magic bytes at the start of every snapshot.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"ULOADSNP";
+/// Snapshot format version this build writes and reads.
+pub const SNAPSHOT_VERSION: u32 = 1;
+/// Length of the header.
+pub const SNAPSHOT_HEADER_LEN: usize = 128;
+/// Records are padded to this alignment; index slots count in these units.
+pub const RECORD_ALIGN: usize = 8;
+/// Largest records region a slot can address (u32 units of 8 bytes).
+pub const MAX_RECORDS_LEN: u64 = (u32::MAX as u64 - 1) * RECORD_ALIGN as u64;
+
+/// Errors opening or writing a snapshot. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: invalid snapshot: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path}: record for {code:?} is out of order or duplicated")]
+    Unsorted { path: PathBuf, code: String },
+    #[error("{path}: records region would exceed {MAX_RECORDS_LEN} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("{path}: {source}")]
+    Record { path: PathBuf, source: RecordError },
+}
+
+/// The parsed, validated header of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    pub version: u32,
+    /// Every log record up to and including this sequence is in the snapshot.
+    pub seq: u64,
+    pub link_count: u64,
+    /// Number of index slots; a power of two.
+    pub bucket_count: u64,
+    pub records_offset: u64,
+    pub records_len: u64,
+    pub index_offset: u64,
+    pub index_len: u64,
+    pub created_at_ms: u64,
+    pub records_crc: u32,
+    pub index_crc: u32,
+    pub hash_fn: u32,
+}
+
+impl SnapshotHeader {
+    /// Encodes the header, computing its own checksum.
+    pub fn encode(&self) -> [u8; SNAPSHOT_HEADER_LEN] {
+        let mut h = [0u8; SNAPSHOT_HEADER_LEN];
+        h[0..8].copy_from_slice(SNAPSHOT_MAGIC);
+        h[8..12].copy_from_slice(&self.version.to_le_bytes());
+        h[12..16].copy_from_slice(&(SNAPSHOT_HEADER_LEN as u32).to_le_bytes());
+        for (at, v) in [
+            (16, self.seq),
+            (24, self.link_count),
+            (32, self.bucket_count),
+            (40, self.records_offset),
+            (48, self.records_len),
+            (56, self.index_offset),
+            (64, self.index_len),
+            (72, self.created_at_ms),
+        ] {
+            h[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        h[80..84].copy_from_slice(&self.records_crc.to_le_bytes());
+        h[84..88].copy_from_slice(&self.index_crc.to_le_bytes());
+        h[88..92].copy_from_slice(&self.hash_fn.to_le_bytes());
+        let crc = crc32c::crc32c(&h[0..124]);
+        h[124..128].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Decodes and checks a header against the length of its file.
+    pub fn decode(buf: &[u8], file_len: u64) -> Result<Self, String> {
+        if buf.len() < SNAPSHOT_HEADER_LEN {
+            return Err(format!(
+                "file is {} bytes, shorter than the {SNAPSHOT_HEADER_LEN}-byte header",
+                buf.len()
+            ));
+        }
+        if &buf[0..8] != SNAPSHOT_MAGIC {
+            return Err("magic is not ULOADSNP".into());
+        }
+        let u32_at =
+            |at: usize| u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[at..at + 8]);
+            u64::from_le_bytes(b)
+        };
+        let stored = u32_at(124);
+        let computed = crc32c::crc32c(&buf[0..124]);
+        if stored != computed {
+            return Err(format!(
+                "header checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            ));
+        }
+        let h = Self {
+            version: u32_at(8),
+            seq: u64_at(16),
+            link_count: u64_at(24),
+            bucket_count: u64_at(32),
+            records_offset: u64_at(40),
+            records_len: u64_at(48),
+            index_offset: u64_at(56),
+            index_len: u64_at(64),
+            created_at_ms: u64_at(72),
+            records_crc: u32_at(80),
+            index_crc: u32_at(84),
+            hash_fn: u32_at(88),
+        };
+        if h.version != SNAPSHOT_VERSION {
+            return Err(format!(
+                "format version {} is not supported (this build reads {SNAPSHOT_VERSION})",
+                h.version
+            ));
+        }
+        if u32_at(12) as usize != SNAPSHOT_HEADER_LEN {
+            return Err(format!(
+                "header length {} is not {SNAPSHOT_HEADER_LEN}",
+                u32_at(12)
+            ));
+        }
+        if buf[92..124].iter().any(|&b| b != 0) {
+            return Err("reserved header bytes are not zero".into());
+        }
+        if h.hash_fn != HASH_FNV1A_FMIX64 {
+            return Err(format!("unknown hash function {}", h.hash_fn));
+        }
+        if !h.bucket_count.is_power_of_two() {
+            return Err(format!(
+                "bucket count {} is not a power of two",
+                h.bucket_count
+            ));
+        }
+        if h.link_count >= h.bucket_count {
+            return Err(format!(
+                "{} links do not fit {} buckets with a free slot",
+                h.link_count, h.bucket_count
+            ));
+        }
+        if h.index_len != h.bucket_count.saturating_mul(8) {
+            return Err(format!(
+                "index length {} is not 8 x {} buckets",
+                h.index_len, h.bucket_count
+            ));
+        }
+        if h.records_offset != SNAPSHOT_HEADER_LEN as u64
+            || h.records_len > MAX_RECORDS_LEN
+            || h.records_len % RECORD_ALIGN as u64 != 0
+            || h.index_offset != h.records_offset + h.records_len
+            || h.index_offset.checked_add(h.index_len) != Some(file_len)
+        {
+            return Err(format!(
+                "regions (records {}+{}, index {}+{}) do not tile the {file_len}-byte file",
+                h.records_offset, h.records_len, h.index_offset, h.index_len
+            ));
+        }
+        // Every record takes at least the fixed part plus a one-byte code, padded.
+        let min_record = (LINK_FIXED_LEN + 1).next_multiple_of(RECORD_ALIGN) as u64;
+        if h.link_count.saturating_mul(min_record) > h.records_len {
+            return Err(format!(
+                "{} links cannot fit in {} bytes of records",
+                h.link_count, h.records_len
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// An open snapshot. Cloning is not offered; share it through `Arc<Snapshot>`.
+/// The mapping stays valid after the file is unlinked (compaction removes old
+/// snapshots while readers may still hold them).
+pub struct Snapshot {
+    map: Mmap,
+    header: SnapshotHeader,
+    path: PathBuf,
+    mask: u64,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+impl Snapshot {
+    /// Maps and validates a snapshot. With `verify_checksums`, the CRC32C of the
+    /// records and index regions is checked too (a read of the whole file);
+    /// without, only the header is read and the rest is paged in on use.
+    pub fn open(path: &Path, verify_checksums: bool) -> Result<Self, SnapshotError> {
+        let io = |source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io)?;
+        // SAFETY: snapshots are immutable once renamed into place; the writer
+        // never modifies a published file (it writes a new one and renames).
+        // Bytes are only ever read through bounds-checked slices.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::from_map(map, path, verify_checksums)
+    }
+
+    fn from_map(map: Mmap, path: &Path, verify_checksums: bool) -> Result<Self, SnapshotError> {
+        let invalid = |reason: String| SnapshotError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let header = SnapshotHeader::decode(&map, map.len() as u64).map_err(invalid)?;
+        let snap = Self {
+            mask: header.bucket_count - 1,
+            header,
+            map,
+            path: path.to_owned(),
+        };
+        if verify_checksums {
+            snap.verify_checksums().map_err(invalid)?;
+        }
+        Ok(snap)
+    }
+
+    /// Checks the CRC32C of the records and index regions.
+    pub fn verify_checksums(&self) -> Result<(), String> {
+        let records = crc32c::crc32c(self.records());
+        if records != self.header.records_crc {
+            return Err(format!(
+                "records checksum mismatch: stored {:#010x}, computed {records:#010x}",
+                self.header.records_crc
+            ));
+        }
+        let index = crc32c::crc32c(self.index());
+        if index != self.header.index_crc {
+            return Err(format!(
+                "index checksum mismatch: stored {:#010x}, computed {index:#010x}",
+                self.header.index_crc
+            ));
+        }
+        Ok(())
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &SnapshotHeader {
+        &self.header
+    }
+
+    /// Path the snapshot was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sequence of the last log record it holds.
+    pub fn seq(&self) -> u64 {
+        self.header.seq
+    }
+
+    /// Number of links.
+    pub fn len(&self) -> u64 {
+        self.header.link_count
+    }
+
+    /// Whether it holds no links.
+    pub fn is_empty(&self) -> bool {
+        self.header.link_count == 0
+    }
+
+    fn records(&self) -> &[u8] {
+        let start = self.header.records_offset as usize;
+        &self.map[start..start + self.header.records_len as usize]
+    }
+
+    fn index(&self) -> &[u8] {
+        let start = self.header.index_offset as usize;
+        &self.map[start..start + self.header.index_len as usize]
+    }
+
+    /// Looks a code up. Allocation-free; a damaged index or record makes the
+    /// lookup miss rather than panic.
+    #[inline]
+    pub fn get(&self, code: &[u8]) -> Option<LinkRef<'_>> {
+        let h = code_hash(code);
+        let tag = (h >> 32) as u32;
+        let index = self.index();
+        let records = self.records();
+        let mut i = h & self.mask;
+        for _ in 0..=self.mask {
+            let at = (i as usize) * 8;
+            let slot = u64::from_le_bytes(index.get(at..at + 8)?.try_into().ok()?);
+            if slot == 0 {
+                return None;
+            }
+            if (slot >> 32) as u32 == tag {
+                let off = ((slot as u32) as usize - 1) * RECORD_ALIGN;
+                let rec = records.get(off..)?;
+                let code_len = *rec.get(1)? as usize;
+                if rec.get(LINK_FIXED_LEN..LINK_FIXED_LEN + code_len) == Some(code) {
+                    return LinkRef::decode(rec).ok().map(|(link, _)| link);
+                }
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// Every link, in code order. Yields an error (and stops) at a damaged record.
+    pub fn iter(&self) -> SnapshotIter<'_> {
+        SnapshotIter {
+            records: self.records(),
+            pos: 0,
+            remaining: self.header.link_count,
+            path: &self.path,
+        }
+    }
+}
+
+/// Iterator over a snapshot's records.
+pub struct SnapshotIter<'a> {
+    records: &'a [u8],
+    pos: usize,
+    remaining: u64,
+    path: &'a Path,
+}
+
+impl<'a> Iterator for SnapshotIter<'a> {
+    type Item = Result<LinkRef<'a>, SnapshotError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        let rec = self.records.get(self.pos..).unwrap_or_default();
+        match LinkRef::decode(rec) {
+            Ok((link, used)) => {
+                self.pos += used.next_multiple_of(RECORD_ALIGN);
+                self.remaining -= 1;
+                Some(Ok(link))
+            }
+            Err(source) => {
+                self.remaining = 0;
+                Some(Err(SnapshotError::Record {
+                    path: self.path.to_owned(),
+                    source,
+                }))
+            }
+        }
+    }
+}
+
+impl From<std::convert::Infallible> for SnapshotError {
+    fn from(e: std::convert::Infallible) -> Self {
+        match e {}
+    }
+}
+
+/// Figures about a snapshot just written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub path: PathBuf,
+    pub header: SnapshotHeader,
+}
+
+/// Buckets for `n` links: a power of two keeping the load at or under 0.7
+/// (and at least one free slot, so every probe sequence ends).
+pub fn bucket_count_for(n: u64) -> u64 {
+    (n.saturating_mul(10) / 7 + 1).max(8).next_power_of_two()
+}
+
+/// Writes a snapshot of `links` (strictly ascending by code) holding the log
+/// up to `seq`, to `path`: written to `path.tmp`, fsynced, renamed into
+/// place, directory fsynced. On error the temporary file is removed.
+pub fn write_snapshot<'a, E>(
+    path: &Path,
+    seq: u64,
+    links: impl Iterator<Item = Result<LinkRef<'a>, E>>,
+) -> Result<SnapshotInfo, SnapshotError>
+where
+    SnapshotError: From<E>,
+{
+    let tmp = path.with_extension("snap.tmp");
+    let result = write_snapshot_to(&tmp, path, seq, links);
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_snapshot_to<'a, E>(
+    tmp: &Path,
+    path: &Path,
+    seq: u64,
+    links: impl Iterator<Item = Result<LinkRef<'a>, E>>,
+) -> Result<SnapshotInfo, SnapshotError>
+where
+    SnapshotError: From<E>,
+{
+    let io = |p: &Path| {
+        let p = p.to_owned();
+        move |source| SnapshotError::Io { path: p, source }
+    };
+    let file = File::create(tmp).map_err(io(tmp))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&[0u8; SNAPSHOT_HEADER_LEN])
+        .map_err(io(tmp))?;
+    // (hash, slot value) per link, collected while records stream out.
+    let mut entries: Vec<(u64, u32)> = Vec::new();
+    let mut records_len = 0u64;
+    let mut records_crc = 0u32;
+    let mut buf = Vec::with_capacity(4096);
+    let mut last_code: Vec<u8> = Vec::new();
+    for link in links {
+        let link = link?;
+        if !entries.is_empty() && link.code <= last_code.as_slice() {
+            return Err(SnapshotError::Unsorted {
+                path: path.to_owned(),
+                code: link.code_str().to_owned(),
+            });
+        }
+        last_code.clear();
+        last_code.extend_from_slice(link.code);
+        buf.clear();
+        link.to_link()
+            .map_err(|source| SnapshotError::Record {
+                path: path.to_owned(),
+                source,
+            })?
+            .encode_into(&mut buf);
+        buf.resize(buf.len().next_multiple_of(RECORD_ALIGN), 0);
+        let unit = records_len / RECORD_ALIGN as u64 + 1;
+        if records_len + buf.len() as u64 > MAX_RECORDS_LEN {
+            return Err(SnapshotError::TooLarge {
+                path: path.to_owned(),
+            });
+        }
+        entries.push((code_hash(link.code), unit as u32));
+        records_crc = crc32c::crc32c_append(records_crc, &buf);
+        records_len += buf.len() as u64;
+        out.write_all(&buf).map_err(io(tmp))?;
+    }
+    let bucket_count = bucket_count_for(entries.len() as u64);
+    let mask = bucket_count - 1;
+    let mut index = vec![0u64; bucket_count as usize];
+    for (h, unit) in entries.iter().copied() {
+        let mut i = h & mask;
+        while index[i as usize] != 0 {
+            i = (i + 1) & mask;
+        }
+        index[i as usize] = (h >> 32) << 32 | unit as u64;
+    }
+    let mut index_crc = 0u32;
+    let mut chunk = Vec::with_capacity(64 * 1024);
+    for slots in index.chunks(8 * 1024) {
+        chunk.clear();
+        for s in slots {
+            chunk.extend_from_slice(&s.to_le_bytes());
+        }
+        index_crc = crc32c::crc32c_append(index_crc, &chunk);
+        out.write_all(&chunk).map_err(io(tmp))?;
+    }
+    let header = SnapshotHeader {
+        version: SNAPSHOT_VERSION,
+        seq,
+        link_count: entries.len() as u64,
+        bucket_count,
+        records_offset: SNAPSHOT_HEADER_LEN as u64,
+        records_len,
+        index_offset: SNAPSHOT_HEADER_LEN as u64 + records_len,
+        index_len: bucket_count * 8,
+        created_at_ms: super::record::now_ms(),
+        records_crc,
+        index_crc,
+        hash_fn: HASH_FNV1A_FMIX64,
+    };
+    let mut file = out.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
+    file.seek(SeekFrom::Start(0)).map_err(io(tmp))?;
+    file.write_all(&header.encode()).map_err(io(tmp))?;
+    file.sync_all().map_err(io(tmp))?;
+    drop(file);
+    fs::rename(tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir).map_err(io(dir))?;
+    }
+    Ok(SnapshotInfo {
+        path: path.to_owned(),
+        header,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::record::Link;
+    use std::convert::Infallible;
+
+    fn links(n: usize) -> Vec<Link> {
+        let mut v: Vec<Link> = (0..n)
+            .map(|i| {
+                let mut l =
+                    Link::new(&format!("c{i:05}"), &format!("https://example.com/{i}")).unwrap();
+                l.max_clicks = Some(i as u64 + 1);
+                l
+            })
+            .collect();
+        v.sort_by(|a, b| a.code.cmp(&b.code));
+        v
+    }
+
+    fn write(dir: &Path, links: &[Link]) -> PathBuf {
+        let path = dir.join("s.snap");
+        write_snapshot(
+            &path,
+            77,
+            links.iter().map(|l| Ok::<_, Infallible>(l.as_ref())),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn write_open_get_iter() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [0, 1, 7, 1000] {
+            let links = links(n);
+            let path = write(dir.path(), &links);
+            let snap = Snapshot::open(&path, true).unwrap();
+            assert_eq!(snap.len(), n as u64);
+            assert_eq!(snap.seq(), 77);
+            for l in &links {
+                assert_eq!(snap.get(l.code.as_bytes()).unwrap().to_link().unwrap(), *l);
+            }
+            assert!(snap.get(b"missing").is_none());
+            assert!(snap.get(b"").is_none());
+            let all: Vec<Link> = snap.iter().map(|r| r.unwrap().to_link().unwrap()).collect();
+            assert_eq!(all, links);
+        }
+    }
+
+    #[test]
+    fn header_fields_round_trip_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &links(10));
+        let bytes = fs::read(&path).unwrap();
+        let h = SnapshotHeader::decode(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(h.encode().as_slice(), &bytes[..SNAPSHOT_HEADER_LEN]);
+        assert_eq!(&bytes[0..8], b"ULOADSNP");
+        assert_eq!(h.version, 1);
+        assert_eq!(h.link_count, 10);
+        assert_eq!(h.bucket_count, 16);
+        assert_eq!(h.index_offset, 128 + h.records_len);
+        assert_eq!(h.hash_fn, HASH_FNV1A_FMIX64);
+        // Each field, changed and re-checksummed, is refused on its own terms.
+        let changes: Vec<(&str, Box<dyn Fn(&mut SnapshotHeader)>)> = vec![
+            ("version", Box::new(|h| h.version = 2)),
+            ("bucket count", Box::new(|h| h.bucket_count = 15)),
+            ("links do not fit", Box::new(|h| h.link_count = 16)),
+            ("index length", Box::new(|h| h.index_len += 8)),
+            ("tile", Box::new(|h| h.records_offset += 8)),
+            ("tile", Box::new(|h| h.records_len += 8)),
+            ("tile", Box::new(|h| h.index_offset += 8)),
+            ("hash function", Box::new(|h| h.hash_fn = 2)),
+        ];
+        for (want, change) in changes {
+            let mut bad = h;
+            change(&mut bad);
+            let err = SnapshotHeader::decode(&bad.encode(), bytes.len() as u64).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let mut magic = h.encode();
+        magic[0] = b'X';
+        assert!(
+            SnapshotHeader::decode(&magic, bytes.len() as u64)
+                .unwrap_err()
+                .contains("magic")
+        );
+        let mut crc = h.encode();
+        crc[20] ^= 1;
+        assert!(
+            SnapshotHeader::decode(&crc, bytes.len() as u64)
+                .unwrap_err()
+                .contains("checksum")
+        );
+        let mut reserved = h.encode();
+        reserved[100] = 1;
+        let c = crc32c::crc32c(&reserved[0..124]);
+        reserved[124..128].copy_from_slice(&c.to_le_bytes());
+        assert!(
+            SnapshotHeader::decode(&reserved, bytes.len() as u64)
+                .unwrap_err()
+                .contains("reserved")
+        );
+        for cut in 0..SNAPSHOT_HEADER_LEN {
+            assert!(SnapshotHeader::decode(&bytes[..cut], bytes.len() as u64).is_err());
+        }
+    }
+
+    #[test]
+    fn damaged_regions_fail_the_checksum_but_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = links(50);
+        let path = write(dir.path(), &links);
+        let good = fs::read(&path).unwrap();
+        for at in (SNAPSHOT_HEADER_LEN..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x5a;
+            fs::write(&path, &bad).unwrap();
+            let err = Snapshot::open(&path, true).unwrap_err();
+            assert!(err.to_string().contains("checksum mismatch"), "{err}");
+            // Unverified, it must still answer without panicking.
+            let snap = Snapshot::open(&path, false).unwrap();
+            for l in &links {
+                let _ = snap.get(l.code.as_bytes());
+            }
+            let _ = snap.iter().count();
+        }
+        fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(Snapshot::open(&path, false).is_err());
+    }
+
+    #[test]
+    fn unsorted_input_is_refused_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = links(3);
+        l.swap(0, 1);
+        let path = dir.path().join("u.snap");
+        let err = write_snapshot(&path, 1, l.iter().map(|l| Ok::<_, Infallible>(l.as_ref())))
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::Unsorted { .. }));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bucket_counts() {
+        assert_eq!(bucket_count_for(0), 8);
+        assert_eq!(bucket_count_for(5), 8);
+        assert_eq!(bucket_count_for(6), 16);
+        assert_eq!(bucket_count_for(10_000_000), 1 << 24);
+    }
+}
