@@ -6,4 +6,5 @@
 //! - [`cli`]: the `uload` command line (the binary is a thin wrapper).
 
 pub mod cli;
+pub mod interchange;
 pub mod store;

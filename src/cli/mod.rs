@@ -1,1 +1,103 @@
-//! The `uload` command line.
+//! The `uload` command line. `main.rs` only calls [`main`]; each subcommand
+//! lives in its own module and returns a [`CliError`] that names what failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod export;
+mod import;
+mod inspect;
+
+/// uLoad edge: a redirect edge that serves every short link from memory.
+#[derive(Debug, Parser)]
+#[command(name = "uload", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The data dir argument every store command takes.
+#[derive(Debug, clap::Args)]
+struct DataDirArg {
+    /// Data directory (link log, snapshots, manifest).
+    #[arg(long, env = "ULOAD_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Import links from a TSV (code<TAB>url), CSV (with a header) or JSON-lines file.
+    Import(import::ImportArgs),
+    /// Export every link as JSON lines (the format `import` reads back).
+    Export(export::ExportArgs),
+    /// Merge the snapshot and the log into a new snapshot and trim the log.
+    Compact {
+        #[command(flatten)]
+        dir: DataDirArg,
+    },
+    /// Check a data dir and print its format versions, sequences, counts and checksums.
+    Inspect(inspect::InspectArgs),
+}
+
+/// A failed command: the message for stderr and the exit status.
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub status: u8,
+}
+
+impl CliError {
+    /// A failure with exit status 1.
+    pub fn new(message: impl std::fmt::Display) -> Self {
+        Self {
+            message: message.to_string(),
+            status: 1,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for CliError {
+    fn from(e: crate::store::StoreError) -> Self {
+        Self::new(e)
+    }
+}
+
+/// Parses the arguments, runs the command, and turns its result into an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Import(args) => import::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Compact { dir } => compact(dir),
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("uload: {}", e.message);
+            ExitCode::from(e.status)
+        }
+    }
+}
+
+fn compact(dir: DataDirArg) -> Result<(), CliError> {
+    let store = crate::store::Store::open(&dir.data_dir, Default::default())?;
+    let report = store.compact()?;
+    match &report.snapshot {
+        Some(info) => println!(
+            "compacted {} log records into {} ({} links, sequence {}); removed {} old files",
+            report.records,
+            info.path.display(),
+            info.header.link_count,
+            info.header.seq,
+            report.removed.len()
+        ),
+        None => println!(
+            "nothing new to compact; removed {} old files",
+            report.removed.len()
+        ),
+    }
+    Ok(())
+}

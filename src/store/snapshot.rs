@@ -23,7 +23,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 
 use super::hash::{HASH_FNV1A_FMIX64, code_hash};
 use super::record::{LINK_FIXED_LEN, LinkRef, RecordError};
@@ -232,6 +232,24 @@ impl Snapshot {
         // never modifies a published file (it writes a new one and renames).
         // Bytes are only ever read through bounds-checked slices.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::from_map(map, path, verify_checksums)
+    }
+
+    /// Validates a snapshot held in memory (tests, fuzzing, a snapshot received
+    /// over the wire): the bytes are copied into an anonymous read-only map and
+    /// checked exactly as [`Snapshot::open`] checks a file. Errors name the
+    /// path `<memory>`. An empty slice is refused as too short for a header.
+    pub fn from_bytes(bytes: &[u8], verify_checksums: bool) -> Result<Self, SnapshotError> {
+        let path = Path::new("<memory>");
+        let io = |source| SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        // memmap2 maps one byte for a zero length and still derefs to an empty
+        // slice, so `len == 0` needs no special case: the header check refuses it.
+        let mut map = MmapMut::map_anon(bytes.len()).map_err(io)?;
+        map.copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(io)?;
         Self::from_map(map, path, verify_checksums)
     }
 
@@ -658,6 +676,31 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SnapshotError::Unsorted { .. }));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn from_bytes_matches_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = links(20);
+        let bytes = fs::read(write(dir.path(), &links)).unwrap();
+        let snap = Snapshot::from_bytes(&bytes, true).unwrap();
+        assert_eq!((snap.len(), snap.seq()), (20, 77));
+        assert_eq!(snap.path(), Path::new("<memory>"));
+        for l in &links {
+            assert_eq!(snap.get(l.code.as_bytes()).unwrap().to_link().unwrap(), *l);
+        }
+        let mut bad = bytes.clone();
+        bad[SNAPSHOT_HEADER_LEN] ^= 1;
+        let err = Snapshot::from_bytes(&bad, true).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("<memory>: invalid snapshot: records checksum")
+        );
+        assert!(Snapshot::from_bytes(&bad, false).is_ok());
+        for empty_or_short in [&[][..], &bytes[..SNAPSHOT_HEADER_LEN - 1]] {
+            let err = Snapshot::from_bytes(empty_or_short, false).unwrap_err();
+            assert!(matches!(err, SnapshotError::Invalid { .. }), "{err}");
+        }
     }
 
     #[test]

@@ -1,0 +1,549 @@
+//! Link interchange files: what `uload import` reads and `uload export` writes.
+//!
+//! - TSV: `code<TAB>url` per line; blank lines and lines starting with `#`
+//!   are skipped.
+//! - CSV with a header row naming at least `code` and `url`; optional columns
+//!   `status`, `created_at`, `expires_at`, `max_clicks`, `forward_query`,
+//!   `disabled`, `owner_key_id`.
+//! - JSON lines: one object per line with the same fields (`code` and `url`
+//!   required). This is the export format, so an export re-imports as is.
+//!
+//! Times are RFC 3339 (`2026-11-26T18:00:00.000Z`). Every refusal names the
+//! line and the field.
+
+use std::io::{self, BufRead};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::record::{
+    FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkRef, RecordError, RedirectStatus, validate_code,
+    validate_target,
+};
+
+/// Input formats `uload import` understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Tsv,
+    Csv,
+    JsonLines,
+}
+
+impl Format {
+    /// Guesses the format from a file name's extension.
+    pub fn from_path(path: &std::path::Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "tsv" | "tab" | "txt" => Some(Self::Tsv),
+            "csv" => Some(Self::Csv),
+            "jsonl" | "ndjson" | "json" => Some(Self::JsonLines),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tsv" => Ok(Self::Tsv),
+            "csv" => Ok(Self::Csv),
+            "jsonl" | "ndjson" => Ok(Self::JsonLines),
+            other => Err(format!("unknown format {other:?} (tsv, csv or jsonl)")),
+        }
+    }
+}
+
+/// A row that was refused: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    /// 1-based line number in the input.
+    pub line: u64,
+    /// The field at fault (`code`, `url`, `status`, ..., or `row`).
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.field, self.message)
+    }
+}
+
+/// One link as a JSON object (the export format and the JSON-lines input).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LinkJson {
+    pub code: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_clicks: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub forward_query: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub owner_key_id: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl LinkJson {
+    /// The JSON form of a stored link.
+    pub fn from_link(link: &LinkRef<'_>) -> Self {
+        Self {
+            code: link.code_str().to_owned(),
+            url: String::from_utf8_lossy(link.target).into_owned(),
+            status: Some(link.status.code()),
+            created_at: Some(format_time(link.created_at_ms)),
+            expires_at: link.expires_at_ms.map(format_time),
+            max_clicks: link.max_clicks,
+            forward_query: link.forwards_query(),
+            disabled: link.is_disabled(),
+            owner_key_id: link.owner_key_id,
+        }
+    }
+
+    /// Validates every field and builds the link; `now_ms` is the creation
+    /// time when none is given.
+    pub fn into_link(self, now_ms: u64) -> Result<Link, (&'static str, String)> {
+        // RecordError's text starts with the field name; the caller adds it.
+        let rec = |field: &'static str| {
+            move |e: RecordError| {
+                let text = e.to_string();
+                let text = text
+                    .strip_prefix(&format!("{field}: "))
+                    .unwrap_or(&text)
+                    .to_owned();
+                (field, text)
+            }
+        };
+        validate_code(self.code.as_bytes()).map_err(rec("code"))?;
+        validate_target(&self.url).map_err(rec("url"))?;
+        let status = match self.status {
+            Some(s) => RedirectStatus::from_code(s).map_err(rec("status"))?,
+            None => RedirectStatus::default(),
+        };
+        let created_at_ms = match &self.created_at {
+            Some(t) => parse_time(t).map_err(|m| ("created_at", m))?,
+            None => now_ms,
+        };
+        let expires_at_ms = match &self.expires_at {
+            Some(t) => Some(parse_time(t).map_err(|m| ("expires_at", m))?),
+            None => None,
+        };
+        if self.max_clicks == Some(0) {
+            return Err((
+                "max_clicks",
+                "must be at least 1 (omit it for unlimited)".into(),
+            ));
+        }
+        let mut flags = 0;
+        if self.forward_query {
+            flags |= FLAG_FORWARD_QUERY;
+        }
+        if self.disabled {
+            flags |= FLAG_DISABLED;
+        }
+        Ok(Link {
+            code: self.code,
+            target: self.url,
+            status,
+            flags,
+            created_at_ms,
+            expires_at_ms,
+            max_clicks: self.max_clicks,
+            owner_key_id: self.owner_key_id,
+        })
+    }
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with milliseconds.
+pub fn format_time(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms.min(i64::MAX as u64) as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// Parses an RFC 3339 time into milliseconds since the epoch (after 1970).
+pub fn parse_time(text: &str) -> Result<u64, String> {
+    let t = chrono::DateTime::parse_from_rfc3339(text)
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time ({e})"))?;
+    u64::try_from(t.timestamp_millis())
+        .ok()
+        .filter(|&ms| ms > 0)
+        .ok_or_else(|| format!("{text:?} is before 1970"))
+}
+
+/// Reads links from `input`, calling `visit` with each row's 1-based line
+/// number and either the link or why it was refused. I/O errors end the read.
+pub fn read_links(
+    input: impl BufRead,
+    format: Format,
+    now_ms: u64,
+    mut visit: impl FnMut(u64, Result<Link, RowError>),
+) -> io::Result<()> {
+    match format {
+        Format::Tsv => read_lines(input, |line, text| {
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => return visit(line, Err(e)),
+            };
+            if text.trim().is_empty() || text.starts_with('#') {
+                return;
+            }
+            let mut cols = text.split('\t');
+            let (code, url) = (cols.next().unwrap_or(""), cols.next());
+            let row = match (url, cols.next()) {
+                (Some(url), None) => LinkJson {
+                    code: code.to_owned(),
+                    url: url.to_owned(),
+                    ..Default::default()
+                }
+                .into_link(now_ms)
+                .map_err(|(field, message)| row_error(line, field, message)),
+                (None, _) => Err(row_error(
+                    line,
+                    "row",
+                    "expected code<TAB>url, found one column".into(),
+                )),
+                (Some(_), Some(_)) => Err(row_error(
+                    line,
+                    "row",
+                    "expected 2 tab-separated columns, found more".into(),
+                )),
+            };
+            visit(line, row);
+        }),
+        Format::JsonLines => read_lines(input, |line, text| {
+            let text = match text {
+                Ok(t) => t,
+                Err(e) => return visit(line, Err(e)),
+            };
+            if text.trim().is_empty() {
+                return;
+            }
+            let row = parse_json_line(text)
+                .map_err(|(f, m)| row_error(line, &f, m))
+                .and_then(|j| j.into_link(now_ms).map_err(|(f, m)| row_error(line, f, m)));
+            visit(line, row);
+        }),
+        Format::Csv => read_csv(input, now_ms, visit),
+    }
+}
+
+fn row_error(line: u64, field: &str, message: String) -> RowError {
+    RowError {
+        line,
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// Parses one JSON-lines object, naming the field at fault in any error
+/// (serde's own messages do not say which field had the wrong type).
+fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ("row".to_owned(), format!("not JSON: {e}")))?;
+    let serde_json::Value::Object(object) = value else {
+        return Err(("row".into(), "not a JSON object".into()));
+    };
+    for (key, value) in &object {
+        let mut probe = serde_json::Map::new();
+        probe.insert("code".into(), "x".into());
+        probe.insert("url".into(), "x".into());
+        probe.insert(key.clone(), value.clone());
+        if let Err(e) = serde_json::from_value::<LinkJson>(serde_json::Value::Object(probe)) {
+            let message = e.to_string();
+            let message = if message.starts_with("unknown field") {
+                format!("unknown field {key:?}")
+            } else {
+                message
+            };
+            return Err((key.clone(), message));
+        }
+    }
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| {
+        let message = e.to_string();
+        let field = ["code", "url"]
+            .into_iter()
+            .find(|f| message.contains(&format!("`{f}`")))
+            .unwrap_or("row");
+        (field.to_owned(), message)
+    })
+}
+
+/// Calls `visit` with each line's number and text (without its line ending),
+/// or a refusal for a line that is not UTF-8.
+fn read_lines(
+    mut input: impl BufRead,
+    mut visit: impl FnMut(u64, Result<&str, RowError>),
+) -> io::Result<()> {
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    loop {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(());
+        }
+        line += 1;
+        while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
+            buf.pop();
+        }
+        let text = std::str::from_utf8(&buf)
+            .map_err(|e| row_error(line, "row", format!("not valid UTF-8 ({e})")));
+        visit(line, text);
+    }
+}
+
+fn read_csv(
+    input: impl BufRead,
+    now_ms: u64,
+    mut visit: impl FnMut(u64, Result<Link, RowError>),
+) -> io::Result<()> {
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
+    let headers = match reader.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => {
+            visit(1, Err(row_error(1, "header", e.to_string())));
+            return Ok(());
+        }
+    };
+    let known = [
+        "code",
+        "url",
+        "status",
+        "created_at",
+        "expires_at",
+        "max_clicks",
+        "forward_query",
+        "disabled",
+        "owner_key_id",
+    ];
+    if let Some(unknown) = headers.iter().find(|h| !known.contains(&h.trim())) {
+        visit(
+            1,
+            Err(row_error(
+                1,
+                "header",
+                format!("unknown column {unknown:?}"),
+            )),
+        );
+        return Ok(());
+    }
+    for required in ["code", "url"] {
+        if !headers.iter().any(|h| h.trim() == required) {
+            visit(
+                1,
+                Err(row_error(
+                    1,
+                    "header",
+                    format!("missing the {required:?} column"),
+                )),
+            );
+            return Ok(());
+        }
+    }
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                if let csv::ErrorKind::Io(_) = e.kind() {
+                    return Err(e.into());
+                }
+                let line = e.position().map_or(0, |p| p.line());
+                visit(line, Err(row_error(line, "row", e.to_string())));
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, |p| p.line());
+        visit(
+            line,
+            csv_row(&headers, &record, now_ms).map_err(|(f, m)| row_error(line, f, m)),
+        );
+    }
+    Ok(())
+}
+
+fn csv_row(
+    headers: &csv::StringRecord,
+    record: &csv::StringRecord,
+    now_ms: u64,
+) -> Result<Link, (&'static str, String)> {
+    if record.len() != headers.len() {
+        return Err((
+            "row",
+            format!(
+                "has {} columns, the header has {}",
+                record.len(),
+                headers.len()
+            ),
+        ));
+    }
+    let mut j = LinkJson::default();
+    for (name, value) in headers.iter().zip(record.iter()) {
+        let value = value.trim();
+        let number = |field: &'static str| {
+            value
+                .parse::<u64>()
+                .map_err(|_| (field, format!("{value:?} is not a number")))
+        };
+        let boolean = |field: &'static str| match value.to_ascii_lowercase().as_str() {
+            "" | "0" | "false" | "no" => Ok(false),
+            "1" | "true" | "yes" => Ok(true),
+            _ => Err((field, format!("{value:?} is not true or false"))),
+        };
+        let optional = || (!value.is_empty()).then(|| value.to_owned());
+        match name.trim() {
+            "code" => j.code = value.to_owned(),
+            "url" => j.url = value.to_owned(),
+            "status" if !value.is_empty() => {
+                let n = number("status")?;
+                j.status = Some(
+                    u16::try_from(n)
+                        .map_err(|_| ("status", format!("{n} is not a redirect status")))?,
+                );
+            }
+            "created_at" => j.created_at = optional(),
+            "expires_at" => j.expires_at = optional(),
+            "max_clicks" if !value.is_empty() => j.max_clicks = Some(number("max_clicks")?),
+            "forward_query" => j.forward_query = boolean("forward_query")?,
+            "disabled" => j.disabled = boolean("disabled")?,
+            "owner_key_id" if !value.is_empty() => j.owner_key_id = number("owner_key_id")?,
+            _ => {}
+        }
+    }
+    j.into_link(now_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(format: Format, text: &str) -> Vec<Result<Link, RowError>> {
+        let mut out = Vec::new();
+        read_links(text.as_bytes(), format, 1_000, |_, r| out.push(r)).unwrap();
+        out
+    }
+
+    #[test]
+    fn tsv_rows_and_errors() {
+        let rows = read(
+            Format::Tsv,
+            "# comment\nabc\thttps://a.example/\n\nbad code\thttps://b/\nonly\nx\thttps://c/\textra\nok\tjavascript:alert(1)\n",
+        );
+        assert_eq!(rows.len(), 5);
+        let link = rows[0].as_ref().unwrap();
+        assert_eq!(
+            (link.code.as_str(), link.target.as_str(), link.created_at_ms),
+            ("abc", "https://a.example/", 1_000)
+        );
+        let errs: Vec<(u64, String)> = rows[1..]
+            .iter()
+            .map(|r| {
+                let e = r.as_ref().unwrap_err();
+                (e.line, e.field.clone())
+            })
+            .collect();
+        assert_eq!(
+            errs,
+            [
+                (4, "code".into()),
+                (5, "row".into()),
+                (6, "row".into()),
+                (7, "url".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn csv_with_header_and_options() {
+        let rows = read(
+            Format::Csv,
+            "code,url,status,max_clicks,forward_query,expires_at\n\
+             a,\"https://x/?a=1,2\",301,5,true,2030-01-01T00:00:00Z\n\
+             b,https://y/,303,,,\n\
+             c,https://z/,302,many,,\n\
+             d,https://w/\n",
+        );
+        let a = rows[0].as_ref().unwrap();
+        assert_eq!(a.target, "https://x/?a=1,2");
+        assert_eq!(a.status, RedirectStatus::MovedPermanently);
+        assert_eq!(a.max_clicks, Some(5));
+        assert!(a.forwards_query());
+        assert_eq!(a.expires_at_ms, Some(1_893_456_000_000));
+        let fields: Vec<(u64, String)> = rows[1..]
+            .iter()
+            .map(|r| {
+                let e = r.as_ref().unwrap_err();
+                (e.line, e.field.clone())
+            })
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                (3, "status".into()),
+                (4, "max_clicks".into()),
+                (5, "row".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn csv_header_problems() {
+        let e = read(Format::Csv, "code,target\na,https://x/\n");
+        assert_eq!(e[0].as_ref().unwrap_err().field, "header");
+        let e = read(Format::Csv, "code\na\n");
+        assert!(e[0].as_ref().unwrap_err().message.contains("url"));
+    }
+
+    #[test]
+    fn json_lines_round_trip_through_export_form() {
+        let mut link = Link::new("Zz9", "https://example.com/p?q").unwrap();
+        link.expires_at_ms = Some(1_900_000_000_123);
+        link.max_clicks = Some(3);
+        link.flags = FLAG_DISABLED | FLAG_FORWARD_QUERY;
+        link.owner_key_id = 12;
+        let line = serde_json::to_string(&LinkJson::from_link(&link.as_ref())).unwrap();
+        let rows = read(Format::JsonLines, &format!("{line}\n"));
+        assert_eq!(rows[0].as_ref().unwrap(), &link);
+    }
+
+    #[test]
+    fn json_lines_errors_name_fields() {
+        let rows = read(
+            Format::JsonLines,
+            "{\"code\":\"a\"}\n{\"code\":\"a\",\"url\":\"https://x/\",\"status\":\"301\"}\n{\"code\":\"a\",\"url\":\"https://x/\",\"colour\":1}\nnot json\n{\"code\":\"a\",\"url\":\"https://x/\",\"expires_at\":\"tomorrow\"}\n",
+        );
+        let fields: Vec<String> = rows
+            .iter()
+            .map(|r| r.as_ref().unwrap_err().field.clone())
+            .collect();
+        assert_eq!(fields, ["url", "status", "colour", "row", "expires_at"]);
+        assert!(rows[2].as_ref().unwrap_err().message.contains("colour"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_a_refused_row() {
+        let mut out = Vec::new();
+        read_links(&b"a\thttps://x/\xff\n"[..], Format::Tsv, 0, |_, r| {
+            out.push(r)
+        })
+        .unwrap();
+        assert_eq!(out.len(), 1);
+        let e = out[0].as_ref().unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "row"));
+        assert!(e.message.contains("UTF-8"), "{e}");
+    }
+}
