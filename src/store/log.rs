@@ -383,6 +383,8 @@ pub struct LinkLog {
     durable: Condvar,
     /// The file being appended to; locked only by the thread doing a flush.
     active: Mutex<ActiveSegment>,
+    /// fsyncs done so far (appends ÷ syncs is the group-commit batch size).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 struct WriterState {
@@ -477,6 +479,7 @@ impl LinkLog {
             }),
             durable: Condvar::new(),
             active: Mutex::new(active),
+            syncs: Default::default(),
         };
         Ok((log, recovery))
     }
@@ -484,6 +487,11 @@ impl LinkLog {
     /// The directory holding the segments.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Number of fsyncs done by appends since open.
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sequence of the last record on disk.
@@ -556,6 +564,8 @@ impl LinkLog {
         active.file.write_all(batch).map_err(io_err(&path))?;
         active.len += batch.len() as u64;
         active.file.sync_data().map_err(io_err(&path))?;
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -719,7 +729,7 @@ impl LogTail {
                 // started the next segment, and re-read this one first: the
                 // writer finishes a segment before it starts the next.
                 let next = self.dir.join(segment_file_name(self.last_seq + 1));
-                if next.exists() {
+                if next != path && next.exists() {
                     let still = file.metadata().map_err(io_err(&path))?.len();
                     if still == at {
                         self.current = None;
