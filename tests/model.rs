@@ -110,7 +110,8 @@ fn run(ops: Vec<Op>) {
                 s.compact().unwrap();
             }
             Op::Reopen => {
-                store = None;
+                // The old writer (and its lock) must be gone before the new one opens.
+                drop(store.take());
                 store = Some(Store::open(dir.path(), opts.clone()).unwrap());
             }
             Op::Follow => {

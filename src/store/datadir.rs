@@ -14,7 +14,6 @@
 //! lock, appends through [`LinkLog`] and compacts. Readers (the edge) call
 //! [`DataDir::load_view`] and follow the log; they take no lock.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use super::frame::{LogOp, LogOpRef};
 use super::log::{self, LinkLog, LogError, LogOptions, Recovery};
-use super::record::Link;
+use super::record::order_by_code;
 use super::snapshot::{Snapshot, SnapshotError, SnapshotInfo, write_snapshot};
 use super::sync_dir;
 use super::view::{TableView, merge_links};
@@ -365,35 +364,31 @@ impl Store {
             removed: Vec::new(),
         };
         if upto > base_seq {
-            let mut changes: BTreeMap<Vec<u8>, Option<Link>> = BTreeMap::new();
-            let mut bad = None;
-            log::replay(&self.dir.log_dir(), base_seq, |seq, op| {
-                if seq > upto || bad.is_some() {
-                    return;
+            let log = log::read_log(&self.dir.log_dir(), base_seq)?;
+            // The newest record per code, in code order, borrowed from the
+            // segment buffers: no copy of any link is made.
+            let records: Vec<(u64, LogOpRef<'_>)> =
+                log.records().take_while(|(seq, _)| *seq <= upto).collect();
+            report.records = records.len() as u64;
+            // Records come in sequence order and the sort keeps ties in that
+            // order, so the last of each run of equal codes is the newest.
+            let order = order_by_code(&records, |(_, op)| op.code());
+            let mut changes: Vec<LogOpRef<'_>> = Vec::with_capacity(order.len());
+            for i in order {
+                let op = records[i as usize].1;
+                match changes.last_mut() {
+                    Some(last) if last.code() == op.code() => *last = op,
+                    _ => changes.push(op),
                 }
-                report.records += 1;
-                match op {
-                    LogOpRef::Put(link) => match link.to_link() {
-                        Ok(l) => {
-                            changes.insert(link.code.to_vec(), Some(l));
-                        }
-                        Err(e) => bad = Some(e),
-                    },
-                    LogOpRef::Delete(code) => {
-                        changes.insert(code.to_vec(), None);
-                    }
-                }
-            })?;
-            if let Some(e) = bad {
-                return Err(LogError::Invalid(e).into());
             }
             let path = self.dir.snapshot_dir().join(snapshot_file_name(upto));
             let base = snapshot.as_ref().map(|s| s.iter());
             let merged = merge_links(
                 base.into_iter().flatten(),
-                changes
-                    .iter()
-                    .map(|(code, link)| (code.as_slice(), link.as_ref().map(Link::as_ref))),
+                changes.iter().map(|op| match op {
+                    LogOpRef::Put(link) => (link.code, Some(*link)),
+                    LogOpRef::Delete(code) => (*code, None),
+                }),
             );
             let info = write_snapshot(&path, upto, merged)?;
             self.dir.write_manifest(&Manifest {

@@ -251,25 +251,49 @@ fn read_file(path: &Path) -> Result<Vec<u8>, LogError> {
 pub struct ReplaySummary {
     /// Sequence of the last record read (0 for an empty log).
     pub last_seq: u64,
-    /// Records passed to the visitor (those above `after_seq`).
+    /// Records above `after_seq`.
     pub applied: u64,
-    /// Scan of each segment, in order.
+    /// Scan of each segment read, in order.
     pub segments: Vec<(PathBuf, SegmentScan)>,
 }
 
-/// Reads every record above `after_seq` from the log in `log_dir`, calling
-/// `visit` for each in sequence order. Read-only: a torn tail in the last
-/// segment ends the replay (a writer may be mid-append, or recovery will
-/// truncate it); damage anywhere else is an error.
-pub fn replay(
-    log_dir: &Path,
+/// The log's records above a sequence, read into memory and validated, so
+/// that callers can borrow them (compaction sorts them without copying).
+pub struct LogRead {
+    /// Each segment's bytes, cut to the end of its last valid frame.
+    buffers: Vec<Vec<u8>>,
     after_seq: u64,
-    mut visit: impl FnMut(u64, LogOpRef<'_>),
-) -> Result<ReplaySummary, LogError> {
+    pub summary: ReplaySummary,
+}
+
+impl LogRead {
+    /// Every record above `after_seq`, in sequence order.
+    pub fn records(&self) -> impl Iterator<Item = (u64, LogOpRef<'_>)> + '_ {
+        self.buffers.iter().flat_map(move |buf| {
+            let mut pos = SEGMENT_HEADER_LEN.min(buf.len());
+            std::iter::from_fn(move || {
+                // Validated by `read_log`, so decoding succeeds up to the cut.
+                let (seq, op, used) = decode_frame(buf.get(pos..)?).ok()?;
+                pos += used;
+                Some((seq, op))
+            })
+            .filter(move |(seq, _)| *seq > self.after_seq)
+        })
+    }
+}
+
+/// Reads and validates every segment holding records above `after_seq`.
+/// Read-only: a torn tail in the last segment ends the read (a writer may be
+/// mid-append, or recovery will truncate it); damage anywhere else is an error.
+pub fn read_log(log_dir: &Path, after_seq: u64) -> Result<LogRead, LogError> {
     let segments = list_segments(log_dir)?;
-    let mut summary = ReplaySummary {
-        last_seq: after_seq,
-        ..Default::default()
+    let mut read = LogRead {
+        buffers: Vec::new(),
+        after_seq,
+        summary: ReplaySummary {
+            last_seq: after_seq,
+            ..Default::default()
+        },
     };
     let mut expected: Option<u64> = None;
     for (i, seg) in segments.iter().enumerate() {
@@ -281,17 +305,14 @@ pub fn replay(
             expected = Some(next.first_seq);
             continue;
         }
-        let buf = read_file(&seg.path)?;
-        let scan = scan_segment(&buf, |seq, op| {
-            if seq > after_seq {
-                visit(seq, op);
-                summary.applied += 1;
-            }
-        })
-        .map_err(|reason| LogError::BadHeader {
-            path: seg.path.clone(),
-            reason,
-        })?;
+        let mut buf = read_file(&seg.path)?;
+        let mut applied = 0;
+        let scan = scan_segment(&buf, |seq, _| applied += u64::from(seq > after_seq)).map_err(
+            |reason| LogError::BadHeader {
+                path: seg.path.clone(),
+                reason,
+            },
+        )?;
         check_segment_order(seg, &scan, expected, after_seq)?;
         if let SegmentEnd::Stopped { offset, reason } = &scan.end
             && (!is_last || valid_frame_follows(&buf[*offset as usize..], scan.last_seq))
@@ -302,11 +323,28 @@ pub fn replay(
                 reason: reason.clone(),
             });
         }
-        summary.last_seq = summary.last_seq.max(scan.last_seq);
+        buf.truncate(scan.valid_len as usize);
+        read.summary.applied += applied;
+        read.summary.last_seq = read.summary.last_seq.max(scan.last_seq);
         expected = Some(scan.last_seq + 1);
-        summary.segments.push((seg.path.clone(), scan));
+        read.summary.segments.push((seg.path.clone(), scan));
+        read.buffers.push(buf);
     }
-    Ok(summary)
+    Ok(read)
+}
+
+/// Reads every record above `after_seq` from the log in `log_dir`, calling
+/// `visit` for each in sequence order. See [`read_log`] for the rules.
+pub fn replay(
+    log_dir: &Path,
+    after_seq: u64,
+    mut visit: impl FnMut(u64, LogOpRef<'_>),
+) -> Result<ReplaySummary, LogError> {
+    let read = read_log(log_dir, after_seq)?;
+    for (seq, op) in read.records() {
+        visit(seq, op);
+    }
+    Ok(read.summary)
 }
 
 /// Checks that a segment continues the log: its header agrees with its file

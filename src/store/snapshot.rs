@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use memmap2::{Mmap, MmapMut};
 
 use super::hash::{HASH_FNV1A_FMIX64, code_hash};
-use super::record::{LINK_FIXED_LEN, LinkRef, RecordError};
+use super::record::{LINK_FIXED_LEN, LinkRef, RecordError, validate_code};
 use super::sync_dir;
 
 /// Magic bytes at the start of every snapshot.
@@ -178,7 +178,7 @@ impl SnapshotHeader {
         }
         if h.records_offset != SNAPSHOT_HEADER_LEN as u64
             || h.records_len > MAX_RECORDS_LEN
-            || h.records_len % RECORD_ALIGN as u64 != 0
+            || !h.records_len.is_multiple_of(RECORD_ALIGN as u64)
             || h.index_offset != h.records_offset + h.records_len
             || h.index_offset.checked_add(h.index_len) != Some(file_len)
         {
@@ -468,13 +468,20 @@ where
         }
         last_code.clear();
         last_code.extend_from_slice(link.code);
-        buf.clear();
-        link.to_link()
+        validate_code(link.code)
+            .and(std::str::from_utf8(link.target).map_err(|_| RecordError::TargetUtf8))
             .map_err(|source| SnapshotError::Record {
                 path: path.to_owned(),
                 source,
-            })?
-            .encode_into(&mut buf);
+            })?;
+        if link.target.len() > u16::MAX as usize {
+            return Err(SnapshotError::Record {
+                path: path.to_owned(),
+                source: RecordError::TargetLength(link.target.len()),
+            });
+        }
+        buf.clear();
+        link.encode_into(&mut buf);
         buf.resize(buf.len().next_multiple_of(RECORD_ALIGN), 0);
         let unit = records_len / RECORD_ALIGN as u64 + 1;
         if records_len + buf.len() as u64 > MAX_RECORDS_LEN {
@@ -599,15 +606,16 @@ mod tests {
         assert_eq!(h.index_offset, 128 + h.records_len);
         assert_eq!(h.hash_fn, HASH_FNV1A_FMIX64);
         // Each field, changed and re-checksummed, is refused on its own terms.
-        let changes: Vec<(&str, Box<dyn Fn(&mut SnapshotHeader)>)> = vec![
-            ("version", Box::new(|h| h.version = 2)),
-            ("bucket count", Box::new(|h| h.bucket_count = 15)),
-            ("links do not fit", Box::new(|h| h.link_count = 16)),
-            ("index length", Box::new(|h| h.index_len += 8)),
-            ("tile", Box::new(|h| h.records_offset += 8)),
-            ("tile", Box::new(|h| h.records_len += 8)),
-            ("tile", Box::new(|h| h.index_offset += 8)),
-            ("hash function", Box::new(|h| h.hash_fn = 2)),
+        type Change = fn(&mut SnapshotHeader);
+        let changes: Vec<(&str, Change)> = vec![
+            ("version", |h| h.version = 2),
+            ("bucket count", |h| h.bucket_count = 15),
+            ("links do not fit", |h| h.link_count = 16),
+            ("index length", |h| h.index_len += 8),
+            ("tile", |h| h.records_offset += 8),
+            ("tile", |h| h.records_len += 8),
+            ("tile", |h| h.index_offset += 8),
+            ("hash function", |h| h.hash_fn = 2),
         ];
         for (want, change) in changes {
             let mut bad = h;
