@@ -6,5 +6,6 @@
 //! - [`cli`]: the `uload` command line (the binary is a thin wrapper).
 
 pub mod cli;
+pub mod config;
 pub mod interchange;
 pub mod store;

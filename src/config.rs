@@ -1,0 +1,514 @@
+//! uLoad's configuration: `conf/uload.yaml`, every key documented in
+//! `docs/configuration.md`, every key overridable by an environment variable.
+//!
+//! The file is parsed into [`RawConfig`] (serde, defaults for every key) and
+//! then validated into [`Config`]; the rest of the program only sees `Config`.
+//! Errors name the file, the key and what is wrong.
+//!
+//! ```
+//! let config = uload::config::Config::from_yaml_str("edge:\n  listen: 127.0.0.1:9000\n", "inline", &[]).unwrap();
+//! assert_eq!(config.edge.listen.port(), 9000);
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::store::record::RedirectStatus;
+
+/// A configuration problem: which file, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {key}: {problem}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+}
+
+/// The file as written; every key has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Data directory: link log, snapshots, manifest. Env: `ULOAD_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// Base of the short URLs the admin returns, e.g. `https://ulo.ad`.
+    /// Env: `ULOAD_PUBLIC_BASE_URL`.
+    pub public_base_url: String,
+    pub edge: RawEdge,
+    pub admin: RawAdmin,
+    pub metrics: RawMetrics,
+}
+
+/// The `edge:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawEdge {
+    /// Address the edge listens on for HTTP. Env: `ULOAD_EDGE_LISTEN`.
+    pub listen: String,
+    /// Status for links that do not say (301, 302, 307, 308).
+    pub default_status: u16,
+    /// Where unknown, disabled or expired codes redirect (302); empty: a 404.
+    pub not_found_url: String,
+    /// How often the log follower polls the data dir, in milliseconds.
+    pub follow_interval_ms: u64,
+    /// Admin upstreams (`host:port`) that `/api/...` is proxied to.
+    /// Env: `ULOAD_ADMIN_UPSTREAMS` (comma-separated).
+    pub admin_upstreams: Vec<String>,
+    /// Connect timeout to an admin upstream, in milliseconds.
+    pub admin_connect_timeout_ms: u64,
+    /// Read timeout for an admin response, in milliseconds.
+    pub admin_read_timeout_ms: u64,
+    /// Retries of an idempotent `/api` request on another attempt.
+    pub admin_retries: u32,
+    /// First retry backoff in milliseconds (doubles per retry, with jitter).
+    pub admin_retry_backoff_ms: u64,
+    /// Health check interval of the admin upstreams, in milliseconds.
+    pub health_check_interval_ms: u64,
+    /// Seconds clients are told to wait (`Retry-After`) when no admin is up.
+    pub retry_after_secs: u64,
+    /// Pingora's own server conf (threads, pid file, upgrade socket, grace
+    /// periods), relative to this file's directory.
+    pub pingora_conf: PathBuf,
+}
+
+/// The `admin:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAdmin {
+    /// Address the admin API listens on. Env: `ULOAD_ADMIN_LISTEN`.
+    pub listen: String,
+    /// SHA-256 hashes (`sha256:<64 hex>`) of the API keys that may manage links.
+    pub api_key_hashes: Vec<String>,
+    /// A bootstrap key in plain text (hashed at start-up, never stored).
+    /// Prefer the environment: `ULOAD_API_KEY`.
+    pub api_key: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Length of generated codes (base62).
+    pub code_length: usize,
+    /// Links per `POST /api/links/bulk` request, at most.
+    pub max_bulk: usize,
+    /// Compact after this many log records since the last snapshot.
+    pub compact_every_records: u64,
+}
+
+/// The `metrics:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Address of the Prometheus listener. Env: `ULOAD_METRICS_LISTEN`.
+    pub listen: String,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            public_base_url: "http://127.0.0.1:8080".into(),
+            edge: RawEdge::default(),
+            admin: RawAdmin::default(),
+            metrics: RawMetrics::default(),
+        }
+    }
+}
+
+impl Default for RawEdge {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            default_status: 302,
+            not_found_url: String::new(),
+            follow_interval_ms: 2,
+            admin_upstreams: vec!["127.0.0.1:8081".into()],
+            admin_connect_timeout_ms: 500,
+            admin_read_timeout_ms: 5_000,
+            admin_retries: 2,
+            admin_retry_backoff_ms: 50,
+            health_check_interval_ms: 1_000,
+            retry_after_secs: 5,
+            pingora_conf: PathBuf::from("pingora.yaml"),
+        }
+    }
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8081".into(),
+            api_key_hashes: Vec::new(),
+            api_key: String::new(),
+            max_body_bytes: 1 << 20,
+            code_length: 7,
+            max_bulk: 1_000,
+            compact_every_records: 100_000,
+        }
+    }
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the file was read from (for messages), or "defaults".
+    pub source: String,
+    pub data_dir: PathBuf,
+    pub public_base_url: String,
+    pub edge: EdgeConfig,
+    pub admin: AdminConfig,
+    pub metrics_listen: SocketAddr,
+}
+
+/// Validated `edge:` settings.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub listen: SocketAddr,
+    pub default_status: RedirectStatus,
+    pub not_found_url: Option<String>,
+    pub follow_interval: Duration,
+    pub admin_upstreams: Vec<SocketAddr>,
+    pub admin_connect_timeout: Duration,
+    pub admin_read_timeout: Duration,
+    pub admin_retries: u32,
+    pub admin_retry_backoff: Duration,
+    pub health_check_interval: Duration,
+    pub retry_after_secs: u64,
+    /// Absolute path, or `None` when the file does not exist (Pingora defaults).
+    pub pingora_conf: Option<PathBuf>,
+}
+
+/// Validated `admin:` settings.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// SHA-256 digests of the accepted API keys.
+    pub api_key_hashes: Vec<[u8; 32]>,
+    pub max_body_bytes: usize,
+    pub code_length: usize,
+    pub max_bulk: usize,
+    pub compact_every_records: u64,
+}
+
+/// Environment variables that override keys, and the key each overrides.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("ULOAD_DATA_DIR", "data_dir"),
+    ("ULOAD_PUBLIC_BASE_URL", "public_base_url"),
+    ("ULOAD_EDGE_LISTEN", "edge.listen"),
+    ("ULOAD_ADMIN_LISTEN", "admin.listen"),
+    ("ULOAD_METRICS_LISTEN", "metrics.listen"),
+    ("ULOAD_ADMIN_UPSTREAMS", "edge.admin_upstreams"),
+    ("ULOAD_API_KEY", "admin.api_key"),
+];
+
+impl Config {
+    /// Reads `path` (if given) and applies the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = ENV_OVERRIDES
+            .iter()
+            .filter_map(|(var, _)| std::env::var(var).ok().map(|v| ((*var).to_owned(), v)))
+            .collect();
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    file: p.display().to_string(),
+                    key: "(file)".into(),
+                    problem: e.to_string(),
+                })?;
+                let mut config = Self::from_yaml_str(&text, &p.display().to_string(), &env)?;
+                // Relative paths in the file are relative to the file.
+                let base = p.parent().unwrap_or(Path::new("."));
+                if let Some(conf) = &config.edge.pingora_conf
+                    && conf.is_relative()
+                {
+                    config.edge.pingora_conf = Some(base.join(conf));
+                }
+                config.edge.pingora_conf = config.edge.pingora_conf.filter(|p| p.exists());
+                Ok(config)
+            }
+            None => Self::from_yaml_str("{}", "defaults", &env).map(|mut c| {
+                c.edge.pingora_conf = None;
+                c
+            }),
+        }
+    }
+
+    /// Parses and validates YAML text; `env` holds `(variable, value)` overrides.
+    pub fn from_yaml_str(
+        text: &str,
+        file: &str,
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let err = |key: &str, problem: String| ConfigError {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            problem,
+        };
+        let mut raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|e| {
+                let problem = e.to_string();
+                // serde names unknown keys and wrong types in its message;
+                // point at the location it gives.
+                let key = e
+                    .location()
+                    .map(|l| format!("line {} column {}", l.line(), l.column()))
+                    .unwrap_or_else(|| "(document)".into());
+                err(&key, problem)
+            })?
+        };
+        for (var, value) in env {
+            match var.as_str() {
+                "ULOAD_DATA_DIR" => raw.data_dir = value.into(),
+                "ULOAD_PUBLIC_BASE_URL" => raw.public_base_url = value.clone(),
+                "ULOAD_EDGE_LISTEN" => raw.edge.listen = value.clone(),
+                "ULOAD_ADMIN_LISTEN" => raw.admin.listen = value.clone(),
+                "ULOAD_METRICS_LISTEN" => raw.metrics.listen = value.clone(),
+                "ULOAD_ADMIN_UPSTREAMS" => {
+                    raw.edge.admin_upstreams = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "ULOAD_API_KEY" => raw.admin.api_key = value.clone(),
+                _ => {}
+            }
+        }
+        let addr = |key: &str, v: &str| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| err(key, format!("{v:?} is not an address like 127.0.0.1:8080")))
+        };
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(err(key, "must be greater than 0".into()))
+            } else {
+                Ok(v)
+            }
+        };
+        if raw.data_dir.as_os_str().is_empty() {
+            return Err(err("data_dir", "must not be empty".into()));
+        }
+        let base = raw.public_base_url.trim_end_matches('/').to_owned();
+        crate::store::record::validate_target(&base)
+            .map_err(|e| err("public_base_url", e.to_string()))?;
+        let e = &raw.edge;
+        let default_status = RedirectStatus::from_code(e.default_status).map_err(|_| {
+            err(
+                "edge.default_status",
+                format!("{} is not 301, 302, 307 or 308", e.default_status),
+            )
+        })?;
+        let not_found_url = if e.not_found_url.is_empty() {
+            None
+        } else {
+            crate::store::record::validate_target(&e.not_found_url)
+                .map_err(|x| err("edge.not_found_url", x.to_string()))?;
+            Some(e.not_found_url.clone())
+        };
+        if e.admin_upstreams.is_empty() {
+            return Err(err(
+                "edge.admin_upstreams",
+                "needs at least one host:port".into(),
+            ));
+        }
+        let admin_upstreams = e
+            .admin_upstreams
+            .iter()
+            .map(|u| addr("edge.admin_upstreams", u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let edge = EdgeConfig {
+            listen: addr("edge.listen", &e.listen)?,
+            default_status,
+            not_found_url,
+            follow_interval: Duration::from_millis(positive(
+                "edge.follow_interval_ms",
+                e.follow_interval_ms,
+            )?),
+            admin_upstreams,
+            admin_connect_timeout: Duration::from_millis(positive(
+                "edge.admin_connect_timeout_ms",
+                e.admin_connect_timeout_ms,
+            )?),
+            admin_read_timeout: Duration::from_millis(positive(
+                "edge.admin_read_timeout_ms",
+                e.admin_read_timeout_ms,
+            )?),
+            admin_retries: e.admin_retries,
+            admin_retry_backoff: Duration::from_millis(e.admin_retry_backoff_ms),
+            health_check_interval: Duration::from_millis(positive(
+                "edge.health_check_interval_ms",
+                e.health_check_interval_ms,
+            )?),
+            retry_after_secs: positive("edge.retry_after_secs", e.retry_after_secs)?,
+            pingora_conf: Some(e.pingora_conf.clone()),
+        };
+        let a = &raw.admin;
+        let mut api_key_hashes = Vec::new();
+        for (i, h) in a.api_key_hashes.iter().enumerate() {
+            let key = format!("admin.api_key_hashes[{i}]");
+            api_key_hashes.push(parse_key_hash(h).map_err(|p| err(&key, p))?);
+        }
+        if !a.api_key.is_empty() {
+            if a.api_key.len() < 16 {
+                return Err(err(
+                    "admin.api_key",
+                    "must be at least 16 characters".into(),
+                ));
+            }
+            api_key_hashes.push(hash_api_key(&a.api_key));
+        }
+        if !(4..=64).contains(&a.code_length) {
+            return Err(err(
+                "admin.code_length",
+                format!("{} is outside 4..=64", a.code_length),
+            ));
+        }
+        let admin = AdminConfig {
+            listen: addr("admin.listen", &a.listen)?,
+            api_key_hashes,
+            max_body_bytes: positive("admin.max_body_bytes", a.max_body_bytes as u64)? as usize,
+            code_length: a.code_length,
+            max_bulk: positive("admin.max_bulk", a.max_bulk as u64)? as usize,
+            compact_every_records: positive(
+                "admin.compact_every_records",
+                a.compact_every_records,
+            )?,
+        };
+        Ok(Self {
+            source: file.to_owned(),
+            data_dir: raw.data_dir,
+            public_base_url: base,
+            edge,
+            admin,
+            metrics_listen: addr("metrics.listen", &raw.metrics.listen)?,
+        })
+    }
+}
+
+/// SHA-256 of an API key, as stored and compared.
+pub fn hash_api_key(key: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// The `sha256:<hex>` form of a key's hash (what goes into the config file).
+pub fn format_key_hash(hash: &[u8; 32]) -> String {
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+fn parse_key_hash(text: &str) -> Result<[u8; 32], String> {
+    let hex = text
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("{text:?} does not start with sha256:"))?;
+    if hex.len() != 64 {
+        return Err(format!(
+            "expected 64 hex digits after sha256:, found {}",
+            hex.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("{:?} is not hex", &hex[2 * i..2 * i + 2]))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_str(text, "test.yaml", &[])
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse("").unwrap();
+        assert_eq!(c.edge.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.edge.default_status, RedirectStatus::Found);
+        assert!(c.admin.api_key_hashes.is_empty());
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let cases = [
+            ("edge:\n  listen: nowhere\n", "edge.listen"),
+            ("edge:\n  default_status: 200\n", "edge.default_status"),
+            ("edge:\n  admin_upstreams: []\n", "edge.admin_upstreams"),
+            (
+                "edge:\n  follow_interval_ms: 0\n",
+                "edge.follow_interval_ms",
+            ),
+            (
+                "admin:\n  api_key_hashes: [\"md5:00\"]\n",
+                "admin.api_key_hashes[0]",
+            ),
+            ("admin:\n  api_key: short\n", "admin.api_key"),
+            ("public_base_url: javascript:x\n", "public_base_url"),
+            (
+                "edge:\n  not_found_url: \"https://x/\\r\\n\"\n",
+                "edge.not_found_url",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!(
+                (e.file.as_str(), e.key.as_str()),
+                ("test.yaml", key),
+                "{text}: {e}"
+            );
+        }
+        let e = parse("edge:\n  lisen: 1\n").unwrap_err();
+        assert!(e.problem.contains("lisen"), "{e}");
+        assert!(e.key.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides() {
+        let env = [
+            ("ULOAD_EDGE_LISTEN".to_owned(), "127.0.0.1:1".to_owned()),
+            (
+                "ULOAD_ADMIN_UPSTREAMS".to_owned(),
+                "127.0.0.1:2, 127.0.0.1:3".to_owned(),
+            ),
+            (
+                "ULOAD_API_KEY".to_owned(),
+                "a-long-enough-secret".to_owned(),
+            ),
+            ("ULOAD_DATA_DIR".to_owned(), "/tmp/x".to_owned()),
+        ];
+        let c = Config::from_yaml_str("edge:\n  listen: 127.0.0.1:9\n", "t", &env).unwrap();
+        assert_eq!(c.edge.listen.port(), 1);
+        assert_eq!(c.edge.admin_upstreams.len(), 2);
+        assert_eq!(
+            c.admin.api_key_hashes,
+            [hash_api_key("a-long-enough-secret")]
+        );
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn key_hash_round_trip() {
+        let h = hash_api_key("secret");
+        assert_eq!(parse_key_hash(&format_key_hash(&h)).unwrap(), h);
+        // Known answer: sha256("secret").
+        assert_eq!(
+            format_key_hash(&h),
+            "sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+        );
+    }
+}
