@@ -3,9 +3,12 @@
 //!
 //! - [`store`]: the link store (append-only link log, memory-mapped
 //!   snapshots, lock-free hot table). Format: `docs/storage.md`.
+//! - [`admin`]: the link management HTTP API (`docs/api.md`).
 //! - [`cli`]: the `uload` command line (the binary is a thin wrapper).
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod interchange;
 pub mod store;

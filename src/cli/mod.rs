@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod export;
 mod import;
 mod inspect;
+mod serve;
 
 /// uLoad edge: a redirect edge that serves every short link from memory.
 #[derive(Debug, Parser)]
@@ -39,6 +40,14 @@ enum Command {
     },
     /// Check a data dir and print its format versions, sequences, counts and checksums.
     Inspect(inspect::InspectArgs),
+    /// Run the edge: redirects from memory, /api proxied to the admin, /health.
+    Edge(serve::EdgeArgs),
+    /// Run the admin: the link management API, the only writer of the data dir.
+    Admin(serve::AdminArgs),
+    /// Run admin and edge together on this machine, with a local data dir.
+    Up(serve::UpArgs),
+    /// Validate configuration files; names the file, key and problem on error.
+    CheckConfig(serve::CheckConfigArgs),
 }
 
 /// A failed command: the message for stderr and the exit status.
@@ -72,6 +81,10 @@ pub fn main() -> ExitCode {
         Command::Export(args) => export::run(args),
         Command::Compact { dir } => compact(dir),
         Command::Inspect(args) => inspect::run(args),
+        Command::Edge(args) => serve::edge(args),
+        Command::Admin(args) => serve::admin(args),
+        Command::Up(args) => serve::up(args),
+        Command::CheckConfig(args) => serve::check_config(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

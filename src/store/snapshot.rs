@@ -13,7 +13,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let link = uload::store::record::Link::new("abc", "https://example.com/")?;
 //! let path = std::path::Path::new("/tmp/example.snap");
-//! write_snapshot(path, 1, [link.as_ref()].into_iter().map(Ok))?;
+//! write_snapshot(path, 1, [link.as_ref()].into_iter().map(Ok::<_, std::convert::Infallible>))?;
 //! let snap = Snapshot::open(path, true)?;
 //! assert_eq!(snap.get(b"abc").unwrap().target, b"https://example.com/");
 //! # Ok(()) }

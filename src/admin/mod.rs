@@ -1,0 +1,174 @@
+//! `uload admin`: the link management HTTP API (JSON over HTTP, axum), and
+//! the only writer of the data dir.
+//!
+//! Every change is validated, appended to the link log and fsynced before it
+//! is acknowledged; reads come from an in-memory view without a lock. The
+//! routes, bodies and error codes are specified in `docs/api.md`.
+//!
+//! - [`AdminState`]: the store, the view and the write path (`state.rs`).
+//! - [`app`]: the router; tests call it directly.
+//! - [`serve`]: runs the app on a bound listener until a shutdown future
+//!   resolves; [`run`] is the `uload admin` entry point.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = uload::config::Config::load(None)?;
+//! let state = uload::admin::AdminState::open(&config)?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8081").await?;
+//! uload::admin::serve(listener, state, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! // ULOAD_API_KEY=a-long-enough-secret cargo run -- admin
+//! // curl -H 'Authorization: Bearer a-long-enough-secret' -H 'Content-Type: application/json' \
+//! //      -d '{"url":"https://example.com/"}' 127.0.0.1:8081/api/links
+//! ```
+
+mod auth;
+mod codes;
+mod error;
+mod json;
+mod links;
+mod routes;
+mod state;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{any, get, post};
+
+pub use auth::Caller;
+pub use codes::{RESERVED_CODES, is_reserved};
+pub use error::{ApiError, ErrorCode};
+pub use links::{CreateLink, LinkBody, UpdateLink};
+pub use routes::{DEFAULT_PAGE, MAX_PAGE};
+pub use state::{AdminError, AdminState};
+
+use crate::config::Config;
+
+/// The admin API's router. Every `/api` route but `/api/health` requires an
+/// API key; bodies above `admin.max_body_bytes` get 413.
+pub fn app(state: AdminState) -> Router {
+    let max_body = state.settings().max_body_bytes;
+    Router::new()
+        .route(
+            "/api/links",
+            post(routes::create_link).get(routes::list_links),
+        )
+        .route(
+            "/api/links/{code}",
+            get(routes::get_link)
+                .patch(routes::update_link)
+                .delete(routes::delete_link)
+                .post(routes::post_to_code),
+        )
+        .route("/api", any(routes::not_found))
+        .route("/api/", any(routes::not_found))
+        .route("/api/{*rest}", any(routes::not_found))
+        // Everything above needs a key; the check runs before any handler.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
+        .route("/api/health", get(routes::health))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+/// Logs each request (never its headers: they hold the API key).
+async fn log_request(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let forwarded_for = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let response = next.run(req).await;
+    tracing::debug!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        us = started.elapsed().as_micros() as u64,
+        forwarded_for,
+        "admin: request"
+    );
+    response
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then lets open
+/// requests finish (graceful shutdown). Tests bind `127.0.0.1:0`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `uload admin`: opens the data dir, listens on `admin.listen` and serves
+/// until SIGTERM or SIGINT.
+pub fn run(config: &Config) -> Result<(), AdminError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("uload-admin")
+        .build()
+        .map_err(AdminError::Runtime)?;
+    let state = AdminState::open(config)?;
+    let addr = config.admin.listen;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdminError::Bind { addr, source })?;
+        let local = listener.local_addr().unwrap_or(addr);
+        tracing::info!(addr = %local, "admin: listening");
+        serve(listener, state.clone(), shutdown_signal())
+            .await
+            .map_err(AdminError::Serve)?;
+        // A compaction is crash-safe, but let a running one finish.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while state.is_compacting() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("admin: stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "admin: cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin: cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!("admin: SIGINT, shutting down"),
+        () = terminate => tracing::info!("admin: SIGTERM, shutting down"),
+    }
+}

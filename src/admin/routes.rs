@@ -1,0 +1,293 @@
+//! The handlers of the admin API, one per route. Each validates its input,
+//! then goes through [`AdminState`]'s write path (reserve, append, apply) or
+//! reads its lock-free view. Routes are listed in [`super::app`] and
+//! documented in `docs/api.md`.
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorCode};
+use super::json::{JsonBody, check_content_type, from_value, parse_json, read_body};
+use super::links::{CreateLink, LinkBody, NewLink, UpdateLink};
+use super::state::AdminState;
+use crate::store::LogOp;
+use crate::store::record::{Link, now_ms, validate_code};
+
+/// Links per page when `limit` is not given.
+pub const DEFAULT_PAGE: usize = 100;
+/// Largest `limit` accepted.
+pub const MAX_PAGE: usize = 1000;
+
+fn body(state: &AdminState, link: &Link) -> LinkBody {
+    LinkBody::new(&link.as_ref(), &state.settings().public_base_url)
+}
+
+/// A code from the path; one the store could never hold cannot exist.
+fn path_code(code: &str) -> Result<&str, ApiError> {
+    validate_code(code.as_bytes()).map_err(|_| ApiError::not_found())?;
+    Ok(code)
+}
+
+/// Reserves a code for `new` (its own, or a generated one) and fills it in.
+fn claim(claims: &mut super::state::Claims<'_>, new: NewLink) -> Result<Link, ApiError> {
+    let mut link = new.link;
+    link.code = match new.code {
+        Some(code) => {
+            claims.new_code(&code)?;
+            code
+        }
+        None => claims.generated_code()?,
+    };
+    Ok(link)
+}
+
+/// `POST /api/links`
+pub async fn create_link(
+    State(state): State<AdminState>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateLink>,
+) -> Result<(StatusCode, Json<LinkBody>), ApiError> {
+    let new = req.validate(caller.key_id, now_ms(), state.settings().default_status)?;
+    let (reservation, link) = state.reserve(|claims| claim(claims, new));
+    let link = link?;
+    state
+        .commit(reservation, vec![LogOp::Put(link.clone())])
+        .await?;
+    tracing::info!(code = %link.code, owner = caller.key_id, "admin: link created");
+    Ok((StatusCode::CREATED, Json(body(&state, &link))))
+}
+
+/// `GET /api/links/{code}`
+pub async fn get_link(
+    State(state): State<AdminState>,
+    _: Caller,
+    Path(code): Path<String>,
+) -> Result<Json<LinkBody>, ApiError> {
+    let code = path_code(&code)?;
+    let view = state.view();
+    let link = view.get(code.as_bytes()).ok_or_else(ApiError::not_found)?;
+    Ok(Json(LinkBody::new(
+        &link,
+        &state.settings().public_base_url,
+    )))
+}
+
+/// `PATCH /api/links/{code}`
+pub async fn update_link(
+    State(state): State<AdminState>,
+    _: Caller,
+    Path(code): Path<String>,
+    JsonBody(req): JsonBody<UpdateLink>,
+) -> Result<Json<LinkBody>, ApiError> {
+    let code = path_code(&code)?;
+    let changes = req.validate()?;
+    let (reservation, current) = state.reserve(|claims| claims.existing(code));
+    let current = current?;
+    let next = changes.apply_to(&current);
+    if next != current {
+        state
+            .commit(reservation, vec![LogOp::Put(next.clone())])
+            .await?;
+        tracing::info!(code = %next.code, "admin: link updated");
+    }
+    Ok(Json(body(&state, &next)))
+}
+
+/// `DELETE /api/links/{code}`
+pub async fn delete_link(
+    State(state): State<AdminState>,
+    _: Caller,
+    Path(code): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let code = path_code(&code)?;
+    let (reservation, current) = state.reserve(|claims| claims.existing(code));
+    current?;
+    state
+        .commit(reservation, vec![LogOp::Delete(code.to_owned())])
+        .await?;
+    tracing::info!(code, "admin: link deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /api/links`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/links?limit=&cursor=`: links in code order. The cursor is the
+/// last code of the previous page, so links added meanwhile never make a
+/// page repeat or skip one. Walks the view from the start: O(n) per page.
+pub async fn list_links(
+    State(state): State<AdminState>,
+    _: Caller,
+    uri: Uri,
+) -> Result<Json<Value>, ApiError> {
+    let query = axum::extract::Query::<ListQuery>::try_from_uri(&uri)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidQuery, e.body_text()))?
+        .0;
+    let limit = match query.limit.as_deref() {
+        None | Some("") => DEFAULT_PAGE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidLimit,
+                    format!("must be a whole number from 1 to {MAX_PAGE}"),
+                )
+                .on("limit")
+            })?,
+    };
+    let cursor = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => {
+            validate_code(c.as_bytes()).map_err(|_| {
+                ApiError::new(
+                    ErrorCode::InvalidCursor,
+                    "not a cursor returned by this API",
+                )
+                .on("cursor")
+            })?;
+            Some(c.as_bytes())
+        }
+    };
+    let view = state.view();
+    let base = &state.settings().public_base_url;
+    let mut links = Vec::with_capacity(limit.min(view.len() as usize));
+    let mut more = false;
+    for item in view.iter() {
+        let link = item.map_err(|e| ApiError::storage(&e, state.settings().retry_after_secs))?;
+        if cursor.is_some_and(|c| link.code <= c) {
+            continue;
+        }
+        if links.len() == limit {
+            more = true;
+            break;
+        }
+        links.push(LinkBody::new(&link, base));
+    }
+    let next_cursor = if more {
+        links.last().map(|l| l.code.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({ "links": links, "next_cursor": next_cursor })))
+}
+
+/// Body of `POST /api/links/bulk`; items are checked one by one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkRequest {
+    links: Vec<Value>,
+}
+
+/// `POST /api/links/{code}`: only `bulk` takes a POST; `bulk` is matched as
+/// a code so that a link named `bulk` can still be read, changed or deleted.
+pub async fn post_to_code(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(code): Path<String>,
+    req: Request,
+) -> Result<Json<Value>, ApiError> {
+    if code != "bulk" {
+        return Err(method_not_allowed_error());
+    }
+    check_content_type(req.headers())?;
+    let bytes = read_body(req, &state).await?;
+    let req: BulkRequest = parse_json(&bytes)?;
+    bulk(state, caller, req).await
+}
+
+/// Creates every valid link of `req` with ONE append (one fsync); each item
+/// gets its own status. A storage failure fails the whole request (nothing
+/// of it was saved).
+async fn bulk(
+    state: AdminState,
+    caller: Caller,
+    req: BulkRequest,
+) -> Result<Json<Value>, ApiError> {
+    let max = state.settings().max_bulk;
+    if req.links.len() > max {
+        return Err(ApiError::new(
+            ErrorCode::TooManyLinks,
+            format!("{} links; at most {max} per request", req.links.len()),
+        )
+        .on("links"));
+    }
+    let now = now_ms();
+    let default_status = state.settings().default_status;
+    let checked: Vec<Result<NewLink, ApiError>> = req
+        .links
+        .into_iter()
+        .map(|item| from_value::<CreateLink>(item)?.validate(caller.key_id, now, default_status))
+        .collect();
+    let (reservation, claimed) = state.reserve(|claims| {
+        checked
+            .into_iter()
+            .map(|r| r.and_then(|new| claim(claims, new)))
+            .collect::<Vec<_>>()
+    });
+    let ops: Vec<LogOp> = claimed
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|link| LogOp::Put(link.clone()))
+        .collect();
+    let created = ops.len();
+    state.commit(reservation, ops).await?;
+    let results: Vec<Value> = claimed
+        .iter()
+        .enumerate()
+        .map(|(index, r)| match r {
+            Ok(link) => json!({"index": index, "status": 201, "link": body(&state, link)}),
+            Err(e) => {
+                json!({"index": index, "status": e.code.status().as_u16(), "error": e.body()})
+            }
+        })
+        .collect();
+    tracing::info!(
+        created,
+        refused = results.len() - created,
+        owner = caller.key_id,
+        "admin: bulk create"
+    );
+    Ok(Json(json!({ "results": results })))
+}
+
+/// `GET /api/health` (no auth): 200 while writes work, 503 once the log has
+/// refused a write (the admin must be restarted).
+pub async fn health(State(state): State<AdminState>) -> Response {
+    let view = state.view();
+    let (status, word) = if state.is_writable() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "read_only")
+    };
+    let body = json!({ "status": word, "seq": view.seq(), "links": view.len() });
+    (status, Json(body)).into_response()
+}
+
+/// Any other path: 404 (under `/api`, only after authentication).
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+fn method_not_allowed_error() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this route does not take this method",
+    )
+}
+
+/// A known route with an unsupported method.
+pub async fn method_not_allowed() -> ApiError {
+    method_not_allowed_error()
+}

@@ -1,0 +1,522 @@
+//! [`AdminState`]: the admin's store, its view of the link table and the write
+//! path every change goes through.
+//!
+//! A write is three steps:
+//!
+//! 1. **Reserve** (a short critical section under one `Mutex`): check the
+//!    codes against the current view and the codes other in-flight writes
+//!    hold, and claim them. This is what makes two concurrent creates of one
+//!    code end in one 201 and one 409.
+//! 2. **Append** outside the lock, on a blocking thread: `Store::append`
+//!    returns once the records are fsynced, and concurrent appends share
+//!    fsyncs (group commit), which they could not if the lock were held.
+//! 3. **Apply** under the lock: the records go into the admin's `TableView`
+//!    in sequence order (a write that finished early waits in a small
+//!    reorder buffer for the ones before it), the view is published to a
+//!    [`HotTable`] for lock-free reads, and only then are the codes released.
+//!    A failed append releases them at once.
+//!
+//! Steps 2 and 3 run on the blocking thread, so a client that hangs up
+//! mid-request cannot leave a code reserved or a durable record unapplied.
+//! After `admin.compact_every_records` records, a background thread compacts
+//! the data dir and rebases the view onto the new snapshot.
+
+use crate::store::record::RedirectStatus;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ring::rand::SystemRandom;
+
+use super::codes::{generate_code, is_reserved};
+use super::error::{ApiError, ErrorCode};
+use crate::config::Config;
+use crate::store::frame::LogOpRef;
+use crate::store::record::{Link, validate_code};
+use crate::store::{
+    CompactReport, HotTable, LogError, LogOp, LogOptions, Store, StoreError, TableView,
+};
+
+/// Why the admin could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Opening the data dir failed; `StoreError::Locked` when another writer
+    /// (admin, import, compact) holds it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "{path}: the view loaded from the data dir ends at sequence {view} but its log at {log}"
+    )]
+    Inconsistent {
+        path: std::path::PathBuf,
+        view: u64,
+        log: u64,
+    },
+    #[error("admin.listen {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("starting the admin's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("serving the admin API: {0}")]
+    Serve(std::io::Error),
+    #[error("compaction: {0}")]
+    Compaction(String),
+}
+
+/// Most attempts at a free generated code before answering 503.
+const GENERATE_ATTEMPTS: usize = 16;
+
+/// Longest a write waits for earlier in-flight writes to be applied before it
+/// answers anyway (it is durable either way; this only bounds read-your-writes).
+const APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// The admin API's shared state. Cloning copies an `Arc`.
+#[derive(Clone)]
+pub struct AdminState {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The single writer of the data dir (holds its lock while alive).
+    store: Store,
+    /// The view GETs, lists and health read, lock-free.
+    table: HotTable,
+    /// The master view, reservations and the reorder buffer.
+    writes: Mutex<WriteState>,
+    /// Signalled each time the master view advances.
+    applied: Condvar,
+    /// Set while a compaction runs; shared with the compaction thread so
+    /// that it can clear it after letting go of everything else.
+    compacting: Arc<AtomicBool>,
+    /// Set after an append failed: the log refuses writes until a restart.
+    write_failed: AtomicBool,
+    rng: SystemRandom,
+    settings: Settings,
+}
+
+/// The parts of the config the API uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub public_base_url: String,
+    pub key_hashes: Vec<[u8; 32]>,
+    pub max_body_bytes: usize,
+    pub code_length: usize,
+    pub max_bulk: usize,
+    pub compact_every_records: u64,
+    pub retry_after_secs: u64,
+    /// Status of links created without one (`edge.default_status`).
+    pub default_status: RedirectStatus,
+}
+
+struct WriteState {
+    /// Every applied record; published (cloned) into `table` on change.
+    view: TableView,
+    /// Codes claimed by writes that are not applied yet.
+    in_flight: HashSet<String>,
+    /// Durable records not yet applied because an earlier sequence is still
+    /// on its way: first sequence → ops (consecutive sequences).
+    pending: BTreeMap<u64, Vec<LogOp>>,
+    /// Records appended since the last compaction started.
+    since_compaction: u64,
+}
+
+fn lock(m: &Mutex<WriteState>) -> MutexGuard<'_, WriteState> {
+    // A panic while holding the lock leaves WriteState consistent enough
+    // (each step mutates it at the end); keep serving.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn op_ref(op: &LogOp) -> LogOpRef<'_> {
+    match op {
+        LogOp::Put(link) => LogOpRef::Put(link.as_ref()),
+        LogOp::Delete(code) => LogOpRef::Delete(code.as_bytes()),
+    }
+}
+
+impl AdminState {
+    /// Opens `config.data_dir` as its single writer and loads the link table.
+    /// Fails with [`StoreError::Locked`] while another writer holds the dir.
+    pub fn open(config: &Config) -> Result<Self, AdminError> {
+        let store = Store::open(&config.data_dir, LogOptions::default())?;
+        let view = store.dir().load_view(true)?;
+        let durable = store.log().durable_seq();
+        if view.seq() != durable {
+            return Err(AdminError::Inconsistent {
+                path: config.data_dir.clone(),
+                view: view.seq(),
+                log: durable,
+            });
+        }
+        if config.admin.api_key_hashes.is_empty() {
+            tracing::warn!(
+                "admin: no API key configured (admin.api_key_hashes, ULOAD_API_KEY): every /api request but /api/health will get 401"
+            );
+        }
+        let a = &config.admin;
+        let settings = Settings {
+            public_base_url: config.public_base_url.trim_end_matches('/').to_owned(),
+            key_hashes: a.api_key_hashes.clone(),
+            max_body_bytes: a.max_body_bytes,
+            code_length: a.code_length,
+            max_bulk: a.max_bulk,
+            default_status: config.edge.default_status,
+            compact_every_records: a.compact_every_records,
+            retry_after_secs: config.edge.retry_after_secs,
+        };
+        let since_compaction = view.overlay_len() as u64;
+        tracing::info!(
+            data_dir = %config.data_dir.display(),
+            seq = view.seq(),
+            links = view.len(),
+            "admin: link table loaded"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                table: HotTable::new(view.clone()),
+                writes: Mutex::new(WriteState {
+                    view,
+                    in_flight: HashSet::new(),
+                    pending: BTreeMap::new(),
+                    since_compaction,
+                }),
+                applied: Condvar::new(),
+                compacting: Arc::new(AtomicBool::new(false)),
+                write_failed: AtomicBool::new(false),
+                rng: SystemRandom::new(),
+                settings,
+            }),
+        })
+    }
+
+    /// The current view of the link table (every acknowledged write is in
+    /// it). Lock-free.
+    pub fn view(&self) -> Arc<TableView> {
+        self.shared.table.load_full()
+    }
+
+    /// The data dir's writer (for its log's counters, or a manual compaction
+    /// outside the API: prefer [`AdminState::compact`], which also rebases).
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Whether writes can still succeed (false after the log failed a write;
+    /// a restart is needed).
+    pub fn is_writable(&self) -> bool {
+        !self.shared.write_failed.load(Ordering::Acquire)
+    }
+
+    /// Whether a compaction is running.
+    pub fn is_compacting(&self) -> bool {
+        self.shared.compacting.load(Ordering::Acquire)
+    }
+
+    /// Compacts the data dir now and rebases the view onto the new snapshot.
+    /// `Ok(None)` when a compaction was already running.
+    pub async fn compact(&self) -> Result<Option<CompactReport>, AdminError> {
+        if self.shared.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let shared = self.shared.clone();
+        let flag = shared.compacting.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let r = shared.compact_and_rebase();
+            drop(shared);
+            r
+        })
+        .await;
+        flag.store(false, Ordering::Release);
+        match result {
+            Ok(r) => r.map(Some),
+            Err(e) => Err(AdminError::Compaction(e.to_string())),
+        }
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    pub(crate) fn key_hashes(&self) -> &[[u8; 32]] {
+        &self.shared.settings.key_hashes
+    }
+
+    /// Step 1 of a write: runs `claim` under the write lock; every code it
+    /// claims through the [`Claims`] is held by the returned [`Reservation`]
+    /// until the write is applied or the reservation dropped.
+    pub(crate) fn reserve<R>(&self, claim: impl FnOnce(&mut Claims<'_>) -> R) -> (Reservation, R) {
+        let mut codes = Vec::new();
+        let result = {
+            let mut st = lock(&self.shared.writes);
+            let mut claims = Claims {
+                st: &mut st,
+                codes: &mut codes,
+                shared: &self.shared,
+            };
+            claim(&mut claims)
+        };
+        (
+            Reservation {
+                shared: self.shared.clone(),
+                codes,
+            },
+            result,
+        )
+    }
+
+    /// Steps 2 and 3 of a write: appends `ops` (one fsync for all of them),
+    /// applies them and releases `reservation`. Returns the sequence of the
+    /// last op once it is durable and visible to reads.
+    pub(crate) async fn commit(
+        &self,
+        reservation: Reservation,
+        ops: Vec<LogOp>,
+    ) -> Result<u64, ApiError> {
+        if ops.is_empty() {
+            return Ok(self.view().seq());
+        }
+        let shared = self.shared.clone();
+        match tokio::task::spawn_blocking(move || shared.append_and_apply(reservation, ops)).await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "admin: write task failed");
+                Err(ApiError::new(ErrorCode::Internal, "the write task failed"))
+            }
+        }
+    }
+}
+
+/// Codes claimed by one write. Dropping it releases them, unless the write
+/// was appended (then they are released when the write is applied).
+pub(crate) struct Reservation {
+    shared: Arc<Shared>,
+    codes: Vec<String>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.codes.is_empty() {
+            return;
+        }
+        let mut st = lock(&self.shared.writes);
+        for code in self.codes.drain(..) {
+            st.in_flight.remove(&code);
+        }
+    }
+}
+
+/// What a write may do while it holds the write lock (see
+/// [`AdminState::reserve`]). Keep the work done here small.
+pub(crate) struct Claims<'a> {
+    st: &'a mut WriteState,
+    codes: &'a mut Vec<String>,
+    shared: &'a Shared,
+}
+
+impl Claims<'_> {
+    fn busy(&self, code: &str) -> bool {
+        self.st.in_flight.contains(code)
+    }
+
+    fn take(&mut self, code: &str) {
+        self.st.in_flight.insert(code.to_owned());
+        self.codes.push(code.to_owned());
+    }
+
+    /// Claims `code` for a new link: 409 if a link has it or a write holds it.
+    pub fn new_code(&mut self, code: &str) -> Result<(), ApiError> {
+        if self.busy(code) || self.st.view.get(code.as_bytes()).is_some() {
+            return Err(ApiError::new(
+                ErrorCode::DuplicateCode,
+                format!("a link with code {code:?} already exists"),
+            )
+            .on("code"));
+        }
+        self.take(code);
+        Ok(())
+    }
+
+    /// Claims a fresh random code (`admin.code_length` base62 characters).
+    pub fn generated_code(&mut self) -> Result<String, ApiError> {
+        let len = self.shared.settings.code_length;
+        for _ in 0..GENERATE_ATTEMPTS {
+            let code = generate_code(&self.shared.rng, len).map_err(|_| {
+                ApiError::new(ErrorCode::Internal, "the system random generator failed")
+            })?;
+            debug_assert!(validate_code(code.as_bytes()).is_ok() && !is_reserved(&code));
+            if !self.busy(&code) && self.st.view.get(code.as_bytes()).is_none() {
+                self.take(&code);
+                return Ok(code);
+            }
+        }
+        tracing::warn!(
+            code_length = len,
+            "admin: no free generated code after {GENERATE_ATTEMPTS} attempts; raise admin.code_length"
+        );
+        Err(ApiError {
+            retry_after: Some(self.shared.settings.retry_after_secs),
+            ..ApiError::new(
+                ErrorCode::Unavailable,
+                "no free short code could be generated; retry, or choose a code",
+            )
+        })
+    }
+
+    /// Claims the existing link `code` for a change: 404 if there is none,
+    /// 409 `conflict` while another write to it is in flight.
+    pub fn existing(&mut self, code: &str) -> Result<Link, ApiError> {
+        if self.busy(code) {
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                "another change to this link is in progress; retry",
+            ));
+        }
+        let link = self
+            .st
+            .view
+            .get(code.as_bytes())
+            .ok_or_else(ApiError::not_found)?
+            .to_link()
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        self.take(code);
+        Ok(link)
+    }
+}
+
+impl Shared {
+    /// Runs on a blocking thread: append, then apply in sequence order.
+    fn append_and_apply(
+        self: &Arc<Self>,
+        mut reservation: Reservation,
+        ops: Vec<LogOp>,
+    ) -> Result<u64, ApiError> {
+        let count = ops.len() as u64;
+        let last = match self.store.append(&ops) {
+            Ok(last) => last,
+            Err(StoreError::Log(LogError::Invalid(e))) => {
+                // Nothing was written (ops are validated before any byte is);
+                // handlers validate first, so this is a bug, not a bad disk.
+                tracing::error!(error = %e, "admin: the log refused a record as invalid");
+                return Err(ApiError::from_record(&e));
+            }
+            Err(e) => {
+                self.write_failed.store(true, Ordering::Release);
+                drop(reservation); // releases the codes
+                return Err(ApiError::storage(&e, self.settings.retry_after_secs));
+            }
+        };
+        // From here on the codes are released as their ops are applied.
+        reservation.codes.clear();
+        drop(reservation);
+        let mut st = lock(&self.writes);
+        st.pending.insert(last + 1 - count, ops);
+        self.drain(&mut st);
+        st.since_compaction += count;
+        let compact = st.since_compaction >= self.settings.compact_every_records
+            && !self.compacting.swap(true, Ordering::AcqRel);
+        if compact {
+            st.since_compaction = 0;
+        }
+        let deadline = Instant::now() + APPLY_WAIT;
+        while st.view.seq() < last {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    seq = last,
+                    view = st.view.seq(),
+                    "admin: a durable write is not applied yet; answering anyway"
+                );
+                break;
+            }
+            st = self
+                .applied
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(st);
+        if compact {
+            self.spawn_compaction();
+        }
+        Ok(last)
+    }
+
+    /// Applies every pending write whose turn has come, releases its codes,
+    /// and publishes the view if it changed.
+    fn drain(&self, st: &mut WriteState) {
+        let mut changed = false;
+        while let Some(entry) = st.pending.first_entry() {
+            let first = *entry.key();
+            if first > st.view.seq() + 1 {
+                break;
+            }
+            let ops = entry.remove();
+            for (seq, op) in (first..).zip(&ops) {
+                // Ops at or below the view's sequence are already in it (a
+                // compaction's snapshot took them); apply ignores those.
+                if let Err(e) = st.view.apply(seq, op_ref(op)) {
+                    tracing::error!(seq, error = %e, "admin: cannot apply a durable record");
+                }
+                st.in_flight.remove(op.code());
+            }
+            changed = true;
+        }
+        if changed {
+            self.publish(st);
+        }
+    }
+
+    fn publish(&self, st: &WriteState) {
+        self.table.publish(Arc::new(st.view.clone()));
+        self.applied.notify_all();
+    }
+
+    /// Starts a background compaction (the caller has set `compacting`).
+    fn spawn_compaction(self: &Arc<Self>) {
+        let shared = self.clone();
+        let flag = self.compacting.clone();
+        let spawned = std::thread::Builder::new()
+            .name("uload-compact".into())
+            .spawn(move || {
+                if let Err(e) = shared.compact_and_rebase() {
+                    tracing::error!(error = %e, "admin: background compaction failed");
+                }
+                drop(shared);
+                flag.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "admin: cannot start a compaction thread");
+            self.compacting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Compacts, then rebases the master view onto the new snapshot. The
+    /// snapshot is opened and checked outside the write lock.
+    fn compact_and_rebase(&self) -> Result<CompactReport, AdminError> {
+        let started = Instant::now();
+        let report = self.store.compact()?;
+        let Some(info) = &report.snapshot else {
+            return Ok(report);
+        };
+        let Some(snapshot) = self.store.dir().open_snapshot(true)? else {
+            return Err(AdminError::Compaction(
+                "the manifest names no snapshot after compaction".into(),
+            ));
+        };
+        let mut st = lock(&self.writes);
+        st.view.rebase(snapshot).map_err(AdminError::Compaction)?;
+        self.drain(&mut st);
+        self.publish(&st);
+        tracing::info!(
+            snapshot = %info.path.display(),
+            records = report.records,
+            removed = report.removed.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "admin: compacted the data dir"
+        );
+        Ok(report)
+    }
+}

@@ -1,0 +1,128 @@
+//! `uload edge`: the Pingora proxy that fronts the domain.
+//!
+//! - `GET`/`HEAD /{code}`: answered from the hot table ([`redirect`]), never
+//!   touching the network.
+//! - `/api/...`: proxied to the admin upstreams ([`proxy`]).
+//! - `/health`: answered locally ([`health`]).
+//! - The log follower runs as a background service ([`follower_service`]).
+//!
+//! Run it: `uload edge --config conf/uload.yaml` then
+//! `curl -i 127.0.0.1:8080/health`.
+
+pub mod follower_service;
+pub mod health;
+pub mod proxy;
+pub mod redirect;
+
+use std::sync::{Arc, Mutex};
+
+use pingora::lb::LoadBalancer;
+use pingora::lb::health_check::HttpHealthCheck;
+use pingora::lb::selection::RoundRobin;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::GenBackgroundService;
+
+use crate::config::Config;
+use crate::store::LogFollower;
+use follower_service::FollowerService;
+use proxy::EdgeProxy;
+
+/// Errors starting the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("loading the link table: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("pingora: {0}")]
+    Pingora(String),
+}
+
+/// Command-line switches Pingora acts on.
+#[derive(Debug, Clone, Default)]
+pub struct EdgeOptions {
+    /// Take over the listening sockets of a running edge (graceful upgrade).
+    pub upgrade: bool,
+    /// Detach into the background.
+    pub daemon: bool,
+}
+
+/// Builds the edge server: loads the table, sets up the admin upstreams with
+/// health checks, the proxy and the follower. Call `.run(...)` on the result.
+pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError> {
+    let pingora_err = |e: Box<pingora::Error>| EdgeError::Pingora(e.to_string());
+    let conf = match &config.edge.pingora_conf {
+        Some(path) => {
+            ServerConf::load_from_yaml(path.display().to_string()).map_err(pingora_err)?
+        }
+        None => ServerConf::default(),
+    };
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        nocapture: false,
+        test: false,
+        conf: None, // loaded above
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let follower = LogFollower::open(&config.data_dir)?;
+    let table = follower.table();
+    let stats = follower.stats();
+    tracing::info!(
+        seq = table.load().seq(),
+        links = table.load().len(),
+        "link table loaded from {}",
+        config.data_dir.display()
+    );
+
+    let addrs: Vec<String> = config
+        .edge
+        .admin_upstreams
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    let mut admins = LoadBalancer::<RoundRobin>::try_from_iter(addrs.iter().map(String::as_str))
+        .map_err(|e| EdgeError::Pingora(e.to_string()))?;
+    let mut check = HttpHealthCheck::new("uload-admin", false);
+    check.req =
+        pingora::http::RequestHeader::build("GET", b"/api/health", None).map_err(pingora_err)?;
+    check
+        .req
+        .insert_header("host", "uload-admin")
+        .map_err(pingora_err)?;
+    check.peer_template.options.connection_timeout = Some(config.edge.admin_connect_timeout);
+    check.peer_template.options.read_timeout = Some(config.edge.admin_read_timeout);
+    admins.set_health_check(Box::new(check));
+    admins.health_check_frequency = Some(config.edge.health_check_interval);
+    let health_service = GenBackgroundService::new("admin health check".into(), Arc::new(admins));
+    let admins = health_service.task();
+
+    let follower_service = GenBackgroundService::new(
+        "log follower".into(),
+        Arc::new(FollowerService {
+            follower: Mutex::new(follower),
+            interval: config.edge.follow_interval,
+        }),
+    );
+
+    let proxy = EdgeProxy {
+        table,
+        admins,
+        config: Arc::new(config.edge.clone()),
+        follower: stats,
+    };
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    service.add_tcp(&config.edge.listen.to_string());
+    server.add_service(service);
+    server.add_service(health_service);
+    server.add_service(follower_service);
+    Ok(server)
+}
+
+/// Runs the edge until SIGTERM/SIGINT (graceful) or SIGQUIT (graceful upgrade hand-over).
+pub fn run(config: &Config, options: &EdgeOptions) -> Result<(), EdgeError> {
+    let server = build(config, options)?;
+    server.run(RunArgs::default());
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! The edge's Pingora proxy: redirects and `/health` are answered in
+//! `request_filter` from memory; `/api/...` goes on to an admin upstream
+//! (health-checked, timeouts from config, retries with exponential backoff
+//! and jitter for idempotent requests), and a JSON 503 with `Retry-After`
+//! answers when no admin does.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::lb::LoadBalancer;
+use pingora::lb::selection::RoundRobin;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType};
+
+use super::health::health_json;
+use super::redirect::{Miss, Route, cache_control, location_into, resolve, route};
+use crate::config::EdgeConfig;
+use crate::store::follower::FollowerStats;
+use crate::store::record::now_ms;
+use crate::store::view::HotTable;
+
+/// The proxy. Cloning is not needed: Pingora holds it in an `Arc`.
+pub struct EdgeProxy {
+    pub table: Arc<HotTable>,
+    pub admins: Arc<LoadBalancer<RoundRobin>>,
+    pub config: Arc<EdgeConfig>,
+    pub follower: Arc<FollowerStats>,
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct EdgeCtx {
+    /// Attempts at an admin upstream that failed and are being retried.
+    retries: u32,
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = EdgeCtx;
+
+    fn new_ctx(&self) -> EdgeCtx {
+        EdgeCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, _ctx: &mut EdgeCtx) -> Result<bool> {
+        let req = session.req_header();
+        let path = req.uri.path().as_bytes();
+        let head = req.method == ::http::Method::HEAD;
+        let read_only = head || req.method == ::http::Method::GET;
+        match route(path) {
+            Route::Api => Ok(false),
+            _ if !read_only => {
+                let body = error_body("method_not_allowed", "only GET and HEAD are served here");
+                respond(session, 405, &[("allow", b"GET, HEAD")], body, head).await?;
+                Ok(true)
+            }
+            Route::Health => {
+                let body = health_json(&self.table.load(), &self.follower, &self.admins);
+                respond(
+                    session,
+                    200,
+                    &[
+                        ("content-type", b"application/json"),
+                        ("cache-control", b"no-store"),
+                    ],
+                    body.into(),
+                    head,
+                )
+                .await?;
+                Ok(true)
+            }
+            Route::Redirect(code) => {
+                let now = now_ms();
+                let view = self.table.load();
+                match resolve(&view, code, now) {
+                    Ok(link) => {
+                        let query = if link.forwards_query() {
+                            session.req_header().uri.query()
+                        } else {
+                            None
+                        };
+                        let mut location = Vec::with_capacity(
+                            link.target.len() + query.map_or(0, |q| q.len() + 1),
+                        );
+                        location_into(&mut location, link.target, query.map(str::as_bytes));
+                        let cache = cache_control(link.status, link.expires_at_ms, now).value();
+                        let status = link.status.code();
+                        drop(view);
+                        respond(
+                            session,
+                            status,
+                            &[("location", &location), ("cache-control", cache.as_bytes())],
+                            Bytes::new(),
+                            head,
+                        )
+                        .await?;
+                    }
+                    Err(miss) => {
+                        drop(view);
+                        self.not_found(session, miss, head).await?;
+                    }
+                }
+                Ok(true)
+            }
+            Route::NotFound => {
+                self.not_found(session, Miss::Unknown, head).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut EdgeCtx,
+    ) -> Result<Box<HttpPeer>> {
+        if ctx.retries > 0 {
+            tokio::time::sleep(backoff(self.config.admin_retry_backoff, ctx.retries)).await;
+        }
+        let backend = self.admins.select(b"", 256).ok_or_else(|| {
+            Error::explain(ErrorType::HTTPStatus(503), "no healthy admin upstream")
+        })?;
+        let addr: SocketAddr = *backend.addr.as_inet().ok_or_else(|| {
+            Error::explain(
+                ErrorType::InternalError,
+                "admin upstream is not an inet address",
+            )
+        })?;
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(self.config.admin_connect_timeout);
+        peer.options.total_connection_timeout = Some(self.config.admin_connect_timeout);
+        peer.options.read_timeout = Some(self.config.admin_read_timeout);
+        peer.options.write_timeout = Some(self.config.admin_read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut EdgeCtx,
+    ) -> Result<()> {
+        // The edge is the first hop: what the client claims is replaced by
+        // what the edge saw.
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        upstream_request.insert_header("x-forwarded-for", client)?;
+        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut EdgeCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let idempotent = session.req_header().method.is_idempotent();
+        ctx.retries += 1;
+        e.set_retry(idempotent && ctx.retries <= self.config.admin_retries);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut EdgeCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("admin upstream {peer}"));
+        ctx.retries += 1;
+        let idempotent = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        if idempotent && ctx.retries <= self.config.admin_retries {
+            e.retry.decide_reuse(client_reused);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut EdgeCtx,
+    ) -> FailToProxy {
+        let upstream = matches!(e.esource(), ErrorSource::Upstream)
+            || matches!(
+                e.etype(),
+                ErrorType::HTTPStatus(503) | ErrorType::ConnectTimedout | ErrorType::ConnectRefused
+            );
+        let code = if upstream {
+            let retry_after = self.config.retry_after_secs.to_string();
+            let body = error_body(
+                "admin_unavailable",
+                "the management API is unavailable; redirects are not affected",
+            );
+            let _ = respond(
+                session,
+                503,
+                &[
+                    ("retry-after", retry_after.as_bytes()),
+                    ("content-type", b"application/json"),
+                ],
+                body,
+                false,
+            )
+            .await;
+            503
+        } else {
+            match e.etype() {
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
+                _ => {
+                    let body = error_body("bad_request", "the request could not be handled");
+                    let _ = respond(
+                        session,
+                        400,
+                        &[("content-type", b"application/json")],
+                        body,
+                        false,
+                    )
+                    .await;
+                    400
+                }
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+impl EdgeProxy {
+    async fn not_found(&self, session: &mut Session, miss: Miss, head: bool) -> Result<()> {
+        if let Some(url) = &self.config.not_found_url {
+            return respond(
+                session,
+                302,
+                &[("location", url.as_bytes()), ("cache-control", b"no-store")],
+                Bytes::new(),
+                head,
+            )
+            .await;
+        }
+        let (code, message) = match miss {
+            Miss::Unknown => ("not_found", "no such short link"),
+            Miss::Disabled => ("not_found", "this short link is disabled"),
+            Miss::Expired => ("not_found", "this short link has expired"),
+        };
+        respond(
+            session,
+            404,
+            &[
+                ("content-type", b"application/json"),
+                ("cache-control", b"no-store"),
+            ],
+            error_body(code, message),
+            head,
+        )
+        .await
+    }
+}
+
+/// The stable JSON error body: `{"error":{"code":...,"message":...}}`.
+pub fn error_body(code: &str, message: &str) -> Bytes {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    Bytes::from(body.to_string())
+}
+
+/// Writes a whole response. For HEAD, the headers (with the body's length)
+/// and no body.
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    headers: &[(&str, &[u8])],
+    body: Bytes,
+    head: bool,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(headers.len() + 1))?;
+    for (name, value) in headers {
+        resp.insert_header(name.to_string(), *value)?;
+    }
+    resp.insert_header("content-length", body.len().to_string())?;
+    let no_body = head || body.is_empty();
+    session
+        .write_response_header(Box::new(resp), no_body)
+        .await?;
+    if !no_body {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// Exponential backoff with full jitter: a random delay in
+/// `[base·2^(n-1) / 2, base·2^(n-1)]`, capped at 2 s.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let ceiling = base
+        .saturating_mul(1 << attempt.saturating_sub(1).min(10))
+        .min(Duration::from_secs(2));
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(attempt);
+    let frac = (h.finish() % 1000) as u32;
+    ceiling / 2 + ceiling / 2 * frac / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let base = Duration::from_millis(100);
+        for attempt in 1..20 {
+            let d = backoff(base, attempt);
+            let ceiling = (base * (1 << (attempt - 1).min(10))).min(Duration::from_secs(2));
+            assert!(d >= ceiling / 2 && d <= ceiling, "{attempt}: {d:?}");
+        }
+    }
+}

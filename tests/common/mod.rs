@@ -1,0 +1,272 @@
+//! Test support: real `uload` processes on free loopback ports, a tiny
+//! HTTP/1.1 client, and readiness polling (never a fixed sleep).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "test-key-0123456789abcdef";
+
+/// A response, as read off the wire.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends one request (`Connection: close`) and reads the whole response.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(15)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" || method == "PATCH" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw, method == "HEAD").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad response: {:?}", String::from_utf8_lossy(&raw)),
+        )
+    })
+}
+
+fn parse_response(raw: &[u8], head: bool) -> Option<Response> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let text = std::str::from_utf8(&raw[..end]).ok()?;
+    let mut lines = text.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked && !head {
+        body = dechunk(&body)?;
+    }
+    Some(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&data[..line_end])
+                .ok()?
+                .split(';')
+                .next()?
+                .trim(),
+            16,
+        )
+        .ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, "GET", path, &[], b"").unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+pub fn api(addr: SocketAddr, method: &str, path: &str, body: &str) -> Response {
+    let auth = format!("Bearer {KEY}");
+    request(
+        addr,
+        method,
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An edge and an admin on free ports, sharing a temp data dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub edge_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub edge: Option<Child>,
+    pub admin: Option<Child>,
+}
+
+impl Cluster {
+    /// Writes a config and starts both processes, waiting until both answer.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("uload.yaml");
+        let pingora = dir.path().join("pingora.yaml");
+        std::fs::write(
+            &pingora,
+            format!(
+                "---\nversion: 1\nthreads: 2\npid_file: {0}/edge.pid\nupgrade_sock: {0}/upgrade.sock\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\nadmin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
+                data = dir.path().join("data").display(),
+                metrics = free_port(),
+            ),
+        )
+        .unwrap();
+        let mut cluster = Self {
+            dir,
+            config,
+            edge_addr,
+            admin_addr,
+            edge: None,
+            admin: None,
+        };
+        cluster.start_admin();
+        cluster.start_edge();
+        cluster.wait_api_ready();
+        cluster
+    }
+
+    fn spawn(&self, sub: &str) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_uload"))
+            .args([sub, "--config"])
+            .arg(&self.config)
+            .env_remove("ULOAD_API_KEY")
+            .env_remove("ULOAD_DATA_DIR")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn start_admin(&mut self) {
+        self.admin = Some(self.spawn("admin"));
+        let addr = self.admin_addr;
+        wait_until(Duration::from_secs(30), "admin /api/health", || {
+            request(addr, "GET", "/api/health", &[], b"").is_ok_and(|r| r.status == 200)
+        });
+    }
+
+    pub fn start_edge(&mut self) {
+        self.edge = Some(self.spawn("edge"));
+        let addr = self.edge_addr;
+        wait_until(Duration::from_secs(30), "edge /health", || {
+            request(addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+        });
+    }
+
+    /// Waits until the edge's health check sees the admin and /api answers.
+    pub fn wait_api_ready(&self) {
+        let addr = self.edge_addr;
+        wait_until(Duration::from_secs(30), "/api through the edge", || {
+            request(addr, "GET", "/api/health", &[], b"").is_ok_and(|r| r.status == 200)
+        });
+    }
+
+    pub fn kill_admin(&mut self) {
+        if let Some(mut c) = self.admin.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn kill_edge(&mut self) {
+        if let Some(mut c) = self.edge.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The edge's table sequence, from /health.
+    pub fn edge_seq(&self) -> u64 {
+        get(self.edge_addr, "/health").json()["table"]["seq"]
+            .as_u64()
+            .unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_edge();
+        self.kill_admin();
+    }
+}

@@ -1,0 +1,92 @@
+//! Graceful upgrade: a second edge started with `-u` takes over the
+//! listening socket of the running one (SIGQUIT hands it over), while a
+//! client keeps requesting redirects: no request fails.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{Cluster, api, get, request, wait_until};
+
+#[test]
+fn upgrade_hands_over_without_failed_requests() {
+    let mut cluster = Cluster::start();
+    let edge = cluster.edge_addr;
+    let r = api(
+        edge,
+        "POST",
+        "/api/links",
+        r#"{"url":"https://example.com/up","code":"up"}"#,
+    );
+    assert_eq!(r.status, 201);
+    wait_until(Duration::from_secs(2), "link served", || {
+        get(edge, "/up").status == 302
+    });
+
+    // A client hammering the edge for the whole hand-over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let client = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 200_000 {
+                n += 1;
+                match request(edge, "GET", "/up", &[], b"") {
+                    Ok(r) if r.status == 302 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed request: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    wait_until(Duration::from_secs(5), "client running", || {
+        ok.load(Ordering::Relaxed) > 50
+    });
+
+    let old = cluster.edge.take().unwrap();
+    let mut new = Command::new(env!("CARGO_BIN_EXE_uload"))
+        .args(["edge", "-u", "--config"])
+        .arg(&cluster.config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The new process waits on the upgrade socket; SIGQUIT makes the old one
+    // send its listeners over, then drain and exit.
+    let sock = cluster.path().join("upgrade.sock");
+    wait_until(
+        Duration::from_secs(30),
+        "new edge listening on the upgrade socket",
+        || sock.exists(),
+    );
+    let before = ok.load(Ordering::Relaxed);
+    let status = Command::new("kill")
+        .args(["-QUIT", &old.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut old = old;
+    let exited = old.wait().unwrap();
+    eprintln!("old edge exited: {exited:?}");
+    wait_until(
+        Duration::from_secs(5),
+        "requests after the hand-over",
+        || ok.load(Ordering::Relaxed) > before + 200,
+    );
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} redirects served across the upgrade, {failed} failed");
+    assert_eq!(failed, 0);
+    // The new edge is the one serving now.
+    assert!(new.try_wait().unwrap().is_none(), "new edge still running");
+    assert_eq!(get(edge, "/up").status, 302);
+    new.kill().unwrap();
+    new.wait().unwrap();
+}
