@@ -260,3 +260,123 @@ fn refusals_get_their_4xx_and_change_nothing() {
         Some("https://example.com/")
     );
 }
+
+/// The admin compacts every 50 records; the edge swaps each new snapshot in
+/// while a client requests redirects: no request fails, every link is served.
+#[test]
+fn snapshot_swaps_under_load_fail_no_request() {
+    let cluster = Cluster::start_with("  compact_every_records: 50\n");
+    let edge = cluster.edge_addr;
+    create(
+        &cluster,
+        r#"{"url":"https://example.com/hot","code":"hot"}"#,
+    );
+    served_within(&cluster, "/hot", 302, Duration::from_secs(2));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed < 1_000_000 {
+                match request(edge, "GET", "/hot", &[], b"") {
+                    Ok(r) if r.status == 302 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    for i in 0..300 {
+        create(
+            &cluster,
+            &format!(r#"{{"url":"https://example.com/{i}","code":"s{i}"}}"#),
+        );
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "snapshots loaded by the edge",
+        || get(edge, "/health").json()["follower"]["snapshots_loaded"].as_u64() >= Some(3),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    eprintln!("{ok} redirects during snapshot swaps, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(ok > 0);
+    for i in 0..300 {
+        assert_eq!(get(edge, &format!("/s{i}")).status, 302, "s{i}");
+    }
+    let health = get(edge, "/health").json();
+    assert_eq!(health["table"]["links"], 301);
+    assert_eq!(health["follower"]["files_refused"], 0);
+}
+
+/// A stand-in admin that records what reaches it: the client's address and
+/// protocol travel in X-Forwarded-For / X-Forwarded-Proto, and what the
+/// client claimed in its own X-Forwarded-For is not trusted.
+#[test]
+fn the_client_address_reaches_the_admin() {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_admin = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(10_000) {
+                let Ok(mut stream) = stream else { continue };
+                let mut head = Vec::new();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push(line.trim_end().to_owned());
+                }
+                if head.first().is_some_and(|l| l.contains("/api/echo")) {
+                    seen.lock().unwrap().extend(head);
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                );
+            }
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let edge_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let config = dir.path().join("uload.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: {}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{fake_admin}\"]\n  health_check_interval_ms: 100\n  pingora_conf: none.yaml\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut edge = std::process::Command::new(env!("CARGO_BIN_EXE_uload"))
+        .args(["edge", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "edge and fake admin", || {
+        request(edge_addr, "GET", "/api/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    let r = request(
+        edge_addr,
+        "GET",
+        "/api/echo",
+        &[("X-Forwarded-For", "6.6.6.6")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    edge.kill().unwrap();
+    edge.wait().unwrap();
+    let seen = seen.lock().unwrap().join("\n").to_ascii_lowercase();
+    assert!(seen.contains("x-forwarded-for: 127.0.0.1"), "{seen}");
+    assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
+    assert!(!seen.contains("6.6.6.6"), "{seen}");
+}

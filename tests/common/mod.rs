@@ -161,6 +161,12 @@ pub struct Cluster {
 impl Cluster {
     /// Writes a config and starts both processes, waiting until both answer.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Like `start`, with extra lines appended to the `admin:` section
+    /// (indented two spaces, e.g. `"  compact_every_records: 50\n"`).
+    pub fn start_with(admin_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -177,7 +183,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\nadmin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\nmetrics:\n  listen: 127.0.0.1:{metrics}\n",
+                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\nadmin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\n{admin_extra}metrics:\n  listen: 127.0.0.1:{metrics}\n",
                 data = dir.path().join("data").display(),
                 metrics = free_port(),
             ),
