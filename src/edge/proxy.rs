@@ -157,16 +157,18 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    /// A failed connect sent nothing to the admin, so it is retried for
+    /// every method (up to `admin_retries`, with backoff); failures after the
+    /// request went out are retried only for idempotent ones (below).
     fn fail_to_connect(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut EdgeCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let idempotent = session.req_header().method.is_idempotent();
         ctx.retries += 1;
-        e.set_retry(idempotent && ctx.retries <= self.config.admin_retries);
+        e.set_retry(ctx.retries <= self.config.admin_retries);
         e
     }
 
@@ -196,46 +198,46 @@ impl ProxyHttp for EdgeProxy {
         e: &Error,
         _ctx: &mut EdgeCtx,
     ) -> FailToProxy {
-        let upstream = matches!(e.esource(), ErrorSource::Upstream)
-            || matches!(
-                e.etype(),
-                ErrorType::HTTPStatus(503) | ErrorType::ConnectTimedout | ErrorType::ConnectRefused
-            );
-        let code = if upstream {
-            let retry_after = self.config.retry_after_secs.to_string();
-            let body = error_body(
-                "admin_unavailable",
-                "the management API is unavailable; redirects are not affected",
-            );
-            let _ = respond(
-                session,
-                503,
-                &[
-                    ("retry-after", retry_after.as_bytes()),
-                    ("content-type", b"application/json"),
-                ],
-                body,
-                false,
-            )
-            .await;
-            503
-        } else {
-            match e.etype() {
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
-                _ => {
-                    let body = error_body("bad_request", "the request could not be handled");
-                    let _ = respond(
-                        session,
-                        400,
-                        &[("content-type", b"application/json")],
-                        body,
-                        false,
-                    )
-                    .await;
-                    400
-                }
-            }
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 503,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
         };
+        // Once the admin's response has started, a second one cannot be
+        // sent: the connection is closed instead, so that a truncated
+        // response never looks complete.
+        if code > 0 && session.as_downstream().response_written().is_none() {
+            session.set_keepalive(None);
+            let (status, body) = match code {
+                503 => (
+                    503,
+                    error_body(
+                        "admin_unavailable",
+                        "the management API is unavailable; redirects are not affected",
+                    ),
+                ),
+                400..=499 => (
+                    code,
+                    error_body("bad_request", "the request could not be handled"),
+                ),
+                _ => (
+                    code,
+                    error_body("internal", "the edge failed to handle the request"),
+                ),
+            };
+            let retry_after = self.config.retry_after_secs.to_string();
+            let mut headers: Vec<(&str, &[u8])> = vec![("content-type", b"application/json")];
+            if status == 503 {
+                headers.push(("retry-after", retry_after.as_bytes()));
+            }
+            let _ = respond(session, status, &headers, body, false).await;
+        }
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,

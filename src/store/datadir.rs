@@ -209,8 +209,26 @@ impl DataDir {
     }
 
     /// Loads the whole table as a reader: the current snapshot plus every log
-    /// record after it. Takes no lock and writes nothing.
+    /// record after it. Takes no lock and writes nothing. A compaction that
+    /// replaces the snapshot and trims the log while we read is detected (the
+    /// manifest changed) and the load is retried.
     pub fn load_view(&self, verify_checksums: bool) -> Result<TableView, StoreError> {
+        let mut attempts = 0;
+        loop {
+            let before = self.read_manifest()?;
+            match self.load_view_once(verify_checksums) {
+                Ok(view) => return Ok(view),
+                Err(e) => {
+                    attempts += 1;
+                    if attempts >= 5 || self.read_manifest()? == before {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn load_view_once(&self, verify_checksums: bool) -> Result<TableView, StoreError> {
         let snapshot = self.open_snapshot(verify_checksums)?;
         let mut view = TableView::new(snapshot);
         let mut bad = None;

@@ -166,10 +166,18 @@ impl LogFollower {
         match status {
             Ok(TailStatus::CaughtUp) => {}
             Ok(TailStatus::NeedSnapshot) => {
-                // Records we need were compacted away: a newer snapshot must exist.
-                self.manifest_seen = None;
-                if let Some(seq) = self.check_manifest() {
-                    outcome.new_snapshot = Some(seq);
+                // Records we need were compacted away: the manifest names a
+                // snapshot holding them (it is written before segments are
+                // removed), which the next poll's manifest check picks up. If
+                // that snapshot was refused, say so once; do not re-verify it
+                // every poll.
+                let text = format!(
+                    "log records after {} were compacted away and no usable newer snapshot is available",
+                    self.view.seq()
+                );
+                let seen = self.stats.last_error.lock().ok().and_then(|g| g.clone());
+                if seen.as_deref() != Some(&text) && outcome.new_snapshot.is_none() {
+                    self.stats.refuse(text);
                 }
             }
             Err(e) => self.stats.refuse(e.to_string()),

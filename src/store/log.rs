@@ -234,12 +234,14 @@ pub fn scan_segment<'a>(
     })
 }
 
-/// Whether any valid frame with a sequence above `after_seq` starts anywhere in
-/// `buf`. Used to tell a torn tail (nothing valid follows the damage) from
-/// damage in the middle of the log (valid records follow it).
+/// Whether the damage at the start of `buf` is followed by valid records:
+/// a frame that decodes at offset 0 (whole, checksummed, but out of
+/// sequence), or one with a sequence above `after_seq` at any later offset.
+/// Used to tell a torn tail (nothing valid follows the damage) from damage
+/// in the middle of the log.
 pub fn valid_frame_follows(buf: &[u8], after_seq: u64) -> bool {
-    (1..buf.len().saturating_sub(FRAME_HEADER_LEN))
-        .any(|at| matches!(decode_frame(&buf[at..]), Ok((seq, _, _)) if seq > after_seq))
+    (0..buf.len().saturating_sub(FRAME_HEADER_LEN))
+        .any(|at| matches!(decode_frame(&buf[at..]), Ok((seq, _, _)) if at == 0 || seq > after_seq))
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, LogError> {
@@ -463,6 +465,14 @@ impl LinkLog {
         let mut last_scanned = 0;
         for (i, seg) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
+            // Segments wholly covered by the snapshot are not needed (and may
+            // end before it, when the snapshot is ahead of the log's end).
+            if let Some(next) = segments.get(i + 1)
+                && next.first_seq <= base_seq + 1
+            {
+                expected = Some(next.first_seq);
+                continue;
+            }
             let buf = read_file(&seg.path)?;
             let scan = scan_segment(&buf, |_, _| {}).map_err(|reason| LogError::BadHeader {
                 path: seg.path.clone(),
@@ -549,7 +559,7 @@ impl LinkLog {
             return Err(LogError::Poisoned(why.clone()));
         }
         if ops.is_empty() {
-            return Ok(st.next_seq - 1);
+            return Ok(st.durable_seq);
         }
         for op in ops {
             let seq = st.next_seq;
@@ -577,7 +587,11 @@ impl LinkLog {
             let batch_first = st.durable_seq + 1;
             let batch_last = st.next_seq - 1;
             drop(st);
+            // If the write panics, the guard poisons the log and wakes the
+            // waiters, so that no append blocks forever on `flushing`.
+            let guard = FlushGuard { log: self };
             let result = self.write_batch(&batch, batch_first);
+            std::mem::forget(guard);
             st = lock(&self.state);
             st.flushing = false;
             match result {
@@ -605,6 +619,20 @@ impl LinkLog {
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Clears `flushing` and poisons the log if a flush unwinds.
+struct FlushGuard<'a> {
+    log: &'a LinkLog,
+}
+
+impl Drop for FlushGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.log.state);
+        st.flushing = false;
+        st.failed = Some("a log write panicked".into());
+        self.log.durable.notify_all();
     }
 }
 
@@ -762,19 +790,31 @@ impl LogTail {
             }
             *offset += pos as u64;
             let at = *offset;
+            let read_end = len;
+            // The file grew while we decoded (a write finished): read on.
+            let grew = || -> Result<bool, LogError> {
+                Ok(file.metadata().map_err(io_err(&path))?.len() != read_end)
+            };
             if pos == self.buf.len() {
-                // Clean end of what is written. Move on only if the writer has
-                // started the next segment, and re-read this one first: the
-                // writer finishes a segment before it starts the next.
-                let next = self.dir.join(segment_file_name(self.last_seq + 1));
-                if next != path && next.exists() {
-                    let still = file.metadata().map_err(io_err(&path))?.len();
-                    if still == at {
-                        self.current = None;
-                    }
+                if grew()? {
                     continue;
                 }
+                // Clean end of a complete read. The writer finishes a segment
+                // before it starts the next, which begins at our next record.
+                let next = self.dir.join(segment_file_name(self.last_seq + 1));
+                if next != path && next.exists() {
+                    self.current = None;
+                    continue;
+                }
+                // A later segment but not ours: our next records were
+                // compacted away.
+                if self.segment_after_exists()? {
+                    return Ok(TailStatus::NeedSnapshot);
+                }
                 return Ok(TailStatus::CaughtUp);
+            }
+            if grew()? {
+                continue;
             }
             let reason = match (stop, bad_seq) {
                 (_, Some(seq)) => {

@@ -121,7 +121,7 @@ impl TableView {
         };
         match (existed, link.is_some()) {
             (false, true) => self.links += 1,
-            (true, false) => self.links -= 1,
+            (true, false) => self.links = self.links.saturating_sub(1),
             _ => {}
         }
         Arc::make_mut(&mut self.recent).insert(op.code().into(), OverlayEntry { seq, link });
@@ -157,7 +157,7 @@ impl TableView {
         for (k, e) in &merged {
             match (snapshot.get(k).is_some(), e.link.is_some()) {
                 (false, true) => links += 1,
-                (true, false) => links -= 1,
+                (true, false) => links = links.saturating_sub(1),
                 _ => {}
             }
         }
