@@ -77,33 +77,38 @@ impl ProxyHttp for EdgeProxy {
             Route::Redirect(code) => {
                 let now = now_ms();
                 let view = self.table.load();
-                match resolve(&view, code, now) {
+                let resp = match resolve(&view, code, now) {
                     Ok(link) => {
                         let query = if link.forwards_query() {
-                            session.req_header().uri.query()
+                            session.req_header().uri.query().filter(|q| !q.is_empty())
                         } else {
                             None
                         };
-                        let mut location = Vec::with_capacity(
-                            link.target.len() + query.map_or(0, |q| q.len() + 1),
-                        );
-                        location_into(&mut location, link.target, query.map(str::as_bytes));
+                        // Only a merged query needs a buffer; otherwise the
+                        // target is copied once, into the header value.
+                        let mut merged = Vec::new();
+                        let location: &[u8] = match query {
+                            Some(q) => {
+                                location_into(&mut merged, link.target, Some(q.as_bytes()));
+                                &merged
+                            }
+                            None => link.target,
+                        };
                         let cache = cache_control(link.status, link.expires_at_ms, now).value();
-                        let status = link.status.code();
-                        drop(view);
-                        respond(
-                            session,
-                            status,
-                            &[("location", &location), ("cache-control", cache.as_bytes())],
-                            Bytes::new(),
-                            head,
-                        )
-                        .await?;
+                        // Built while the view is held; the view is released
+                        // before any await.
+                        Ok(response_header(
+                            link.status.code(),
+                            &[("location", location), ("cache-control", cache.as_bytes())],
+                            0,
+                        )?)
                     }
-                    Err(miss) => {
-                        drop(view);
-                        self.not_found(session, miss, head).await?;
-                    }
+                    Err(miss) => Err(miss),
+                };
+                drop(view);
+                match resp {
+                    Ok(resp) => send(session, resp, Bytes::new(), head).await?,
+                    Err(miss) => self.not_found(session, miss, head).await?,
                 }
                 Ok(true)
             }
@@ -287,19 +292,37 @@ pub fn error_body(code: &str, message: &str) -> Bytes {
 async fn respond(
     session: &mut Session,
     status: u16,
-    headers: &[(&str, &[u8])],
+    headers: &[(&'static str, &[u8])],
     body: Bytes,
     head: bool,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(headers.len() + 1))?;
+    let resp = response_header(status, headers, body.len())?;
+    send(session, resp, body, head).await
+}
+
+/// A response header. Names are static and the map keeps no case table
+/// (`build_no_case`), so the only allocations are the values' copies.
+fn response_header(
+    status: u16,
+    headers: &[(&'static str, &[u8])],
+    body_len: usize,
+) -> Result<Box<ResponseHeader>> {
+    let mut resp = ResponseHeader::build_no_case(status, Some(headers.len() + 1))?;
     for (name, value) in headers {
-        resp.insert_header(name.to_string(), *value)?;
+        resp.insert_header(*name, *value)?;
     }
-    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("content-length", ::http::HeaderValue::from(body_len))?;
+    Ok(Box::new(resp))
+}
+
+async fn send(
+    session: &mut Session,
+    resp: Box<ResponseHeader>,
+    body: Bytes,
+    head: bool,
+) -> Result<()> {
     let no_body = head || body.is_empty();
-    session
-        .write_response_header(Box::new(resp), no_body)
-        .await?;
+    session.write_response_header(resp, no_body).await?;
     if !no_body {
         session.write_response_body(Some(body), true).await?;
     }
