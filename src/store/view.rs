@@ -23,7 +23,10 @@ pub struct OverlayEntry {
     pub link: Option<Arc<Link>>,
 }
 
-type OverlayMap = HashMap<Box<[u8]>, OverlayEntry>;
+/// Overlay maps use foldhash (randomly seeded per process, several times
+/// faster than SipHash on short keys): every snapshot lookup probes them
+/// first while the overlay is non-empty.
+type OverlayMap = HashMap<Box<[u8]>, OverlayEntry, foldhash::fast::RandomState>;
 
 /// When `recent` holds this many entries it is merged into `base`.
 const RECENT_MAX: usize = 1024;
@@ -145,7 +148,7 @@ impl TableView {
                 self.snapshot_seq()
             ));
         }
-        let mut merged: OverlayMap = HashMap::new();
+        let mut merged = OverlayMap::default();
         for layer in [&self.base, &self.recent] {
             for (k, e) in layer.iter() {
                 if e.seq > snapshot.seq() {
