@@ -13,6 +13,10 @@ pub const MIN_PAYLOAD_LEN: usize = 8 + 1 + 1 + 1;
 /// Largest payload a reader accepts; larger lengths are treated as corruption.
 pub const MAX_PAYLOAD_LEN: usize = 128 * 1024;
 
+/// Largest sequence number a file may hold. Far beyond any real log (2^62
+/// appends), and low enough that `seq + 1` never overflows anywhere.
+pub const MAX_SEQ: u64 = 1 << 62;
+
 /// Operation byte of a put.
 pub const OP_PUT: u8 = 1;
 /// Operation byte of a delete.
@@ -82,6 +86,8 @@ pub enum FrameError {
     BadLength(u32),
     #[error("frame checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum { stored: u32, computed: u32 },
+    #[error("sequence {0} is outside 1..={MAX_SEQ}")]
+    BadSequence(u64),
     #[error("unknown operation byte {0}")]
     UnknownOp(u8),
     #[error("payload has {0} trailing bytes")]
@@ -163,6 +169,9 @@ fn decode_payload(payload: &[u8]) -> Result<(u64, LogOpRef<'_>), FrameError> {
     let mut seq = [0u8; 8];
     seq.copy_from_slice(&payload[..8]);
     let seq = u64::from_le_bytes(seq);
+    if seq == 0 || seq > MAX_SEQ {
+        return Err(FrameError::BadSequence(seq));
+    }
     let body = &payload[9..];
     let (op, used) = match payload[8] {
         OP_PUT => {
@@ -197,7 +206,7 @@ mod tests {
 
     #[test]
     fn round_trip_put_and_delete() {
-        for (seq, op) in [(1u64, put()), (u64::MAX, LogOp::Delete("x-Y_9".into()))] {
+        for (seq, op) in [(1u64, put()), (MAX_SEQ, LogOp::Delete("x-Y_9".into()))] {
             let mut buf = Vec::new();
             encode_frame(seq, &op, &mut buf);
             let (got_seq, got, used) = decode_frame(&buf).unwrap();
@@ -258,6 +267,18 @@ mod tests {
             let mut buf = len.to_le_bytes().to_vec();
             buf.extend_from_slice(&[0u8; 64]);
             assert_eq!(decode_frame(&buf).unwrap_err(), FrameError::BadLength(len));
+        }
+    }
+
+    #[test]
+    fn sequences_out_of_range_are_corrupt() {
+        for seq in [0, MAX_SEQ + 1, u64::MAX] {
+            let mut buf = Vec::new();
+            encode_frame(seq, &LogOp::Delete("a".into()), &mut buf);
+            assert_eq!(
+                decode_frame(&buf).unwrap_err(),
+                FrameError::BadSequence(seq)
+            );
         }
     }
 

@@ -119,8 +119,11 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
     let mut seq = [0u8; 8];
     seq.copy_from_slice(&buf[16..24]);
     let first_seq = u64::from_le_bytes(seq);
-    if first_seq == 0 {
-        return Err("first sequence is 0 (sequences start at 1)".into());
+    if first_seq == 0 || first_seq > super::frame::MAX_SEQ {
+        return Err(format!(
+            "first sequence {first_seq} is outside 1..={}",
+            super::frame::MAX_SEQ
+        ));
     }
     Ok(first_seq)
 }

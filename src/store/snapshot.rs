@@ -155,6 +155,13 @@ impl SnapshotHeader {
         if buf[92..124].iter().any(|&b| b != 0) {
             return Err("reserved header bytes are not zero".into());
         }
+        if h.seq > super::frame::MAX_SEQ {
+            return Err(format!(
+                "sequence {} is above {}",
+                h.seq,
+                super::frame::MAX_SEQ
+            ));
+        }
         if h.hash_fn != HASH_FNV1A_FMIX64 {
             return Err(format!("unknown hash function {}", h.hash_fn));
         }
@@ -341,7 +348,8 @@ impl Snapshot {
                 return None;
             }
             if (slot >> 32) as u32 == tag {
-                let off = ((slot as u32) as usize - 1) * RECORD_ALIGN;
+                // Units count from 1; a damaged slot holding unit 0 is a miss.
+                let off = ((slot as u32) as usize).checked_sub(1)? * RECORD_ALIGN;
                 let rec = records.get(off..)?;
                 let code_len = *rec.get(1)? as usize;
                 if rec.get(LINK_FIXED_LEN..LINK_FIXED_LEN + code_len) == Some(code) {
@@ -616,6 +624,7 @@ mod tests {
             ("tile", |h| h.records_len += 8),
             ("tile", |h| h.index_offset += 8),
             ("hash function", |h| h.hash_fn = 2),
+            ("sequence", |h| h.seq = u64::MAX),
         ];
         for (want, change) in changes {
             let mut bad = h;
