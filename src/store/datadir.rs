@@ -453,3 +453,65 @@ fn remove_tmp_snapshots(dir: &Path) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_round_trip_and_fields() {
+        let m = Manifest {
+            snapshot: snapshot_file_name(12),
+            seq: 12,
+            links: 9,
+        };
+        let text = m.encode();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("uload-manifest v1"));
+        assert_eq!(lines.next(), Some("snapshot 00000000000000000012.snap"));
+        assert_eq!(lines.next(), Some("seq 12"));
+        assert_eq!(lines.next(), Some("links 9"));
+        let crc_line = lines.next().unwrap();
+        let body = &text[..text.rfind("crc32c ").unwrap()];
+        assert_eq!(
+            crc_line,
+            format!("crc32c {:08x}", crc32c::crc32c(body.as_bytes()))
+        );
+        assert_eq!(Manifest::decode(&text), Ok(m));
+    }
+
+    #[test]
+    fn bad_manifests_are_refused() {
+        let good = Manifest {
+            snapshot: snapshot_file_name(3),
+            seq: 3,
+            links: 1,
+        }
+        .encode();
+        let resign = |body: &str| format!("{body}crc32c {:08x}\n", crc32c::crc32c(body.as_bytes()));
+        let cases = [
+            (good.replace("seq 3", "seq 4"), "checksum"),
+            (
+                resign("uload-manifest v2\nsnapshot a.snap\nseq 1\nlinks 1\n"),
+                "first line",
+            ),
+            (
+                resign("uload-manifest v1\nsnapshot ../x.snap\nseq 1\nlinks 1\n"),
+                "file name",
+            ),
+            (
+                resign("uload-manifest v1\nsnapshot a.snap\nseq x\nlinks 1\n"),
+                "not a number",
+            ),
+            (
+                resign("uload-manifest v1\nsnapshot a.snap\nlinks 1\n"),
+                "expected \"seq\"",
+            ),
+            ("uload-manifest v1\n".to_owned(), "no crc32c"),
+        ];
+        for (text, want) in cases {
+            let err = Manifest::decode(&text).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+}

@@ -915,3 +915,63 @@ impl LogTail {
             .is_some_and(|s| &s.path != path))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_header_fields() {
+        let h = encode_segment_header(0x0102_0304_0506_0708);
+        assert_eq!(&h[0..8], b"ULOADLOG", "magic");
+        assert_eq!(&h[8..12], &1u32.to_le_bytes(), "version");
+        assert_eq!(&h[12..16], &32u32.to_le_bytes(), "header length");
+        assert_eq!(
+            &h[16..24],
+            &0x0102_0304_0506_0708u64.to_le_bytes(),
+            "first seq"
+        );
+        assert_eq!(&h[24..28], &[0; 4], "reserved");
+        assert_eq!(&h[28..32], &crc32c::crc32c(&h[0..28]).to_le_bytes(), "crc");
+        assert_eq!(decode_segment_header(&h), Ok(0x0102_0304_0506_0708));
+    }
+
+    #[test]
+    fn each_bad_segment_header_field_is_refused() {
+        let resign = |mut h: [u8; SEGMENT_HEADER_LEN]| {
+            let crc = crc32c::crc32c(&h[0..28]);
+            h[28..32].copy_from_slice(&crc.to_le_bytes());
+            h
+        };
+        let good = encode_segment_header(7);
+        let cases: [(usize, u8, &str); 5] = [
+            (0, b'X', "magic"),
+            (8, 2, "version"),
+            (12, 31, "header length"),
+            (24, 1, "reserved"),
+            (16, 0, "first sequence"),
+        ];
+        for (at, byte, want) in cases {
+            let mut h = good;
+            if at == 16 {
+                h[16..24].copy_from_slice(&[0; 8]);
+            } else {
+                h[at] = byte;
+            }
+            let err = decode_segment_header(&resign(h)).unwrap_err();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let mut h = good;
+        h[20] ^= 1;
+        assert!(decode_segment_header(&h).unwrap_err().contains("checksum"));
+        for cut in 0..SEGMENT_HEADER_LEN {
+            assert!(decode_segment_header(&good[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn segment_names_sort_by_sequence() {
+        assert_eq!(segment_file_name(42), "00000000000000000042.log");
+        assert!(segment_file_name(9) < segment_file_name(10));
+    }
+}
