@@ -17,8 +17,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::store::record::{
-    FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkRef, RecordError, RedirectStatus, validate_code,
-    validate_target,
+    Link, LinkRef, RecordError, RedirectStatus, flags_of, validate_code, validate_target,
 };
 
 /// Input formats `uload import` understands.
@@ -149,13 +148,7 @@ impl LinkJson {
                 "must be at least 1 (omit it for unlimited)".into(),
             ));
         }
-        let mut flags = 0;
-        if self.forward_query {
-            flags |= FLAG_FORWARD_QUERY;
-        }
-        if self.disabled {
-            flags |= FLAG_DISABLED;
-        }
+        let flags = flags_of(self.disabled, self.forward_query);
         Ok(Link {
             code: self.code,
             target: self.url,
@@ -513,7 +506,7 @@ mod tests {
         let mut link = Link::new("Zz9", "https://example.com/p?q").unwrap();
         link.expires_at_ms = Some(1_900_000_000_123);
         link.max_clicks = Some(3);
-        link.flags = FLAG_DISABLED | FLAG_FORWARD_QUERY;
+        link.flags = flags_of(true, true);
         link.owner_key_id = 12;
         let line = serde_json::to_string(&LinkJson::from_link(&link.as_ref())).unwrap();
         let rows = read(Format::JsonLines, &format!("{line}\n"));

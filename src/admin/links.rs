@@ -9,7 +9,7 @@ use super::codes::check_custom_code;
 use super::error::{ApiError, ErrorCode};
 use crate::interchange::{format_time, parse_time};
 use crate::store::record::{
-    FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkRef, RedirectStatus, validate_target,
+    FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkRef, RedirectStatus, flags_of, validate_target,
 };
 
 /// Body of `POST /api/links` (and of each item of a bulk request).
@@ -65,13 +65,7 @@ impl CreateLink {
         };
         let expires_at_ms = self.expires_at.as_deref().map(parse_expiry).transpose()?;
         check_max_clicks(self.max_clicks)?;
-        let mut flags = 0;
-        if self.forward_query {
-            flags |= FLAG_FORWARD_QUERY;
-        }
-        if self.disabled {
-            flags |= FLAG_DISABLED;
-        }
+        let flags = flags_of(self.disabled, self.forward_query);
         Ok(NewLink {
             code: self.code,
             link: Link {

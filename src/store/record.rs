@@ -32,6 +32,12 @@ pub const FLAG_DISABLED: u8 = 0b0000_0001;
 pub const FLAG_FORWARD_QUERY: u8 = 0b0000_0010;
 const KNOWN_FLAGS: u8 = FLAG_DISABLED | FLAG_FORWARD_QUERY;
 
+/// The flag byte for a link with these settings.
+pub fn flags_of(disabled: bool, forward_query: bool) -> u8 {
+    (if disabled { FLAG_DISABLED } else { 0 })
+        | (if forward_query { FLAG_FORWARD_QUERY } else { 0 })
+}
+
 /// Why a link, a code or an encoded record was refused. Each variant names the
 /// field at fault so that callers (the CLI, the API) can report it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
