@@ -103,6 +103,8 @@ pub struct LogFollower {
     source: Box<dyn RecordSource>,
     /// The manifest last acted on (loaded or refused), to act once per change.
     manifest_seen: Option<Manifest>,
+    /// (inode, length, mtime) of the manifest file when last read.
+    manifest_stat: Option<(u64, u64, Option<std::time::SystemTime>)>,
     stats: Arc<FollowerStats>,
 }
 
@@ -130,6 +132,7 @@ impl LogFollower {
             view,
             source,
             manifest_seen: manifest,
+            manifest_stat: None,
             stats: Arc::default(),
         }
     }
@@ -196,6 +199,16 @@ impl LogFollower {
     /// Loads the snapshot a changed manifest names. Returns its sequence when
     /// it was swapped into the working view.
     fn check_manifest(&mut self) -> Option<u64> {
+        // The manifest is replaced by rename, so (inode, length, mtime)
+        // changes whenever it does: one `stat` per idle poll, no read.
+        let stat = std::fs::metadata(self.dir.manifest_path()).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.ino(), m.len(), m.modified().ok())
+        });
+        if stat.is_some() && stat == self.manifest_stat {
+            return None;
+        }
+        self.manifest_stat = stat;
         let manifest = match self.dir.read_manifest() {
             Ok(Some(m)) => m,
             Ok(None) => return None,

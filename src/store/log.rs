@@ -719,6 +719,9 @@ pub struct LogTail {
     /// The segment being read, its path and the offset of the next frame.
     current: Option<(File, PathBuf, u64)>,
     buf: Vec<u8>,
+    /// Directory mtime, `last_seq` and the answer of the last
+    /// `segment_after_exists` listing.
+    dir_seen: Option<(std::time::SystemTime, u64, bool)>,
 }
 
 /// Where a [`LogTail`] poll ended up.
@@ -739,6 +742,7 @@ impl LogTail {
             last_seq: after_seq,
             current: None,
             buf: Vec::new(),
+            dir_seen: None,
         }
     }
 
@@ -900,10 +904,25 @@ impl LogTail {
         Ok(true)
     }
 
-    fn segment_after_exists(&self) -> Result<bool, LogError> {
-        Ok(list_segments(&self.dir)?
+    /// Whether a segment starting after our next record exists. Segments
+    /// appear and disappear only with a change of the directory's mtime, so
+    /// an idle follower answers from the last listing (one `stat`, not a
+    /// `readdir`, per poll).
+    fn segment_after_exists(&mut self) -> Result<bool, LogError> {
+        let mtime = fs::metadata(&self.dir)
+            .and_then(|m| m.modified())
+            .map_err(io_err(&self.dir))?;
+        if let Some((seen, seq, answer)) = self.dir_seen
+            && seen == mtime
+            && seq == self.last_seq
+        {
+            return Ok(answer);
+        }
+        let answer = list_segments(&self.dir)?
             .iter()
-            .any(|s| s.first_seq > self.last_seq + 1))
+            .any(|s| s.first_seq > self.last_seq + 1);
+        self.dir_seen = Some((mtime, self.last_seq, answer));
+        Ok(answer)
     }
 
     fn newer_segment_exists(&self) -> Result<bool, LogError> {
