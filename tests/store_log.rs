@@ -433,3 +433,42 @@ fn a_tail_whose_next_segment_was_trimmed_asks_for_a_snapshot() {
         tail.last_seq()
     );
 }
+
+/// A follower started on a data dir that no writer has created yet serves
+/// an empty table without errors, then picks up the first writer's links.
+#[test]
+fn a_follower_waits_quietly_for_a_data_dir_to_appear() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("not-yet");
+    let mut follower = LogFollower::open(&root).unwrap();
+    let table = follower.table();
+    for _ in 0..3 {
+        follower.poll_once();
+    }
+    let refused = follower
+        .stats()
+        .files_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        refused,
+        0,
+        "{:?}",
+        follower.stats().last_error.lock().unwrap()
+    );
+    let store = Store::open(&root, LogOptions::default()).unwrap();
+    store.append(&[put("first")]).unwrap();
+    follower.poll_once();
+    assert!(table.load().get(b"first").is_some());
+    store.compact().unwrap();
+    store.append(&[put("second")]).unwrap();
+    follower.poll_once();
+    let view = table.load();
+    assert!(view.get(b"first").is_some() && view.get(b"second").is_some());
+    assert_eq!(
+        follower
+            .stats()
+            .files_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}

@@ -909,9 +909,12 @@ impl LogTail {
     /// an idle follower answers from the last listing (one `stat`, not a
     /// `readdir`, per poll).
     fn segment_after_exists(&mut self) -> Result<bool, LogError> {
-        let mtime = fs::metadata(&self.dir)
-            .and_then(|m| m.modified())
-            .map_err(io_err(&self.dir))?;
+        let mtime = match fs::metadata(&self.dir).and_then(|m| m.modified()) {
+            Ok(t) => t,
+            // No log directory yet (a data dir no writer has opened): no segments.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err(&self.dir)(e)),
+        };
         if let Some((seen, seq, answer)) = self.dir_seen
             && seen == mtime
             && seq == self.last_seq
