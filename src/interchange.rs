@@ -430,6 +430,16 @@ mod tests {
         out
     }
 
+    /// (line, field) of each refused row; panics on an accepted one.
+    fn refusals(rows: &[Result<Link, RowError>]) -> Vec<(u64, String)> {
+        rows.iter()
+            .map(|r| {
+                let e = r.as_ref().unwrap_err();
+                (e.line, e.field.clone())
+            })
+            .collect()
+    }
+
     #[test]
     fn tsv_rows_and_errors() {
         let rows = read(
@@ -442,13 +452,7 @@ mod tests {
             (link.code.as_str(), link.target.as_str(), link.created_at_ms),
             ("abc", "https://a.example/", 1_000)
         );
-        let errs: Vec<(u64, String)> = rows[1..]
-            .iter()
-            .map(|r| {
-                let e = r.as_ref().unwrap_err();
-                (e.line, e.field.clone())
-            })
-            .collect();
+        let errs = refusals(&rows[1..]);
         assert_eq!(
             errs,
             [
@@ -476,13 +480,7 @@ mod tests {
         assert_eq!(a.max_clicks, Some(5));
         assert!(a.forwards_query());
         assert_eq!(a.expires_at_ms, Some(1_893_456_000_000));
-        let fields: Vec<(u64, String)> = rows[1..]
-            .iter()
-            .map(|r| {
-                let e = r.as_ref().unwrap_err();
-                (e.line, e.field.clone())
-            })
-            .collect();
+        let fields = refusals(&rows[1..]);
         assert_eq!(
             fields,
             [
