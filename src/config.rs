@@ -98,8 +98,12 @@ pub struct RawAdmin {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
-    /// Address of the Prometheus listener. Env: `ULOAD_METRICS_LISTEN`.
+    /// Address of the edge's Prometheus listener; empty: none.
+    /// Env: `ULOAD_METRICS_LISTEN`.
     pub listen: String,
+    /// Address of the admin's Prometheus listener; empty: none.
+    /// Env: `ULOAD_ADMIN_METRICS_LISTEN`.
+    pub admin_listen: String,
 }
 
 impl Default for RawConfig {
@@ -149,8 +153,11 @@ impl Default for RawAdmin {
 
 impl Default for RawMetrics {
     fn default() -> Self {
+        // Off unless configured: two processes on one machine must not
+        // race for a default port. The shipped conf/uload.yaml turns both on.
         Self {
-            listen: "127.0.0.1:9090".into(),
+            listen: String::new(),
+            admin_listen: String::new(),
         }
     }
 }
@@ -164,7 +171,10 @@ pub struct Config {
     pub public_base_url: String,
     pub edge: EdgeConfig,
     pub admin: AdminConfig,
-    pub metrics_listen: SocketAddr,
+    /// The edge's metrics listener, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The admin's metrics listener, if any.
+    pub admin_metrics_listen: Option<SocketAddr>,
 }
 
 /// Validated `edge:` settings.
@@ -204,6 +214,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("ULOAD_EDGE_LISTEN", "edge.listen"),
     ("ULOAD_ADMIN_LISTEN", "admin.listen"),
     ("ULOAD_METRICS_LISTEN", "metrics.listen"),
+    ("ULOAD_ADMIN_METRICS_LISTEN", "metrics.admin_listen"),
     ("ULOAD_ADMIN_UPSTREAMS", "edge.admin_upstreams"),
     ("ULOAD_API_KEY", "admin.api_key"),
 ];
@@ -272,6 +283,7 @@ impl Config {
                 "ULOAD_EDGE_LISTEN" => raw.edge.listen = value.clone(),
                 "ULOAD_ADMIN_LISTEN" => raw.admin.listen = value.clone(),
                 "ULOAD_METRICS_LISTEN" => raw.metrics.listen = value.clone(),
+                "ULOAD_ADMIN_METRICS_LISTEN" => raw.metrics.admin_listen = value.clone(),
                 "ULOAD_ADMIN_UPSTREAMS" => {
                     raw.edge.admin_upstreams = value
                         .split(',')
@@ -287,6 +299,10 @@ impl Config {
         let addr = |key: &str, v: &str| {
             v.parse::<SocketAddr>()
                 .map_err(|_| err(key, format!("{v:?} is not an address like 127.0.0.1:8080")))
+        };
+        let optional_addr = |key: &str, v: &str| match v.trim() {
+            "" => Ok(None),
+            v => addr(key, v).map(Some),
         };
         let positive = |key: &str, v: u64| {
             if v == 0 {
@@ -390,7 +406,8 @@ impl Config {
             public_base_url: base,
             edge,
             admin,
-            metrics_listen: addr("metrics.listen", &raw.metrics.listen)?,
+            metrics_listen: optional_addr("metrics.listen", &raw.metrics.listen)?,
+            admin_metrics_listen: optional_addr("metrics.admin_listen", &raw.metrics.admin_listen)?,
         })
     }
 }

@@ -11,4 +11,5 @@ pub mod cli;
 pub mod config;
 pub mod edge;
 pub mod interchange;
+pub mod metrics;
 pub mod store;

@@ -11,6 +11,7 @@
 
 pub mod follower_service;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod redirect;
 
@@ -26,6 +27,7 @@ use pingora::services::background::GenBackgroundService;
 use crate::config::Config;
 use crate::store::LogFollower;
 use follower_service::FollowerService;
+use metrics::{EdgeMetrics, MetricsApp};
 use proxy::EdgeProxy;
 
 /// Errors starting the edge.
@@ -106,15 +108,26 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         }),
     );
 
+    let metrics = Arc::new(
+        EdgeMetrics::new(table.clone(), stats.clone(), admins.clone())
+            .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
+    );
     let proxy = EdgeProxy {
         table,
         admins,
         config: Arc::new(config.edge.clone()),
         follower: stats,
+        metrics: metrics.clone(),
     };
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
     service.add_tcp(&config.edge.listen.to_string());
     server.add_service(service);
+    if let Some(listen) = config.metrics_listen {
+        let mut metrics_service =
+            pingora::services::listening::Service::new("metrics".into(), MetricsApp { metrics });
+        metrics_service.add_tcp(&listen.to_string());
+        server.add_service(metrics_service);
+    }
     server.add_service(health_service);
     server.add_service(follower_service);
     Ok(server)

@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,8 +18,10 @@ use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use super::health::health_json;
+use super::metrics::{EdgeMetrics, ProxyErrorKind, RedirectResult};
 use super::redirect::{Miss, Route, cache_control, location_into, resolve, route};
 use crate::config::EdgeConfig;
+use crate::metrics::{MethodLabel, RouteLabel};
 use crate::store::follower::FollowerStats;
 use crate::store::record::now_ms;
 use crate::store::view::HotTable;
@@ -30,13 +32,17 @@ pub struct EdgeProxy {
     pub admins: Arc<LoadBalancer<RoundRobin>>,
     pub config: Arc<EdgeConfig>,
     pub follower: Arc<FollowerStats>,
+    pub metrics: Arc<EdgeMetrics>,
 }
 
 /// Per-request state.
-#[derive(Default)]
 pub struct EdgeCtx {
     /// Attempts at an admin upstream that failed and are being retried.
     retries: u32,
+    /// When the request's header had been read.
+    start: Instant,
+    /// The `route` label of the request's metrics.
+    route: RouteLabel,
 }
 
 #[async_trait]
@@ -44,22 +50,31 @@ impl ProxyHttp for EdgeProxy {
     type CTX = EdgeCtx;
 
     fn new_ctx(&self) -> EdgeCtx {
-        EdgeCtx::default()
+        EdgeCtx {
+            retries: 0,
+            start: Instant::now(),
+            route: RouteLabel::Other,
+        }
     }
 
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut EdgeCtx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut EdgeCtx) -> Result<bool> {
         let req = session.req_header();
         let path = req.uri.path().as_bytes();
         let head = req.method == ::http::Method::HEAD;
         let read_only = head || req.method == ::http::Method::GET;
         match route(path) {
-            Route::Api => Ok(false),
+            Route::Api => {
+                ctx.route = RouteLabel::Api;
+                Ok(false)
+            }
             _ if !read_only => {
+                ctx.route = RouteLabel::MethodNotAllowed;
                 let body = error_body("method_not_allowed", "only GET and HEAD are served here");
                 respond(session, 405, &[("allow", b"GET, HEAD")], body, head).await?;
                 Ok(true)
             }
             Route::Health => {
+                ctx.route = RouteLabel::Health;
                 let body = health_json(&self.table.load(), &self.follower, &self.admins);
                 respond(
                     session,
@@ -107,12 +122,22 @@ impl ProxyHttp for EdgeProxy {
                 };
                 drop(view);
                 match resp {
-                    Ok(resp) => send(session, resp, Bytes::new(), head).await?,
-                    Err(miss) => self.not_found(session, miss, head).await?,
+                    Ok(resp) => {
+                        ctx.route = RouteLabel::Redirect;
+                        self.metrics.redirect_result(RedirectResult::Served);
+                        send(session, resp, Bytes::new(), head).await?
+                    }
+                    Err(miss) => {
+                        ctx.route = RouteLabel::NotFound;
+                        self.metrics.redirect_result(miss.into());
+                        self.not_found(session, miss, head).await?
+                    }
                 }
                 Ok(true)
             }
             Route::NotFound => {
+                ctx.route = RouteLabel::NotFound;
+                self.metrics.redirect_result(RedirectResult::NotFound);
                 self.not_found(session, Miss::Unknown, head).await?;
                 Ok(true)
             }
@@ -125,9 +150,11 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut EdgeCtx,
     ) -> Result<Box<HttpPeer>> {
         if ctx.retries > 0 {
+            self.metrics.proxy_retry();
             tokio::time::sleep(backoff(self.config.admin_retry_backoff, ctx.retries)).await;
         }
         let backend = self.admins.select(b"", 256).ok_or_else(|| {
+            self.metrics.proxy_error(ProxyErrorKind::NoUpstream);
             Error::explain(ErrorType::HTTPStatus(503), "no healthy admin upstream")
         })?;
         let addr: SocketAddr = *backend.addr.as_inet().ok_or_else(|| {
@@ -172,6 +199,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut EdgeCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        self.metrics.proxy_error(ProxyErrorKind::Connect);
         ctx.retries += 1;
         e.set_retry(ctx.retries <= self.config.admin_retries);
         e
@@ -185,6 +213,7 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut EdgeCtx,
         client_reused: bool,
     ) -> Box<Error> {
+        self.metrics.proxy_error(error_kind(&e));
         let mut e = e.more_context(format!("admin upstream {peer}"));
         ctx.retries += 1;
         let idempotent = session.req_header().method.is_idempotent()
@@ -248,9 +277,25 @@ impl ProxyHttp for EdgeProxy {
             can_reuse_downstream: false,
         }
     }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut EdgeCtx) {
+        self.record(session, ctx);
+    }
 }
 
 impl EdgeProxy {
+    /// Counts the request once its response is written (or it failed).
+    fn record(&self, session: &Session, ctx: &EdgeCtx) {
+        let status = session
+            .as_downstream()
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let method = MethodLabel::of(&session.req_header().method);
+        self.metrics
+            .http
+            .record(method, ctx.route, status, ctx.start.elapsed());
+    }
+
     async fn not_found(&self, session: &mut Session, miss: Miss, head: bool) -> Result<()> {
         if let Some(url) = &self.config.not_found_url {
             return respond(
@@ -278,6 +323,19 @@ impl EdgeProxy {
             head,
         )
         .await
+    }
+}
+
+/// The `kind` label of a failure while talking to an admin upstream.
+fn error_kind(e: &Error) -> ProxyErrorKind {
+    match (e.esource(), e.etype()) {
+        (_, ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError) => {
+            ProxyErrorKind::Connect
+        }
+        (_, ErrorType::ReadTimedout | ErrorType::WriteTimedout) => ProxyErrorKind::Timeout,
+        (ErrorSource::Downstream, _) => ProxyErrorKind::Downstream,
+        (ErrorSource::Upstream, _) => ProxyErrorKind::Upstream,
+        _ => ProxyErrorKind::Other,
     }
 }
 

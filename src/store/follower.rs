@@ -105,6 +105,9 @@ pub struct LogFollower {
     manifest_seen: Option<Manifest>,
     /// (inode, length, mtime) of the manifest file when last read.
     manifest_stat: Option<(u64, u64, Option<std::time::SystemTime>)>,
+    /// The log problem the last poll hit, so that a bad file is refused (and
+    /// logged and counted) once, not on every poll while it stays.
+    log_problem: Option<String>,
     stats: Arc<FollowerStats>,
 }
 
@@ -133,6 +136,7 @@ impl LogFollower {
             source,
             manifest_seen: manifest,
             manifest_stat: None,
+            log_problem: None,
             stats: Arc::default(),
         }
     }
@@ -155,7 +159,6 @@ impl LogFollower {
             ..Default::default()
         };
         let view = &mut self.view;
-        let stats = &self.stats;
         let mut bad_record = None;
         let status = self.source.poll(&mut |seq, op| match view.apply(seq, op) {
             Ok(()) => outcome.applied += 1,
@@ -163,9 +166,7 @@ impl LogFollower {
                 bad_record.get_or_insert(format!("record {seq}: {e}"));
             }
         });
-        if let Some(e) = bad_record {
-            stats.refuse(e);
-        }
+        let mut problem = bad_record;
         match status {
             Ok(TailStatus::CaughtUp) => {}
             Ok(TailStatus::NeedSnapshot) => {
@@ -175,7 +176,7 @@ impl LogFollower {
                 // that snapshot was refused, say so once; do not re-verify it
                 // every poll.
                 let text = format!(
-                    "log records after {} were compacted away and no usable newer snapshot is available",
+                    "no log segment holds the records after {} (compacted away, or a later segment that does not belong) and no usable newer snapshot is available",
                     self.view.seq()
                 );
                 let seen = self.stats.last_error.lock().ok().and_then(|g| g.clone());
@@ -183,8 +184,14 @@ impl LogFollower {
                     self.stats.refuse(text);
                 }
             }
-            Err(e) => self.stats.refuse(e.to_string()),
+            Err(e) => problem = problem.or(Some(e.to_string())),
         }
+        if let Some(text) = &problem
+            && problem != self.log_problem
+        {
+            self.stats.refuse(text.clone());
+        }
+        self.log_problem = problem;
         if outcome.applied > 0 || outcome.new_snapshot.is_some() {
             self.stats
                 .records_applied

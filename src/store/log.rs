@@ -839,6 +839,9 @@ impl LogTail {
             {
                 return Ok(TailStatus::CaughtUp);
             }
+            // Reopen from the directory next time: the damaged file may be
+            // replaced or removed by then.
+            self.current = None;
             return Err(LogError::Corrupt {
                 path,
                 offset: at,
@@ -855,10 +858,14 @@ impl LogTail {
             return Ok(false);
         };
         let file = File::open(&seg.path).map_err(io_err(&seg.path))?;
+        // Segments are renamed into place with their header written, so a
+        // short one is damage, reported as such (not as a failed read).
         let mut header = [0u8; SEGMENT_HEADER_LEN];
-        file.read_exact_at(&mut header, 0)
+        let len = file.metadata().map_err(io_err(&seg.path))?.len();
+        let have = (len as usize).min(SEGMENT_HEADER_LEN);
+        file.read_exact_at(&mut header[..have], 0)
             .map_err(io_err(&seg.path))?;
-        let first = decode_segment_header(&header).map_err(|reason| LogError::BadHeader {
+        let first = decode_segment_header(&header[..have]).map_err(|reason| LogError::BadHeader {
             path: seg.path.clone(),
             reason,
         })?;

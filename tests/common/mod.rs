@@ -154,6 +154,9 @@ pub struct Cluster {
     pub config: PathBuf,
     pub edge_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The edge's and the admin's Prometheus listeners.
+    pub edge_metrics_addr: SocketAddr,
+    pub admin_metrics_addr: SocketAddr,
     pub edge: Option<Child>,
     pub admin: Option<Child>,
 }
@@ -170,6 +173,10 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let edge_metrics_addr: SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_metrics_addr: SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("uload.yaml");
         let pingora = dir.path().join("pingora.yaml");
         std::fs::write(
@@ -183,9 +190,8 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\nadmin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\n{admin_extra}metrics:\n  listen: 127.0.0.1:{metrics}\n",
+                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\nadmin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\n{admin_extra}metrics:\n  listen: {edge_metrics_addr}\n  admin_listen: {admin_metrics_addr}\n",
                 data = dir.path().join("data").display(),
-                metrics = free_port(),
             ),
         )
         .unwrap();
@@ -194,6 +200,8 @@ impl Cluster {
             config,
             edge_addr,
             admin_addr,
+            edge_metrics_addr,
+            admin_metrics_addr,
             edge: None,
             admin: None,
         };
@@ -203,7 +211,14 @@ impl Cluster {
         cluster
     }
 
+    /// Starts `uload <sub>`; its stderr is appended to `<sub>.stderr` in the
+    /// cluster's dir (see [`Cluster::log`]), and printed if the test fails.
     fn spawn(&self, sub: &str) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{sub}.stderr")))
+            .unwrap();
         Command::new(env!("CARGO_BIN_EXE_uload"))
             .args([sub, "--config"])
             .arg(&self.config)
@@ -211,9 +226,21 @@ impl Cluster {
             .env_remove("ULOAD_DATA_DIR")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log))
             .spawn()
             .unwrap()
+    }
+
+    /// What `uload <sub>` ("edge" or "admin") has written to stderr so far.
+    pub fn log(&self, sub: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{sub}.stderr"))).unwrap_or_default()
+    }
+
+    /// The edge's or the admin's `/metrics` text.
+    pub fn metrics(&self, addr: SocketAddr) -> String {
+        let r = get(addr, "/metrics");
+        assert_eq!(r.status, 200, "{addr}/metrics");
+        String::from_utf8(r.body).unwrap()
     }
 
     pub fn start_admin(&mut self) {
@@ -274,5 +301,23 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_edge();
         self.kill_admin();
+        if std::thread::panicking() {
+            for sub in ["edge", "admin"] {
+                eprintln!("---- {sub} stderr ----\n{}", self.log(sub));
+            }
+        }
     }
+}
+
+/// The value of the series `name{labels}` (exactly as exposed, e.g.
+/// `link_redirects_total{result="served"}`) in a Prometheus text exposition;
+/// 0 when the series is absent.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
