@@ -39,6 +39,127 @@ pub struct RawConfig {
     pub edge: RawEdge,
     pub admin: RawAdmin,
     pub metrics: RawMetrics,
+    pub rate_limit: RawRateLimit,
+    pub tls: RawTls,
+    pub access_log: RawAccessLog,
+}
+
+/// The `access_log:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAccessLog {
+    /// File the edge appends JSON lines to; empty: no access log.
+    /// Env: `ULOAD_ACCESS_LOG`.
+    pub path: String,
+    /// Lines queued for the writer thread before new ones are dropped.
+    pub buffer_lines: usize,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            buffer_lines: 65_536,
+        }
+    }
+}
+
+/// Validated `access_log:` settings.
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    pub path: Option<PathBuf>,
+    pub buffer_lines: usize,
+}
+
+/// The `rate_limit:` section. A rate of 0 turns that limit off (the default
+/// when a config leaves it out; the shipped conf/uload.yaml turns them on).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Where limiter state is kept (memory-mapped files that survive restarts
+    /// and upgrades). Env: `ULOAD_STATE_DIR`.
+    pub state_dir: PathBuf,
+    /// Clients (or API keys) tracked at once, per process.
+    pub slots: usize,
+    /// Requests per second per client address at the edge.
+    pub client_requests_per_second: u64,
+    /// Requests a client may send at once.
+    pub client_burst: u64,
+    /// Unknown-code answers per minute per client (scanning). Over it, every
+    /// short-code request of that client gets 429, known codes included, so
+    /// that a scanner learns nothing.
+    pub client_misses_per_minute: u64,
+    /// Unknown-code answers a client may get at once.
+    pub client_miss_burst: u64,
+    /// Writes (POST, PATCH, PUT, DELETE) per second per API key at the admin.
+    pub api_key_writes_per_second: u64,
+    /// Writes an API key may send at once.
+    pub api_key_write_burst: u64,
+    /// Peers (addresses or CIDR blocks) whose `client_ip_header` is believed;
+    /// from anyone else, the header is ignored and the peer address counts.
+    pub trusted_proxies: Vec<String>,
+    /// Header carrying the client address when the peer is a trusted proxy.
+    pub client_ip_header: String,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("state"),
+            slots: 1 << 16,
+            client_requests_per_second: 0,
+            client_burst: 200,
+            client_misses_per_minute: 0,
+            client_miss_burst: 30,
+            api_key_writes_per_second: 0,
+            api_key_write_burst: 100,
+            trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".into(),
+        }
+    }
+}
+
+/// The `tls:` section: an HTTPS listener (HTTP/1.1 and HTTP/2) beside the
+/// plain one. Off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTls {
+    /// Address of the HTTPS listener; empty: no HTTPS. Env: `ULOAD_TLS_LISTEN`.
+    pub listen: String,
+    /// PEM certificate chain, leaf first; relative to this file's directory.
+    /// Re-read on SIGHUP and by a graceful upgrade. Env: `ULOAD_TLS_CERT_PATH`.
+    pub cert_path: PathBuf,
+    /// PEM private key of the leaf (PKCS#8, PKCS#1 or SEC1); relative to this
+    /// file's directory. Env: `ULOAD_TLS_KEY_PATH`.
+    pub key_path: PathBuf,
+    /// Offer HTTP/2 (ALPN `h2`, then `http/1.1`); false: HTTP/1.1 only.
+    pub http2: bool,
+    /// Answer every plain-HTTP request except `/health` and `/health/ready`
+    /// with a 308 to the same path and query on `https://`.
+    pub redirect_http: bool,
+    /// Port put in those redirects; 0: the port of `listen` (443 is left out
+    /// of the URL). Set it when the public port differs (NAT, a load balancer).
+    pub redirect_port: u16,
+    /// `Strict-Transport-Security: max-age=` sent on every HTTPS response;
+    /// 0: no header.
+    pub hsts_max_age_secs: u64,
+    /// Adds `; includeSubDomains` to that header.
+    pub hsts_include_subdomains: bool,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            cert_path: PathBuf::new(),
+            key_path: PathBuf::new(),
+            http2: true,
+            redirect_http: false,
+            redirect_port: 0,
+            hsts_max_age_secs: 31_536_000,
+            hsts_include_subdomains: false,
+        }
+    }
 }
 
 /// The `edge:` section.
@@ -68,6 +189,18 @@ pub struct RawEdge {
     pub health_check_interval_ms: u64,
     /// Seconds clients are told to wait (`Retry-After`) when no admin is up.
     pub retry_after_secs: u64,
+    /// Seconds the log follower may be stuck (a bad file, records it cannot
+    /// find) before `/health/ready` answers 503.
+    pub follower_stall_secs: u64,
+    /// Time a client has to send a whole request header, in milliseconds:
+    /// from connecting (first request) or from the request's first byte (a
+    /// later request on a kept-alive connection). A partial header then gets
+    /// a 408 and the connection is closed; a connection that sent nothing is
+    /// closed. Bounds slowloris senders (Pingora only bounds each read).
+    pub client_header_timeout_ms: u64,
+    /// How long a kept-alive client connection may sit idle between two
+    /// requests, in milliseconds, before the edge closes it.
+    pub keepalive_timeout_ms: u64,
     /// Pingora's own server conf (threads, pid file, upgrade socket, grace
     /// periods), relative to this file's directory.
     pub pingora_conf: PathBuf,
@@ -114,6 +247,9 @@ impl Default for RawConfig {
             edge: RawEdge::default(),
             admin: RawAdmin::default(),
             metrics: RawMetrics::default(),
+            rate_limit: RawRateLimit::default(),
+            tls: RawTls::default(),
+            access_log: RawAccessLog::default(),
         }
     }
 }
@@ -132,6 +268,9 @@ impl Default for RawEdge {
             admin_retry_backoff_ms: 50,
             health_check_interval_ms: 1_000,
             retry_after_secs: 5,
+            follower_stall_secs: 30,
+            client_header_timeout_ms: 10_000,
+            keepalive_timeout_ms: 60_000,
             pingora_conf: PathBuf::from("pingora.yaml"),
         }
     }
@@ -175,6 +314,60 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The admin's metrics listener, if any.
     pub admin_metrics_listen: Option<SocketAddr>,
+    pub rate_limit: RateLimitConfig,
+    /// The HTTPS listener, if any.
+    pub tls: Option<TlsConfig>,
+    pub access_log: AccessLogConfig,
+}
+
+/// Validated `rate_limit:` settings.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub state_dir: PathBuf,
+    pub slots: usize,
+    /// Per client address, all requests at the edge.
+    pub client_requests: Option<crate::ratelimit::Limit>,
+    /// Per client address, unknown-code answers at the edge.
+    pub client_misses: Option<crate::ratelimit::Limit>,
+    /// Per API key, writes at the admin.
+    pub api_key_writes: Option<crate::ratelimit::Limit>,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Lower-case header name.
+    pub client_ip_header: String,
+}
+
+/// An address block (`10.0.0.0/8`, `::1/128`; a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
+            None => (text.parse().ok()?, None),
+        };
+        let max = if matches!(addr, std::net::IpAddr::V4(_)) { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let ip = match ip {
+            V6(v6) => v6.to_ipv4_mapped().map_or(V6(v6), V4),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (V4(a), V4(b)) => (u128::from(a.to_bits()), u128::from(b.to_bits()), 32),
+            (V6(a), V6(b)) => (a.to_bits(), b.to_bits(), 128),
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        shift >= bits || (a >> shift) == (b >> shift)
+    }
 }
 
 /// Validated `edge:` settings.
@@ -191,8 +384,30 @@ pub struct EdgeConfig {
     pub admin_retry_backoff: Duration,
     pub health_check_interval: Duration,
     pub retry_after_secs: u64,
+    /// `edge.follower_stall_secs`.
+    pub follower_stall: Duration,
+    /// Time limit on a whole request header (`edge.client_header_timeout_ms`).
+    pub client_header_timeout: Duration,
+    /// Idle limit between requests on a kept-alive connection.
+    pub keepalive_timeout: Duration,
     /// Absolute path, or `None` when the file does not exist (Pingora defaults).
     pub pingora_conf: Option<PathBuf>,
+}
+
+/// Validated `tls:` settings (present only when `tls.listen` is set).
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// Relative to the config file's directory once [`Config::load`] has run.
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub http2: bool,
+    pub redirect_http: bool,
+    /// The port of the `https://` redirects (`tls.redirect_port`, or the
+    /// port of `tls.listen`).
+    pub redirect_port: u16,
+    /// The `Strict-Transport-Security` value; `None` when the max-age is 0.
+    pub hsts: Option<String>,
 }
 
 /// Validated `admin:` settings.
@@ -217,6 +432,11 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("ULOAD_ADMIN_METRICS_LISTEN", "metrics.admin_listen"),
     ("ULOAD_ADMIN_UPSTREAMS", "edge.admin_upstreams"),
     ("ULOAD_API_KEY", "admin.api_key"),
+    ("ULOAD_STATE_DIR", "rate_limit.state_dir"),
+    ("ULOAD_TLS_LISTEN", "tls.listen"),
+    ("ULOAD_TLS_CERT_PATH", "tls.cert_path"),
+    ("ULOAD_TLS_KEY_PATH", "tls.key_path"),
+    ("ULOAD_ACCESS_LOG", "access_log.path"),
 ];
 
 impl Config {
@@ -242,6 +462,13 @@ impl Config {
                     config.edge.pingora_conf = Some(base.join(conf));
                 }
                 config.edge.pingora_conf = config.edge.pingora_conf.filter(|p| p.exists());
+                if let Some(tls) = &mut config.tls {
+                    for path in [&mut tls.cert_path, &mut tls.key_path] {
+                        if path.is_relative() {
+                            *path = base.join(&*path);
+                        }
+                    }
+                }
                 Ok(config)
             }
             None => Self::from_yaml_str("{}", "defaults", &env).map(|mut c| {
@@ -293,6 +520,11 @@ impl Config {
                         .collect()
                 }
                 "ULOAD_API_KEY" => raw.admin.api_key = value.clone(),
+                "ULOAD_STATE_DIR" => raw.rate_limit.state_dir = value.into(),
+                "ULOAD_TLS_LISTEN" => raw.tls.listen = value.clone(),
+                "ULOAD_TLS_CERT_PATH" => raw.tls.cert_path = value.into(),
+                "ULOAD_TLS_KEY_PATH" => raw.tls.key_path = value.into(),
+                "ULOAD_ACCESS_LOG" => raw.access_log.path = value.clone(),
                 _ => {}
             }
         }
@@ -366,6 +598,18 @@ impl Config {
                 e.health_check_interval_ms,
             )?),
             retry_after_secs: positive("edge.retry_after_secs", e.retry_after_secs)?,
+            follower_stall: Duration::from_secs(positive(
+                "edge.follower_stall_secs",
+                e.follower_stall_secs,
+            )?),
+            client_header_timeout: Duration::from_millis(positive(
+                "edge.client_header_timeout_ms",
+                e.client_header_timeout_ms,
+            )?),
+            keepalive_timeout: Duration::from_millis(positive(
+                "edge.keepalive_timeout_ms",
+                e.keepalive_timeout_ms,
+            )?),
             pingora_conf: Some(e.pingora_conf.clone()),
         };
         let a = &raw.admin;
@@ -400,18 +644,149 @@ impl Config {
                 a.compact_every_records,
             )?,
         };
+        let tls = tls(&raw.tls, edge.listen, &err)?;
         Ok(Self {
             source: file.to_owned(),
+            tls,
             data_dir: raw.data_dir,
             public_base_url: base,
             edge,
             admin,
             metrics_listen: optional_addr("metrics.listen", &raw.metrics.listen)?,
             admin_metrics_listen: optional_addr("metrics.admin_listen", &raw.metrics.admin_listen)?,
+            rate_limit: rate_limit(&raw.rate_limit, &err)?,
+            access_log: AccessLogConfig {
+                path: Some(raw.access_log.path.trim())
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from),
+                buffer_lines: positive("access_log.buffer_lines", raw.access_log.buffer_lines as u64)?
+                    as usize,
+            },
         })
     }
 }
 
+fn rate_limit(
+    r: &RawRateLimit,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<RateLimitConfig, ConfigError> {
+    use crate::ratelimit::Limit;
+    let burst = |key: &str, rate: u64, burst: u64| {
+        if rate > 0 && burst == 0 {
+            Err(err(key, "must be at least 1 when its rate is set".into()))
+        } else {
+            Ok(burst)
+        }
+    };
+    let limit = |rate: u64, window_ms: u64, burst: u64| {
+        (rate > 0).then(|| Limit::per_window(rate, window_ms, burst))
+    };
+    let mut trusted = Vec::new();
+    for (i, t) in r.trusted_proxies.iter().enumerate() {
+        trusted.push(IpNet::parse(t.trim()).ok_or_else(|| {
+            err(
+                &format!("rate_limit.trusted_proxies[{i}]"),
+                format!("{t:?} is not an address or CIDR block like 10.0.0.0/8"),
+            )
+        })?);
+    }
+    let header = r.client_ip_header.trim().to_ascii_lowercase();
+    if header.is_empty() || http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+        return Err(err(
+            "rate_limit.client_ip_header",
+            format!("{:?} is not a header name", r.client_ip_header),
+        ));
+    }
+    if r.state_dir.as_os_str().is_empty() {
+        return Err(err("rate_limit.state_dir", "must not be empty".into()));
+    }
+    if r.slots == 0 {
+        return Err(err("rate_limit.slots", "must be greater than 0".into()));
+    }
+    Ok(RateLimitConfig {
+        state_dir: r.state_dir.clone(),
+        slots: r.slots,
+        client_requests: limit(
+            r.client_requests_per_second,
+            1_000,
+            burst("rate_limit.client_burst", r.client_requests_per_second, r.client_burst)?,
+        ),
+        client_misses: limit(
+            r.client_misses_per_minute,
+            60_000,
+            burst("rate_limit.client_miss_burst", r.client_misses_per_minute, r.client_miss_burst)?,
+        ),
+        api_key_writes: limit(
+            r.api_key_writes_per_second,
+            1_000,
+            burst("rate_limit.api_key_write_burst", r.api_key_writes_per_second, r.api_key_write_burst)?,
+        ),
+        trusted_proxies: trusted,
+        client_ip_header: header,
+    })
+}
+
+fn tls(
+    t: &RawTls,
+    edge_listen: SocketAddr,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let listen = t.listen.trim();
+    if listen.is_empty() {
+        if t.redirect_http {
+            return Err(err(
+                "tls.redirect_http",
+                "needs tls.listen: there is no HTTPS listener to redirect to".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let listen: SocketAddr = listen.parse().map_err(|_| {
+        err(
+            "tls.listen",
+            format!("{listen:?} is not an address like 0.0.0.0:8443"),
+        )
+    })?;
+    if listen.port() == edge_listen.port()
+        && (listen.ip() == edge_listen.ip()
+            || listen.ip().is_unspecified()
+            || edge_listen.ip().is_unspecified())
+    {
+        return Err(err(
+            "tls.listen",
+            format!("{listen} is also edge.listen ({edge_listen}); HTTPS needs its own port"),
+        ));
+    }
+    for (key, path) in [
+        ("tls.cert_path", &t.cert_path),
+        ("tls.key_path", &t.key_path),
+    ] {
+        if path.as_os_str().is_empty() {
+            return Err(err(key, "must be set when tls.listen is".into()));
+        }
+    }
+    let hsts = (t.hsts_max_age_secs > 0).then(|| {
+        let sub = if t.hsts_include_subdomains {
+            "; includeSubDomains"
+        } else {
+            ""
+        };
+        format!("max-age={}{sub}", t.hsts_max_age_secs)
+    });
+    Ok(Some(TlsConfig {
+        listen,
+        cert_path: t.cert_path.clone(),
+        key_path: t.key_path.clone(),
+        http2: t.http2,
+        redirect_http: t.redirect_http,
+        redirect_port: if t.redirect_port == 0 {
+            listen.port()
+        } else {
+            t.redirect_port
+        },
+        hsts,
+    }))
+}
 /// SHA-256 of an API key, as stored and compared.
 pub fn hash_api_key(key: &str) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
@@ -471,6 +846,14 @@ mod tests {
                 "edge.follow_interval_ms",
             ),
             (
+                "edge:\n  client_header_timeout_ms: 0\n",
+                "edge.client_header_timeout_ms",
+            ),
+            (
+                "edge:\n  keepalive_timeout_ms: 0\n",
+                "edge.keepalive_timeout_ms",
+            ),
+            (
                 "admin:\n  api_key_hashes: [\"md5:00\"]\n",
                 "admin.api_key_hashes[0]",
             ),
@@ -518,6 +901,52 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
     }
 
+    #[test]
+    fn tls_section() {
+        let c = parse("").unwrap();
+        assert!(c.tls.is_none(), "TLS is off by default");
+        let c = parse(
+            "edge:\n  listen: 127.0.0.1:8080\ntls:\n  listen: 0.0.0.0:8443\n  cert_path: c.pem\n  key_path: k.pem\n  redirect_http: true\n  hsts_include_subdomains: true\n",
+        )
+        .unwrap();
+        let t = c.tls.unwrap();
+        assert_eq!(t.listen.port(), 8443);
+        assert_eq!(t.redirect_port, 8443);
+        assert!(t.http2 && t.redirect_http);
+        assert_eq!(
+            t.hsts.as_deref(),
+            Some("max-age=31536000; includeSubDomains")
+        );
+        let t = parse("tls:\n  listen: 127.0.0.1:8443\n  cert_path: c\n  key_path: k\n  hsts_max_age_secs: 0\n  redirect_port: 443\n")
+            .unwrap()
+            .tls
+            .unwrap();
+        assert_eq!((t.hsts, t.redirect_port), (None, 443));
+        let cases = [
+            ("tls:\n  redirect_http: true\n", "tls.redirect_http"),
+            ("tls:\n  listen: nowhere\n", "tls.listen"),
+            (
+                "tls:\n  listen: 0.0.0.0:8080\n  cert_path: c\n  key_path: k\n",
+                "tls.listen",
+            ),
+            (
+                "tls:\n  listen: 127.0.0.1:8443\n  key_path: k\n",
+                "tls.cert_path",
+            ),
+            (
+                "tls:\n  listen: 127.0.0.1:8443\n  cert_path: c\n",
+                "tls.key_path",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!(
+                (e.file.as_str(), e.key.as_str()),
+                ("test.yaml", key),
+                "{text}: {e}"
+            );
+        }
+    }
     #[test]
     fn key_hash_round_trip() {
         let h = hash_api_key("secret");

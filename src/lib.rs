@@ -12,4 +12,6 @@ pub mod config;
 pub mod edge;
 pub mod interchange;
 pub mod metrics;
+pub mod ratelimit;
 pub mod store;
+pub mod sys;

@@ -10,6 +10,7 @@
 //! Run it: `uload up`, then `curl -s 127.0.0.1:9090/metrics` (edge) or
 //! `curl -s 127.0.0.1:9091/metrics` (admin).
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
@@ -140,8 +141,10 @@ const HOT_STATUSES: [u16; 7] = [301, 302, 307, 308, 404, 429, 200];
 /// share it in an `Arc`.
 pub struct HttpMetrics {
     requests: IntCounterVec,
-    /// `[method][route]`, resolved at start-up.
-    durations: Vec<Histogram>,
+    durations_vec: HistogramVec,
+    /// `[method][route]`, resolved on first use (so that scrapes list only
+    /// the kinds of request that happened), then one atomic load.
+    durations: Vec<OnceLock<Histogram>>,
     /// `[GET|HEAD][route][HOT_STATUSES]`, resolved at start-up.
     hot: Vec<IntCounter>,
 }
@@ -163,12 +166,9 @@ impl HttpMetrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(durations_vec.clone()))?;
-        let mut durations = Vec::with_capacity(MethodLabel::ALL.len() * RouteLabel::ALL.len());
-        for m in MethodLabel::ALL {
-            for r in RouteLabel::ALL {
-                durations.push(durations_vec.get_metric_with_label_values(&[m.as_str(), r.as_str()])?);
-            }
-        }
+        let durations = (0..MethodLabel::ALL.len() * RouteLabel::ALL.len())
+            .map(|_| OnceLock::new())
+            .collect();
         let mut hot = Vec::new();
         for m in [MethodLabel::Get, MethodLabel::Head] {
             for r in RouteLabel::ALL {
@@ -189,6 +189,7 @@ impl HttpMetrics {
         }
         Ok(Self {
             requests,
+            durations_vec,
             durations,
             hot,
         })
@@ -198,6 +199,10 @@ impl HttpMetrics {
     pub fn record(&self, method: MethodLabel, route: RouteLabel, status: u16, elapsed: Duration) {
         let mi = method as usize;
         self.durations[mi * RouteLabel::ALL.len() + route.index()]
+            .get_or_init(|| {
+                self.durations_vec
+                    .with_label_values(&[method.as_str(), route.as_str()])
+            })
             .observe(elapsed.as_secs_f64());
         if mi <= MethodLabel::Head as usize {
             if let Some(si) = HOT_STATUSES.iter().position(|&s| s == status) {

@@ -1,6 +1,8 @@
 //! Replays the saved fuzz inputs in `tests/fuzz-regressions/<target>/`
-//! through the same checks the fuzz targets run (`fuzz/fuzz_targets/checks.rs`),
-//! so a crash the fuzzer found stays fixed without nightly or libFuzzer.
+//! through the same checks the fuzz targets run (`fuzz/fuzz_targets/checks.rs`
+//! for the store's binary readers, `format_checks.rs` for the request path
+//! and the text formats), so a crash the fuzzer found stays fixed without
+//! nightly or libFuzzer.
 //! See `docs/fuzzing.md`.
 //!
 //! Files named `written-*` in `snapshot_open/` were produced by
@@ -11,6 +13,8 @@
 
 #[path = "../fuzz/fuzz_targets/checks.rs"]
 mod checks;
+#[path = "../fuzz/fuzz_targets/format_checks.rs"]
+mod format_checks;
 
 use std::convert::Infallible;
 use std::fs;
@@ -20,6 +24,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use uload::interchange::{Format, LinkJson};
+use uload::store::datadir::{Manifest, snapshot_file_name};
 use uload::store::frame::{LogOp, encode_frame};
 use uload::store::log::{encode_segment_header, segment_file_name};
 use uload::store::record::{FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, RedirectStatus};
@@ -91,16 +97,85 @@ fn snapshot_open_regressions() {
     });
 }
 
+#[test]
+fn request_path_regressions() {
+    replay_all("request_path", |_, data| format_checks::check_request(data));
+}
+
+#[test]
+fn manifest_regressions() {
+    replay_all("manifest", |_, data| format_checks::check_manifest(data));
+}
+
+#[test]
+fn import_tsv_regressions() {
+    replay_all("import_tsv", |_, data| {
+        format_checks::check_import(Format::Tsv, data)
+    });
+}
+
+#[test]
+fn import_csv_regressions() {
+    replay_all("import_csv", |_, data| {
+        format_checks::check_import(Format::Csv, data)
+    });
+}
+
+#[test]
+fn import_jsonl_regressions() {
+    replay_all("import_jsonl", |_, data| {
+        format_checks::check_import(Format::JsonLines, data)
+    });
+}
+
+#[test]
+fn config_regressions() {
+    replay_all("config", |_, data| format_checks::check_config(data));
+}
+
+/// Every fuzz target's name, its seed corpus and the check it runs.
+type Check = fn(&str, &[u8]);
+fn seed_corpora() -> Vec<(&'static str, Vec<(String, Vec<u8>)>, Check)> {
+    vec![
+        ("log_reader", seed_segments(), |_, d| {
+            checks::check_log_segment(d)
+        }),
+        ("snapshot_open", seed_snapshots(), |_, d| {
+            checks::check_snapshot(d)
+        }),
+        ("request_path", seed_requests(), |_, d| {
+            format_checks::check_request(d)
+        }),
+        ("manifest", seed_manifests(), |_, d| {
+            format_checks::check_manifest(d)
+        }),
+        ("import_tsv", seed_imports(Format::Tsv), |_, d| {
+            format_checks::check_import(Format::Tsv, d)
+        }),
+        ("import_csv", seed_imports(Format::Csv), |_, d| {
+            format_checks::check_import(Format::Csv, d)
+        }),
+        ("import_jsonl", seed_imports(Format::JsonLines), |_, d| {
+            format_checks::check_import(Format::JsonLines, d)
+        }),
+        ("config", seed_configs(), |_, d| {
+            format_checks::check_config(d)
+        }),
+    ]
+}
+
 /// The seed corpora pass the checks too (they are what the fuzzers start from).
 #[test]
 fn seeds_pass_the_checks() {
-    let log = seed_segments()
-        .into_iter()
-        .filter_map(|(name, data)| run_one(&name, data, |_, d| checks::check_log_segment(d)));
-    let snap = seed_snapshots()
-        .into_iter()
-        .filter_map(|(name, data)| run_one(&name, data, |_, d| checks::check_snapshot(d)));
-    let failed: Vec<String> = log.chain(snap).collect();
+    let mut failed = Vec::new();
+    for (target, seeds, check) in seed_corpora() {
+        assert!(!seeds.is_empty(), "{target} has no seeds");
+        failed.extend(
+            seeds
+                .into_iter()
+                .filter_map(|(name, data)| run_one(&format!("{target}/{name}"), data, check)),
+        );
+    }
     assert!(failed.is_empty(), "failing seeds: {failed:#?}");
 }
 
@@ -108,10 +183,7 @@ fn seeds_pass_the_checks() {
 #[test]
 #[ignore = "writes fuzz/corpus; run by hand before fuzzing"]
 fn write_seed_corpus() {
-    for (target, seeds) in [
-        ("log_reader", seed_segments()),
-        ("snapshot_open", seed_snapshots()),
-    ] {
+    for (target, seeds, _) in seed_corpora() {
         let dir = root().join("fuzz/corpus").join(target);
         fs::create_dir_all(&dir).unwrap();
         for (name, data) in seeds {
@@ -218,4 +290,153 @@ fn seed_snapshots() -> Vec<(String, Vec<u8>)> {
         (name.to_owned(), fs::read(&path).unwrap())
     })
     .collect()
+}
+
+/// Request inputs (`target NUL /path?query`, or a request target alone):
+/// codes, the API and health paths, queries to merge into targets with and
+/// without a query or a fragment, bytes that must be percent-encoded.
+fn seed_requests() -> Vec<(String, Vec<u8>)> {
+    let inputs: &[&[u8]] = &[
+        b"/abc",
+        b"/abc?a=1&b=2",
+        b"/A-b_9?utm_source=x#y",
+        b"/api/links/abc?x=1",
+        b"/health",
+        b"/%41?q",
+        b"/a/b",
+        b"https://x/p?t=1#frag\0/abc?a=1",
+        b"https://x/p?\0/c?a=%20b",
+        b"https://x/p?t&\0/c?a",
+        b"https://x/p#f?g#h\0/c?a=\r\n x\x7f\xff#z",
+        b"https://\xe4\xbe\x8b.jp/\0/c?\xe5\x80\xa4=1",
+        b"\0/c?a",
+    ];
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, data)| (format!("{i:02}.req"), data.to_vec()))
+        .collect()
+}
+
+/// Manifests as the store writes them (note that `encode` produces the
+/// canonical text), and a few refused ones.
+fn seed_manifests() -> Vec<(String, Vec<u8>)> {
+    let m = |seq: u64, links: u64| Manifest {
+        snapshot: snapshot_file_name(seq),
+        seq,
+        links,
+    };
+    let valid = m(12, 9).encode();
+    vec![
+        ("zero.manifest".into(), m(0, 0).encode().into_bytes()),
+        ("twelve.manifest".into(), valid.clone().into_bytes()),
+        (
+            "large.manifest".into(),
+            m(1 << 62, u64::MAX).encode().into_bytes(),
+        ),
+        (
+            "crlf.manifest".into(),
+            valid.replace('\n', "\r\n").into_bytes(),
+        ),
+        (
+            "bad-checksum.manifest".into(),
+            valid.replace("seq 12", "seq 13").into_bytes(),
+        ),
+        (
+            "no-crc.manifest".into(),
+            b"uload-manifest v1\nsnapshot a.snap\nseq 1\nlinks 1\n".to_vec(),
+        ),
+    ]
+}
+
+/// Import files of each format: valid rows with every optional field, and
+/// rows refused for each reason the importer names.
+fn seed_imports(format: Format) -> Vec<(String, Vec<u8>)> {
+    let files: Vec<(&str, String)> = match format {
+        Format::Tsv => vec![
+            (
+                "mixed.tsv",
+                "# comment\nabc\thttps://a.example/\n\nbad code\thttps://b/\nonly\n\
+                 x\thttps://c/\textra\nok\tjavascript:alert(1)\r\n\
+                 y\thttps://\u{4f8b}.jp/\u{30d1}?q#f\n"
+                    .into(),
+            ),
+            ("one.tsv", "a\thttp://h".into()),
+        ],
+        Format::Csv => vec![
+            (
+                "mixed.csv",
+                "code,url,status,created_at,expires_at,max_clicks,forward_query,disabled,owner_key_id\n\
+                 a,\"https://x/?a=1,2\",301,2026-11-26T18:00:00.000Z,2030-01-01T00:00:00+02:00,5,true,no,7\n\
+                 b,https://y/,303,,,,,,\n\
+                 c,https://z/,302,,,many,,,\n\
+                 d,https://w/\n\
+                 \"e\",\"https://v/\"\"q\"\"\",308,,,0,yes,1,\n"
+                    .into(),
+            ),
+            (
+                "reordered.csv",
+                " url , code \r\nhttps://x/,x1\r\nhttps://y/,\"y\r\n2\"\r\n".into(),
+            ),
+            ("unknown-column.csv", "code,target\na,https://x/\n".into()),
+        ],
+        Format::JsonLines => {
+            let mut full = Link::new("Zz9", "https://example.com/p?q#f").unwrap();
+            full.status = RedirectStatus::PermanentRedirect;
+            full.created_at_ms = 1_700_000_000_123;
+            full.expires_at_ms = Some(1_900_000_000_456);
+            full.max_clicks = Some(3);
+            full.flags = FLAG_DISABLED | FLAG_FORWARD_QUERY;
+            full.owner_key_id = 12;
+            let export = serde_json::to_string(&LinkJson::from_link(&full.as_ref())).unwrap();
+            vec![
+                (
+                    "export.jsonl",
+                    format!("{export}\n{{\"code\":\"a\",\"url\":\"http://h\"}}\n"),
+                ),
+                (
+                    "errors.jsonl",
+                    "{\"code\":\"a\"}\n{\"code\":\"a\",\"url\":\"https://x/\",\"status\":\"301\"}\n\
+                     {\"code\":\"a\",\"url\":\"https://x/\",\"colour\":1}\nnot json\n[1]\n\
+                     {\"code\":\"a\",\"url\":\"https://x/\",\"expires_at\":\"tomorrow\"}\n\
+                     {\"code\":\"a\",\"url\":\"https://x/\",\"max_clicks\":0,\"owner_key_id\":-1}\n"
+                        .into(),
+                ),
+            ]
+        }
+    };
+    files
+        .into_iter()
+        .map(|(name, text)| (name.to_owned(), text.into_bytes()))
+        .collect()
+}
+
+/// Configuration files: the shipped one, an empty one, every key set, and
+/// a few refused ones.
+fn seed_configs() -> Vec<(String, Vec<u8>)> {
+    let shipped = fs::read(root().join("conf/uload.yaml")).unwrap();
+    let full = "data_dir: /var/lib/uload\n\
+        public_base_url: https://ulo.ad/\n\
+        edge:\n  listen: \"[::1]:8080\"\n  default_status: 308\n  not_found_url: https://ulo.ad/404\n\
+        \x20 follow_interval_ms: 5\n  admin_upstreams: [\"127.0.0.1:8081\", \"10.0.0.2:8081\"]\n\
+        \x20 admin_connect_timeout_ms: 100\n  admin_read_timeout_ms: 1000\n  admin_retries: 0\n\
+        \x20 admin_retry_backoff_ms: 0\n  health_check_interval_ms: 500\n  retry_after_secs: 1\n\
+        \x20 pingora_conf: pingora.yaml\n\
+        admin:\n  listen: 0.0.0.0:8081\n\
+        \x20 api_key_hashes: [\"sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b\"]\n\
+        \x20 api_key: a-long-enough-secret\n  max_body_bytes: 65536\n  code_length: 8\n\
+        \x20 max_bulk: 10\n  compact_every_records: 1000\n";
+    vec![
+        ("shipped.yaml".into(), shipped),
+        ("empty.yaml".into(), Vec::new()),
+        ("full.yaml".into(), full.as_bytes().to_vec()),
+        (
+            "refused.yaml".into(),
+            b"edge:\n  listen: nowhere\n  lisen: 1\nadmin:\n  api_key_hashes: [\"md5:00\"]\n".to_vec(),
+        ),
+        (
+            "anchors.yaml".into(),
+            b"edge: &e\n  admin_upstreams: &u [\"127.0.0.1:1\"]\nadmin: {listen: \"127.0.0.1:2\"}\n".to_vec(),
+        ),
+    ]
 }

@@ -110,6 +110,34 @@ fn counters_move_by_exactly_the_traffic_sent() {
     assert!(metric(&after, "link_log_records_applied_total") >= 3.0);
     assert!(metric(&after, "process_resident_memory_bytes") > 0.0);
     assert_eq!(metric(&after, "link_files_refused_total"), 0.0);
+    // The access log has one JSON line per request, query strings left out.
+    let expected_lines: usize = plan.iter().map(|p| p.4).sum();
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(cluster.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "access log lines", || {
+        lines()
+            .iter()
+            .filter(|l| l["route"] == "redirect" && l["path"] == "/live")
+            .count()
+            >= 35
+    });
+    let log = lines();
+    let count = |method: &str, path: &str, status: u16| {
+        log.iter()
+            .filter(|l| l["method"] == method && l["path"] == path && l["status"] == status)
+            .count()
+    };
+    // (GET /live was also polled before the traffic started.)
+    assert_eq!(count("HEAD", "/live", 308), 10);
+    assert_eq!(count("GET", "/nope", 404), 7);
+    assert_eq!(count("POST", "/live", 405), 2);
+    assert!(log.iter().all(|l| l["client"] == "127.0.0.1" && l["ts"].is_string()));
+    assert!(log.len() >= expected_lines);
     println!(
         "requests sent {}, all counted",
         plan.iter().map(|p| p.4).sum::<usize>()

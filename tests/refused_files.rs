@@ -194,3 +194,48 @@ fn bad_files_are_refused_and_the_edge_keeps_serving() {
     assert!(metric(&text, "link_snapshot_swaps_total") >= 1.0);
     cluster.kill_edge();
 }
+
+/// `/health/ready` goes 503 with `"status": "degraded"` and the reason while
+/// the follower is stuck on a bad file for longer than
+/// `edge.follower_stall_secs`, and 200 again once it reads on; `/health`
+/// (liveness) stays 200 throughout, and so do redirects.
+#[test]
+fn readiness_fails_while_the_follower_is_stuck() {
+    let cluster = Cluster::start_custom("  follower_stall_secs: 1\n", "", "");
+    create(&cluster, "alive");
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(cluster.edge_addr, "/alive").status == 301
+    });
+    let ready = get(cluster.edge_addr, "/health/ready");
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["status"], "ok");
+    assert!(ready.json()["data_dir"]["disk_available_bytes"].as_u64().is_some());
+
+    let next = cluster.edge_seq() + 1;
+    let seg = cluster.data_dir().join("log").join(segment_file_name(next));
+    place(&seg, &encode_segment_header(next)[..10]);
+    wait_until(Duration::from_secs(15), "readiness to fail", || {
+        get(cluster.edge_addr, "/health/ready").status == 503
+    });
+    let doc = get(cluster.edge_addr, "/health/ready").json();
+    assert_eq!(doc["status"], "degraded");
+    let reason = doc["reasons"][0].as_str().unwrap();
+    assert!(reason.starts_with("follower: stuck"), "{reason}");
+    let live = get(cluster.edge_addr, "/health");
+    assert_eq!(live.status, 200, "liveness does not fail");
+    assert_eq!(live.json()["status"], "degraded");
+    assert_eq!(get(cluster.edge_addr, "/alive").status, 301, "redirects go on");
+
+    std::fs::remove_file(&seg).unwrap();
+    wait_until(Duration::from_secs(10), "readiness to return", || {
+        get(cluster.edge_addr, "/health/ready").status == 200
+    });
+    // The admin being down never fails readiness.
+    let mut cluster = cluster;
+    cluster.kill_admin();
+    let up = format!(r#"admin_upstream_up{{upstream="{}"}}"#, cluster.admin_addr);
+    wait_until(Duration::from_secs(10), "the admin seen down", || {
+        metric(&cluster.metrics(cluster.edge_metrics_addr), &up) == 0.0
+    });
+    assert_eq!(get(cluster.edge_addr, "/health/ready").status, 200);
+}

@@ -10,7 +10,21 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::store::StoreError;
 use crate::store::record::RecordError;
+
+/// Whether an I/O error means "no space": the disk or the quota is full, or
+/// the file would grow past `RLIMIT_FSIZE` or the file system's limit.
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG)
+    ) || matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+    )
+}
 
 /// Every error code the API can answer with. The string form (`as_str`) is
 /// part of the API contract: never rename one.
@@ -62,6 +76,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The data dir refused the write; nothing was acknowledged.
     StorageError,
+    /// The data dir is out of space (ENOSPC, EDQUOT, EFBIG); nothing was
+    /// acknowledged; writes work again once space is freed.
+    InsufficientStorage,
     /// A bug: something that should not happen did.
     Internal,
 }
@@ -93,6 +110,7 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::Unavailable => "unavailable",
             Self::StorageError => "storage_error",
+            Self::InsufficientStorage => "insufficient_storage",
             Self::Internal => "internal",
         }
     }
@@ -121,6 +139,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Unavailable | Self::StorageError => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,7 +153,7 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault (`url`, `links[3].status`, ...), if any.
     pub field: Option<String>,
-    /// Seconds for `Retry-After` (503 answers).
+    /// Seconds for `Retry-After` (503 and 507 answers).
     pub retry_after: Option<u64>,
 }
 
@@ -182,6 +201,34 @@ impl ApiError {
             ..Self::new(
                 ErrorCode::StorageError,
                 "the link store could not persist the change; nothing was saved",
+            )
+        }
+    }
+
+    /// A write the store refused: `507 insufficient_storage` when the disk
+    /// is full (ENOSPC, EDQUOT, EFBIG: writes work again once space is
+    /// freed), else `503 storage_error` (a read-only or failing disk). Both
+    /// carry `Retry-After`; the full error (with paths) is logged, the
+    /// client gets the operating system's reason only.
+    pub fn from_store(e: &StoreError, retry_after: u64) -> Self {
+        let os = e.io_error();
+        let reason = os.map_or_else(String::new, |io| format!(" ({io})"));
+        if os.is_some_and(is_out_of_space) {
+            tracing::error!(error = %e, "admin: the data dir is out of space; the write was refused");
+            return Self {
+                retry_after: Some(retry_after),
+                ..Self::new(
+                    ErrorCode::InsufficientStorage,
+                    format!("the link store is out of disk space{reason}; nothing was saved"),
+                )
+            };
+        }
+        tracing::error!(error = %e, "admin: write to the data dir failed");
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                ErrorCode::StorageError,
+                format!("the link store could not persist the change{reason}; nothing was saved"),
             )
         }
     }

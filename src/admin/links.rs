@@ -7,9 +7,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::codes::check_custom_code;
 use super::error::{ApiError, ErrorCode};
+use super::url::normalize_target;
 use crate::interchange::{format_time, parse_time};
 use crate::store::record::{
-    FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkRef, RedirectStatus, flags_of, validate_target,
+    FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkRef, RedirectStatus, flags_of,
 };
 
 /// Body of `POST /api/links` (and of each item of a bulk request).
@@ -58,7 +59,7 @@ impl CreateLink {
         if let Some(code) = &self.code {
             check_custom_code(code)?;
         }
-        validate_target(&self.url).map_err(|e| ApiError::from_record(&e))?;
+        let target = normalize_target(&self.url)?;
         let status = match self.status {
             Some(s) => parse_status(s)?,
             None => default_status,
@@ -70,7 +71,7 @@ impl CreateLink {
             code: self.code,
             link: Link {
                 code: String::new(),
-                target: self.url,
+                target,
                 status,
                 flags,
                 created_at_ms: now_ms,
@@ -127,9 +128,7 @@ pub struct LinkChanges {
 impl UpdateLink {
     /// Validates every given field.
     pub fn validate(self) -> Result<LinkChanges, ApiError> {
-        if let Some(url) = &self.url {
-            validate_target(url).map_err(|e| ApiError::from_record(&e))?;
-        }
+        let target = self.url.as_deref().map(normalize_target).transpose()?;
         let status = self.status.map(parse_status).transpose()?;
         let expires_at_ms = match &self.expires_at {
             Some(Some(t)) => Some(Some(parse_expiry(t)?)),
@@ -140,7 +139,7 @@ impl UpdateLink {
             check_max_clicks(max)?;
         }
         Ok(LinkChanges {
-            target: self.url,
+            target,
             status,
             expires_at_ms,
             max_clicks: self.max_clicks,
@@ -182,7 +181,15 @@ fn parse_status(code: u16) -> Result<RedirectStatus, ApiError> {
 }
 
 fn parse_expiry(text: &str) -> Result<u64, ApiError> {
-    parse_time(text).map_err(|m| ApiError::new(ErrorCode::InvalidExpiresAt, m).on("expires_at"))
+    parse_time(text).map_err(|m| {
+        // The message quotes the input: keep an error about a huge string small.
+        let m = if text.len() > 64 {
+            "is not an RFC 3339 time after 1970".to_owned()
+        } else {
+            m
+        };
+        ApiError::new(ErrorCode::InvalidExpiresAt, m).on("expires_at")
+    })
 }
 
 fn check_max_clicks(max: Option<u64>) -> Result<(), ApiError> {

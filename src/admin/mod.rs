@@ -29,6 +29,7 @@ mod json;
 mod links;
 mod routes;
 mod state;
+mod url;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -45,6 +46,7 @@ pub use error::{ApiError, ErrorCode};
 pub use links::{CreateLink, LinkBody, UpdateLink};
 pub use routes::{DEFAULT_PAGE, MAX_PAGE};
 pub use state::{AdminError, AdminState};
+pub use url::normalize_target;
 
 use crate::config::Config;
 
@@ -118,6 +120,9 @@ pub async fn serve(
 /// `uload admin`: opens the data dir, listens on `admin.listen` and serves
 /// until SIGTERM or SIGINT.
 pub fn run(config: &Config) -> Result<(), AdminError> {
+    // A write past RLIMIT_FSIZE must fail with EFBIG (answered 507), not
+    // kill the process with SIGXFSZ.
+    crate::store::datadir::ignore_file_size_signal();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("uload-admin")

@@ -4,8 +4,9 @@
 //! documented in `docs/api.md`.
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, Uri};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::{StatusCode, Uri, request::Parts};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -27,10 +28,21 @@ fn body(state: &AdminState, link: &Link) -> LinkBody {
     LinkBody::new(&link.as_ref(), &state.settings().public_base_url)
 }
 
-/// A code from the path; one the store could never hold cannot exist.
-fn path_code(code: &str) -> Result<&str, ApiError> {
-    validate_code(code.as_bytes()).map_err(|_| ApiError::not_found())?;
-    Ok(code)
+/// The `{code}` of a path. A segment that does not decode (percent-escapes
+/// of bytes that are not UTF-8) or is a code the store could never hold
+/// names no link: 404, like any other missing link.
+pub struct CodePath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for CodePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(code) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| ApiError::not_found())?;
+        validate_code(code.as_bytes()).map_err(|_| ApiError::not_found())?;
+        Ok(Self(code))
+    }
 }
 
 /// Reserves a code for `new` (its own, or a generated one) and fills it in.
@@ -66,9 +78,9 @@ pub async fn create_link(
 pub async fn get_link(
     State(state): State<AdminState>,
     _: Caller,
-    Path(code): Path<String>,
+    CodePath(code): CodePath,
 ) -> Result<Json<LinkBody>, ApiError> {
-    let code = path_code(&code)?;
+    let code = code.as_str();
     let view = state.view();
     let link = view.get(code.as_bytes()).ok_or_else(ApiError::not_found)?;
     Ok(Json(LinkBody::new(
@@ -81,10 +93,10 @@ pub async fn get_link(
 pub async fn update_link(
     State(state): State<AdminState>,
     _: Caller,
-    Path(code): Path<String>,
+    CodePath(code): CodePath,
     JsonBody(req): JsonBody<UpdateLink>,
 ) -> Result<Json<LinkBody>, ApiError> {
-    let code = path_code(&code)?;
+    let code = code.as_str();
     let changes = req.validate()?;
     let (reservation, current) = state.reserve(|claims| claims.existing(code));
     let current = current?;
@@ -102,9 +114,9 @@ pub async fn update_link(
 pub async fn delete_link(
     State(state): State<AdminState>,
     _: Caller,
-    Path(code): Path<String>,
+    CodePath(code): CodePath,
 ) -> Result<StatusCode, ApiError> {
-    let code = path_code(&code)?;
+    let code = code.as_str();
     let (reservation, current) = state.reserve(|claims| claims.existing(code));
     current?;
     state
@@ -165,7 +177,10 @@ pub async fn list_links(
     let mut links = Vec::with_capacity(limit.min(view.len() as usize));
     let mut more = false;
     for item in view.iter() {
-        let link = item.map_err(|e| ApiError::storage(&e, state.settings().retry_after_secs))?;
+        let link = item.map_err(|e| {
+            tracing::error!(error = %e, "admin: a link of the view does not decode");
+            ApiError::new(ErrorCode::Internal, "a stored link could not be read")
+        })?;
         if cursor.is_some_and(|c| link.code <= c) {
             continue;
         }
@@ -195,10 +210,11 @@ struct BulkRequest {
 pub async fn post_to_code(
     State(state): State<AdminState>,
     caller: Caller,
-    Path(code): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Result<Json<Value>, ApiError> {
-    if code != "bulk" {
+    // Any other code, even one that does not decode, takes no POST.
+    if !matches!(&path, Ok(Path(code)) if code == "bulk") {
         return Err(method_not_allowed_error());
     }
     check_content_type(req.headers())?;
@@ -262,17 +278,26 @@ async fn bulk(
     Ok(Json(json!({ "results": results })))
 }
 
-/// `GET /api/health` (no auth): 200 while writes work, 503 once the log has
-/// refused a write (the admin must be restarted).
+/// `GET /api/health` (no auth): 200 `ok` while writes work; 200 `degraded`
+/// while they fail (disk full, read-only: reads are still served, and the
+/// next write retries the disk, so the edge must keep routing to us); 503
+/// `read_only` only when the log writer is broken for good (restart).
 pub async fn health(State(state): State<AdminState>) -> Response {
     let view = state.view();
-    let (status, word) = if state.is_writable() {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "read_only")
+    if state.needs_restart() {
+        let body = json!({
+            "status": "read_only", "seq": view.seq(), "links": view.len(), "writable": false,
+        });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    let body = match state.write_error() {
+        None => json!({ "status": "ok", "seq": view.seq(), "links": view.len() }),
+        Some(code) => json!({
+            "status": "degraded", "seq": view.seq(), "links": view.len(),
+            "writable": false, "error": code.as_str(),
+        }),
     };
-    let body = json!({ "status": word, "seq": view.seq(), "links": view.len() });
-    (status, Json(body)).into_response()
+    (StatusCode::OK, Json(body)).into_response()
 }
 
 /// Any other path: 404 (under `/api`, only after authentication).

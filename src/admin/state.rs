@@ -73,6 +73,12 @@ const GENERATE_ATTEMPTS: usize = 16;
 /// answers anyway (it is durable either way; this only bounds read-your-writes).
 const APPLY_WAIT: Duration = Duration::from_secs(10);
 
+/// Wait before retrying a background compaction that failed; doubled after
+/// each failure up to [`COMPACTION_RETRY_MAX`], reset by a success (and by a
+/// write that succeeds after failed ones: space came back).
+const COMPACTION_RETRY_MIN: Duration = Duration::from_secs(1);
+const COMPACTION_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// The admin API's shared state. Cloning copies an `Arc`.
 #[derive(Clone)]
 pub struct AdminState {
@@ -91,8 +97,16 @@ struct Shared {
     /// Set while a compaction runs; shared with the compaction thread so
     /// that it can clear it after letting go of everything else.
     compacting: Arc<AtomicBool>,
-    /// Set after an append failed: the log refuses writes until a restart.
+    /// Set while the last append failed (disk full, read-only, I/O error);
+    /// cleared by the next append that succeeds. The log retries the disk on
+    /// every append, so this recovers without a restart.
     write_failed: AtomicBool,
+    /// The error code of the last failed append (for `/api/health`).
+    write_error: Mutex<Option<ErrorCode>>,
+    /// Set when the log writer panicked: only a restart helps.
+    broken: AtomicBool,
+    /// When a failed background compaction may be retried.
+    compaction_retry: Mutex<CompactionRetry>,
     rng: SystemRandom,
     settings: Settings,
 }
@@ -109,6 +123,16 @@ pub(crate) struct Settings {
     pub retry_after_secs: u64,
     /// Status of links created without one (`edge.default_status`).
     pub default_status: RedirectStatus,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CompactionRetry {
+    /// No background compaction starts before this (after a failure).
+    not_before: Option<Instant>,
+    /// The wait after the next failure.
+    delay: Duration,
+    /// Failures since the last success.
+    failures: u64,
 }
 
 struct WriteState {
@@ -186,6 +210,13 @@ impl AdminState {
                 applied: Condvar::new(),
                 compacting: Arc::new(AtomicBool::new(false)),
                 write_failed: AtomicBool::new(false),
+                write_error: Mutex::new(None),
+                broken: AtomicBool::new(false),
+                compaction_retry: Mutex::new(CompactionRetry {
+                    not_before: None,
+                    delay: COMPACTION_RETRY_MIN,
+                    failures: 0,
+                }),
                 rng: SystemRandom::new(),
                 settings,
             }),
@@ -204,10 +235,34 @@ impl AdminState {
         &self.shared.store
     }
 
-    /// Whether writes can still succeed (false after the log failed a write;
-    /// a restart is needed).
+    /// Whether the last write succeeded (false after the log failed one,
+    /// until a write succeeds again: every write retries the disk).
     pub fn is_writable(&self) -> bool {
-        !self.shared.write_failed.load(Ordering::Acquire)
+        !self.shared.write_failed.load(Ordering::Acquire) && !self.needs_restart()
+    }
+
+    /// The error code the last write failed with, while writes fail
+    /// (`insufficient_storage`, `storage_error`).
+    pub fn write_error(&self) -> Option<ErrorCode> {
+        if self.is_writable() {
+            return None;
+        }
+        *self
+            .shared
+            .write_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the log writer is broken for good (it panicked): only a
+    /// restart makes writes work again.
+    pub fn needs_restart(&self) -> bool {
+        self.shared.broken.load(Ordering::Acquire)
+    }
+
+    /// Background compactions that failed since the last one that worked.
+    pub fn compaction_failures(&self) -> u64 {
+        self.shared.compaction_retry_state().failures
     }
 
     /// Whether a compaction is running.
@@ -403,11 +458,25 @@ impl Shared {
                 return Err(ApiError::from_record(&e));
             }
             Err(e) => {
+                // Nothing of `ops` is in the log (the batch was cut off the
+                // file); the next write retries the disk.
+                if matches!(e, StoreError::Log(LogError::Poisoned(_))) {
+                    self.broken.store(true, Ordering::Release);
+                }
+                let error = ApiError::from_store(&e, self.settings.retry_after_secs);
+                *self.write_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.code);
                 self.write_failed.store(true, Ordering::Release);
                 drop(reservation); // releases the codes
-                return Err(ApiError::storage(&e, self.settings.retry_after_secs));
+                return Err(error);
             }
         };
+        if self.write_failed.swap(false, Ordering::AcqRel) {
+            tracing::warn!("admin: writes to the data dir work again");
+            // Space came back: a compaction waiting out a failure may run.
+            let mut retry = self.compaction_retry.lock().unwrap_or_else(|p| p.into_inner());
+            retry.not_before = None;
+            retry.delay = COMPACTION_RETRY_MIN;
+        }
         // From here on the codes are released as their ops are applied.
         reservation.codes.clear();
         drop(reservation);
@@ -416,6 +485,7 @@ impl Shared {
         self.drain(&mut st);
         st.since_compaction += count;
         let compact = st.since_compaction >= self.settings.compact_every_records
+            && self.compaction_allowed()
             && !self.compacting.swap(true, Ordering::AcqRel);
         if compact {
             st.since_compaction = 0;
@@ -474,15 +544,62 @@ impl Shared {
         self.applied.notify_all();
     }
 
+    fn compaction_retry_state(&self) -> CompactionRetry {
+        *self
+            .compaction_retry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a background compaction may start now (not while waiting
+    /// out an earlier failure).
+    fn compaction_allowed(&self) -> bool {
+        self.compaction_retry_state()
+            .not_before
+            .is_none_or(|t| Instant::now() >= t)
+    }
+
     /// Starts a background compaction (the caller has set `compacting`).
+    /// A failure (a full or read-only disk) is logged and retried later:
+    /// the records stay in the log, which is all a compaction reads, and the
+    /// snapshot and manifest are only ever replaced whole.
     fn spawn_compaction(self: &Arc<Self>) {
         let shared = self.clone();
         let flag = self.compacting.clone();
         let spawned = std::thread::Builder::new()
             .name("uload-compact".into())
             .spawn(move || {
-                if let Err(e) = shared.compact_and_rebase() {
-                    tracing::error!(error = %e, "admin: background compaction failed");
+                let result = shared.compact_and_rebase();
+                let mut retry = shared
+                    .compaction_retry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(_) => {
+                        *retry = CompactionRetry {
+                            not_before: None,
+                            delay: COMPACTION_RETRY_MIN,
+                            failures: 0,
+                        };
+                        drop(retry);
+                    }
+                    Err(e) => {
+                        retry.failures += 1;
+                        retry.not_before = Some(Instant::now() + retry.delay);
+                        tracing::error!(
+                            error = %e,
+                            failures = retry.failures,
+                            retry_in_s = retry.delay.as_secs(),
+                            "admin: background compaction failed; every record is still in the log, retrying later"
+                        );
+                        retry.delay = (retry.delay * 2).min(COMPACTION_RETRY_MAX);
+                        drop(retry);
+                        // Due again as soon as the wait is over.
+                        let mut st = lock(&shared.writes);
+                        st.since_compaction = st
+                            .since_compaction
+                            .max(shared.settings.compact_every_records);
+                    }
                 }
                 drop(shared);
                 flag.store(false, Ordering::Release);

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod backup;
 mod export;
 mod import;
 mod inspect;
@@ -40,6 +41,12 @@ enum Command {
     },
     /// Check a data dir and print its format versions, sequences, counts and checksums.
     Inspect(inspect::InspectArgs),
+    /// Take a consistent online backup of a data dir (the admin may keep writing).
+    Backup(backup::BackupArgs),
+    /// Check a backup against its BACKUP file, its snapshot and its log; non-zero exit on any problem.
+    VerifyBackup(backup::VerifyArgs),
+    /// Verify a backup, then restore it into a new data dir.
+    Restore(backup::RestoreArgs),
     /// Run the edge: redirects from memory, /api proxied to the admin, /health.
     Edge(serve::EdgeArgs),
     /// Run the admin: the link management API, the only writer of the data dir.
@@ -81,6 +88,9 @@ pub fn main() -> ExitCode {
         Command::Export(args) => export::run(args),
         Command::Compact { dir } => compact(dir),
         Command::Inspect(args) => inspect::run(args),
+        Command::Backup(args) => backup::run_backup(args),
+        Command::VerifyBackup(args) => backup::run_verify(args),
+        Command::Restore(args) => backup::run_restore(args),
         Command::Edge(args) => serve::edge(args),
         Command::Admin(args) => serve::admin(args),
         Command::Up(args) => serve::up(args),

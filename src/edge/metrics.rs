@@ -33,6 +33,14 @@ pub enum RedirectResult {
     NotFound,
     Expired,
     Disabled,
+    RateLimited,
+}
+
+/// The edge's rate limits (`rate_limit_decisions_total{limit,decision}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    ClientRequests,
+    ClientMisses,
 }
 
 impl From<Miss> for RedirectResult {
@@ -88,9 +96,13 @@ impl ProxyErrorKind {
 pub struct EdgeMetrics {
     pub registry: Registry,
     pub http: HttpMetrics,
-    redirects: [IntCounter; 4],
+    redirects: [IntCounter; 5],
+    /// `[ClientRequests|ClientMisses][allowed|limited]`.
+    limits: [[IntCounter; 2]; 2],
     proxy_errors: [IntCounter; 6],
     proxy_retries: IntCounter,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -116,7 +128,23 @@ impl EdgeMetrics {
             redirects_vec.get_metric_with_label_values(&["not_found"])?,
             redirects_vec.get_metric_with_label_values(&["expired"])?,
             redirects_vec.get_metric_with_label_values(&["disabled"])?,
+            redirects_vec.get_metric_with_label_values(&["rate_limited"])?,
         ];
+        let limits_vec = IntCounterVec::new(
+            Opts::new(
+                "rate_limit_decisions_total",
+                "Rate-limit decisions at the edge, by limit and outcome.",
+            ),
+            &["limit", "decision"],
+        )?;
+        registry.register(Box::new(limits_vec.clone()))?;
+        let pair = |limit: &str| -> prometheus::Result<[IntCounter; 2]> {
+            Ok([
+                limits_vec.get_metric_with_label_values(&[limit, "allowed"])?,
+                limits_vec.get_metric_with_label_values(&[limit, "limited"])?,
+            ])
+        };
+        let limits = [pair("client_requests")?, pair("client_misses")?];
         let errors_vec = IntCounterVec::new(
             Opts::new(
                 "admin_proxy_errors_total",
@@ -137,19 +165,31 @@ impl EdgeMetrics {
             "Retries of /api requests to an admin upstream.",
         )?;
         registry.register(Box::new(proxy_retries.clone()))?;
+        let access_log_dropped = IntCounter::new(
+            "access_log_dropped_total",
+            "Access-log lines dropped because the writer fell behind.",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         registry.register(Box::new(TableCollector::new(table, follower, admins)?))?;
         Ok(Self {
             registry,
             http,
             redirects,
+            limits,
             proxy_errors,
             proxy_retries,
+            access_log_dropped,
         })
     }
 
     /// Counts one request for a short code.
     pub fn redirect_result(&self, result: RedirectResult) {
         self.redirects[result as usize].inc();
+    }
+
+    /// Counts one rate-limit decision.
+    pub fn limit_decision(&self, kind: LimitKind, allowed: bool) {
+        self.limits[kind as usize][usize::from(!allowed)].inc();
     }
 
     /// Counts one failed attempt at an admin upstream.
@@ -306,7 +346,7 @@ impl Collector for TableCollector {
     }
 }
 
-/// The metrics listener's app: `GET /metrics` (any path) gets the exposition.
+/// The metrics listener's app: `GET /metrics` gets the exposition.
 pub struct MetricsApp {
     pub metrics: Arc<EdgeMetrics>,
 }

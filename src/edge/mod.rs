@@ -4,16 +4,22 @@
 //!   touching the network.
 //! - `/api/...`: proxied to the admin upstreams ([`proxy`]).
 //! - `/health`: answered locally ([`health`]).
+//! - HTTPS (HTTP/1.1 and HTTP/2) beside plain HTTP when `tls.listen` is set;
+//!   certificates reload on SIGHUP ([`tls`]).
 //! - The log follower runs as a background service ([`follower_service`]).
 //!
 //! Run it: `uload edge --config conf/uload.yaml` then
 //! `curl -i 127.0.0.1:8080/health`.
 
+pub mod access_log;
+pub mod client_limits;
 pub mod follower_service;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod rate_limit;
 pub mod redirect;
+pub mod tls;
 
 use std::sync::{Arc, Mutex};
 
@@ -35,8 +41,15 @@ use proxy::EdgeProxy;
 pub enum EdgeError {
     #[error("loading the link table: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("access log {0}: {1}")]
+    AccessLog(std::path::PathBuf, std::io::Error),
+    #[error(transparent)]
+    RateLimitState(#[from] crate::ratelimit::LimiterError),
     #[error("pingora: {0}")]
     Pingora(String),
+    /// A TLS certificate or key that cannot be used (names the file).
+    #[error(transparent)]
+    Tls(#[from] crate::config::ConfigError),
 }
 
 /// Command-line switches Pingora acts on.
@@ -51,6 +64,15 @@ pub struct EdgeOptions {
 /// Builds the edge server: loads the table, sets up the admin upstreams with
 /// health checks, the proxy and the follower. Call `.run(...)` on the result.
 pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError> {
+    // The certificate is checked first: a bad one stops the edge before it
+    // takes anything over (a graceful upgrade's sockets included).
+    let certs = match &config.tls {
+        Some(t) => Some(Arc::new(tls::CertStore::open(t, &config.source)?)),
+        None => None,
+    };
+    if certs.is_some() {
+        tls::ignore_hangup();
+    }
     let pingora_err = |e: Box<pingora::Error>| EdgeError::Pingora(e.to_string());
     let conf = match &config.edge.pingora_conf {
         Some(path) => {
@@ -113,14 +135,51 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
     );
     let proxy = EdgeProxy {
-        table,
-        admins,
+        table: table.clone(),
+        admins: admins.clone(),
         config: Arc::new(config.edge.clone()),
-        follower: stats,
+        health: health::EdgeHealth {
+            table: table.clone(),
+            follower: stats,
+            admins: admins.clone(),
+            data_dir: config.data_dir.clone(),
+            follower_stall: config.edge.follower_stall,
+        },
         metrics: metrics.clone(),
+        limits: rate_limit::EdgeRateLimits::open(&config.rate_limit)?
+            .map(Arc::new),
+        trusted_proxies: config.rate_limit.trusted_proxies.clone(),
+        client_ip_header: config.rate_limit.client_ip_header.clone(),
+        tls: config.tls.clone().map(Arc::new),
+        access_log: match &config.access_log.path {
+            Some(path) => Some(
+                access_log::AccessLog::open(
+                    path,
+                    config.access_log.buffer_lines,
+                    metrics.access_log_dropped.clone(),
+                )
+                .map_err(|e| EdgeError::AccessLog(path.clone(), e))?,
+            ),
+            None => None,
+        },
     };
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    // Header and keep-alive time limits around Pingora's proxy loop.
+    let mut service = client_limits::service(&server.configuration, proxy, &config.edge);
     service.add_tcp(&config.edge.listen.to_string());
+    if let (Some(t), Some(store)) = (&config.tls, certs) {
+        tracing::info!(
+            sha256 = %store.fingerprint(),
+            "HTTPS on {} (certificate {})",
+            t.listen,
+            t.cert_path.display()
+        );
+        let settings = tls::settings(store.clone(), t.http2);
+        service.add_tls_with_settings(&t.listen.to_string(), None, settings);
+        server.add_service(GenBackgroundService::new(
+            "tls certificate reload".into(),
+            Arc::new(tls::ReloadOnHangup { store }),
+        ));
+    }
     server.add_service(service);
     if let Some(listen) = config.metrics_listen {
         let mut metrics_service =

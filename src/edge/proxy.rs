@@ -17,12 +17,14 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use super::health::health_json;
-use super::metrics::{EdgeMetrics, ProxyErrorKind, RedirectResult};
+use super::health::EdgeHealth;
+use super::metrics::{EdgeMetrics, LimitKind, ProxyErrorKind, RedirectResult};
+use super::rate_limit::{EdgeRateLimits, client_ip};
 use super::redirect::{Miss, Route, cache_control, location_into, resolve, route};
 use crate::config::EdgeConfig;
+use crate::config::IpNet;
 use crate::metrics::{MethodLabel, RouteLabel};
-use crate::store::follower::FollowerStats;
+use crate::ratelimit::Decision;
 use crate::store::record::now_ms;
 use crate::store::view::HotTable;
 
@@ -31,8 +33,19 @@ pub struct EdgeProxy {
     pub table: Arc<HotTable>,
     pub admins: Arc<LoadBalancer<RoundRobin>>,
     pub config: Arc<EdgeConfig>,
-    pub follower: Arc<FollowerStats>,
+    /// What `/health` and `/health/ready` report.
+    pub health: EdgeHealth,
     pub metrics: Arc<EdgeMetrics>,
+    /// Per-client limits; `None` when none is configured.
+    pub limits: Option<Arc<EdgeRateLimits>>,
+    /// Peers whose client-address header is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// That header (lower case).
+    pub client_ip_header: String,
+    /// The HTTPS listener's settings (redirects, HSTS), when there is one.
+    pub tls: Option<Arc<crate::config::TlsConfig>>,
+    /// The JSON-lines access log, when configured.
+    pub access_log: Option<super::access_log::AccessLog>,
 }
 
 /// Per-request state.
@@ -57,12 +70,54 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
+    /// Pingora's default modules, plus `Strict-Transport-Security` on TLS
+    /// responses when configured.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        super::tls::init_downstream_modules(modules, self.tls.as_deref());
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut EdgeCtx) -> Result<bool> {
+        let tls = super::tls::mark_downstream(session);
         let req = session.req_header();
         let path = req.uri.path().as_bytes();
         let head = req.method == ::http::Method::HEAD;
         let read_only = head || req.method == ::http::Method::GET;
-        match route(path) {
+        let route = route(path);
+        if let Some(limits) = &self.limits
+            && !matches!(route, Route::Health | Route::Ready)
+        {
+            let client = self.client_ip(session);
+            let now = now_ms();
+            let refused = limits.request(client, now);
+            self.metrics.limit_decision(LimitKind::ClientRequests, refused.is_none());
+            let refused = refused.or_else(|| match route {
+                Route::Redirect(_) | Route::NotFound => {
+                    let barred = limits.scanning(client, now);
+                    self.metrics.limit_decision(LimitKind::ClientMisses, barred.is_none());
+                    barred
+                }
+                _ => None,
+            });
+            if let Some(decision) = refused {
+                ctx.route = RouteLabel::RateLimited;
+                if !matches!(route, Route::Api) {
+                    self.metrics.redirect_result(RedirectResult::RateLimited);
+                }
+                too_many_requests(session, &decision, head).await?;
+                return Ok(true);
+            }
+        }
+        // Plain HTTP goes to https, except the health checks (load
+        // balancers and probes keep them on plain HTTP).
+        if !tls
+            && let Some(t) = self.tls.as_deref()
+            && t.redirect_http
+            && !matches!(route, Route::Health | Route::Ready)
+        {
+            self.redirect_to_https(session, t.redirect_port, head).await?;
+            return Ok(true);
+        }
+        match route {
             Route::Api => {
                 ctx.route = RouteLabel::Api;
                 Ok(false)
@@ -73,12 +128,13 @@ impl ProxyHttp for EdgeProxy {
                 respond(session, 405, &[("allow", b"GET, HEAD")], body, head).await?;
                 Ok(true)
             }
-            Route::Health => {
+            Route::Health | Route::Ready => {
                 ctx.route = RouteLabel::Health;
-                let body = health_json(&self.table.load(), &self.follower, &self.admins);
+                let (ok, body) = self.health.report();
+                let status = if ok || matches!(route, Route::Health) { 200 } else { 503 };
                 respond(
                     session,
-                    200,
+                    status,
                     &[
                         ("content-type", b"application/json"),
                         ("cache-control", b"no-store"),
@@ -130,6 +186,7 @@ impl ProxyHttp for EdgeProxy {
                     Err(miss) => {
                         ctx.route = RouteLabel::NotFound;
                         self.metrics.redirect_result(miss.into());
+                        self.charge_miss(session);
                         self.not_found(session, miss, head).await?
                     }
                 }
@@ -138,6 +195,7 @@ impl ProxyHttp for EdgeProxy {
             Route::NotFound => {
                 ctx.route = RouteLabel::NotFound;
                 self.metrics.redirect_result(RedirectResult::NotFound);
+                self.charge_miss(session);
                 self.not_found(session, Miss::Unknown, head).await?;
                 Ok(true)
             }
@@ -179,13 +237,14 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         // The edge is the first hop: what the client claims is replaced by
         // what the edge saw.
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
+        let client = self.client_ip(session).to_string();
         upstream_request.insert_header("x-forwarded-for", client)?;
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        let proto = if super::tls::is_tls(session) {
+            "https"
+        } else {
+            "http"
+        };
+        upstream_request.insert_header("x-forwarded-proto", proto)?;
         Ok(())
     }
 
@@ -284,6 +343,59 @@ impl ProxyHttp for EdgeProxy {
 }
 
 impl EdgeProxy {
+    /// The client's address: the peer's, or what a trusted proxy in front
+    /// says it is (see [`client_ip`]).
+    fn client_ip(&self, session: &Session) -> std::net::IpAddr {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        if self.trusted_proxies.is_empty() {
+            return peer;
+        }
+        let header = session
+            .req_header()
+            .headers
+            .get(self.client_ip_header.as_str())
+            .map(|v| v.as_bytes());
+        client_ip(peer, header, &self.trusted_proxies)
+    }
+
+    /// `tls.redirect_http`: a 308 to the same path and query on `https://`
+    /// (308 keeps the method and body), or a 400 without a usable host.
+    async fn redirect_to_https(&self, session: &mut Session, port: u16, head: bool) -> Result<()> {
+        let req = session.req_header();
+        let host = req.headers.get(::http::header::HOST).map(|v| v.as_bytes());
+        match super::tls::https_location(&req.uri, host, port) {
+            Some(location) => {
+                let headers: [(&str, &[u8]); 1] = [("location", location.as_bytes())];
+                respond(session, 308, &headers, Bytes::new(), head).await
+            }
+            None => {
+                let body = error_body(
+                    "bad_request",
+                    "a valid Host header is needed to redirect to https",
+                );
+                respond(
+                    session,
+                    400,
+                    &[
+                        ("content-type", b"application/json"),
+                        ("cache-control", b"no-store"),
+                    ],
+                    body,
+                    head,
+                )
+                .await
+            }
+        }
+    }
+
+    fn charge_miss(&self, session: &Session) {
+        if let Some(limits) = &self.limits {
+            limits.miss(self.client_ip(session), now_ms());
+        }
+    }
     /// Counts the request once its response is written (or it failed).
     fn record(&self, session: &Session, ctx: &EdgeCtx) {
         let status = session
@@ -291,9 +403,26 @@ impl EdgeProxy {
             .response_written()
             .map_or(0, |r| r.status.as_u16());
         let method = MethodLabel::of(&session.req_header().method);
-        self.metrics
-            .http
-            .record(method, ctx.route, status, ctx.start.elapsed());
+        let elapsed = ctx.start.elapsed();
+        self.metrics.http.record(method, ctx.route, status, elapsed);
+        if let Some(log) = &self.access_log {
+            let req = session.req_header();
+            let ts = super::access_log::timestamp(now_ms());
+            let client = self.client_ip(session).to_string();
+            log.log(&super::access_log::AccessRecord {
+                ts: &ts,
+                client: &client,
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                status,
+                route: ctx.route.as_str(),
+                duration_us: elapsed.as_micros() as u64,
+                user_agent: req
+                    .headers
+                    .get(http::header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok()),
+            });
+        }
     }
 
     async fn not_found(&self, session: &mut Session, miss: Miss, head: bool) -> Result<()> {
@@ -337,6 +466,35 @@ fn error_kind(e: &Error) -> ProxyErrorKind {
         (ErrorSource::Upstream, _) => ProxyErrorKind::Upstream,
         _ => ProxyErrorKind::Other,
     }
+}
+
+/// 429 with `Retry-After` and the `RateLimit-*` fields of the decision.
+async fn too_many_requests(
+    session: &mut Session,
+    d: &Decision,
+    head: bool,
+) -> Result<()> {
+    let (limit, remaining, reset, retry) = (
+        d.limit.to_string(),
+        d.remaining.to_string(),
+        d.reset_secs.to_string(),
+        d.retry_after_secs.to_string(),
+    );
+    respond(
+        session,
+        429,
+        &[
+            ("content-type", b"application/json"),
+            ("cache-control", b"no-store"),
+            ("retry-after", retry.as_bytes()),
+            ("ratelimit-limit", limit.as_bytes()),
+            ("ratelimit-remaining", remaining.as_bytes()),
+            ("ratelimit-reset", reset.as_bytes()),
+        ],
+        error_body("rate_limited", "too many requests from this address; retry later"),
+        head,
+    )
+    .await
 }
 
 /// The stable JSON error body: `{"error":{"code":...,"message":...}}`.

@@ -13,8 +13,10 @@ pub enum Route<'a> {
     Redirect(&'a [u8]),
     /// `/api` or `/api/...`: proxied to the admin.
     Api,
-    /// `/health`: answered by the edge.
+    /// `/health`: liveness, answered by the edge.
     Health,
+    /// `/health/ready`: readiness, answered by the edge.
+    Ready,
     /// Anything else (`/`, `/favicon.ico`, `/a/b`, `/%41`, too long, ...).
     NotFound,
 }
@@ -31,6 +33,9 @@ pub fn route(path: &[u8]) -> Route<'_> {
     }
     if rest == b"health" {
         return Route::Health;
+    }
+    if rest == b"health/ready" {
+        return Route::Ready;
     }
     if !rest.is_empty() && rest.len() <= MAX_CODE_LEN && rest.iter().all(|&b| is_code_byte(b)) {
         return Route::Redirect(rest);
@@ -222,5 +227,160 @@ mod tests {
             CacheControl::NoStore
         );
         assert_eq!(CacheControl::Public(60).value(), "public, max-age=60");
+    }
+
+    /// Hostile paths (issue 5, fault 8): none is a redirect, none reaches
+    /// the admin unless it starts with `/api` as written.
+    #[test]
+    fn hostile_paths() {
+        for p in [
+            &b"/%ff%fe"[..],
+            b"/%zz",
+            b"/%",
+            b"/%00",
+            b"/%6bnown",
+            b"/kn\0own",
+            b"/known%0d%0aSet-Cookie:x=1",
+            b"/known\r\nSet-Cookie: x=1",
+            b"/../api/links",
+            b"/%2e%2e/api",
+            b"/%2E%2E/api/links",
+            b"/..%2fapi/links",
+            b"/a%2fb",
+            b"//api/links",
+            b"/./api/links",
+            b"/known/../api/links",
+            b"/%2fapi%2flinks",
+            b"/api%2flinks",
+            b"/API/links",
+            b"/\\api\\links",
+            b"/api\\links",
+            b"/health/",
+            b"/health%2f",
+            b"/kn\xc3\xb6wn",
+        ] {
+            assert!(
+                !matches!(route(p), Route::Redirect(_) | Route::Api),
+                "{:?}: {:?}",
+                p.escape_ascii().to_string(),
+                route(p)
+            );
+        }
+        // Under /api as written, the admin decides (and authenticates).
+        assert_eq!(route(b"/api/../x"), Route::Api);
+        assert_eq!(route(b"/api/%2e%2e/links"), Route::Api);
+    }
+
+    /// The bytes a `Location` header value may hold: visible ASCII only.
+    fn header_safe(b: u8) -> bool {
+        b.is_ascii_graphic()
+    }
+
+    /// A target as the store accepts them: `validate_target` passes.
+    fn valid_target() -> impl Strategy<Value = String> {
+        (
+            prop_oneof![Just("http://"), Just("https://")],
+            "[a-z0-9.-]{1,20}",
+            "[!-~]{0,60}",
+        )
+            .prop_map(|(scheme, host, rest)| format!("{scheme}{host}/{rest}"))
+            .prop_filter("a valid target", |t| {
+                crate::store::record::validate_target(t).is_ok()
+            })
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+        /// `route` takes any bytes; a redirect is `/` + a valid code and
+        /// nothing else: no second `/`, no `%`, no dot, no byte outside
+        /// `[A-Za-z0-9_-]`.
+        #[test]
+        fn route_of_any_bytes(path in proptest::collection::vec(any::<u8>(), 0..96)) {
+            match route(&path) {
+                Route::Redirect(code) => {
+                    prop_assert_eq!(&path[1..], code);
+                    prop_assert_eq!(path[0], b'/');
+                    prop_assert!(crate::store::record::validate_code(code).is_ok());
+                    prop_assert!(!code.contains(&b'/') && !code.contains(&b'%'));
+                }
+                Route::Api => prop_assert!(path == b"/api" || path.starts_with(b"/api/")),
+                _ => {}
+            }
+        }
+
+        /// Paths made of the characters an attacker would use: anything with
+        /// a `/` after the first byte, or a `%`, is not a redirect.
+        #[test]
+        fn slashes_and_percents_never_redirect(
+            path in "/[a-zA-Z0-9_%./\\\\-]{0,70}",
+        ) {
+            let bytes = path.as_bytes();
+            let r = route(bytes);
+            if bytes[1..].contains(&b'/') || bytes.contains(&b'%') {
+                prop_assert!(!matches!(r, Route::Redirect(_)), "{} -> {:?}", path, r);
+            }
+            if matches!(r, Route::Api) {
+                prop_assert!(path == "/api" || path.starts_with("/api/"));
+            }
+        }
+
+        /// `split_target` takes any bytes and loses none of them.
+        #[test]
+        fn split_target_of_any_bytes(target in proptest::collection::vec(any::<u8>(), 0..96)) {
+            let (path, query) = split_target(&target);
+            prop_assert!(!path.contains(&b'?'));
+            let mut back = path.to_vec();
+            if let Some(q) = query {
+                back.push(b'?');
+                back.extend_from_slice(q);
+            }
+            prop_assert_eq!(back, target);
+        }
+
+        /// Whatever the request's query, a `Location` built from a stored
+        /// target holds visible ASCII only (no CR, LF, control, space or
+        /// non-ASCII byte), keeps the target's base and fragment, and adds
+        /// no `#`.
+        #[test]
+        fn location_is_header_safe(
+            target in valid_target(),
+            query in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        ) {
+            let mut out = Vec::new();
+            location_into(&mut out, target.as_bytes(), query.as_deref());
+            prop_assert!(out.iter().all(|&b| header_safe(b)), "{:?}", out.escape_ascii().to_string());
+            prop_assert!(::http::HeaderValue::from_bytes(&out).is_ok());
+            let hash = target.find('#').unwrap_or(target.len());
+            prop_assert!(out.starts_with(&target.as_bytes()[..hash]));
+            prop_assert!(out.ends_with(&target.as_bytes()[hash..]));
+            prop_assert_eq!(
+                out.iter().filter(|&&b| b == b'#').count(),
+                target.matches('#').count()
+            );
+            if query.as_deref().is_none_or(<[u8]>::is_empty) {
+                prop_assert_eq!(&out[..], target.as_bytes());
+            }
+            // Deterministic, and a reused buffer gives the same bytes.
+            let mut again = b"leftover".to_vec();
+            location_into(&mut again, target.as_bytes(), query.as_deref());
+            prop_assert_eq!(again, out);
+        }
+
+        /// Arbitrary targets and queries never panic, and a query never
+        /// brings a byte that could break a header.
+        #[test]
+        fn location_of_any_bytes(
+            target in proptest::collection::vec(any::<u8>(), 0..64),
+            query in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut out = Vec::new();
+            location_into(&mut out, &target, Some(&query));
+            let unsafe_in_target = target.iter().filter(|&&b| !header_safe(b)).count();
+            let unsafe_in_out = out.iter().filter(|&&b| !header_safe(b)).count();
+            prop_assert_eq!(unsafe_in_out, unsafe_in_target);
+        }
     }
 }

@@ -46,6 +46,20 @@ pub enum StoreError {
     Io { path: PathBuf, source: io::Error },
 }
 
+impl StoreError {
+    /// The operating system's error behind this one, if any (see
+    /// [`LogError::io_error`]).
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Self::Log(e) => e.io_error(),
+            Self::Snapshot(SnapshotError::Io { source, .. }) | Self::Io { source, .. } => {
+                Some(source)
+            }
+            _ => None,
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
@@ -248,11 +262,16 @@ impl DataDir {
     fn write_manifest(&self, manifest: &Manifest) -> Result<(), StoreError> {
         let path = self.manifest_path();
         let tmp = self.root.join("MANIFEST.tmp");
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(manifest.encode().as_bytes())
-            .map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        let written = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(manifest.encode().as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&tmp)(e));
+        }
         sync_dir(&self.root).map_err(io_err(&self.root))
     }
 }
@@ -321,9 +340,25 @@ pub struct Store {
     _lock: WriterLock,
 }
 
+/// Sets SIGXFSZ to "ignore", once per process: a write past the process's
+/// `RLIMIT_FSIZE` then fails with EFBIG, which the writer reports (and the
+/// admin answers 507), instead of killing the process (SIGXFSZ's default
+/// action). Every writer of a data dir wants that; [`Store::open`] calls it.
+pub fn ignore_file_size_signal() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs SIG_IGN, which runs no code in the handler.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        }
+    });
+}
+
 impl Store {
     /// Opens (creating if needed) the data dir at `root` as its writer.
+    /// Ignores SIGXFSZ in this process (see [`ignore_file_size_signal`]).
     pub fn open(root: &Path, opts: LogOptions) -> Result<Self, StoreError> {
+        ignore_file_size_signal();
         let dir = DataDir::new(root);
         fs::create_dir_all(root).map_err(io_err(root))?;
         let lock = WriterLock::acquire(&dir)?;
@@ -409,11 +444,20 @@ impl Store {
                 }),
             );
             let info = write_snapshot(&path, upto, merged)?;
-            self.dir.write_manifest(&Manifest {
+            let manifest = Manifest {
                 snapshot: snapshot_file_name(upto),
                 seq: upto,
                 links: info.header.link_count,
-            })?;
+            };
+            if let Err(e) = self.dir.write_manifest(&manifest) {
+                // Out of space or read-only: give the new snapshot's space
+                // back, unless the manifest already names it (the rename
+                // happened and only the directory fsync failed).
+                if !matches!(self.dir.read_manifest(), Ok(Some(m)) if m == manifest) {
+                    let _ = fs::remove_file(&path);
+                }
+                return Err(e);
+            }
             report.snapshot = Some(info);
         }
         let current = report

@@ -28,6 +28,7 @@ use std::time::Duration;
 use super::datadir::{DataDir, Manifest, StoreError};
 use super::frame::LogOpRef;
 use super::log::{LogError, LogTail, TailStatus};
+use super::record::now_ms;
 use super::view::{HotTable, TableView};
 
 /// A source of log records in sequence order.
@@ -73,6 +74,9 @@ pub struct FollowerStats {
     /// Snapshots, manifests or log files refused because they failed validation.
     pub files_refused: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Since when (ms since the epoch) the follower has been unable to read
+    /// on in the log; 0 while it is not stuck.
+    pub stuck_since_ms: AtomicU64,
 }
 
 impl FollowerStats {
@@ -167,9 +171,11 @@ impl LogFollower {
             }
         });
         let mut problem = bad_record;
+        let mut stuck = false;
         match status {
             Ok(TailStatus::CaughtUp) => {}
-            Ok(TailStatus::NeedSnapshot) => {
+            Ok(TailStatus::NeedSnapshot) if outcome.new_snapshot.is_none() => {
+                stuck = true;
                 // Records we need were compacted away: the manifest names a
                 // snapshot holding them (it is written before segments are
                 // removed), which the next poll's manifest check picks up. If
@@ -180,16 +186,24 @@ impl LogFollower {
                     self.view.seq()
                 );
                 let seen = self.stats.last_error.lock().ok().and_then(|g| g.clone());
-                if seen.as_deref() != Some(&text) && outcome.new_snapshot.is_none() {
+                if seen.as_deref() != Some(&text) {
                     self.stats.refuse(text);
                 }
             }
+            // The snapshot loaded in this poll holds them; the tail was reset.
+            Ok(TailStatus::NeedSnapshot) => {}
             Err(e) => problem = problem.or(Some(e.to_string())),
         }
         if let Some(text) = &problem
             && problem != self.log_problem
         {
             self.stats.refuse(text.clone());
+        }
+        stuck |= problem.is_some();
+        if !stuck {
+            self.stats.stuck_since_ms.store(0, Ordering::Relaxed);
+        } else if self.stats.stuck_since_ms.load(Ordering::Relaxed) == 0 {
+            self.stats.stuck_since_ms.store(now_ms(), Ordering::Relaxed);
         }
         self.log_problem = problem;
         if outcome.applied > 0 || outcome.new_snapshot.is_some() {

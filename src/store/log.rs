@@ -56,6 +56,26 @@ pub enum LogError {
     Invalid(#[from] RecordError),
     #[error("the log writer failed earlier and refuses further appends: {0}")]
     Poisoned(String),
+    /// A batch could not be written, synced, or the segment recovered after
+    /// an earlier failure. Nothing of the append is in the log.
+    #[error("{path}: {stage} failed: {source}")]
+    WriteFailed {
+        path: PathBuf,
+        stage: &'static str,
+        source: io::Error,
+    },
+}
+
+impl LogError {
+    /// The operating system's error behind this one, if any: its `kind()`
+    /// and `raw_os_error()` say whether the disk is full (ENOSPC, EDQUOT,
+    /// EFBIG) or read-only (EROFS, EPERM, EACCES).
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Self::Io { source, .. } | Self::WriteFailed { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
@@ -419,6 +439,14 @@ pub struct Recovery {
 
 /// The single writer of the link log. Cheap to share behind an `Arc`;
 /// `append` may be called from many threads at once and they share fsyncs.
+///
+/// A failed write or fsync is never acknowledged: every append of the batch
+/// (and every append queued behind it) gets the error, the segment is cut
+/// back to its last durable frame and its descriptor closed, and the next
+/// append first reopens the segment, truncates it to the last durable frame,
+/// fsyncs that, and checks the last frame (see `docs/storage.md`, "When a
+/// write fails"). Appends then work again once the cause (a full disk, a
+/// read-only mount) is gone, without reopening the log.
 pub struct LinkLog {
     dir: PathBuf,
     opts: LogOptions,
@@ -428,6 +456,11 @@ pub struct LinkLog {
     active: Mutex<ActiveSegment>,
     /// fsyncs done so far (appends ÷ syncs is the group-commit batch size).
     syncs: std::sync::atomic::AtomicU64,
+    /// Batches that failed to write or sync.
+    failures: std::sync::atomic::AtomicU64,
+    /// Faults a test asked for (see [`LinkLog::inject_fault`]).
+    faults: Mutex<Vec<InjectedFault>>,
+    any_fault: std::sync::atomic::AtomicBool,
 }
 
 struct WriterState {
@@ -435,19 +468,92 @@ struct WriterState {
     next_seq: u64,
     /// Encoded frames waiting for the next flush.
     pending: Vec<u8>,
+    /// Offset in `pending` where its last frame starts.
+    pending_last_frame: usize,
+    /// Tickets of the appends whose frames are in `pending`.
+    pending_tickets: Vec<u64>,
+    /// Ticket of the next append.
+    next_ticket: u64,
     /// Every record up to here is on disk.
     durable_seq: u64,
     /// A thread is writing and syncing a batch.
     flushing: bool,
-    /// Set when a write or fsync failed: after a failed fsync the page cache
-    /// can no longer be trusted to match the file, so appends stop for good.
-    failed: Option<String>,
+    /// Appends whose batch failed, by ticket; each appender removes its own
+    /// entry. Sequences above `durable_seq` are handed out again after a
+    /// failure, so an appender must learn of its failure from here, never by
+    /// comparing sequences.
+    failed: std::collections::HashMap<u64, Failure>,
+    /// Set when a flush panicked: appends stop for good.
+    poisoned: Option<String>,
+    /// The last failure, cleared by the next batch that is written and synced.
+    last_failure: Option<Failure>,
+}
+
+/// Why a batch was not written: enough to rebuild the `io::Error` (kind and
+/// OS error number) for every appender of the batch.
+#[derive(Debug, Clone)]
+struct Failure {
+    path: PathBuf,
+    stage: &'static str,
+    kind: io::ErrorKind,
+    raw_os_error: Option<i32>,
+    message: String,
+}
+
+impl Failure {
+    fn new(path: &Path, stage: &'static str, e: &io::Error) -> Self {
+        Self {
+            path: path.to_owned(),
+            stage,
+            kind: e.kind(),
+            raw_os_error: e.raw_os_error(),
+            message: e.to_string(),
+        }
+    }
+
+    fn to_error(&self) -> LogError {
+        let source = match self.raw_os_error {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(self.kind, self.message.clone()),
+        };
+        LogError::WriteFailed {
+            path: self.path.clone(),
+            stage: self.stage,
+            source,
+        }
+    }
+}
+
+/// A fault for tests to inject into the writer's next batch (the real
+/// faults, ENOSPC, EFBIG or a read-only file, are injected by
+/// `tests/disk_fault.rs` from outside the process).
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// The next batch's write stops after `written` bytes and fails with
+    /// the OS error `errno`: a partial frame is left at the end of the file.
+    WriteCut { written: usize, errno: i32 },
+    /// The next batch is written whole, then its fsync fails with `errno`
+    /// (the frames are complete in the file, but not durable).
+    SyncFails { errno: i32 },
+    /// The next `times` recoveries fail with `errno` before reopening.
+    RecoveryFails { errno: i32, times: u32 },
 }
 
 struct ActiveSegment {
-    file: File,
+    /// `None` after a failure, until a recovery reopens the file.
+    file: Option<File>,
     path: PathBuf,
-    len: u64,
+    /// First sequence of the segment (its header's).
+    first_seq: u64,
+    /// Everything before this offset was fsynced: the segment's length as of
+    /// the last successful batch (or open). Writes go to this offset.
+    durable_len: u64,
+    /// Offset of the last durable frame; `None` while the segment has none.
+    last_frame_at: Option<u64>,
+    /// A write or fsync failed: the file past `durable_len` is unknown and
+    /// the descriptor is closed; recover before writing again.
+    needs_recovery: bool,
 }
 
 impl LinkLog {
@@ -466,6 +572,7 @@ impl LinkLog {
         };
         let mut expected: Option<u64> = None;
         let mut last_scanned = 0;
+        let mut last_frame_at = None;
         for (i, seg) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
             // Segments wholly covered by the snapshot are not needed (and may
@@ -493,6 +600,9 @@ impl LinkLog {
                 truncate_tail(&seg.path, *offset)?;
                 recovery.truncated = Some((seg.path.clone(), *offset, scan.file_len - offset));
             }
+            if is_last {
+                last_frame_at = last_frame_offset(&buf[..scan.valid_len as usize]);
+            }
             recovery.last_seq = recovery.last_seq.max(scan.last_seq);
             expected = Some(scan.last_seq + 1);
             last_scanned = scan.last_seq;
@@ -502,21 +612,28 @@ impl LinkLog {
             // compacted and the log lost its tail): continue in a new segment
             // so that sequences stay contiguous within every file.
             Some(_) if last_scanned < recovery.last_seq => {
-                create_segment(dir, recovery.last_seq + 1)?
+                create_segment(dir, recovery.last_seq + 1).map_err(|f| f.to_error())?
             }
             Some(seg) => {
                 let file = OpenOptions::new()
-                    .append(true)
+                    .read(true)
+                    .write(true)
                     .open(&seg.path)
                     .map_err(io_err(&seg.path))?;
+                // What a previous writer wrote but did not sync (it died
+                // first) is served from now on: make it durable.
+                file.sync_all().map_err(io_err(&seg.path))?;
                 let len = file.metadata().map_err(io_err(&seg.path))?.len();
                 ActiveSegment {
-                    file,
+                    file: Some(file),
                     path: seg.path.clone(),
-                    len,
+                    first_seq: seg.first_seq,
+                    durable_len: len,
+                    last_frame_at,
+                    needs_recovery: false,
                 }
             }
-            None => create_segment(dir, recovery.last_seq + 1)?,
+            None => create_segment(dir, recovery.last_seq + 1).map_err(|f| f.to_error())?,
         };
         let log = Self {
             dir: dir.to_owned(),
@@ -524,13 +641,21 @@ impl LinkLog {
             state: Mutex::new(WriterState {
                 next_seq: recovery.last_seq + 1,
                 pending: Vec::new(),
+                pending_last_frame: 0,
+                pending_tickets: Vec::new(),
+                next_ticket: 0,
                 durable_seq: recovery.last_seq,
                 flushing: false,
-                failed: None,
+                failed: Default::default(),
+                poisoned: None,
+                last_failure: None,
             }),
             durable: Condvar::new(),
             active: Mutex::new(active),
             syncs: Default::default(),
+            failures: Default::default(),
+            faults: Mutex::new(Vec::new()),
+            any_fault: Default::default(),
         };
         Ok((log, recovery))
     }
@@ -545,36 +670,68 @@ impl LinkLog {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Number of batches whose write, fsync or recovery failed since open.
+    pub fn failure_count(&self) -> u64 {
+        self.failures.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Sequence of the last record on disk.
     pub fn durable_seq(&self) -> u64 {
         lock(&self.state).durable_seq
     }
 
+    /// The error of the last batch, if it failed and none was written since:
+    /// appends are expected to fail until the cause is gone (the next append
+    /// retries the disk).
+    pub fn last_failure(&self) -> Option<LogError> {
+        lock(&self.state).last_failure.as_ref().map(Failure::to_error)
+    }
+
+    /// Makes the next batch fail as `fault` says (tests only).
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: InjectedFault) {
+        lock(&self.faults).push(fault);
+        self.any_fault
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Appends `ops` as consecutive records and returns the sequence of the
     /// last one once all of them are on disk. Every op is validated first; an
     /// invalid one fails the whole call before anything is written.
+    ///
+    /// An error means none of `ops` is in the log: the batch was cut off the
+    /// file (a later append may get the same sequences).
     pub fn append(&self, ops: &[LogOp]) -> Result<u64, LogError> {
         for op in ops {
             op.validate()?;
         }
         let mut st = lock(&self.state);
-        if let Some(why) = &st.failed {
+        if let Some(why) = &st.poisoned {
             return Err(LogError::Poisoned(why.clone()));
         }
         if ops.is_empty() {
             return Ok(st.durable_seq);
         }
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
         for op in ops {
             let seq = st.next_seq;
+            st.pending_last_frame = st.pending.len();
             encode_frame(seq, op, &mut st.pending);
             st.next_seq += 1;
         }
+        st.pending_tickets.push(ticket);
         let mine = st.next_seq - 1;
         loop {
+            // First: a failure of this append's batch (its sequences may
+            // have been handed out again and made durable since).
+            if let Some(failure) = st.failed.remove(&ticket) {
+                return Err(failure.to_error());
+            }
             if st.durable_seq >= mine {
                 return Ok(mine);
             }
-            if let Some(why) = &st.failed {
+            if let Some(why) = &st.poisoned {
                 return Err(LogError::Poisoned(why.clone()));
             }
             if st.flushing {
@@ -587,19 +744,45 @@ impl LinkLog {
             // Become the flusher for everything pending, including others' frames.
             st.flushing = true;
             let batch = std::mem::take(&mut st.pending);
+            let tickets = std::mem::take(&mut st.pending_tickets);
+            let last_frame = st.pending_last_frame;
             let batch_first = st.durable_seq + 1;
             let batch_last = st.next_seq - 1;
             drop(st);
             // If the write panics, the guard poisons the log and wakes the
             // waiters, so that no append blocks forever on `flushing`.
             let guard = FlushGuard { log: self };
-            let result = self.write_batch(&batch, batch_first);
+            let result = self.write_batch(&batch, batch_first, last_frame);
             std::mem::forget(guard);
             st = lock(&self.state);
             st.flushing = false;
             match result {
-                Ok(()) => st.durable_seq = batch_last,
-                Err(e) => st.failed = Some(e.to_string()),
+                Ok(()) => {
+                    st.durable_seq = batch_last;
+                    st.last_failure = None;
+                }
+                Err(failure) => {
+                    self.failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        path = %failure.path.display(),
+                        stage = failure.stage,
+                        error = %failure.message,
+                        first_seq = batch_first,
+                        last_seq = batch_last,
+                        "link log: a batch was not written; its appends and those queued behind it fail"
+                    );
+                    // The frames queued meanwhile carry sequences after the
+                    // failed ones: they fail too, and sequences restart
+                    // right after the last durable record.
+                    let queued = std::mem::take(&mut st.pending_tickets);
+                    for t in tickets.into_iter().chain(queued) {
+                        st.failed.insert(t, failure.clone());
+                    }
+                    st.pending.clear();
+                    st.next_seq = st.durable_seq + 1;
+                    st.last_failure = Some(failure);
+                }
             }
             if st.pending.capacity() == 0 {
                 let mut reuse = batch;
@@ -610,19 +793,233 @@ impl LinkLog {
         }
     }
 
-    fn write_batch(&self, batch: &[u8], first_seq: u64) -> Result<(), LogError> {
+    /// Takes the next injected fault matching `pick`, if any.
+    fn take_fault(&self, pick: impl Fn(&InjectedFault) -> bool) -> Option<InjectedFault> {
+        if !self.any_fault.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut faults = lock(&self.faults);
+        let at = faults.iter().position(pick)?;
+        let fault = match &mut faults[at] {
+            InjectedFault::RecoveryFails { errno, times } if *times > 1 => {
+                *times -= 1;
+                InjectedFault::RecoveryFails {
+                    errno: *errno,
+                    times: 1,
+                }
+            }
+            _ => faults.remove(at),
+        };
+        Some(fault)
+    }
+
+    /// Writes and fsyncs one batch at the end of the active segment. On
+    /// failure nothing of the batch may stay in the file: see
+    /// [`LinkLog::abandon`].
+    fn write_batch(&self, batch: &[u8], first_seq: u64, last_frame: usize) -> Result<(), Failure> {
         let mut active = lock(&self.active);
-        if active.len >= self.opts.segment_bytes && active.len > SEGMENT_HEADER_LEN as u64 {
+        if active.needs_recovery || active.file.is_none() {
+            self.recover(&mut active, first_seq - 1)?;
+        }
+        if active.durable_len >= self.opts.segment_bytes && active.last_frame_at.is_some() {
             *active = create_segment(&self.dir, first_seq)?;
         }
-        let path = active.path.clone();
-        active.file.write_all(batch).map_err(io_err(&path))?;
-        active.len += batch.len() as u64;
-        active.file.sync_data().map_err(io_err(&path))?;
+        let at = active.durable_len;
+        let Some(file) = active.file.as_ref() else {
+            return Err(Failure::new(
+                &active.path,
+                "writing",
+                &io::Error::other("the segment is not open"),
+            ));
+        };
+        // Space first: a batch that does not fit is refused before a byte
+        // is written, so that no complete frame of it is ever in the file
+        // for a reader to see.
+        if let Err(e) = reserve_space(file, at, batch.len() as u64) {
+            return Err(Failure::new(&active.path, "reserving space", &e));
+        }
+        let written = match self.take_fault(|f| matches!(f, InjectedFault::WriteCut { .. })) {
+            Some(InjectedFault::WriteCut { written, errno }) => file
+                .write_all_at(&batch[..written.min(batch.len())], at)
+                .and(Err(io::Error::from_raw_os_error(errno))),
+            _ => file.write_all_at(batch, at),
+        };
+        if let Err(e) = written {
+            return Err(self.abandon(&mut active, "writing", &e));
+        }
+        let synced = match self.take_fault(|f| matches!(f, InjectedFault::SyncFails { .. })) {
+            Some(InjectedFault::SyncFails { errno }) => Err(io::Error::from_raw_os_error(errno)),
+            _ => file.sync_data(),
+        };
+        if let Err(e) = synced {
+            return Err(self.abandon(&mut active, "fsync", &e));
+        }
+        active.last_frame_at = Some(at + last_frame as u64);
+        active.durable_len = at + batch.len() as u64;
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+
+    /// After a failed write or fsync: cuts the segment back to its last
+    /// durable frame at once (best effort: the recovery before the next
+    /// write does it again and must succeed) and closes the descriptor. After
+    /// a failed fsync the page cache may not match the disk (and a second
+    /// fsync could report success for pages the kernel dropped), so the
+    /// failed bytes are never synced again: they are cut off.
+    fn abandon(&self, active: &mut ActiveSegment, stage: &'static str, e: &io::Error) -> Failure {
+        let failure = Failure::new(&active.path, stage, e);
+        if let Some(file) = active.file.take()
+            && let Err(te) = file.set_len(active.durable_len)
+        {
+            tracing::warn!(
+                path = %active.path.display(),
+                error = %te,
+                "link log: cannot cut the failed batch off yet; the next append retries"
+            );
+        }
+        active.needs_recovery = true;
+        failure
+    }
+
+    /// Makes the active segment writable again after a failure: reopens it,
+    /// truncates it to the last durable frame, fsyncs the truncation and
+    /// checks that the last frame before it decodes with the expected
+    /// sequence. Any failure leaves the log refusing appends (each append
+    /// retries the recovery first).
+    fn recover(&self, active: &mut ActiveSegment, last_seq: u64) -> Result<(), Failure> {
+        active.file = None;
+        active.needs_recovery = true;
+        let path = active.path.clone();
+        let fail = |stage: &'static str| {
+            let path = &path;
+            move |e: io::Error| Failure::new(path, stage, &e)
+        };
+        if let Some(InjectedFault::RecoveryFails { errno, .. }) =
+            self.take_fault(|f| matches!(f, InjectedFault::RecoveryFails { .. }))
+        {
+            return Err(fail("reopening")(io::Error::from_raw_os_error(errno)));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&active.path)
+            .map_err(fail("reopening"))?;
+        file.set_len(active.durable_len)
+            .map_err(fail("truncating to the last durable frame"))?;
+        file.sync_all()
+            .map_err(fail("fsync after truncating"))?;
+        verify_tail(&file, active, last_seq)
+            .map_err(|reason| fail("verifying")(io::Error::new(io::ErrorKind::InvalidData, reason)))?;
+        tracing::warn!(
+            path = %active.path.display(),
+            durable_len = active.durable_len,
+            last_seq,
+            "link log: recovered after a failed write; appending again"
+        );
+        active.file = Some(file);
+        active.needs_recovery = false;
+        Ok(())
+    }
+}
+
+/// Checks that the reopened segment ends with the frame the writer last
+/// synced (or, without one, is a bare header): the writer's idea of the
+/// durable end matches the file.
+fn verify_tail(file: &File, active: &ActiveSegment, last_seq: u64) -> Result<(), String> {
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    if len != active.durable_len {
+        return Err(format!(
+            "length {len} after truncating to {}",
+            active.durable_len
+        ));
+    }
+    match active.last_frame_at {
+        Some(at) => {
+            let mut buf = vec![0u8; (active.durable_len - at) as usize];
+            file.read_exact_at(&mut buf, at).map_err(|e| e.to_string())?;
+            match decode_frame(&buf) {
+                Ok((seq, _, used)) if seq == last_seq && used == buf.len() => Ok(()),
+                Ok((seq, _, used)) => Err(format!(
+                    "the frame at {at} has sequence {seq} and {used} bytes, expected {last_seq} and {}",
+                    buf.len()
+                )),
+                Err(e) => Err(format!("the frame at {at} does not decode: {e}")),
+            }
+        }
+        None => {
+            let mut header = [0u8; SEGMENT_HEADER_LEN];
+            file.read_exact_at(&mut header, 0)
+                .map_err(|e| e.to_string())?;
+            match decode_segment_header(&header) {
+                Ok(first) if first == active.first_seq && first == last_seq + 1 => Ok(()),
+                Ok(first) => Err(format!(
+                    "segment starts at {first}, expected {} after {last_seq}",
+                    active.first_seq
+                )),
+                Err(reason) => Err(reason),
+            }
+        }
+    }
+}
+
+/// Offset of the last frame in `buf` (a segment read up to the end of its
+/// last valid frame), `None` when it has no frame.
+fn last_frame_offset(buf: &[u8]) -> Option<u64> {
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut last = None;
+    while let Some(rest) = buf.get(pos..).filter(|r| !r.is_empty()) {
+        let (_, _, used) = decode_frame(rest).ok()?;
+        last = Some(pos as u64);
+        pos += used;
+    }
+    last
+}
+
+/// Makes sure `len` bytes can be written at `at`, without writing them:
+/// refuses a write that would cross `RLIMIT_FSIZE` (the kernel would cut it
+/// short with EFBIG) and asks the file system for the blocks
+/// (`fallocate(FALLOC_FL_KEEP_SIZE)`: ENOSPC or EDQUOT now rather than in the
+/// middle of the write). File systems without `fallocate` skip the second
+/// check; their write can still fail part-way, and is then cut back.
+fn reserve_space(file: &File, at: u64, len: u64) -> io::Result<()> {
+    let end = at.saturating_add(len);
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
+        && limit.rlim_cur != libc::RLIM_INFINITY
+        && end > limit.rlim_cur as u64
+    {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(size)) = (libc::off_t::try_from(at), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        for _ in 0..8 {
+            // SAFETY: a plain syscall on a descriptor we own.
+            let r = unsafe {
+                libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, size)
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP | libc::ENOSYS) => return Ok(()),
+                _ => return Err(e),
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+    Ok(())
 }
 
 /// Clears `flushing` and poisons the log if a flush unwinds.
@@ -634,7 +1031,7 @@ impl Drop for FlushGuard<'_> {
     fn drop(&mut self) {
         let mut st = lock(&self.log.state);
         st.flushing = false;
-        st.failed = Some("a log write panicked".into());
+        st.poisoned = Some("a log write panicked".into());
         self.log.durable.notify_all();
     }
 }
@@ -647,26 +1044,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Creates a segment starting at `first_seq`: header written to a temporary
 /// name, fsynced, renamed, directory fsynced, so a segment file always has a
-/// whole header.
-fn create_segment(dir: &Path, first_seq: u64) -> Result<ActiveSegment, LogError> {
+/// whole header. On failure before the rename the temporary file is removed.
+fn create_segment(dir: &Path, first_seq: u64) -> Result<ActiveSegment, Failure> {
     let path = dir.join(segment_file_name(first_seq));
     let tmp = dir.join(format!("{}.tmp", segment_file_name(first_seq)));
-    {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(&encode_segment_header(first_seq))
-            .map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&encode_segment_header(first_seq))?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Failure::new(&tmp, "creating a segment", &e));
     }
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_dir(dir).map_err(io_err(dir))?;
+    if let Err(e) = fs::rename(&tmp, &path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Failure::new(&path, "creating a segment", &e));
+    }
+    sync_dir(dir).map_err(|e| Failure::new(dir, "creating a segment", &e))?;
     let file = OpenOptions::new()
-        .append(true)
+        .read(true)
+        .write(true)
         .open(&path)
-        .map_err(io_err(&path))?;
+        .map_err(|e| Failure::new(&path, "creating a segment", &e))?;
     Ok(ActiveSegment {
-        file,
+        file: Some(file),
         path,
-        len: SEGMENT_HEADER_LEN as u64,
+        first_seq,
+        durable_len: SEGMENT_HEADER_LEN as u64,
+        last_frame_at: None,
+        needs_recovery: false,
     })
 }
 

@@ -10,6 +10,7 @@
 //! - [`follower`]: `LogFollower`, which tails the log and publishes views.
 //! - [`datadir`]: the data directory, its writer lock, `Store` (the single
 //!   writer) and compaction.
+//! - [`backup`]: online backups, their verification, restores and retention.
 //!
 //! The byte-by-byte format is in `docs/storage.md`. A walk-through:
 //!
@@ -23,6 +24,7 @@
 //! assert_eq!(view.get(b"hello").unwrap().target, b"https://example.com/");
 //! ```
 
+pub mod backup;
 pub mod datadir;
 pub mod follower;
 pub mod frame;

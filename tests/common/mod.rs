@@ -170,6 +170,14 @@ impl Cluster {
     /// Like `start`, with extra lines appended to the `admin:` section
     /// (indented two spaces, e.g. `"  compact_every_records: 50\n"`).
     pub fn start_with(admin_extra: &str) -> Self {
+        Self::start_custom("", admin_extra, "")
+    }
+
+    /// Like `start_with`, plus lines for the `edge:` section and whole
+    /// top-level sections appended to the config (e.g.
+    /// `"rate_limit:\n  client_burst: 5\n"`). The rate-limit state lives in
+    /// the cluster's dir.
+    pub fn start_custom(edge_extra: &str, admin_extra: &str, sections: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -190,8 +198,9 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\nadmin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\n{admin_extra}metrics:\n  listen: {edge_metrics_addr}\n  admin_listen: {admin_metrics_addr}\n",
+                "data_dir: {data}\npublic_base_url: http://{edge_addr}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{admin_addr}\"]\n  health_check_interval_ms: 100\n  admin_connect_timeout_ms: 300\n  admin_read_timeout_ms: 2000\n  pingora_conf: pingora.yaml\n{edge_extra}admin:\n  listen: {admin_addr}\n  api_key: {KEY}\n  max_body_bytes: 65536\n{admin_extra}metrics:\n  listen: {edge_metrics_addr}\n  admin_listen: {admin_metrics_addr}\naccess_log:\n  path: {access}\n{sections}",
                 data = dir.path().join("data").display(),
+                access = dir.path().join("access.log").display(),
             ),
         )
         .unwrap();
@@ -224,6 +233,7 @@ impl Cluster {
             .arg(&self.config)
             .env_remove("ULOAD_API_KEY")
             .env_remove("ULOAD_DATA_DIR")
+            .env("ULOAD_STATE_DIR", self.dir.path().join("state"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

@@ -1,0 +1,342 @@
+//! HTTPS at the edge (the `tls:` section): a TLS listener beside the plain
+//! one, served by the same proxy, through rustls.
+//!
+//! - HTTP/2 and HTTP/1.1 are offered by ALPN (`h2`, then `http/1.1`).
+//! - The certificate is handed to rustls by [`CertStore`], a
+//!   `ResolvesServerCert` over an `ArcSwap`: SIGHUP ([`ReloadOnHangup`])
+//!   re-reads the certificate and key files and swaps them in. Handshakes
+//!   after the swap get the new certificate; connections already open keep
+//!   the session they negotiated and are not touched. A file that cannot be
+//!   read or does not parse, or a key that does not match the certificate,
+//!   is logged and the previous certificate stays. A graceful upgrade
+//!   (`uload edge -u`) also reads the files afresh, in the new process.
+//! - `Strict-Transport-Security` goes on every response written to a TLS
+//!   client ([`HstsBuilder`], a downstream module: redirects, 404s, health,
+//!   429s, proxied `/api` answers and error pages alike), never on plain
+//!   HTTP.
+//! - With `tls.redirect_http`, plain-HTTP requests other than the health
+//!   checks get a 308 to [`https_location`] (in `proxy.rs`).
+
+use std::any::Any;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::http::ResponseHeader;
+use pingora::listeners::ALPN;
+use pingora::listeners::tls::TlsSettings;
+use pingora::modules::http::compression::ResponseCompressionBuilder;
+use pingora::modules::http::{HttpModule, HttpModuleBuilder, HttpModules, Module};
+use pingora::proxy::Session;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora::tls::sign::CertifiedKey;
+use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
+
+use crate::config::{ConfigError, TlsConfig};
+
+/// The certificate the TLS listener presents, swappable while it runs.
+#[derive(Debug)]
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+    /// The config file, for error messages.
+    source: String,
+}
+
+impl CertStore {
+    /// Reads and checks the certificate and key named by `tls`; the error
+    /// names the config file, the key and the file at fault.
+    pub fn open(tls: &TlsConfig, source: &str) -> Result<Self, ConfigError> {
+        let key = load(&tls.cert_path, &tls.key_path, source)?;
+        Ok(Self {
+            current: ArcSwap::from_pointee(key),
+            cert_path: tls.cert_path.clone(),
+            key_path: tls.key_path.clone(),
+            source: source.to_owned(),
+        })
+    }
+
+    /// Re-reads the files and, when they are good, serves them from the
+    /// next handshake on. On error the current certificate stays.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let key = load(&self.cert_path, &self.key_path, &self.source)?;
+        self.current.store(Arc::new(key));
+        Ok(())
+    }
+
+    /// SHA-256 of the leaf certificate being served, in hex (for logs).
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.current.load())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn fingerprint(key: &CertifiedKey) -> String {
+    key.cert
+        .first()
+        .map(|c| pingora::tls::hash_certificate(c))
+        .unwrap_or_default()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Reads a PEM certificate chain and its private key, and checks that they
+/// belong together.
+fn load(cert_path: &Path, key_path: &Path, source: &str) -> Result<CertifiedKey, ConfigError> {
+    let err = |key: &str, path: &Path, problem: String| ConfigError {
+        file: source.to_owned(),
+        key: key.to_owned(),
+        problem: format!("{}: {problem}", path.display()),
+    };
+    let cert_err = |p: String| err("tls.cert_path", cert_path, p);
+    let key_err = |p: String| err("tls.key_path", key_path, p);
+    // Plain reads first, so that a missing or unreadable file is named with
+    // the operating system's reason.
+    std::fs::read(cert_path).map_err(|e| cert_err(e.to_string()))?;
+    std::fs::read(key_path).map_err(|e| key_err(e.to_string()))?;
+    let (cert_str, key_str) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    match pingora::tls::load_pem_file_ca(&cert_str) {
+        Ok(first) if !first.is_empty() => {}
+        Ok(_) => return Err(cert_err("no PEM certificate (BEGIN CERTIFICATE) in it".into())),
+        Err(e) => return Err(cert_err(format!("not a PEM certificate file: {e}"))),
+    }
+    match pingora::tls::load_pem_file_private_key(&key_str) {
+        Ok(first) if !first.is_empty() => {}
+        Ok(_) => {
+            return Err(key_err(
+                "no PEM private key (PKCS#8, PKCS#1 or SEC1) in it".into(),
+            ));
+        }
+        Err(e) => return Err(key_err(format!("not a PEM private key file: {e}"))),
+    }
+    let (certs, key) = match pingora::tls::load_certs_and_key_files(&cert_str, &key_str) {
+        Ok(Some(pair)) => pair,
+        Ok(None) => return Err(cert_err("no certificate or no key could be read".into())),
+        Err(e) => return Err(cert_err(e.to_string())),
+    };
+    pingora::tls::install_default_crypto_provider();
+    let provider = CryptoProvider::get_default()
+        .ok_or_else(|| cert_err("no rustls crypto provider installed".into()))?;
+    CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+        key_err(format!(
+            "unusable with the certificate in {}: {e}",
+            cert_path.display()
+        ))
+    })
+}
+
+/// The TLS settings of the HTTPS listener: certificates from `store`,
+/// ALPN `h2` + `http/1.1` (or `http/1.1` alone).
+pub fn settings(store: Arc<CertStore>, http2: bool) -> TlsSettings {
+    // The paths are unused: a resolver is set, and `build` then ignores them.
+    let mut settings = TlsSettings::intermediate("", "").expect("infallible for rustls");
+    settings.set_cert_resolver(store);
+    if http2 {
+        settings.enable_h2();
+    } else {
+        settings.set_alpn(ALPN::H1);
+    }
+    settings
+}
+
+/// Whether the request came over TLS (HTTP/1.1 or HTTP/2).
+pub fn is_tls(session: &Session) -> bool {
+    session
+        .digest()
+        .is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// Turns the HSTS module of this request on when it came over TLS; returns
+/// whether it did. Called first thing in `request_filter`.
+pub fn mark_downstream(session: &mut Session) -> bool {
+    let tls = is_tls(session);
+    if tls && let Some(hsts) = session.downstream_modules_ctx.get_mut::<Hsts>() {
+        hsts.on = true;
+    }
+    tls
+}
+
+/// The `https://` URL of a plain-HTTP request: its host (from an
+/// absolute-form target, else the `Host` header) without its port, the
+/// HTTPS port unless it is 443, and the path and query as received. `None`
+/// when there is no host, or one that is not a plain DNS name, IPv4 or
+/// bracketed IPv6 address (so that nothing else ends up in `Location`).
+pub fn https_location(uri: &http::Uri, host_header: Option<&[u8]>, port: u16) -> Option<String> {
+    let authority = match uri.authority() {
+        Some(a) => a.as_str().as_bytes(),
+        None => host_header?,
+    };
+    let authority = std::str::from_utf8(authority).ok()?.trim();
+    let host = match authority.rsplit_once(':') {
+        // `[::1]:80`, `host:80`; but `[::1]` alone has colons in it.
+        Some((h, p)) if !authority.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let valid = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    if !valid {
+        return None;
+    }
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.starts_with('/') { path } else { "/" };
+    Some(if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    })
+}
+
+/// The edge's downstream modules: Pingora's default (response compression,
+/// off) and, when `tls.hsts_max_age_secs` is not 0, [`Hsts`].
+pub fn init_downstream_modules(modules: &mut HttpModules, tls: Option<&TlsConfig>) {
+    modules.add_module(ResponseCompressionBuilder::enable(0));
+    let hsts = tls
+        .and_then(|t| t.hsts.as_deref())
+        .and_then(|v| http::HeaderValue::from_str(v).ok());
+    if let Some(value) = hsts {
+        modules.add_module(Box::new(HstsBuilder { value }));
+    }
+}
+
+/// Registers [`Hsts`] for every request; it adds the header only once
+/// [`mark_downstream`] has seen a TLS request.
+pub struct HstsBuilder {
+    pub value: http::HeaderValue,
+}
+
+impl HttpModuleBuilder for HstsBuilder {
+    fn init(&self) -> Module {
+        Box::new(Hsts {
+            value: self.value.clone(),
+            on: false,
+        })
+    }
+}
+
+/// Per request: adds `Strict-Transport-Security` to the response when on.
+pub struct Hsts {
+    value: http::HeaderValue,
+    on: bool,
+}
+
+#[async_trait]
+impl HttpModule for Hsts {
+    async fn response_header_filter(
+        &mut self,
+        resp: &mut ResponseHeader,
+        _end_of_stream: bool,
+    ) -> pingora::Result<()> {
+        if self.on {
+            resp.insert_header("strict-transport-security", self.value.clone())?;
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// Reloads the certificate on SIGHUP. While this service has not started,
+/// SIGHUP is ignored rather than fatal (see [`ignore_hangup`]).
+pub struct ReloadOnHangup {
+    pub store: Arc<CertStore>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("tls: cannot listen for SIGHUP ({e}); certificates reload only by a graceful upgrade");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = hangup.recv() => if got.is_none() { return },
+            }
+            // A few kilobytes of files; this service has its own runtime thread.
+            match self.store.reload() {
+                Ok(()) => tracing::info!(
+                    sha256 = %self.store.fingerprint(),
+                    "tls: certificate reloaded (SIGHUP)"
+                ),
+                Err(e) => tracing::error!(
+                    "tls: certificate reload failed, still serving sha256 {}: {e}",
+                    self.store.fingerprint()
+                ),
+            }
+        }
+    }
+}
+
+/// Makes SIGHUP harmless until [`ReloadOnHangup`] takes it over: its
+/// default action would end the edge. Called before any listener opens.
+pub fn ignore_hangup() {
+    // SAFETY: installs the SIG_IGN disposition; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(target: &str, host: Option<&str>, port: u16) -> Option<String> {
+        let uri: http::Uri = target.parse().unwrap();
+        https_location(&uri, host.map(str::as_bytes), port)
+    }
+
+    #[test]
+    fn https_location_keeps_path_and_query_and_swaps_the_port() {
+        let cases = [
+            ("/abc?x=1&y", Some("ulo.ad"), 443, Some("https://ulo.ad/abc?x=1&y")),
+            ("/abc", Some("ulo.ad:80"), 443, Some("https://ulo.ad/abc")),
+            ("/abc", Some("127.0.0.1:8080"), 8443, Some("https://127.0.0.1:8443/abc")),
+            ("/", Some("[::1]:8080"), 8443, Some("https://[::1]:8443/")),
+            ("/", Some("[::1]"), 443, Some("https://[::1]/")),
+            ("http://a.example:80/p?q", Some("b.example"), 443, Some("https://a.example/p?q")),
+            ("/", None, 443, None),
+            ("/", Some(""), 443, None),
+            ("/", Some("evil.example/x"), 443, None),
+            ("/", Some("user@evil.example"), 443, None),
+            ("/", Some("[zz]"), 443, None),
+            ("/", Some("a b"), 443, None),
+        ];
+        for (target, host, port, want) in cases {
+            assert_eq!(
+                loc(target, host, port).as_deref(),
+                want,
+                "{target} {host:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! Rate limits whose state lives in a memory-mapped file, so that it survives
+//! a restart and is shared, live, by the old and the new process during a
+//! graceful upgrade (both map the same file).
+//!
+//! Each limit is GCRA (the "generic cell rate algorithm", a token bucket kept
+//! as one number per client: the theoretical arrival time, TAT). A decision
+//! is a hash, a short probe and a compare-and-swap on a `u64`; nothing
+//! allocates and nothing locks.
+//!
+//! File layout (little-endian; `docs/operations.md` has the operator's view):
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic `ULOADRL1` |
+//! | 8 | 4 | format version (1) |
+//! | 12 | 4 | slot count (a power of two) |
+//! | 16 | 48 | zero |
+//! | 64 | 16 × slots | slots: key (u64, 0 = empty), TAT in ms since the Unix epoch (u64) |
+//!
+//! A file that does not match (other magic, version or size) is replaced by
+//! an empty table with a warning: losing limiter state is harmless, refusing
+//! to start over it would not be.
+//!
+//! ```no_run
+//! use uload::ratelimit::{Limit, LimiterTable};
+//! let table = LimiterTable::open(std::path::Path::new("state/edge-ratelimit.bin"), 1 << 16).unwrap();
+//! let limit = Limit::per_second(100, 200);
+//! let d = table.check(1, b"203.0.113.7", limit, uload::store::record::now_ms());
+//! assert!(d.allowed);
+//! ```
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapMut;
+
+use crate::store::hash::code_hash;
+
+const MAGIC: &[u8; 8] = b"ULOADRL1";
+const VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+const SLOT_LEN: usize = 16;
+/// Slots probed for a key before the least-limited one is evicted.
+const PROBE: usize = 8;
+
+/// Errors opening a limiter table.
+#[derive(Debug, thiserror::Error)]
+#[error("rate-limit state {path}: {source}")]
+pub struct LimiterError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A limit: `burst` requests at once, refilled at one per `interval_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Milliseconds per request at the sustained rate (at least 1).
+    pub interval_ms: u64,
+    /// Requests allowed at once (at least 1).
+    pub burst: u64,
+}
+
+impl Limit {
+    /// `rate` requests per second sustained, `burst` at once.
+    pub fn per_second(rate: u64, burst: u64) -> Self {
+        Self::per_window(rate, 1_000, burst)
+    }
+
+    /// `count` requests per `window_ms`, `burst` at once.
+    pub fn per_window(count: u64, window_ms: u64, burst: u64) -> Self {
+        Self {
+            interval_ms: (window_ms / count.max(1)).max(1),
+            burst: burst.max(1),
+        }
+    }
+
+    /// Requests per second at the sustained rate, rounded up (for headers).
+    pub fn per_second_ceil(&self) -> u64 {
+        1_000u64.div_ceil(self.interval_ms)
+    }
+}
+
+/// One decision, with what the `RateLimit-*` and `Retry-After` headers say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The limit's burst (`RateLimit-Limit`).
+    pub limit: u64,
+    /// Requests left right now (`RateLimit-Remaining`).
+    pub remaining: u64,
+    /// Seconds until the bucket is full again (`RateLimit-Reset`).
+    pub reset_secs: u64,
+    /// Seconds until the next request is allowed (`Retry-After`); 0 if allowed.
+    pub retry_after_secs: u64,
+}
+
+/// The shared, persisted table. Cloning is not offered; share it in an `Arc`.
+pub struct LimiterTable {
+    map: MmapMut,
+    mask: usize,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for LimiterTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimiterTable")
+            .field("path", &self.path)
+            .field("slots", &(self.mask + 1))
+            .finish()
+    }
+}
+
+impl LimiterTable {
+    /// Maps `path`, creating it (and its directory) with `slots` slots
+    /// (rounded up to a power of two, at least 64) when missing or unusable.
+    pub fn open(path: &Path, slots: usize) -> Result<Self, LimiterError> {
+        let err = |source| LimiterError {
+            path: path.to_owned(),
+            source,
+        };
+        let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+        let want = (HEADER_LEN + slots * SLOT_LEN) as u64;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let mut header = [0u8; HEADER_LEN];
+        if len == want {
+            use std::os::unix::fs::FileExt;
+            file.read_exact_at(&mut header, 0).map_err(err)?;
+        }
+        let valid = len == want
+            && &header[0..8] == MAGIC
+            && header[8..12] == VERSION.to_le_bytes()
+            && header[12..16] == (slots as u32).to_le_bytes();
+        if !valid {
+            if len > 0 {
+                tracing::warn!(path = %path.display(), "rate-limit state unusable (other format or size); starting empty");
+            }
+            file.set_len(0).map_err(err)?;
+            file.set_len(want).map_err(err)?;
+        }
+        // SAFETY: the file is only ever accessed through this mapping's
+        // atomics (by this process and by uload processes sharing it during
+        // an upgrade); a foreign writer could make the counts wrong but not
+        // unsound, since every slot is read as plain integers.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
+        if !valid {
+            map[0..8].copy_from_slice(MAGIC);
+            map[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            map[12..16].copy_from_slice(&(slots as u32).to_le_bytes());
+        }
+        Ok(Self {
+            map,
+            mask: slots - 1,
+            path: path.to_owned(),
+        })
+    }
+
+    fn slot(&self, i: usize) -> (&AtomicU64, &AtomicU64) {
+        let at = HEADER_LEN + (i & self.mask) * SLOT_LEN;
+        let bytes = &self.map[at..at + SLOT_LEN];
+        let ptr = bytes.as_ptr();
+        // SAFETY: the map is page-aligned, HEADER_LEN and SLOT_LEN are
+        // multiples of 8, so both words are 8-aligned and inside the map,
+        // which lives as long as `self`. AtomicU64 has u64's layout.
+        unsafe { (&*(ptr as *const AtomicU64), &*(ptr.add(8) as *const AtomicU64)) }
+    }
+
+    /// The slot holding `key`, claiming one (empty, expired, or the least
+    /// limited of the probe window) if it has none.
+    fn find(&self, key: u64, now: u64) -> &AtomicU64 {
+        let start = key as usize;
+        let mut free = None;
+        let mut least: Option<(usize, u64)> = None;
+        for i in start..start + PROBE {
+            let (k, tat) = self.slot(i);
+            let seen = k.load(Ordering::Acquire);
+            if seen == key {
+                return tat;
+            }
+            let t = tat.load(Ordering::Relaxed);
+            if seen == 0 || t <= now {
+                free.get_or_insert(i);
+            } else if least.is_none_or(|(_, lt)| t < lt) {
+                least = Some((i, t));
+            }
+        }
+        let victim = free.map(|i| (i, 0)).or(least);
+        let (i, _) = victim.unwrap_or((start, 0));
+        let (k, tat) = self.slot(i);
+        // A new client starts with a full bucket. Two processes claiming the
+        // same slot at once may share it for a moment: a limiter may be off
+        // by a request, never unsafe.
+        tat.store(0, Ordering::Relaxed);
+        k.store(key, Ordering::Release);
+        tat
+    }
+
+    /// Charges one request of `client` against `limit` (in the limiter
+    /// namespace `kind`) and says whether it is allowed.
+    pub fn check(&self, kind: u8, client: &[u8], limit: Limit, now: u64) -> Decision {
+        self.decide(kind, client, limit, now, true)
+    }
+
+    /// Whether a request of `client` would be allowed, without charging it.
+    pub fn peek(&self, kind: u8, client: &[u8], limit: Limit, now: u64) -> Decision {
+        self.decide(kind, client, limit, now, false)
+    }
+
+    fn decide(&self, kind: u8, client: &[u8], limit: Limit, now: u64, charge: bool) -> Decision {
+        let key = key_of(kind, client);
+        let tat = self.find(key, now);
+        let t = limit.interval_ms;
+        let window = t.saturating_mul(limit.burst);
+        let mut seen = tat.load(Ordering::Acquire);
+        loop {
+            let next = seen.max(now).saturating_add(t);
+            if next - now > window {
+                // Full: the next request fits once `next - window` has passed.
+                let wait = next - window - now;
+                return Decision {
+                    allowed: false,
+                    limit: limit.burst,
+                    remaining: 0,
+                    reset_secs: (seen.max(now) - now).div_ceil(1000),
+                    retry_after_secs: wait.div_ceil(1000).max(1),
+                };
+            }
+            let decision = Decision {
+                allowed: true,
+                limit: limit.burst,
+                remaining: (window - (next - now)) / t,
+                reset_secs: (next - now).div_ceil(1000),
+                retry_after_secs: 0,
+            };
+            if !charge {
+                return Decision {
+                    remaining: decision.remaining + 1,
+                    ..decision
+                };
+            }
+            match tat.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return decision,
+                Err(actual) => seen = actual,
+            }
+        }
+    }
+
+    /// Writes the table's pages to disk (the kernel does so anyway; this is
+    /// for a clean shutdown before a machine is powered off).
+    pub fn flush(&self) {
+        if let Err(e) = self.map.flush_async() {
+            tracing::warn!(path = %self.path.display(), error = %e, "flushing rate-limit state");
+        }
+    }
+}
+
+/// The 64-bit key of `client` in limiter `kind`: the store's fixed hash (the
+/// same on every build, so a restarted process finds its clients), never 0.
+fn key_of(kind: u8, client: &[u8]) -> u64 {
+    let mut buf = [0u8; 80];
+    let n = client.len().min(buf.len() - 1);
+    buf[0] = kind;
+    buf[1..=n].copy_from_slice(&client[..n]);
+    let h = if client.len() < buf.len() {
+        code_hash(&buf[..=n])
+    } else {
+        code_hash(client) ^ u64::from(kind).rotate_left(56)
+    };
+    h.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> (tempfile::TempDir, LimiterTable) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LimiterTable::open(&dir.path().join("s/rl.bin"), 64).unwrap();
+        (dir, t)
+    }
+
+    #[test]
+    fn burst_then_refill() {
+        let (_d, t) = table();
+        let limit = Limit::per_second(10, 3); // 100 ms per request
+        let now = 1_000_000;
+        let d: Vec<_> = (0..4).map(|_| t.check(1, b"a", limit, now)).collect();
+        assert_eq!(
+            d.iter().map(|d| (d.allowed, d.remaining)).collect::<Vec<_>>(),
+            [(true, 2), (true, 1), (true, 0), (false, 0)]
+        );
+        assert_eq!(d[3].retry_after_secs, 1);
+        // Another client and another kind are untouched.
+        assert!(t.check(1, b"b", limit, now).allowed);
+        assert!(t.check(2, b"a", limit, now).allowed);
+        // 100 ms later one more fits, then none.
+        assert!(t.check(1, b"a", limit, now + 100).allowed);
+        assert!(!t.check(1, b"a", limit, now + 100).allowed);
+        // Peeking never charges.
+        for _ in 0..10 {
+            assert!(t.peek(1, b"c", limit, now).allowed);
+        }
+        assert_eq!(t.peek(1, b"c", limit, now).remaining, 3);
+    }
+
+    #[test]
+    fn state_survives_reopening_and_bad_files_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rl.bin");
+        let limit = Limit::per_window(1, 60_000, 2);
+        let now = 5_000_000;
+        {
+            let t = LimiterTable::open(&path, 64).unwrap();
+            assert!(t.check(7, b"k", limit, now).allowed);
+            assert!(t.check(7, b"k", limit, now).allowed);
+            assert!(!t.check(7, b"k", limit, now).allowed);
+            t.flush();
+        }
+        let t = LimiterTable::open(&path, 64).unwrap();
+        let d = t.check(7, b"k", limit, now + 1_000);
+        assert!(!d.allowed, "still limited after reopening");
+        assert_eq!(d.retry_after_secs, 59);
+        drop(t);
+        // A different size or garbage: replaced, empty.
+        let t = LimiterTable::open(&path, 128).unwrap();
+        assert!(t.check(7, b"k", limit, now).allowed);
+        drop(t);
+        std::fs::write(&path, b"garbage").unwrap();
+        let t = LimiterTable::open(&path, 64).unwrap();
+        assert!(t.check(7, b"k", limit, now).allowed);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_least_limited_client() {
+        let (_d, t) = table();
+        let limit = Limit::per_window(1, 60_000, 1);
+        let now = 10_000_000;
+        for i in 0..1_000u32 {
+            t.check(1, &i.to_le_bytes(), limit, now + u64::from(i));
+        }
+        // The most recent clients are still limited.
+        assert!(!t.check(1, &999u32.to_le_bytes(), limit, now + 999).allowed);
+    }
+
+    #[test]
+    fn two_mappings_of_one_file_share_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rl.bin");
+        let a = LimiterTable::open(&path, 64).unwrap();
+        let b = LimiterTable::open(&path, 64).unwrap();
+        let limit = Limit::per_window(1, 60_000, 1);
+        assert!(a.check(3, b"x", limit, 1_000).allowed);
+        assert!(!b.check(3, b"x", limit, 1_000).allowed);
+    }
+}

@@ -1,0 +1,94 @@
+//! Per-client rate limits at the edge: 429 with `Retry-After` and
+//! `RateLimit-*` after the limit, scanning barred for known codes too, the
+//! client address taken from `X-Forwarded-For` only from a trusted proxy,
+//! and the limits still in force after the edge is SIGKILLed and restarted
+//! (their state is a memory-mapped file, not process memory).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Cluster, api, metric, request, wait_until};
+
+/// A GET of `path` as client `ip` (the test is the trusted proxy in front).
+fn get_as(cluster: &Cluster, ip: &str, path: &str) -> common::Response {
+    request(cluster.edge_addr, "GET", path, &[("X-Forwarded-For", ip)], b"").unwrap()
+}
+
+#[test]
+fn limits_answer_429_and_survive_a_restart() {
+    let mut cluster = Cluster::start_custom(
+        "",
+        "",
+        "rate_limit:\n  client_requests_per_second: 1\n  client_burst: 40\n  client_misses_per_minute: 1\n  client_miss_burst: 5\n  trusted_proxies: [\"127.0.0.1\"]\n",
+    );
+    let r = api(
+        cluster.edge_addr,
+        "POST",
+        "/api/links",
+        r#"{"url":"https://example.com/known","code":"known"}"#,
+    );
+    assert_eq!(r.status, 201);
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get_as(&cluster, "198.51.100.99", "/known").status == 302
+    });
+
+    // Requests: a burst of 40 at one per second; the first 429 comes within
+    // 60 requests sent back to back, and says when to come back.
+    let client = "198.51.100.1";
+    let mut allowed = 0;
+    let refused = loop {
+        let r = get_as(&cluster, client, "/known");
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 302);
+        allowed += 1;
+        assert!(allowed < 60, "no 429 after {allowed} requests");
+    };
+    assert!(allowed >= 39, "the burst is honoured: {allowed}");
+    assert_eq!(refused.json()["error"]["code"], "rate_limited");
+    assert_eq!(refused.header("ratelimit-limit"), Some("40"));
+    assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
+    assert!(refused.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    assert!(refused.header("ratelimit-reset").is_some());
+    // Another client behind the same proxy is not affected; /health never is.
+    assert_eq!(get_as(&cluster, "198.51.100.2", "/known").status, 302);
+    assert_eq!(get_as(&cluster, client, "/health").status, 200);
+
+    // Scanning: five unknown codes, then every code is refused, known ones too.
+    let scanner = "203.0.113.5";
+    for i in 0..5 {
+        assert_eq!(get_as(&cluster, scanner, &format!("/scan{i}")).status, 404);
+    }
+    assert_eq!(get_as(&cluster, scanner, "/scan5").status, 429);
+    assert_eq!(get_as(&cluster, scanner, "/known").status, 429, "a scanner learns nothing");
+
+    let m = cluster.metrics(cluster.edge_metrics_addr);
+    for (limit, at_least) in [("client_requests", 1.0), ("client_misses", 2.0)] {
+        let s = format!(r#"rate_limit_decisions_total{{decision="limited",limit="{limit}"}}"#);
+        assert!(metric(&m, &s) >= at_least, "{s}: {m}");
+    }
+    assert!(metric(&m, r#"link_redirects_total{result="rate_limited"}"#) >= 3.0);
+    assert!(metric(&m, r#"http_requests_total{method="GET",route="rate_limited",status_code="429"}"#) >= 3.0);
+
+    // SIGKILL the edge and start it again: the limits are still in force.
+    cluster.kill_edge();
+    cluster.start_edge();
+    assert_eq!(
+        get_as(&cluster, scanner, "/known").status,
+        429,
+        "the scanner is still barred after a restart"
+    );
+    // The request bucket refills at one per second: however long the restart
+    // took, a fresh bucket would allow all 20 of these.
+    let after: Vec<u16> = (0..20).map(|_| get_as(&cluster, client, "/known").status).collect();
+    let allowed_after = after.iter().filter(|&&s| s == 302).count();
+    assert!(
+        allowed_after < 10 && after.contains(&429),
+        "still limited after a restart: {after:?}"
+    );
+    println!(
+        "burst allowed {allowed}, allowed after restart {allowed_after}/20, scanner barred before and after restart"
+    );
+}
