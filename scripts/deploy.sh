@@ -15,17 +15,31 @@
 #                        the running edge, else edge.listen of FILE)
 #   --upgrade-sock PATH  default: upgrade_sock of the pingora.yaml that FILE's
 #                        edge.pingora_conf names (Pingora's default without one)
-#   --health-timeout S   seconds the new edge has to answer /health itself,
-#                        3 times in a row (default 30)
+#   --health-timeout S   seconds the new edge has to answer 200 to /health
+#                        itself 3 times, with no other answer from it in
+#                        between (default 30)
+#   --rollback-timeout S the same for the rolled-back edge (default: the
+#                        larger of --health-timeout and 30)
 #   --log FILE           append the new edge's stdout and stderr here (default:
 #                        the file the running edge's stderr goes to, if it is
 #                        a regular file, else /dev/null)
+#   DEPLOY_DEBUG=1       (environment) print every /health probe
 #
-# The new edge runs as `BINARY edge -u --config FILE` in its own session, in
-# the running edge's working directory, with the running edge's ULOAD_* and
-# RUST_LOG environment variables (read from /proc/PID/environ), so that the
-# overrides it was started with still apply. Needs Linux (/proc), bash,
-# python3 (3.9+: socket.send_fds) and flock. Run it as the edge's user or root.
+# The new edge runs as `BINARY edge -u --config FILE` in its own session (not
+# daemonized: Pingora writes its pid_file only with -d, so --pid-file is
+# where the serving pid is kept), in the running edge's working directory,
+# with the running edge's ULOAD_* and RUST_LOG environment variables (read
+# from /proc/PID/environ), so that the overrides it was started with still
+# apply. Needs Linux (/proc), bash, python3 (3.9+: socket.send_fds), flock,
+# and preferably ss (iproute2). Run it as the edge's user or root.
+#
+# Under systemd, run it as the unit's ExecReload= (with NotifyAccess=all):
+# the new edge then starts inside the unit, and the script tells systemd the
+# new main pid (systemd-notify MAINPID=) when NOTIFY_SOCKET is set. Run from
+# a shell against conf/systemd/uload-edge.service as shipped (Type=simple,
+# Restart=always), systemd would see its main process exit and start a
+# second edge, which cannot bind the address the new one holds. (Not
+# exercised by the tests: they run without systemd.)
 #
 # Exit status:
 #   0  deployed: the new binary serves; its pid is the last line of stdout
@@ -62,8 +76,9 @@
 #     closes them, and connections in between are refused.
 #
 # The order this script uses, and why:
-#   0. Copy the running binary (/proc/PID/exe) aside, so that the rollback
-#      has it even if the file was replaced or deleted. One deploy at a time
+#   0. Keep hold of the running binary for the rollback: its path, if the
+#      file there is still the one running (same inode), else a copy of
+#      /proc/PID/exe (the file was replaced or deleted). One deploy at a time
 #      (flock on UPGRADE_SOCK.deploy.lock).
 #   1. Pre-flight: `BINARY check-config FILE`. A binary that cannot run, or
 #      that refuses the config, is stopped before anything changes (exit 3).
@@ -73,10 +88,13 @@
 #      running edge keeps serving 5 s more, then drains and exits by itself.
 #   3. `BINARY edge -u` starts; the keeper sends it the same message.
 #   4. Health: /health on the listen address must be answered 200 by the new
-#      process itself (the accepted connection is found in /proc/net/tcp and
-#      /proc/PID/fd), 3 times in a row, within --health-timeout, and the new
-#      process must stay alive. Answers from the draining old edge do not
-#      count. Then exit 0.
+#      process itself (the accepted connection is found with `ss -e`, or in
+#      /proc/net/tcp, and in /proc/PID/fd) 3 times, with no other answer from
+#      it in between, within --health-timeout; the new process must stay
+#      alive and keep the listening socket (Pingora closes inherited sockets
+#      no service claims, e.g. when the new config listens elsewhere: that
+#      fails at once). Answers from the draining old edge do not count.
+#      Then exit 0.
 #   5. Otherwise roll back: SIGTERM the new process (it stops accepting and
 #      finishes what it started), start the saved old binary with -u, the
 #      keeper sends it the fds again, same health check, exit 2.
@@ -95,7 +113,7 @@ say() {
 }
 die() { say "$*"; exit 1; }
 
-pid="" pid_file="" new="" config="" listen="" sock="" health_timeout=30 log=""
+pid="" pid_file="" new="" config="" listen="" sock="" health_timeout=30 rollback_timeout="" log=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --pid) pid="${2:?}"; shift 2 ;;
@@ -105,6 +123,7 @@ while [ $# -gt 0 ]; do
     --listen) listen="${2:?}"; shift 2 ;;
     --upgrade-sock) sock="${2:?}"; shift 2 ;;
     --health-timeout) health_timeout="${2:?}"; shift 2 ;;
+    --rollback-timeout) rollback_timeout="${2:?}"; shift 2 ;;
     --log) log="${2:?}"; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
@@ -116,6 +135,9 @@ if [ -z "$pid" ]; then
   pid="$(tr -dc 0-9 <"$pid_file")" || die "cannot read $pid_file"
 fi
 [[ "$pid" =~ ^[0-9]+$ ]] || die "not a pid: '$pid'"
+[[ "$health_timeout" =~ ^[0-9]+$ ]] || die "--health-timeout: not a number of seconds"
+rollback_timeout="${rollback_timeout:-$(( health_timeout > 30 ? health_timeout : 30 ))}"
+[[ "$rollback_timeout" =~ ^[0-9]+$ ]] || die "--rollback-timeout: not a number of seconds"
 [ -x "$new" ] || die "$new is not an executable file"
 [ -r "$config" ] || die "cannot read $config"
 command -v python3 >/dev/null || die "python3 is needed"
@@ -204,7 +226,7 @@ mapfile -t envs <"$state/env"
 cat >"$state/helper.py" <<'PY'
 """deploy.sh's helper: keeper (holds and relays Pingora's listening fds),
 spawn (starts a detached edge), healthy (waits for 200s from one pid)."""
-import os, socket, subprocess, sys, time
+import os, re, socket, subprocess, sys, time
 
 
 def out(line):
@@ -293,31 +315,56 @@ def state_of(pid):
         return "gone"
 
 
-def owner(server_port, client_port, pid):
-    """Does `pid` hold the server side of this connection?"""
-    inodes = set()
+def socket_fds(pid):
+    out = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return out
+
+
+def tcp_inodes(state, sport, dport=None):
+    """`socket:[inode]` of the TCP sockets in `state` ("listening" or
+    "established") on local port `sport` (and peer port `dport`). Asks the
+    kernel through `ss` (sock_diag, filtered in the kernel); /proc/net/tcp
+    is the fallback, slow when tens of thousands of sockets exist."""
+    expr = f"( sport = :{sport}" + (f" and dport = :{dport}" if dport else "") + " )"
+    try:
+        res = subprocess.run(["ss", "-Htne", "state", state, expr],
+                             capture_output=True, text=True, timeout=5)
+        if res.returncode == 0:
+            return {f"socket:[{i}]" for i in re.findall(r"\bino:(\d+)", res.stdout)}
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    code = "0A" if state == "listening" else "01"
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
                 for row in f:
                     cols = row.split()
-                    local, remote, inode = cols[1], cols[2], cols[9]
-                    if (int(local.rsplit(":", 1)[1], 16) == server_port
-                            and int(remote.rsplit(":", 1)[1], 16) == client_port):
-                        inodes.add(f"socket:[{inode}]")
+                    if (cols[3] == code and int(cols[1].rsplit(":", 1)[1], 16) == sport
+                            and (dport is None or int(cols[2].rsplit(":", 1)[1], 16) == dport)):
+                        found.add(f"socket:[{cols[9]}]")
         except OSError:
             pass
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                    return True
-            except OSError:
-                pass
-    except OSError:
-        pass
-    return False
+    return found
+
+
+def listens(pid, port):
+    """Does `pid` hold the socket listening on `port`?"""
+    return bool(tcp_inodes("listening", port) & socket_fds(pid))
+
+
+def owner(server_port, client_port, pid):
+    """Does `pid` hold the server side of this connection?"""
+    return bool(tcp_inodes("established", server_port, client_port) & socket_fds(pid))
 
 
 def probe(host, port, pid):
@@ -340,21 +387,36 @@ def healthy(listen, pid, timeout, need):
     host, _, port = listen.rpartition(":")
     host, port = host.strip("[]"), int(port)
     deadline = time.monotonic() + timeout
-    ok, last = 0, "no answer yet"
+    ok, last, held = 0, "no answer yet", False
     while time.monotonic() < deadline:
         if state_of(pid) in ("gone", "Z", "X"):
             out(f"exited ({last})")
             return 2
+        # Pingora closes inherited sockets no service claims (say, the new
+        # binary's config listens elsewhere): that edge will never serve here.
+        holds = listens(pid, port)
+        if held and not holds:
+            out(f"closed the socket listening on port {port}")
+            return 3
+        held = held or holds
         try:
             status, mine = probe(host, port, pid)
             last = f"last /health: {status}, {'from' if mine else 'not from'} pid {pid}"
-            if mine:  # answers from the other edge neither count nor reset
+            if os.environ.get("DEPLOY_DEBUG"):
+                print(f"{time.time():.3f} {last}", file=sys.stderr)
+            # Answers from another edge neither count nor reset; a non-200
+            # from this one resets.
+            if mine:
                 ok = ok + 1 if status == 200 else 0
             if ok >= need:
                 out("healthy")
                 return 0
         except (OSError, ValueError, IndexError) as e:
-            ok, last = 0, f"last /health: {e}"
+            # A slow answer on a busy machine is not a failure; a process
+            # that never answers runs into the deadline.
+            last = f"last /health: {e}"
+            if os.environ.get("DEPLOY_DEBUG"):
+                print(f"{time.time():.3f} {last}", file=sys.stderr)
         time.sleep(0.02)
     out(f"timeout ({last})")
     return 1
@@ -376,6 +438,11 @@ write_pid() {
   if [ -n "$pid_file" ]; then
     echo "$1" >"$pid_file.tmp.$$" && mv -f "$pid_file.tmp.$$" "$pid_file"
   fi
+  # Run by systemd (ExecReload= with NotifyAccess=all): the unit follows the
+  # new main process.
+  if [ -n "${NOTIFY_SOCKET:-}" ] && command -v systemd-notify >/dev/null; then
+    systemd-notify "MAINPID=$1" || say "systemd-notify MAINPID=$1 failed"
+  fi
   echo "pid=$1"
 }
 
@@ -385,7 +452,8 @@ start_edge() {
     "$1" edge -u --config "$config"
 }
 
-# handover PID: the keeper sends the fds to the edge PID is; then /health.
+# handover PID TIMEOUT: the keeper sends the fds to the edge PID is; then
+# /health.
 handover() {
   local line
   echo "send 10 $1" >&"${KEEPER[1]}"
@@ -395,7 +463,7 @@ handover() {
     return 1
   fi
   say "pid $1 has the listening sockets; waiting for its own /health"
-  if line="$(python3 "$state/helper.py" healthy "$listen" "$1" "$health_timeout" 3)"; then
+  if line="$(python3 "$state/helper.py" healthy "$listen" "$1" "$2" 3)"; then
     say "pid $1 answers /health on $listen"
     return 0
   fi
@@ -439,7 +507,7 @@ say "keeper $line from pid $pid (which drains and exits by itself)"
 # 3. and 4. The new edge.
 new_pid="$(start_edge "$new")"
 say "started the new edge: pid $new_pid"
-if handover "$new_pid"; then
+if handover "$new_pid" "$health_timeout"; then
   write_pid "$new_pid"
   say "deployed: pid $new_pid serves ($new)"
   exit 0
@@ -451,7 +519,7 @@ stop "$new_pid" &
 stopper=$!
 back_pid="$(start_edge "$old_bin")"
 say "started the old binary again: pid $back_pid"
-if handover "$back_pid"; then
+if handover "$back_pid" "$rollback_timeout"; then
   wait "$stopper" || true
   write_pid "$back_pid"
   say "rolled back: pid $back_pid serves the old binary"

@@ -42,6 +42,43 @@ pub struct RawConfig {
     pub rate_limit: RawRateLimit,
     pub tls: RawTls,
     pub access_log: RawAccessLog,
+    /// Scheduled backups of the data dir, taken by the admin
+    /// (`docs/operations.md`, "Backups and restore").
+    #[serde(default)]
+    pub backup: RawBackup,
+}
+
+/// The `backup:` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawBackup {
+    /// Directory the admin writes scheduled backups into, one
+    /// `<UTC time>-seq<S>` directory each; empty: no scheduled backups.
+    pub dir: String,
+    /// Seconds between scheduled backups (from the newest one in `dir`).
+    pub interval_secs: u64,
+    /// Backups older than this many days are deleted after each backup;
+    /// the newest complete one is always kept.
+    pub keep_days: u64,
+}
+
+impl Default for RawBackup {
+    fn default() -> Self {
+        Self {
+            dir: String::new(),
+            interval_secs: 86_400,
+            keep_days: 7,
+        }
+    }
+}
+
+/// Validated `backup:` settings.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// `None`: scheduled backups are off.
+    pub dir: Option<PathBuf>,
+    pub interval: Duration,
+    pub keep: Duration,
 }
 
 /// The `access_log:` section.
@@ -227,8 +264,10 @@ pub struct RawAdmin {
     pub compact_every_records: u64,
 }
 
-/// The `metrics:` section.
-#[derive(Debug, Clone, Deserialize)]
+/// The `metrics:` section. Both listeners are off unless configured: two
+/// processes on one machine must not race for a default port. The shipped
+/// conf/uload.yaml turns both on.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
     /// Address of the edge's Prometheus listener; empty: none.
@@ -250,6 +289,7 @@ impl Default for RawConfig {
             rate_limit: RawRateLimit::default(),
             tls: RawTls::default(),
             access_log: RawAccessLog::default(),
+            backup: RawBackup::default(),
         }
     }
 }
@@ -290,16 +330,6 @@ impl Default for RawAdmin {
     }
 }
 
-impl Default for RawMetrics {
-    fn default() -> Self {
-        // Off unless configured: two processes on one machine must not
-        // race for a default port. The shipped conf/uload.yaml turns both on.
-        Self {
-            listen: String::new(),
-            admin_listen: String::new(),
-        }
-    }
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -318,6 +348,7 @@ pub struct Config {
     /// The HTTPS listener, if any.
     pub tls: Option<TlsConfig>,
     pub access_log: AccessLogConfig,
+    pub backup: BackupConfig,
 }
 
 /// Validated `rate_limit:` settings.
@@ -655,6 +686,16 @@ impl Config {
             metrics_listen: optional_addr("metrics.listen", &raw.metrics.listen)?,
             admin_metrics_listen: optional_addr("metrics.admin_listen", &raw.metrics.admin_listen)?,
             rate_limit: rate_limit(&raw.rate_limit, &err)?,
+            backup: BackupConfig {
+                dir: Some(raw.backup.dir.trim())
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from),
+                interval: Duration::from_secs(positive(
+                    "backup.interval_secs",
+                    raw.backup.interval_secs,
+                )?),
+                keep: Duration::from_secs(raw.backup.keep_days.saturating_mul(86_400)),
+            },
             access_log: AccessLogConfig {
                 path: Some(raw.access_log.path.trim())
                     .filter(|p| !p.is_empty())
@@ -811,6 +852,12 @@ fn parse_key_hash(text: &str) -> Result<[u8; 32], String> {
             hex.len()
         ));
     }
+    // Only hex digits: slicing pairs below needs ASCII (64 bytes holding a
+    // multi-byte character panicked, fuzz input config/api-key-hash-multibyte),
+    // and `from_str_radix` would take a '+' sign.
+    if let Some(bad) = hex.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("{bad:?} is not a hex digit"));
+    }
     let mut out = [0u8; 32];
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
@@ -825,6 +872,23 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml_str(text, "test.yaml", &[])
+    }
+
+    #[test]
+    fn backup_keys() {
+        let c = parse("").unwrap();
+        assert!(c.backup.dir.is_none());
+        assert_eq!(c.backup.interval, Duration::from_secs(86_400));
+        assert_eq!(c.backup.keep, Duration::from_secs(7 * 86_400));
+        let c =
+            parse("backup:\n  dir: /var/backups/uload\n  interval_secs: 3600\n  keep_days: 2\n")
+                .unwrap();
+        assert_eq!(c.backup.dir, Some(PathBuf::from("/var/backups/uload")));
+        assert_eq!(c.backup.interval, Duration::from_secs(3600));
+        assert_eq!(c.backup.keep, Duration::from_secs(2 * 86_400));
+        let e = parse("backup:\n  interval_secs: 0\n").unwrap_err();
+        assert_eq!(e.key, "backup.interval_secs");
+        assert!(parse("backup:\n  every: 1\n").is_err());
     }
 
     #[test]
@@ -956,5 +1020,9 @@ mod tests {
             format_key_hash(&h),
             "sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
         );
+        // 64 bytes that are not 64 hex digits: a sign, a multi-byte character.
+        for bad in ["+f".repeat(32), format!("a\u{e9}{}", "a".repeat(61))] {
+            assert!(parse_key_hash(&format!("sha256:{bad}")).is_err(), "{bad}");
+        }
     }
 }

@@ -169,14 +169,25 @@ pub fn format_time(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-/// Parses an RFC 3339 time into milliseconds since the epoch (after 1970).
+/// The latest time [`format_time`] writes as RFC 3339 (a four-digit year):
+/// `9999-12-31T23:59:59.999Z`.
+pub const MAX_TIME_MS: u64 = 253_402_300_799_999;
+
+/// Parses an RFC 3339 time into milliseconds since the epoch (after 1970,
+/// and at most [`MAX_TIME_MS`]: a time written with an offset can fall past
+/// the year 9999 in UTC, which `format_time` could not write back as RFC
+/// 3339, so an export would not re-import).
 pub fn parse_time(text: &str) -> Result<u64, String> {
     let t = chrono::DateTime::parse_from_rfc3339(text)
         .map_err(|e| format!("{text:?} is not an RFC 3339 time ({e})"))?;
-    u64::try_from(t.timestamp_millis())
+    let ms = u64::try_from(t.timestamp_millis())
         .ok()
         .filter(|&ms| ms > 0)
-        .ok_or_else(|| format!("{text:?} is before 1970"))
+        .ok_or_else(|| format!("{text:?} is before 1970"))?;
+    if ms > MAX_TIME_MS {
+        return Err(format!("{text:?} is after 9999-12-31T23:59:59.999Z"));
+    }
+    Ok(ms)
 }
 
 /// Reads links from `input`, calling `visit` with each row's 1-based line
@@ -523,6 +534,18 @@ mod tests {
             .collect();
         assert_eq!(fields, ["url", "status", "colour", "row", "expires_at"]);
         assert!(rows[2].as_ref().unwrap_err().message.contains("colour"));
+    }
+
+    #[test]
+    fn times_round_trip_up_to_year_9999() {
+        assert_eq!(parse_time("9999-12-31T23:59:59.999Z"), Ok(MAX_TIME_MS));
+        assert_eq!(format_time(MAX_TIME_MS), "9999-12-31T23:59:59.999Z");
+        // In UTC this is 10000-01-01T23:58:59Z, which format_time writes as
+        // "+10000-...", not RFC 3339 (fuzz input
+        // import_jsonl/expires-after-year-9999.jsonl).
+        let e = parse_time("9999-12-31T23:59:59-23:59").unwrap_err();
+        assert!(e.contains("after 9999"), "{e}");
+        assert!(parse_time("1970-01-01T00:00:00Z").is_err());
     }
 
     #[test]

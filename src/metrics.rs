@@ -99,19 +99,22 @@ pub enum RouteLabel {
     MethodNotAllowed,
     /// Refused by a rate limit (429).
     RateLimited,
+    /// Plain HTTP sent on to HTTPS (`tls.redirect_http`).
+    HttpsRedirect,
     /// Anything else (a request that failed before it was routed).
     #[default]
     Other,
 }
 
 impl RouteLabel {
-    pub const ALL: [RouteLabel; 7] = [
+    pub const ALL: [RouteLabel; 8] = [
         Self::Redirect,
         Self::NotFound,
         Self::Api,
         Self::Health,
         Self::MethodNotAllowed,
         Self::RateLimited,
+        Self::HttpsRedirect,
         Self::Other,
     ];
 
@@ -123,6 +126,7 @@ impl RouteLabel {
             Self::Health => "health",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RateLimited => "rate_limited",
+            Self::HttpsRedirect => "https_redirect",
             Self::Other => "other",
         }
     }
@@ -204,14 +208,13 @@ impl HttpMetrics {
                     .with_label_values(&[method.as_str(), route.as_str()])
             })
             .observe(elapsed.as_secs_f64());
-        if mi <= MethodLabel::Head as usize {
-            if let Some(si) = HOT_STATUSES.iter().position(|&s| s == status) {
-                if is_hot(route, status) {
-                    let i = (mi * RouteLabel::ALL.len() + route.index()) * HOT_STATUSES.len() + si;
-                    self.hot[i].inc();
-                    return;
-                }
-            }
+        if mi <= MethodLabel::Head as usize
+            && is_hot(route, status)
+            && let Some(si) = HOT_STATUSES.iter().position(|&s| s == status)
+        {
+            let i = (mi * RouteLabel::ALL.len() + route.index()) * HOT_STATUSES.len() + si;
+            self.hot[i].inc();
+            return;
         }
         self.requests
             .with_label_values(&[method.as_str(), route.as_str(), status_str(status)])

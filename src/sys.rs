@@ -24,10 +24,10 @@ pub fn disk_space(path: &Path) -> Option<DiskSpace> {
     }
     // SAFETY: statvfs succeeded, so it initialised the struct.
     let st = unsafe { st.assume_init() };
-    let frsize = st.f_frsize as u64;
+    let frsize = st.f_frsize;
     Some(DiskSpace {
-        total: (st.f_blocks as u64).saturating_mul(frsize),
-        available: (st.f_bavail as u64).saturating_mul(frsize),
+        total: st.f_blocks.saturating_mul(frsize),
+        available: st.f_bavail.saturating_mul(frsize),
     })
 }
 

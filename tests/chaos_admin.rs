@@ -9,9 +9,9 @@
 //! except generous "did not hang" bounds. `CHAOS_SEED=N` replays the random
 //! kill points of `admin_killed_mid_write_loses_no_acknowledged_link`.
 
-mod common;
 #[path = "common/chaos.rs"]
 mod chaos;
+mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,11 +31,7 @@ fn assert_admin_unavailable(r: &common::Response, what: &str) {
         String::from_utf8_lossy(&r.body)
     );
     assert!(r.header("retry-after").is_some(), "{what}: no Retry-After");
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "{what}"
-    );
+    assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
     assert_eq!(r.json()["error"]["code"], "admin_unavailable", "{what}");
 }
 
@@ -73,7 +69,11 @@ fn admin_crash_and_restart_under_load() {
     for (method, path, body) in [
         ("GET", "/api/links/crash1", ""),
         ("POST", "/api/links", create),
-        ("PATCH", "/api/links/crash1", r#"{"url":"https://example.com/x"}"#),
+        (
+            "PATCH",
+            "/api/links/crash1",
+            r#"{"url":"https://example.com/x"}"#,
+        ),
         ("DELETE", "/api/links/crash2", ""),
         ("GET", "/api/links?limit=5", ""),
         ("GET", "/api/health", ""),
@@ -121,13 +121,7 @@ fn admin_crash_and_restart_under_load() {
     println!("admin crash under load: {}", report.summary());
     assert_eq!(report.failed, 0, "failed redirects: {:?}", report.failures);
     assert!(
-        cluster
-            .edge
-            .as_mut()
-            .unwrap()
-            .try_wait()
-            .unwrap()
-            .is_none(),
+        cluster.edge.as_mut().unwrap().try_wait().unwrap().is_none(),
         "the edge is still the same process"
     );
 }
@@ -210,9 +204,11 @@ fn slow_admin_does_not_tie_up_the_edge(mode: FakeMode, label: &str) {
     );
     let links = import_links(&setup, 100);
     let _edge = setup.start_edge();
-    wait_until(Duration::from_secs(10), "health checks reach the fake", || {
-        fake.health_checks.load(Ordering::Relaxed) > 0
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "health checks reach the fake",
+        || fake.health_checks.load(Ordering::Relaxed) > 0,
+    );
 
     // Redirects alone, for comparison.
     let baseline = Load::start(setup.addr, links.clone(), 4, 300, Duration::from_secs(30)).join();
@@ -254,7 +250,10 @@ fn slow_admin_does_not_tie_up_the_edge(mode: FakeMode, label: &str) {
         );
     }
     assert_eq!(report.failed, 0, "{label}: {:?}", report.failures);
-    assert!(during.0 > 0, "{label}: redirects were served during the burst");
+    assert!(
+        during.0 > 0,
+        "{label}: redirects were served during the burst"
+    );
 }
 
 #[test]
@@ -295,7 +294,10 @@ fn admin_hung_on_its_health_check_is_marked_down() {
         "admin hung on /api/health: marked down {marked_down:.1?} after the edge started; {} health checks reached it",
         fake.health_checks.load(Ordering::Relaxed)
     );
-    println!("admin hung on /api/health: management {}", describe_burst(&results));
+    println!(
+        "admin hung on /api/health: management {}",
+        describe_burst(&results)
+    );
     for (status, code, took) in &results {
         assert_eq!(*status, 503, "{code} after {took:?}");
         assert_eq!(code, "admin_unavailable");
@@ -371,8 +373,7 @@ fn admin_killed_mid_write_loses_no_acknowledged_link() {
             })
             .collect();
         wait_until(Duration::from_secs(30), "creates before the kill", || {
-            created.load(Ordering::Relaxed) >= kill_after
-                || writers.iter().all(|w| w.is_finished())
+            created.load(Ordering::Relaxed) >= kill_after || writers.iter().all(|w| w.is_finished())
         });
         std::thread::sleep(jitter); // a random moment, not a readiness wait
         killed.store(true, Ordering::Relaxed); // writers stop at their first failure
@@ -411,7 +412,10 @@ fn admin_killed_mid_write_loses_no_acknowledged_link() {
             );
         }
         let mut present = 0;
-        for (code, url) in unacked.iter().filter(|(c, _)| c.starts_with(&format!("r{round}w"))) {
+        for (code, url) in unacked
+            .iter()
+            .filter(|(c, _)| c.starts_with(&format!("r{round}w")))
+        {
             let r = api(admin, "GET", &format!("/api/links/{code}"), "");
             let e = get(edge, &format!("/{code}"));
             match r.status {
@@ -440,7 +444,10 @@ fn admin_killed_mid_write_loses_no_acknowledged_link() {
         unacked.len(),
         health["follower"]
     );
-    assert!(acked.len() >= ROUNDS * 5, "too few creates to mean anything");
+    assert!(
+        acked.len() >= ROUNDS * 5,
+        "too few creates to mean anything"
+    );
 }
 
 /// One create with the test key, without panicking on connection errors.

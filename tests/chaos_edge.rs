@@ -14,9 +14,9 @@
 //!   cargo test --release --test chaos_edge -- --ignored --nocapture
 //! ```
 
-mod common;
 #[path = "common/chaos.rs"]
 mod chaos;
+mod common;
 
 use std::io::BufRead;
 use std::path::Path;

@@ -4,11 +4,12 @@
 //! Every edge has its own temp dir with its pid file and upgrade socket, so
 //! these tests run in parallel with each other and with the rest; processes
 //! the script starts are SIGKILLed by pid when a test ends. Figures are
-//! printed (`-- --nocapture`).
+//! printed (`-- --nocapture`); `CHAOS_RUST_LOG=info` sets the edges' log level
+//! (their logs are in the temp dir, shown when a test fails).
 
-mod common;
 #[path = "common/chaos.rs"]
 mod chaos;
+mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chaos::{
-    Answer, Conn, EdgeSetup, FakeAdmin, IdleEnd, FakeMode, Grace, Load, Pids, alive, free_addr,
+    Conn, EdgeSetup, FakeAdmin, FakeMode, Grace, IdleEnd, Load, Pids, Reply, alive, free_addr,
     import_links, signal, wait_gone,
 };
 use common::{get, request, wait_until};
@@ -102,7 +103,10 @@ fn deploy(setup: &EdgeSetup, new: &Path, health_timeout_s: u32, pids: &Pids) -> 
         .filter_map(|l| l.strip_prefix("pid="))
         .filter_map(|p| p.trim().parse().ok())
         .next_back();
-    println!("deploy.sh: exit {:?} after {took:.2?}\n{stderr}", status.code());
+    println!(
+        "deploy.sh: exit {:?} after {took:.2?}\n{stderr}",
+        status.code()
+    );
     Deploy {
         code: status.code().unwrap_or(-1),
         serving,
@@ -117,7 +121,7 @@ fn running_edge(grace: Grace) -> (EdgeSetup, chaos::Proc, Load) {
     let links = import_links(&setup, 50);
     let edge = setup.start_edge();
     std::fs::write(setup.path().join("edge.pid"), format!("{}\n", edge.id())).unwrap();
-    let load = Load::start(setup.addr, links, 3, 50_000, Duration::from_secs(90));
+    let load = Load::start(setup.addr, links, 2, 50_000, Duration::from_secs(90));
     load.wait_more(100, Duration::from_secs(30));
     (setup, edge, load)
 }
@@ -177,9 +181,16 @@ fn deploy_of_a_binary_that_exits_at_once_changes_nothing() {
     assert_eq!(d.code, 3, "{}", d.stderr);
     load.wait_more(200, Duration::from_secs(30));
     let report = load.stop();
-    println!("deploy of exit-1 binary: exit {}; {}", d.code, report.summary());
+    println!(
+        "deploy of exit-1 binary: exit {}; {}",
+        d.code,
+        report.summary()
+    );
     assert_eq!(report.failed, 0, "{:?}", report.failures);
-    assert!(old.wait_exit(Duration::ZERO).is_none(), "old edge untouched");
+    assert!(
+        old.wait_exit(Duration::ZERO).is_none(),
+        "old edge untouched"
+    );
     assert_eq!(pid_file(&setup), old.id());
 }
 
@@ -203,12 +214,12 @@ fn deploy_of_a_binary_that_dies_at_start_rolls_back() {
     assert_rolled_back(&setup, &mut old, back, load, "dies at start", &d);
 }
 
-/// (b) A binary that starts, takes the sockets, and never answers /health
-/// on the edge's address (it listens elsewhere: the inherited socket is
-/// closed as unclaimed): rolled back after the health timeout (exit 2), no
-/// request fails (they wait in the accept queue meanwhile).
+/// (b) A binary that starts and takes the sockets but listens elsewhere
+/// (its config says so: the inherited socket is closed as unclaimed):
+/// rolled back as soon as the script sees the socket gone (exit 2), no
+/// request fails.
 #[test]
-fn deploy_of_a_binary_that_never_gets_healthy_rolls_back() {
+fn deploy_of_a_binary_that_listens_elsewhere_rolls_back() {
     let pids = Pids::default();
     let (setup, mut old, load) = running_edge(Grace::default());
     let elsewhere = free_addr();
@@ -219,10 +230,48 @@ fn deploy_of_a_binary_that_never_gets_healthy_rolls_back() {
             "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\nULOAD_EDGE_LISTEN={elsewhere} exec {UPLOAD} \"$@\""
         ),
     );
+    let d = deploy(&setup, &bad, 30, &pids);
+    assert_eq!(d.code, 2, "{}\n{}", d.stderr, setup.logs());
+    assert!(
+        d.stderr.contains("closed the socket listening"),
+        "{}",
+        d.stderr
+    );
+    let back = d.serving.expect("pid=N on stdout");
+    assert_rolled_back(&setup, &mut old, back, load, "listens elsewhere", &d);
+}
+
+/// (b) A "binary" that takes the sockets and then hangs, never accepting
+/// (a Python stand-in speaking Pingora's hand-over protocol): no /health
+/// answer from it, rolled back after the health timeout (exit 2); no request
+/// fails (they wait in the accept queue meanwhile).
+#[test]
+fn deploy_of_a_binary_that_hangs_rolls_back() {
+    let pids = Pids::default();
+    let (setup, mut old, load) = running_edge(Grace::default());
+    let hung = format!(
+        "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\n\
+         exec python3 -c '\n\
+import os, socket, sys, time\n\
+path = sys.argv[1]\n\
+if os.path.exists(path): os.unlink(path)\n\
+s = socket.socket(socket.AF_UNIX)\n\
+s.bind(path)\n\
+s.listen(1)\n\
+s.settimeout(30)\n\
+c, _ = s.accept()\n\
+msg, fds, _, _ = socket.recv_fds(c, 4096, 64)\n\
+os.unlink(path)\n\
+time.sleep(60)\n\
+' {}",
+        setup.upgrade_sock().display()
+    );
+    let bad = script(setup.path(), "hangs", &hung);
     let d = deploy(&setup, &bad, 4, &pids);
     assert_eq!(d.code, 2, "{}\n{}", d.stderr, setup.logs());
+    assert!(d.stderr.contains("not healthy: timeout"), "{}", d.stderr);
     let back = d.serving.expect("pid=N on stdout");
-    assert_rolled_back(&setup, &mut old, back, load, "never healthy", &d);
+    assert_rolled_back(&setup, &mut old, back, load, "hangs", &d);
 }
 
 fn assert_rolled_back(
@@ -279,7 +328,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
             let mut c = Conn::open(setup.addr).unwrap();
             c.send(&Conn::head("GET", &path, &[], b"")).unwrap();
             match c.read_answer(false) {
-                Answer::Whole(r) => assert_eq!(r.status, 302),
+                Reply::Whole(r) => assert_eq!(r.status, 302),
                 other => panic!("{other:?}"),
             }
             c
@@ -295,7 +344,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
                 let mut c = Conn::open(addr).unwrap();
                 c.send(&Conn::head("GET", &path, &[], b"")).unwrap();
                 match c.read_answer(false) {
-                    Answer::Whole(r) => assert_eq!(r.status, 302),
+                    Reply::Whole(r) => assert_eq!(r.status, 302),
                     other => panic!("{other:?}"),
                 }
                 c.send(&Conn::head("GET", &format!("/api/slow{i}"), &[], b""))
@@ -312,9 +361,11 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
     let mut half = Conn::open(setup.addr).unwrap();
     let head = Conn::head("GET", &path, &[], b"");
     half.send(&head[..head.len() - 2]).unwrap();
-    wait_until(Duration::from_secs(20), "slow requests at the admin", || {
-        fake.requests.load(Ordering::Relaxed) >= SLOW as u64
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "slow requests at the admin",
+        || fake.requests.load(Ordering::Relaxed) >= SLOW as u64,
+    );
 
     let pid = edge.id();
     let t0 = Instant::now();
@@ -322,7 +373,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
     // The half-sent request completes after the signal.
     half.send(b"\r\n").unwrap();
     let half_answer = half.read_answer(false);
-    let slow_answers: Vec<(Answer, Duration, IdleEnd)> =
+    let slow_answers: Vec<(Reply, Duration, IdleEnd)> =
         slow.into_iter().map(|t| t.join().unwrap()).collect();
     // Idle kept-alive connections: closed by the edge, or still usable.
     // (A request sent on one just as the edge closes it meets a reset, as
@@ -333,8 +384,8 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
             IdleEnd::Closed => "closed".to_owned(),
             IdleEnd::Open => match c.send(&Conn::head("GET", &path, &[], b"")) {
                 Ok(()) => match c.read_answer(false) {
-                    Answer::Whole(r) if r.status == 302 => "open, then 302".to_owned(),
-                    Answer::ClosedBeforeAnswer => "open, then closed".to_owned(),
+                    Reply::Whole(r) if r.status == 302 => "open, then 302".to_owned(),
+                    Reply::ClosedBeforeAnswer => "open, then closed".to_owned(),
                     other => panic!("a kept-alive connection after SIGTERM: {other:?}"),
                 },
                 Err(e) => format!("open, then write failed: {e}"),
@@ -356,13 +407,13 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         grace.grace_period_seconds,
         grace.graceful_shutdown_timeout_seconds,
         match &half_answer {
-            Answer::Whole(r) => format!("{} {:?}", r.status, r.header("location")),
+            Reply::Whole(r) => format!("{} {:?}", r.status, r.header("location")),
             other => format!("{other:?}"),
         },
         slow_answers
             .iter()
             .map(|(a, t, end)| match a {
-                Answer::Whole(r) => format!(
+                Reply::Whole(r) => format!(
                     "{} {} in {t:.2?}, then {end:?}",
                     r.status,
                     String::from_utf8_lossy(&r.body)
@@ -373,7 +424,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
     );
     for (a, _, end) in &slow_answers {
         match a {
-            Answer::Whole(r) => {
+            Reply::Whole(r) => {
                 assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
                 assert_eq!(r.body, b"{}");
             }
@@ -386,14 +437,14 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
     }
     // Answered whole, or closed before any byte of an answer: never cut.
     match &half_answer {
-        Answer::Whole(r) => {
+        Reply::Whole(r) => {
             assert_eq!(
                 (r.status, r.header("location")),
                 (302, Some(location.as_str()))
             )
         }
-        Answer::ClosedBeforeAnswer | Answer::ResetBeforeAnswer(_) => {}
-        Answer::Broken(e) => panic!("the half-sent request: {e}"),
+        Reply::ClosedBeforeAnswer | Reply::ResetBeforeAnswer(_) => {}
+        Reply::Broken(e) => panic!("the half-sent request: {e}"),
     }
     assert!(
         status.is_some(),

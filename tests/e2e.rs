@@ -380,3 +380,27 @@ fn the_client_address_reaches_the_admin() {
     assert!(seen.contains("x-forwarded-proto: http"), "{seen}");
     assert!(!seen.contains("6.6.6.6"), "{seen}");
 }
+
+/// An edge whose listen address is taken exits at once with an error naming
+/// the key and address (Pingora alone would panic a thread and stay up,
+/// serving nothing, so that a supervisor never restarts it).
+#[test]
+fn an_edge_that_cannot_listen_exits_non_zero() {
+    let cluster = Cluster::start();
+    // The running edge holds the address; a second one on the same config
+    // must fail without `-u`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_uload"))
+        .args(["edge", "--config"])
+        .arg(&cluster.config)
+        .env("ULOAD_METRICS_LISTEN", "")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("edge.listen {}", cluster.edge_addr)),
+        "{err}"
+    );
+    assert_eq!(get(cluster.edge_addr, "/health").status, 200);
+}

@@ -133,9 +133,13 @@ fn config_regressions() {
     replay_all("config", |_, data| format_checks::check_config(data));
 }
 
-/// Every fuzz target's name, its seed corpus and the check it runs.
+/// The check a target runs on one input (named for messages).
 type Check = fn(&str, &[u8]);
-fn seed_corpora() -> Vec<(&'static str, Vec<(String, Vec<u8>)>, Check)> {
+/// Named inputs: a seed corpus.
+type Inputs = Vec<(String, Vec<u8>)>;
+
+/// Every fuzz target's name, its seed corpus and the check it runs.
+fn seed_corpora() -> Vec<(&'static str, Inputs, Check)> {
     vec![
         ("log_reader", seed_segments(), |_, d| {
             checks::check_log_segment(d)

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, StatusCode, header};
+use axum::http::{Method, Request, StatusCode, header};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,7 +55,6 @@ struct Admin {
 struct Reply {
     status: StatusCode,
     json: Value,
-    headers: HeaderMap,
 }
 
 impl Reply {
@@ -118,7 +117,13 @@ impl Admin {
 
     /// Sends a request with the key and `Content-Type: application/json`
     /// unless `headers` names its own.
-    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Reply {
         let mut req = Request::builder()
             .method(Method::from_bytes(method.as_bytes()).unwrap())
             .uri(path)
@@ -139,22 +144,16 @@ impl Admin {
             .await
             .unwrap();
         let status = res.status();
-        let headers = res.headers().clone();
         let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
             .await
             .unwrap();
         let json = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                panic!("{method} {path}: body is not JSON ({e}): {bytes:?}")
-            })
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {bytes:?}"))
         };
-        Reply {
-            status,
-            json,
-            headers,
-        }
+        Reply { status, json }
     }
 
     async fn json(&self, method: &str, path: &str, body: Value) -> Reply {
@@ -381,7 +380,10 @@ async fn wrong_types_for_every_field() {
         (json!({"url": url, "status": -301}), "status"),
         (json!({"url": url, "status": 70000}), "status"),
         (json!({"url": url, "status": true}), "status"),
-        (json!({"url": url, "expires_at": 1_900_000_000}), "expires_at"),
+        (
+            json!({"url": url, "expires_at": 1_900_000_000}),
+            "expires_at",
+        ),
         (json!({"url": url, "expires_at": true}), "expires_at"),
         (json!({"url": url, "expires_at": {"t": 1}}), "expires_at"),
         (json!({"url": url, "max_clicks": "5"}), "max_clicks"),
@@ -389,7 +391,10 @@ async fn wrong_types_for_every_field() {
         (json!({"url": url, "max_clicks": 1e3}), "max_clicks"),
         (json!({"url": url, "max_clicks": [5]}), "max_clicks"),
         (json!({"url": url, "forward_query": 1}), "forward_query"),
-        (json!({"url": url, "forward_query": "true"}), "forward_query"),
+        (
+            json!({"url": url, "forward_query": "true"}),
+            "forward_query",
+        ),
         (json!({"url": url, "forward_query": null}), "forward_query"),
         (json!({"url": url, "disabled": 0}), "disabled"),
         (json!({"url": url, "disabled": null}), "disabled"),
@@ -755,20 +760,20 @@ async fn unicode_look_alike_codes_are_invalid() {
         .create(json!({"url": "https://example.com/", "code": "api-x"}))
         .await;
     for code in [
-        "\u{0430}pi",           // Cyrillic а + "pi": looks like "api"
-        "he\u{0430}lth",        // Cyrillic а inside "health"
+        "\u{0430}pi",               // Cyrillic а + "pi": looks like "api"
+        "he\u{0430}lth",            // Cyrillic а inside "health"
         "\u{FF41}\u{FF50}\u{FF49}", // fullwidth "ａｐｉ"
         "\u{FF21}\u{FF30}\u{FF29}", // fullwidth "ＡＰＩ"
-        "api\u{200D}",          // zero-width joiner
-        "a\u{200B}pi",          // zero-width space
-        "\u{202E}ipa",          // right-to-left override
-        "api\u{FEFF}",          // BOM
+        "api\u{200D}",              // zero-width joiner
+        "a\u{200B}pi",              // zero-width space
+        "\u{202E}ipa",              // right-to-left override
+        "api\u{FEFF}",              // BOM
         "\u{1D00}\u{1D18}\u{026A}", // small capitals
-        "ap\u{0131}",           // dotless i
-        "api\u{0301}",          // combining acute accent
+        "ap\u{0131}",               // dotless i
+        "api\u{0301}",              // combining acute accent
         "\u{0661}\u{0662}\u{0663}", // Arabic-Indic digits
-        "api-x\u{00A0}",        // no-break space after an existing code
-        "api\u{2010}x",         // Unicode hyphen
+        "api-x\u{00A0}",            // no-break space after an existing code
+        "api\u{2010}x",             // Unicode hyphen
     ] {
         admin
             .refused_json(
@@ -794,7 +799,14 @@ async fn unicode_look_alike_codes_are_invalid() {
                 .await;
         }
         admin
-            .refused_json("PATCH", path, json!({"disabled": true}), 404, "not_found", None)
+            .refused_json(
+                "PATCH",
+                path,
+                json!({"disabled": true}),
+                404,
+                "not_found",
+                None,
+            )
             .await;
     }
 }
@@ -807,13 +819,13 @@ async fn idn_and_homograph_hosts() {
         .await;
     // Raw Unicode hosts are refused: the punycode form must be sent.
     for url in [
-        "https://\u{0430}pple.com/",        // Cyrillic а: аpple.com
-        "https://www.\u{0440}\u{0430}ypal.com/", // Cyrillic р and а
-        "https://b\u{00FC}cher.de/",        // a genuine IDN, still refused raw
-        "https://\u{FF45}xample.com/",      // fullwidth e
-        "https://example\u{3002}com/",      // ideographic full stop as a dot
+        "https://\u{0430}pple.com/",                // Cyrillic а: аpple.com
+        "https://www.\u{0440}\u{0430}ypal.com/",    // Cyrillic р and а
+        "https://b\u{00FC}cher.de/",                // a genuine IDN, still refused raw
+        "https://\u{FF45}xample.com/",              // fullwidth e
+        "https://example\u{3002}com/",              // ideographic full stop as a dot
         "https://example.com\u{FF0F}evil.example/", // fullwidth solidus
-        "https://xn--80ak6aa92e.\u{0441}om/", // punycode label + Cyrillic с
+        "https://xn--80ak6aa92e.\u{0441}om/",       // punycode label + Cyrillic с
     ] {
         admin
             .refused_json(
@@ -870,13 +882,22 @@ async fn idn_and_homograph_hosts() {
     // Unicode in the path, query and fragment is percent-encoded (UTF-8),
     // as a browser would request it; Location stays ASCII.
     let made = admin
-        .create(json!({"url": "https://example.com/caf\u{00E9}?q=\u{00FC}#\u{2603}", "code": "cafe"}))
+        .create(
+            json!({"url": "https://example.com/caf\u{00E9}?q=\u{00FC}#\u{2603}", "code": "cafe"}),
+        )
         .await;
-    assert_eq!(made["url"], "https://example.com/caf%C3%A9?q=%C3%BC#%E2%98%83");
+    assert_eq!(
+        made["url"],
+        "https://example.com/caf%C3%A9?q=%C3%BC#%E2%98%83"
+    );
     let got = admin.send("GET", "/api/links/cafe", &[], Vec::new()).await;
     assert_eq!(got.json, made);
     let patched = admin
-        .json("PATCH", "/api/links/puny", json!({"url": "https://example.com/\u{00E9}t\u{00E9}"}))
+        .json(
+            "PATCH",
+            "/api/links/puny",
+            json!({"url": "https://example.com/\u{00E9}t\u{00E9}"}),
+        )
         .await;
     assert_eq!(patched.status, StatusCode::OK, "{}", patched.json);
     assert_eq!(patched.json["url"], "https://example.com/%C3%A9t%C3%A9");
@@ -904,11 +925,11 @@ async fn bodies_that_are_not_utf8() {
     let bodies: [&[u8]; 8] = [
         b"{\"url\":\"https://example.com/\xff\"}",
         b"{\"url\":\"https://example.com/\xe9t\xe9\"}", // Latin-1
-        b"{\"url\":\"https://example.com/\xc0\xaf\"}",   // overlong '/'
+        b"{\"url\":\"https://example.com/\xc0\xaf\"}",  // overlong '/'
         b"{\"url\":\"https://example.com/\xed\xa0\x80\"}", // encoded surrogate
-        b"{\"url\":\"https://example.com/\\ud800\"}",     // lone surrogate escape
+        b"{\"url\":\"https://example.com/\\ud800\"}",   // lone surrogate escape
         b"\xef\xbb\xbf{\"url\":\"https://example.com/\"}", // UTF-8 BOM
-        b"\xff\xfe{\x00\"\x00u\x00r\x00l\x00\"\x00", // UTF-16LE
+        b"\xff\xfe{\x00\"\x00u\x00r\x00l\x00\"\x00",    // UTF-16LE
         b"{\"url\xff\":\"https://example.com/\"}",
     ];
     for body in bodies {
@@ -1054,7 +1075,9 @@ async fn bulk_mixes_good_and_bad_items_and_writes_only_the_good() {
         {"code": "nourl"},
         {"url": "https://good.example/3"},
     ]);
-    let expected: Vec<(u16, Option<(&str, Option<&str>)>)> = vec![
+    // (status, (error code, field) for a refusal)
+    type Expected = (u16, Option<(&'static str, Option<&'static str>)>);
+    let expected: Vec<Expected> = vec![
         (201, None),
         (400, Some(("invalid_type", None))),
         (400, Some(("invalid_type", None))),
@@ -1076,7 +1099,9 @@ async fn bulk_mixes_good_and_bad_items_and_writes_only_the_good() {
     ];
     let before = admin.fingerprint().await;
     let syncs = admin.state.store().log().sync_count();
-    let r = admin.json("POST", "/api/links/bulk", json!({"links": items})).await;
+    let r = admin
+        .json("POST", "/api/links/bulk", json!({"links": items}))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
     let results = r.json["results"].as_array().unwrap();
     assert_eq!(results.len(), expected.len());
@@ -1125,11 +1150,27 @@ async fn bulk_mixes_good_and_bad_items_and_writes_only_the_good() {
     // Bodies of the wrong shape refuse the whole request.
     for (body, code, field) in [
         (json!({"links": null}), "invalid_type", Some("links")),
-        (json!({"links": {"url": "https://example.com/"}}), "invalid_type", Some("links")),
-        (json!({"links": "https://example.com/"}), "invalid_type", Some("links")),
+        (
+            json!({"links": {"url": "https://example.com/"}}),
+            "invalid_type",
+            Some("links"),
+        ),
+        (
+            json!({"links": "https://example.com/"}),
+            "invalid_type",
+            Some("links"),
+        ),
         (json!({}), "missing_field", Some("links")),
-        (json!({"links": [], "dry_run": true}), "unknown_field", Some("dry_run")),
-        (json!([{"url": "https://example.com/"}]), "invalid_type", None),
+        (
+            json!({"links": [], "dry_run": true}),
+            "unknown_field",
+            Some("dry_run"),
+        ),
+        (
+            json!([{"url": "https://example.com/"}]),
+            "invalid_type",
+            None,
+        ),
         (
             json!({"links": vec![json!({"url": "https://example.com/"}); MAX_BULK + 1]}),
             "too_many_links",
@@ -1142,8 +1183,13 @@ async fn bulk_mixes_good_and_bad_items_and_writes_only_the_good() {
     }
     // An empty list: nothing to do, nothing written.
     let before = admin.fingerprint().await;
-    let r = admin.json("POST", "/api/links/bulk", json!({"links": []})).await;
-    assert_eq!((r.status, &r.json), (StatusCode::OK, &json!({"results": []})));
+    let r = admin
+        .json("POST", "/api/links/bulk", json!({"links": []}))
+        .await;
+    assert_eq!(
+        (r.status, &r.json),
+        (StatusCode::OK, &json!({"results": []}))
+    );
     assert_eq!(admin.fingerprint().await, before);
 }
 
@@ -1155,8 +1201,8 @@ async fn hostile_patch_and_delete_paths() {
         .await;
     let long = format!("/api/links/{}", "a".repeat(65));
     let paths = [
-        "/api/links/%FF",          // not UTF-8 once decoded
-        "/api/links/%C0%AF",       // overlong '/'
+        "/api/links/%FF",    // not UTF-8 once decoded
+        "/api/links/%C0%AF", // overlong '/'
         "/api/links/exists%FF",
         "/api/links/%00",
         "/api/links/exists%00",
@@ -1166,7 +1212,7 @@ async fn hostile_patch_and_delete_paths() {
         "/api/links/.",
         "/api/links/exists%20",
         "/api/links/%20exists",
-        "/api/links/EXISTS",       // codes are case-sensitive
+        "/api/links/EXISTS", // codes are case-sensitive
         "/api/links/exists.",
         "/api/links/exist%73%2F",
         long.as_str(),
@@ -1178,7 +1224,14 @@ async fn hostile_patch_and_delete_paths() {
                 .await;
         }
         admin
-            .refused_json("PATCH", path, json!({"disabled": true}), 404, "not_found", None)
+            .refused_json(
+                "PATCH",
+                path,
+                json!({"disabled": true}),
+                404,
+                "not_found",
+                None,
+            )
             .await;
         // Only `bulk` takes a POST, whatever the path decodes to.
         admin
@@ -1194,14 +1247,38 @@ async fn hostile_patch_and_delete_paths() {
     }
     // The right link, with hostile bodies.
     for (body, code, field) in [
-        (json!({"url": "https://user:pw@example.com/"}), "invalid_url", Some("url")),
-        (json!({"url": "https://ex\u{0430}mple.com/"}), "invalid_url", Some("url")),
-        (json!({"url": "https://example.com/\u{202E}"}), "invalid_url", Some("url")),
+        (
+            json!({"url": "https://user:pw@example.com/"}),
+            "invalid_url",
+            Some("url"),
+        ),
+        (
+            json!({"url": "https://ex\u{0430}mple.com/"}),
+            "invalid_url",
+            Some("url"),
+        ),
+        (
+            json!({"url": "https://example.com/\u{202E}"}),
+            "invalid_url",
+            Some("url"),
+        ),
         (json!({"url": ""}), "invalid_url", Some("url")),
         (json!({"status": 0}), "invalid_status", Some("status")),
-        (json!({"expires_at": "1969-12-31T23:59:59Z"}), "invalid_expires_at", Some("expires_at")),
-        (json!({"expires_at": "x".repeat(10_000)}), "invalid_expires_at", Some("expires_at")),
-        (json!({"expires_at": "2026-02-30T00:00:00Z"}), "invalid_expires_at", Some("expires_at")),
+        (
+            json!({"expires_at": "1969-12-31T23:59:59Z"}),
+            "invalid_expires_at",
+            Some("expires_at"),
+        ),
+        (
+            json!({"expires_at": "x".repeat(10_000)}),
+            "invalid_expires_at",
+            Some("expires_at"),
+        ),
+        (
+            json!({"expires_at": "2026-02-30T00:00:00Z"}),
+            "invalid_expires_at",
+            Some("expires_at"),
+        ),
         (json!([]), "invalid_type", None),
     ] {
         admin
@@ -1210,7 +1287,11 @@ async fn hostile_patch_and_delete_paths() {
     }
     // A huge invalid value is not echoed back whole.
     let r = admin
-        .json("PATCH", "/api/links/exists", json!({"expires_at": "y".repeat(10_000)}))
+        .json(
+            "PATCH",
+            "/api/links/exists",
+            json!({"expires_at": "y".repeat(10_000)}),
+        )
         .await;
     assert!(r.json.to_string().len() < 1000, "{}", r.json);
     // PATCH with no body at all: not JSON.
@@ -1262,7 +1343,10 @@ async fn raw_http(addr: std::net::SocketAddr, request: Vec<u8>) -> (u16, Value) 
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("no header block: {text:?}"));
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = rest;
         loop {
@@ -1319,7 +1403,10 @@ async fn hostile_bytes_on_a_real_listener() {
     }
     chunked.extend_from_slice(b"0\r\n\r\n");
     let (status, body) = raw_http(addr, chunked).await;
-    assert_eq!((status, &body["error"]["code"]), (413, &json!("body_too_large")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (413, &json!("body_too_large"))
+    );
 
     // A Content-Length over the limit.
     let big = vec![b'['; MAX_BODY + 10];
@@ -1331,7 +1418,10 @@ async fn hostile_bytes_on_a_real_listener() {
     );
     req.extend_from_slice(&big);
     let (status, body) = raw_http(addr, req).await;
-    assert_eq!((status, &body["error"]["code"]), (413, &json!("body_too_large")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (413, &json!("body_too_large"))
+    );
 
     // 100,000 nested arrays: an error, not a stack overflow of the server.
     let nested = nested_arrays(100_000);
@@ -1343,7 +1433,10 @@ async fn hostile_bytes_on_a_real_listener() {
     );
     req.extend_from_slice(nested.as_bytes());
     let (status, body) = raw_http(addr, req).await;
-    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_json")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_json"))
+    );
 
     // Bytes that are not UTF-8, in the body and in the path.
     let bad = b"{\"url\":\"https://example.com/\xff\xfe\x00\"}";
@@ -1355,12 +1448,20 @@ async fn hostile_bytes_on_a_real_listener() {
     );
     req.extend_from_slice(bad);
     let (status, body) = raw_http(addr, req).await;
-    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_json")));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_json"))
+    );
     for method in ["GET", "DELETE"] {
         let (status, body) = raw_http(addr, head(method, "/api/links/%FF%FE", addr, "")).await;
         assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")));
     }
-    let mut req = head("PATCH", "/api/links/ex%C0%AFists00", addr, "Content-Length: 2\r\n");
+    let mut req = head(
+        "PATCH",
+        "/api/links/ex%C0%AFists00",
+        addr,
+        "Content-Length: 2\r\n",
+    );
     req.extend_from_slice(b"{}");
     let (status, body) = raw_http(addr, req).await;
     assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")));
@@ -1465,17 +1566,32 @@ fn overlapping_patches_and_deletes_of_one_code_get_409() {
     let before = rt.block_on(admin.fingerprint());
     let (release, blocker) = hold_writes(&rt);
     let first = start_held(&rt, &admin, "hot", || {
-        authed("PATCH", "/api/links/hot", r#"{"url":"https://example.com/first"}"#)
+        authed(
+            "PATCH",
+            "/api/links/hot",
+            r#"{"url":"https://example.com/first"}"#,
+        )
     });
     rt.block_on(async {
         // A second PATCH with a real change, and a DELETE: both 409.
         let r = admin
-            .json("PATCH", "/api/links/hot", json!({"url": "https://example.com/second"}))
+            .json(
+                "PATCH",
+                "/api/links/hot",
+                json!({"url": "https://example.com/second"}),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CONFLICT);
         assert_eq!(r.error(), ("conflict".into(), None));
-        assert!(r.json["error"]["message"].as_str().unwrap().contains("retry"));
-        let r = admin.send("DELETE", "/api/links/hot", &[], Vec::new()).await;
+        assert!(
+            r.json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("retry")
+        );
+        let r = admin
+            .send("DELETE", "/api/links/hot", &[], Vec::new())
+            .await;
         assert_eq!(r.status, StatusCode::CONFLICT);
         assert_eq!(r.error(), ("conflict".into(), None));
         // Reads are not held up, and see the link as it was.
@@ -1496,7 +1612,9 @@ fn overlapping_patches_and_deletes_of_one_code_get_409() {
         let r = admin.send("GET", "/api/links/hot", &[], Vec::new()).await;
         assert_eq!(r.json["url"], "https://example.com/first");
         // Once applied the code is free again.
-        let r = admin.send("DELETE", "/api/links/hot", &[], Vec::new()).await;
+        let r = admin
+            .send("DELETE", "/api/links/hot", &[], Vec::new())
+            .await;
         assert_eq!(r.status, StatusCode::NO_CONTENT);
     });
 }
@@ -1517,7 +1635,9 @@ fn overlapping_deletes_of_one_code_get_409() {
     });
     rt.block_on(async {
         for _ in 0..3 {
-            let r = admin.send("DELETE", "/api/links/doomed", &[], Vec::new()).await;
+            let r = admin
+                .send("DELETE", "/api/links/doomed", &[], Vec::new())
+                .await;
             assert_eq!(r.status, StatusCode::CONFLICT);
             assert_eq!(r.error(), ("conflict".into(), None));
         }
@@ -1528,7 +1648,11 @@ fn overlapping_deletes_of_one_code_get_409() {
         assert_eq!(r.error(), ("conflict".into(), None));
         // Re-creating it while the delete is in flight: the code is taken.
         let r = admin
-            .json("POST", "/api/links", json!({"url": "https://example.com/new", "code": "doomed"}))
+            .json(
+                "POST",
+                "/api/links",
+                json!({"url": "https://example.com/new", "code": "doomed"}),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CONFLICT);
         assert_eq!(r.error(), ("duplicate_code".into(), Some("code".into())));
@@ -1541,7 +1665,9 @@ fn overlapping_deletes_of_one_code_get_409() {
         let after = admin.fingerprint().await;
         assert_eq!(after.durable_seq, before.durable_seq + 1);
         assert!(after.links.is_empty());
-        let r = admin.send("DELETE", "/api/links/doomed", &[], Vec::new()).await;
+        let r = admin
+            .send("DELETE", "/api/links/doomed", &[], Vec::new())
+            .await;
         assert_eq!(r.error(), ("not_found".into(), None));
         admin
             .create(json!({"url": "https://example.com/new", "code": "doomed"}))

@@ -89,6 +89,7 @@ fn counters_move_by_exactly_the_traffic_sent() {
                     "health",
                     "method_not_allowed",
                     "rate_limited",
+                    "https_redirect",
                     "other"
                 ]
                 .contains(&route),

@@ -193,18 +193,6 @@ impl ApiError {
         )
     }
 
-    /// A write the data dir refused. `detail` is logged, not sent.
-    pub fn storage(detail: &dyn std::fmt::Display, retry_after: u64) -> Self {
-        tracing::error!(error = %detail, "admin: write to the data dir failed");
-        Self {
-            retry_after: Some(retry_after),
-            ..Self::new(
-                ErrorCode::StorageError,
-                "the link store could not persist the change; nothing was saved",
-            )
-        }
-    }
-
     /// A write the store refused: `507 insufficient_storage` when the disk
     /// is full (ENOSPC, EDQUOT, EFBIG: writes work again once space is
     /// freed), else `503 storage_error` (a read-only or failing disk). Both

@@ -60,9 +60,10 @@ pub fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
         }
     }
     for encoding in headers.get_all(header::CONTENT_ENCODING) {
-        let identity = encoding
-            .to_str()
-            .is_ok_and(|e| e.split(',').all(|c| c.trim().eq_ignore_ascii_case("identity")));
+        let identity = encoding.to_str().is_ok_and(|e| {
+            e.split(',')
+                .all(|c| c.trim().eq_ignore_ascii_case("identity"))
+        });
         if !identity {
             return refuse("Content-Encoding is not supported: send the body uncompressed");
         }

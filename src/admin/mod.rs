@@ -23,6 +23,7 @@
 //! ```
 
 mod auth;
+pub mod backup_task;
 mod codes;
 mod error;
 mod json;
@@ -129,8 +130,11 @@ pub fn run(config: &Config) -> Result<(), AdminError> {
         .build()
         .map_err(AdminError::Runtime)?;
     let state = AdminState::open(config)?;
+    // Scheduled backups (backup.dir), off the request path.
+    let backups =
+        backup_task::BackupTask::start(&config.data_dir, &config.backup, state.backup_status());
     let addr = config.admin.listen;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AdminError::Bind { addr, source })?;
@@ -146,7 +150,11 @@ pub fn run(config: &Config) -> Result<(), AdminError> {
         }
         tracing::info!("admin: stopped");
         Ok(())
-    })
+    });
+    if let Some(backups) = backups {
+        backups.stop(Duration::from_secs(10));
+    }
+    served
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

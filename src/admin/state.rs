@@ -97,6 +97,8 @@ struct Shared {
     /// Set while a compaction runs; shared with the compaction thread so
     /// that it can clear it after letting go of everything else.
     compacting: Arc<AtomicBool>,
+    /// What the scheduled backups did (`backup_task.rs`), for metrics.
+    backup: Arc<super::backup_task::BackupStatus>,
     /// Set while the last append failed (disk full, read-only, I/O error);
     /// cleared by the next append that succeeds. The log retries the disk on
     /// every append, so this recovers without a restart.
@@ -209,6 +211,7 @@ impl AdminState {
                 }),
                 applied: Condvar::new(),
                 compacting: Arc::new(AtomicBool::new(false)),
+                backup: Arc::default(),
                 write_failed: AtomicBool::new(false),
                 write_error: Mutex::new(None),
                 broken: AtomicBool::new(false),
@@ -263,6 +266,12 @@ impl AdminState {
     /// Background compactions that failed since the last one that worked.
     pub fn compaction_failures(&self) -> u64 {
         self.shared.compaction_retry_state().failures
+    }
+
+    /// What the scheduled backups did: read it for the backup metrics
+    /// ([`super::backup_task::BackupStatus::register`]).
+    pub fn backup_status(&self) -> Arc<super::backup_task::BackupStatus> {
+        self.shared.backup.clone()
     }
 
     /// Whether a compaction is running.
@@ -473,7 +482,10 @@ impl Shared {
         if self.write_failed.swap(false, Ordering::AcqRel) {
             tracing::warn!("admin: writes to the data dir work again");
             // Space came back: a compaction waiting out a failure may run.
-            let mut retry = self.compaction_retry.lock().unwrap_or_else(|p| p.into_inner());
+            let mut retry = self
+                .compaction_retry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             retry.not_before = None;
             retry.delay = COMPACTION_RETRY_MIN;
         }

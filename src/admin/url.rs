@@ -95,7 +95,10 @@ fn check_authority(authority: &str) -> Result<(), ApiError> {
         let (addr, after) = v6
             .split_once(']')
             .ok_or_else(|| invalid("an IPv6 host must end with ]"))?;
-        if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        if addr.is_empty()
+            || !addr
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
         {
             return Err(invalid("is not a valid IPv6 address in brackets"));
         }
@@ -159,12 +162,18 @@ mod tests {
     fn accepts_and_normalises() {
         for (given, stored) in [
             ("https://example.com/", "https://example.com/"),
-            ("HTTPS://Example.COM:8443/a?b=c#d", "HTTPS://Example.COM:8443/a?b=c#d"),
+            (
+                "HTTPS://Example.COM:8443/a?b=c#d",
+                "HTTPS://Example.COM:8443/a?b=c#d",
+            ),
             ("http://xn--80ak6aa92e.com/", "http://xn--80ak6aa92e.com/"),
             ("http://127.0.0.1:8080/x", "http://127.0.0.1:8080/x"),
             ("http://[::1]:8080/x", "http://[::1]:8080/x"),
             ("https://example.com./", "https://example.com./"),
-            ("https://example.com/café?q=é#ü", "https://example.com/caf%C3%A9?q=%C3%A9#%C3%BC"),
+            (
+                "https://example.com/café?q=é#ü",
+                "https://example.com/caf%C3%A9?q=%C3%A9#%C3%BC",
+            ),
             ("https://example.com/a%20b", "https://example.com/a%20b"),
             ("https://example.com/@alice", "https://example.com/@alice"),
         ] {

@@ -144,6 +144,14 @@ pub fn check_config(args: CheckConfigArgs) -> Result<(), CliError> {
                     failed += 1;
                     continue;
                 }
+                // The certificate and key the HTTPS listener would serve.
+                if let Some(tls) = &config.tls
+                    && let Err(e) = crate::edge::tls::CertStore::open(tls, &config.source)
+                {
+                    eprintln!("{e}");
+                    failed += 1;
+                    continue;
+                }
                 println!("{}: ok", file.display());
             }
             Err(e) => {

@@ -15,8 +15,9 @@
 //! read them, with its own limits (1 MiB of header, 256 header lines, the
 //! smuggling checks). HTTP/1.x is served this way, in clear or over TLS
 //! (the edge has no h2c). An HTTP/2 connection (ALPN `h2`, TLS listener
-//! only) is handed to Pingora's own HTTP/2 loop as it is; its idle limit is
-//! `edge.keepalive_timeout_ms` too (`h2_idle_timeout`).
+//! only) goes to Pingora's own HTTP/2 loop once its client preface has come
+//! within `edge.client_header_timeout_ms` (`tls::h2_preface`); its idle limit
+//! is `edge.keepalive_timeout_ms` (`h2_idle_timeout`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,10 +71,9 @@ where
     SV::CTX: Send + Sync,
 {
     let mut app = pingora::proxy::http_proxy(conf, proxy);
-    app.server_options = Some(HttpServerOptions {
-        h2_idle_timeout: Some(edge.keepalive_timeout),
-        ..Default::default()
-    });
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(edge.keepalive_timeout);
+    app.server_options = Some(options);
     Service::new(
         "Pingora HTTP Proxy Service".into(),
         ClientLimits::new(app, edge.client_header_timeout, edge.keepalive_timeout),
@@ -208,8 +208,10 @@ where
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // HTTP/2 is framed differently: Pingora's loop serves it.
+        // HTTP/2 is framed differently: Pingora's loop serves it, once the
+        // client preface has come within the header timeout.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let stream = super::tls::h2_preface(stream, self.header_timeout).await?;
             return self.inner.process_new(stream, shutdown).await;
         }
         // What Pingora's own HTTP/1 loop does, with the header read first.

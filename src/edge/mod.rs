@@ -45,6 +45,8 @@ pub enum EdgeError {
     AccessLog(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
     RateLimitState(#[from] crate::ratelimit::LimiterError),
+    #[error("{0} {1}: {2}")]
+    Listen(&'static str, std::net::SocketAddr, std::io::Error),
     #[error("pingora: {0}")]
     Pingora(String),
     /// A TLS certificate or key that cannot be used (names the file).
@@ -87,9 +89,8 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         test: false,
         conf: None, // loaded above
     };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
-
+    // The table is loaded before the server bootstraps: an edge that cannot
+    // load it fails before taking a running edge's sockets over (`-u`).
     let follower = LogFollower::open(&config.data_dir)?;
     let table = follower.table();
     let stats = follower.stats();
@@ -99,6 +100,11 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         "link table loaded from {}",
         config.data_dir.display()
     );
+    if !options.upgrade {
+        check_bindable(config)?;
+    }
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
 
     let addrs: Vec<String> = config
         .edge
@@ -190,6 +196,26 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     server.add_service(health_service);
     server.add_service(follower_service);
     Ok(server)
+}
+
+/// Fails when a listen address is taken. Pingora binds in its service
+/// threads, where a failure panics the thread but leaves the process up and
+/// serving nothing (so a supervisor would never restart it); checking here
+/// turns that into an error and a non-zero exit. (With `-u` the sockets come
+/// from the running edge instead.)
+fn check_bindable(config: &Config) -> Result<(), EdgeError> {
+    let mut addrs = vec![("edge.listen", config.edge.listen)];
+    if let Some(m) = config.metrics_listen {
+        addrs.push(("metrics.listen", m));
+    }
+    if let Some(t) = &config.tls {
+        addrs.push(("tls.listen", t.listen));
+    }
+    for (key, addr) in addrs {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| EdgeError::Listen(key, addr, e))?;
+    }
+    Ok(())
 }
 
 /// Runs the edge until SIGTERM/SIGINT (graceful) or SIGQUIT (graceful upgrade hand-over).

@@ -114,7 +114,9 @@ impl ProxyHttp for EdgeProxy {
             && t.redirect_http
             && !matches!(route, Route::Health | Route::Ready)
         {
-            self.redirect_to_https(session, t.redirect_port, head).await?;
+            ctx.route = RouteLabel::HttpsRedirect;
+            self.redirect_to_https(session, t.redirect_port, head)
+                .await?;
             return Ok(true);
         }
         match route {

@@ -19,7 +19,10 @@
 
 use std::any::Any;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -28,11 +31,19 @@ use pingora::listeners::ALPN;
 use pingora::listeners::tls::TlsSettings;
 use pingora::modules::http::compression::ResponseCompressionBuilder;
 use pingora::modules::http::{HttpModule, HttpModuleBuilder, HttpModules, Module};
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
 use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::config::{ConfigError, TlsConfig};
 
@@ -109,7 +120,11 @@ fn load(cert_path: &Path, key_path: &Path, source: &str) -> Result<CertifiedKey,
     );
     match pingora::tls::load_pem_file_ca(&cert_str) {
         Ok(first) if !first.is_empty() => {}
-        Ok(_) => return Err(cert_err("no PEM certificate (BEGIN CERTIFICATE) in it".into())),
+        Ok(_) => {
+            return Err(cert_err(
+                "no PEM certificate (BEGIN CERTIFICATE) in it".into(),
+            ));
+        }
         Err(e) => return Err(cert_err(format!("not a PEM certificate file: {e}"))),
     }
     match pingora::tls::load_pem_file_private_key(&key_str) {
@@ -153,9 +168,7 @@ pub fn settings(store: Arc<CertStore>, http2: bool) -> TlsSettings {
 
 /// Whether the request came over TLS (HTTP/1.1 or HTTP/2).
 pub fn is_tls(session: &Session) -> bool {
-    session
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some())
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// Turns the HSTS module of this request on when it came over TLS; returns
@@ -217,6 +230,156 @@ pub fn init_downstream_modules(modules: &mut HttpModules, tls: Option<&TlsConfig
     }
 }
 
+/// Length of the HTTP/2 client connection preface (`PRI * HTTP/2.0...`).
+const H2_PREFACE_LEN: usize = 24;
+
+/// Waits at most `limit` for the first 24 bytes of an HTTP/2 connection (the
+/// client preface) and returns the stream with them put back in front, for
+/// Pingora's HTTP/2 loop to read; `None` (close) when they do not come in
+/// time. Pingora 0.9 itself waits for them without a limit, so a client that
+/// completes a TLS handshake with ALPN `h2` and then says nothing would hold
+/// its connection for ever.
+pub async fn h2_preface(mut stream: Stream, limit: Duration) -> Option<Stream> {
+    let mut head = [0u8; H2_PREFACE_LEN];
+    let mut filled = 0;
+    let read = async {
+        while filled < head.len() {
+            match stream.read(&mut head[filled..]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => filled += n,
+            }
+        }
+        true
+    };
+    if !matches!(tokio::time::timeout(limit, read).await, Ok(true)) {
+        return None;
+    }
+    Some(Box::new(Prefaced {
+        head,
+        pos: 0,
+        inner: stream,
+    }))
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+#[derive(Debug)]
+struct Prefaced {
+    head: [u8; H2_PREFACE_LEN],
+    pos: usize,
+    inner: Stream,
+}
+
+impl AsyncRead for Prefaced {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.head.len() {
+            let n = (this.head.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.head[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefaced {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// Everything else is the TLS stream's.
+#[async_trait]
+impl Shutdown for Prefaced {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for Prefaced {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Prefaced {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Prefaced {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Prefaced {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Prefaced {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+impl Peek for Prefaced {}
+
 /// Registers [`Hsts`] for every request; it adds the header only once
 /// [`mark_downstream`] has seen a TLS request.
 pub struct HstsBuilder {
@@ -273,7 +436,9 @@ impl BackgroundService for ReloadOnHangup {
         let mut hangup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!("tls: cannot listen for SIGHUP ({e}); certificates reload only by a graceful upgrade");
+                tracing::error!(
+                    "tls: cannot listen for SIGHUP ({e}); certificates reload only by a graceful upgrade"
+                );
                 return;
             }
         };
@@ -315,15 +480,67 @@ mod tests {
         https_location(&uri, host.map(str::as_bytes), port)
     }
 
+    #[tokio::test]
+    async fn the_h2_preface_is_read_again_or_the_connection_dropped() {
+        use tokio::io::AsyncWriteExt;
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest";
+        let (mut client, server) = tokio::io::duplex(1024);
+        // Sent in pieces: it is gathered.
+        client.write_all(&preface[..5]).await.unwrap();
+        let sending = async {
+            client.write_all(&preface[5..]).await.unwrap();
+            client
+        };
+        let (stream, mut client) = tokio::join!(
+            h2_preface(Box::new(server), Duration::from_secs(60)),
+            sending
+        );
+        let mut stream = stream.expect("preface read");
+        let mut got = vec![0u8; preface.len()];
+        stream.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..], &preface[..]);
+        stream.write_all(b"back").await.unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"back");
+
+        // Silence, a partial preface, or a close: dropped.
+        let ms = Duration::from_millis(20);
+        let (_quiet, server) = tokio::io::duplex(64);
+        assert!(h2_preface(Box::new(server), ms).await.is_none());
+        let (mut partial, server) = tokio::io::duplex(64);
+        partial.write_all(b"PRI * HTTP").await.unwrap();
+        assert!(h2_preface(Box::new(server), ms).await.is_none());
+        let (closed, server) = tokio::io::duplex(64);
+        drop(closed);
+        let long = Duration::from_secs(60);
+        assert!(h2_preface(Box::new(server), long).await.is_none());
+    }
+
     #[test]
     fn https_location_keeps_path_and_query_and_swaps_the_port() {
         let cases = [
-            ("/abc?x=1&y", Some("ulo.ad"), 443, Some("https://ulo.ad/abc?x=1&y")),
+            (
+                "/abc?x=1&y",
+                Some("ulo.ad"),
+                443,
+                Some("https://ulo.ad/abc?x=1&y"),
+            ),
             ("/abc", Some("ulo.ad:80"), 443, Some("https://ulo.ad/abc")),
-            ("/abc", Some("127.0.0.1:8080"), 8443, Some("https://127.0.0.1:8443/abc")),
+            (
+                "/abc",
+                Some("127.0.0.1:8080"),
+                8443,
+                Some("https://127.0.0.1:8443/abc"),
+            ),
             ("/", Some("[::1]:8080"), 8443, Some("https://[::1]:8443/")),
             ("/", Some("[::1]"), 443, Some("https://[::1]/")),
-            ("http://a.example:80/p?q", Some("b.example"), 443, Some("https://a.example/p?q")),
+            (
+                "http://a.example:80/p?q",
+                Some("b.example"),
+                443,
+                Some("https://a.example/p?q"),
+            ),
             ("/", None, 443, None),
             ("/", Some(""), 443, None),
             ("/", Some("evil.example/x"), 443, None),

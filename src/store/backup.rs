@@ -173,7 +173,9 @@ fn valid_file_name(name: &str) -> bool {
         || name
             .strip_prefix("snapshots/")
             .is_some_and(|n| numbered(n, ".snap"))
-        || name.strip_prefix("log/").is_some_and(|n| numbered(n, ".log"))
+        || name
+            .strip_prefix("log/")
+            .is_some_and(|n| numbered(n, ".log"))
 }
 
 fn format_time(ms: u64) -> String {
@@ -258,7 +260,11 @@ impl BackupManifest {
                     links: number(links, "snapshot links")?,
                 })
             }
-            other => return Err(format!("snapshot: expected a file, seq and links, found {other:?}")),
+            other => {
+                return Err(format!(
+                    "snapshot: expected a file, seq and links, found {other:?}"
+                ));
+            }
         };
         let one = |v: Vec<String>, key: &str| match v.as_slice() {
             [x] => number(x, key),
@@ -274,10 +280,14 @@ impl BackupManifest {
         for line in lines.by_ref() {
             let words: Vec<&str> = line.split(' ').collect();
             let [key, name, len, crc] = words.as_slice() else {
-                return Err(format!("expected \"file NAME LENGTH CRC32C\", found {line:?}"));
+                return Err(format!(
+                    "expected \"file NAME LENGTH CRC32C\", found {line:?}"
+                ));
             };
             if *key != "file" {
-                return Err(format!("expected \"file NAME LENGTH CRC32C\", found {line:?}"));
+                return Err(format!(
+                    "expected \"file NAME LENGTH CRC32C\", found {line:?}"
+                ));
             }
             if !valid_file_name(name) {
                 return Err(format!(
@@ -335,14 +345,31 @@ impl BackupManifest {
     }
 }
 
+/// Called with the attempt number after a backup attempt opened its files
+/// and before it checks the manifest again (tests use it to race a
+/// compaction with the backup).
+#[doc(hidden)]
+pub type RaceHook = std::sync::Arc<dyn Fn(u32) + Send + Sync>;
+
 /// Options of [`backup`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BackupOptions {
     /// Hard-link the snapshot when the backup is on the data dir's file
     /// system (snapshots are immutable); `false` always copies it.
     pub hard_link: bool,
     /// Attempts before giving up on a data dir that keeps changing.
     pub attempts: u32,
+    #[doc(hidden)]
+    pub race_hook: Option<RaceHook>,
+}
+
+impl std::fmt::Debug for BackupOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupOptions")
+            .field("hard_link", &self.hard_link)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for BackupOptions {
@@ -350,6 +377,7 @@ impl Default for BackupOptions {
         Self {
             hard_link: true,
             attempts: DEFAULT_ATTEMPTS,
+            race_hook: None,
         }
     }
 }
@@ -505,7 +533,11 @@ fn write_backup_manifest(dir: &Path, manifest: &BackupManifest) -> Result<(), Ba
 /// Takes an online backup of the data dir `data_dir` into `dest`, a new or
 /// empty directory. Needs no lock: the admin may keep writing and
 /// compacting. See the module documentation.
-pub fn backup(data_dir: &Path, dest: &Path, opts: &BackupOptions) -> Result<BackupReport, BackupError> {
+pub fn backup(
+    data_dir: &Path,
+    dest: &Path,
+    opts: &BackupOptions,
+) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
     let created_ms = now_ms();
     if !data_dir.is_dir() {
@@ -520,7 +552,7 @@ pub fn backup(data_dir: &Path, dest: &Path, opts: &BackupOptions) -> Result<Back
         attempts,
     });
     for attempt in 1..=attempts {
-        match backup_once(data_dir, dest, opts, created_ms) {
+        match backup_once(data_dir, dest, opts, created_ms, attempt) {
             Ok((manifest, hard_linked, bytes_copied)) => {
                 result = Ok(BackupReport {
                     dest: dest.to_owned(),
@@ -533,7 +565,11 @@ pub fn backup(data_dir: &Path, dest: &Path, opts: &BackupOptions) -> Result<Back
                 break;
             }
             Err(Attempt::Raced(why)) => {
-                tracing::info!(attempt, why, "backup: the data dir changed under the backup; starting over");
+                tracing::info!(
+                    attempt,
+                    why,
+                    "backup: the data dir changed under the backup; starting over"
+                );
                 clear_dir(dest)?;
             }
             Err(Attempt::Failed(e)) => {
@@ -559,6 +595,7 @@ fn backup_once(
     dest: &Path,
     opts: &BackupOptions,
     created_ms: u64,
+    attempt: u32,
 ) -> Result<(BackupManifest, bool, u64), Attempt> {
     let dir = DataDir::new(data_dir);
     let manifest = dir.read_manifest().map_err(BackupError::from)?;
@@ -578,7 +615,9 @@ fn backup_once(
         if opts.hard_link {
             match fs::hard_link(&src, &dst) {
                 Ok(()) => hard_linked = true,
-                Err(e) => tracing::debug!(error = %e, "backup: cannot hard-link the snapshot; copying it"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "backup: cannot hard-link the snapshot; copying it")
+                }
             }
         }
         snapshot = Some((file, src, dst));
@@ -587,10 +626,16 @@ fn backup_once(
     let segments = list_segments(&dir.log_dir()).map_err(BackupError::from)?;
     let mut open = Vec::new();
     for (i, seg) in segments.iter().enumerate() {
-        if segments.get(i + 1).is_some_and(|next| next.first_seq <= snap_seq + 1) {
+        if segments
+            .get(i + 1)
+            .is_some_and(|next| next.first_seq <= snap_seq + 1)
+        {
             continue; // wholly in the snapshot
         }
         open.push((open_source(&seg.path)?, seg.clone()));
+    }
+    if let Some(hook) = &opts.race_hook {
+        hook(attempt);
     }
     // 3. A compaction since step 1 may have deleted segments we needed.
     let now = dir.read_manifest().map_err(BackupError::from)?;
@@ -715,6 +760,13 @@ fn copy_segments(
                     reason: reason.clone(),
                 }));
             }
+        }
+        if is_last && scan.last_seq <= snap_seq {
+            // Every record of the newest segment is in the snapshot (after a
+            // compaction, which never deletes the newest segment): the
+            // backup is the snapshot alone, and a restored data dir's
+            // writer starts a new segment after it.
+            break;
         }
         let valid = &buf[..scan.valid_len as usize];
         let name = seg
@@ -940,7 +992,10 @@ impl VerifyReport {
             for p in &self.problems {
                 out.push_str(&format!("PROBLEM       {p}\n"));
             }
-            out.push_str(&format!("status        {} PROBLEM(S)\n", self.problems.len()));
+            out.push_str(&format!(
+                "status        {} PROBLEM(S)\n",
+                self.problems.len()
+            ));
         }
         out
     }
@@ -1031,9 +1086,9 @@ pub fn verify_backup(src: &Path) -> VerifyReport {
         for entry in entries.flatten() {
             let name = format!("{sub}/{}", entry.file_name().to_string_lossy());
             if !manifest.files.iter().any(|f| f.name == name) {
-                report.problems.push(BackupError::Unlisted {
-                    path: entry.path(),
-                });
+                report
+                    .problems
+                    .push(BackupError::Unlisted { path: entry.path() });
             }
         }
     }
@@ -1172,7 +1227,11 @@ fn restore_files(src: &Path, dest: &Path, manifest: &BackupManifest) -> Result<u
         let d = dest.join(sub);
         fs::create_dir(&d).map_err(io_err(&d))?;
     }
-    let mut ordered: Vec<&BackupFile> = manifest.files.iter().filter(|f| f.name != "MANIFEST").collect();
+    let mut ordered: Vec<&BackupFile> = manifest
+        .files
+        .iter()
+        .filter(|f| f.name != "MANIFEST")
+        .collect();
     ordered.extend(manifest.files.iter().filter(|f| f.name == "MANIFEST"));
     let mut total = 0;
     for f in ordered {
@@ -1273,7 +1332,11 @@ pub fn list_backups(dir: &Path) -> Result<Vec<ScheduledBackup>, BackupError> {
 /// Takes a scheduled backup of `data_dir` into `dir`: written as
 /// `<dir>/.partial-<time>`, renamed to `<dir>/<UTC time>-seq<S>` once
 /// complete (and `dir` fsynced).
-pub fn backup_into(data_dir: &Path, dir: &Path, opts: &BackupOptions) -> Result<BackupReport, BackupError> {
+pub fn backup_into(
+    data_dir: &Path,
+    dir: &Path,
+    opts: &BackupOptions,
+) -> Result<BackupReport, BackupError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let taken_ms = now_ms();
     let partial = dir.join(format!("{PARTIAL_PREFIX}{}", format_name_time(taken_ms)));
@@ -1307,7 +1370,11 @@ pub struct PruneReport {
 /// touched.
 pub fn prune_backups(dir: &Path, keep: Duration, now_ms: u64) -> Result<PruneReport, BackupError> {
     let backups = list_backups(dir)?;
-    let newest = backups.iter().rev().find(|b| b.complete).map(|b| b.path.clone());
+    let newest = backups
+        .iter()
+        .rev()
+        .find(|b| b.complete)
+        .map(|b| b.path.clone());
     let cutoff = now_ms.saturating_sub(keep.as_millis().min(u128::from(u64::MAX)) as u64);
     let mut report = PruneReport {
         removed: Vec::new(),
@@ -1390,7 +1457,14 @@ mod tests {
             (resign(&body.replace("log/0000", "../0000")), "file name"),
             (resign(&body.replace("files 3", "files 4")), "files says"),
             (resign(&body.replace("links 15", "links x")), "not a number"),
-            (resign(&body.replace("file MANIFEST 90 deadbeef\n", "")), "MANIFEST"),
+            (
+                resign(
+                    &body
+                        .replace("file MANIFEST 90 deadbeef\n", "")
+                        .replace("files 3", "files 2"),
+                ),
+                "MANIFEST",
+            ),
         ];
         for (text, want) in cases {
             let err = BackupManifest::decode(&text).unwrap_err();
@@ -1403,7 +1477,12 @@ mod tests {
         let name = backup_dir_name(1_700_000_000_123, 42);
         assert_eq!(name, "20231114T221320Z-seq42");
         assert_eq!(parse_backup_dir_name(&name), Some((1_700_000_000_000, 42)));
-        for bad in ["x-seq1", "20231114T221320Z-seq", "20231114T221320Z", ".partial-20231114T221320Z"] {
+        for bad in [
+            "x-seq1",
+            "20231114T221320Z-seq",
+            "20231114T221320Z",
+            ".partial-20231114T221320Z",
+        ] {
             assert_eq!(parse_backup_dir_name(bad), None, "{bad}");
         }
     }
@@ -1412,7 +1491,6 @@ mod tests {
     fn backup_verify_restore_round_trip() {
         let data = tempfile::tempdir().unwrap();
         let store = Store::open(data.path(), LogOptions { segment_bytes: 512 }).unwrap();
-        let put = |code: &str| LogOp::Put(Link::new(code, "https://example.com/").unwrap());
         for i in 0..40 {
             store.append(&[put(&format!("a{i}"))]).unwrap();
         }
@@ -1442,6 +1520,135 @@ mod tests {
             restore(&dest, data.path()),
             Err(BackupError::NotEmpty { .. })
         ));
+    }
+
+    fn put(code: &str) -> LogOp {
+        LogOp::Put(Link::new(code, "https://example.com/").unwrap())
+    }
+
+    #[test]
+    fn a_compaction_racing_with_the_backup_makes_it_start_over() {
+        let data = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(
+            Store::open(data.path(), LogOptions { segment_bytes: 256 }).unwrap(),
+        );
+        for i in 0..50 {
+            store.append(&[put(&format!("a{i}"))]).unwrap();
+        }
+        store.compact().unwrap();
+        for i in 0..50 {
+            store.append(&[put(&format!("b{i}"))]).unwrap();
+        }
+        let out = tempfile::tempdir().unwrap();
+        // Attempts 1 and 2 race with a compaction that replaces the snapshot
+        // and deletes the segments they opened; attempt 3 does not.
+        let racer = store.clone();
+        let opts = BackupOptions {
+            race_hook: Some(std::sync::Arc::new(move |attempt| {
+                if attempt <= 2 {
+                    racer.append(&[put(&format!("race{attempt}"))]).unwrap();
+                    let r = racer.compact().unwrap();
+                    assert!(r.snapshot.is_some() && !r.removed.is_empty());
+                }
+            })),
+            ..Default::default()
+        };
+        let dest = out.path().join("b");
+        let report = backup(data.path(), &dest, &opts).unwrap();
+        assert_eq!(report.attempts, 3);
+        assert_eq!((report.manifest.seq, report.manifest.links), (102, 102));
+        assert!(verify_backup(&dest).is_ok());
+        // Without enough attempts it gives up, leaving nothing behind.
+        let racer = store.clone();
+        let opts = BackupOptions {
+            attempts: 2,
+            race_hook: Some(std::sync::Arc::new(move |attempt| {
+                racer.append(&[put(&format!("again{attempt}"))]).unwrap();
+                racer.compact().unwrap();
+            })),
+            ..Default::default()
+        };
+        let dest = out.path().join("c");
+        let err = backup(data.path(), &dest, &opts).unwrap_err();
+        assert!(
+            matches!(err, BackupError::Raced { attempts: 2, .. }),
+            "{err}"
+        );
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn backups_during_appends_and_compactions_hold_every_acknowledged_record() {
+        let data = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(
+            Store::open(data.path(), LogOptions { segment_bytes: 512 }).unwrap(),
+        );
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (store, acked, stop) = (store.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for i in 0..100_000u64 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let seq = store.append(&[put(&format!("c{i}"))]).unwrap();
+                    acked.store(seq, std::sync::atomic::Ordering::Release);
+                    if i % 37 == 0 {
+                        store.compact().unwrap();
+                    }
+                }
+            })
+        };
+        let out = tempfile::tempdir().unwrap();
+        let mut raced = 0;
+        for n in 0..30 {
+            let before = acked.load(std::sync::atomic::Ordering::Acquire);
+            let dest = out.path().join(format!("b{n}"));
+            let report = backup(data.path(), &dest, &BackupOptions::default()).unwrap();
+            raced += report.attempts - 1;
+            assert!(
+                report.manifest.seq >= before,
+                "{} < {before}",
+                report.manifest.seq
+            );
+            // Every record is a put of a new code: links == seq.
+            assert_eq!(report.manifest.links, report.manifest.seq);
+            let v = verify_backup(&dest);
+            assert!(v.is_ok(), "{}", v.to_text());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        eprintln!("30 backups during appends and compactions; {raced} attempts started over");
+    }
+
+    #[test]
+    fn a_compacted_data_dir_backs_up_as_its_snapshot_alone() {
+        let data = tempfile::tempdir().unwrap();
+        let store = Store::open(data.path(), LogOptions::default()).unwrap();
+        for i in 0..20 {
+            store.append(&[put(&format!("k{i}"))]).unwrap();
+        }
+        store.compact().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("b");
+        let report = backup(data.path(), &dest, &BackupOptions::default()).unwrap();
+        let names: Vec<&str> = report
+            .manifest
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        assert_eq!(names, ["MANIFEST", "snapshots/00000000000000000020.snap"]);
+        assert_eq!((report.manifest.seq, report.manifest.links), (20, 20));
+        let restored = out.path().join("r");
+        restore(&dest, &restored).unwrap();
+        // The restored dir's writer continues after the snapshot.
+        let writer = Store::open(&restored, LogOptions::default()).unwrap();
+        assert_eq!(writer.append(&[put("next")]).unwrap(), 21);
+        drop(writer);
+        let view = DataDir::new(&restored).load_view(true).unwrap();
+        assert_eq!((view.seq(), view.len()), (21, 21));
     }
 
     #[test]

@@ -81,8 +81,9 @@ pub struct FollowerStats {
 
 impl FollowerStats {
     fn refuse(&self, error: String) {
-        self.files_refused.fetch_add(1, Ordering::Relaxed);
+        // Logged before counted: whoever sees the count can find the line.
         tracing::error!(%error, "link store: refused a file; still serving the current view");
+        self.files_refused.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 }

@@ -13,6 +13,11 @@
 //! last segment, with no valid frame after it, is a torn tail and is truncated.
 //! Anything else that does not decode, or a sequence that is not exactly one
 //! more than the previous, is corruption and an error naming file and offset.
+//!
+//! A batch that fails (no space, a read-only file, a failed write or fsync)
+//! is never acknowledged: it is refused before a byte is written when it
+//! cannot fit, or cut back off the file, and the next append reopens and
+//! re-checks the segment first ("When a write fails" in `docs/storage.md`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -56,6 +61,19 @@ pub enum LogError {
     Invalid(#[from] RecordError),
     #[error("the log writer failed earlier and refuses further appends: {0}")]
     Poisoned(String),
+    /// A [`LogTail`] returned records that the writer then cut off (a batch
+    /// whose fsync failed) and replaced: the reader holds records that are
+    /// not in the log. Reported once; the tail then continues after its last
+    /// sequence (it does not return the records written in place of the ones
+    /// it returned: only loading a newer snapshot corrects that).
+    #[error(
+        "{path}: the log was cut back below offset {offset}, under records this reader already returned (up to sequence {last_seq}): the writer dropped a batch whose fsync failed"
+    )]
+    Rewound {
+        path: PathBuf,
+        offset: u64,
+        last_seq: u64,
+    },
     /// A batch could not be written, synced, or the segment recovered after
     /// an earlier failure. Nothing of the append is in the log.
     #[error("{path}: {stage} failed: {source}")]
@@ -684,7 +702,10 @@ impl LinkLog {
     /// appends are expected to fail until the cause is gone (the next append
     /// retries the disk).
     pub fn last_failure(&self) -> Option<LogError> {
-        lock(&self.state).last_failure.as_ref().map(Failure::to_error)
+        lock(&self.state)
+            .last_failure
+            .as_ref()
+            .map(Failure::to_error)
     }
 
     /// Makes the next batch fail as `fault` says (tests only).
@@ -836,7 +857,7 @@ impl LinkLog {
         // is written, so that no complete frame of it is ever in the file
         // for a reader to see.
         if let Err(e) = reserve_space(file, at, batch.len() as u64) {
-            return Err(Failure::new(&active.path, "reserving space", &e));
+            return Err(self.abandon(&mut active, "reserving space", &e, false));
         }
         let written = match self.take_fault(|f| matches!(f, InjectedFault::WriteCut { .. })) {
             Some(InjectedFault::WriteCut { written, errno }) => file
@@ -845,14 +866,14 @@ impl LinkLog {
             _ => file.write_all_at(batch, at),
         };
         if let Err(e) = written {
-            return Err(self.abandon(&mut active, "writing", &e));
+            return Err(self.abandon(&mut active, "writing", &e, true));
         }
         let synced = match self.take_fault(|f| matches!(f, InjectedFault::SyncFails { .. })) {
             Some(InjectedFault::SyncFails { errno }) => Err(io::Error::from_raw_os_error(errno)),
             _ => file.sync_data(),
         };
         if let Err(e) = synced {
-            return Err(self.abandon(&mut active, "fsync", &e));
+            return Err(self.abandon(&mut active, "fsync", &e, true));
         }
         active.last_frame_at = Some(at + last_frame as u64);
         active.durable_len = at + batch.len() as u64;
@@ -861,15 +882,24 @@ impl LinkLog {
         Ok(())
     }
 
-    /// After a failed write or fsync: cuts the segment back to its last
-    /// durable frame at once (best effort: the recovery before the next
-    /// write does it again and must succeed) and closes the descriptor. After
-    /// a failed fsync the page cache may not match the disk (and a second
+    /// After a failed batch: when bytes may have been written, cuts the
+    /// segment back to its last durable frame at once (best effort: the
+    /// recovery before the next write does it again and must succeed); in
+    /// any case closes the descriptor (a read-only mount can then be
+    /// remounted, and the next append starts from a fresh one). After a
+    /// failed fsync the page cache may not match the disk (and a second
     /// fsync could report success for pages the kernel dropped), so the
     /// failed bytes are never synced again: they are cut off.
-    fn abandon(&self, active: &mut ActiveSegment, stage: &'static str, e: &io::Error) -> Failure {
+    fn abandon(
+        &self,
+        active: &mut ActiveSegment,
+        stage: &'static str,
+        e: &io::Error,
+        wrote: bool,
+    ) -> Failure {
         let failure = Failure::new(&active.path, stage, e);
         if let Some(file) = active.file.take()
+            && wrote
             && let Err(te) = file.set_len(active.durable_len)
         {
             tracing::warn!(
@@ -907,10 +937,10 @@ impl LinkLog {
             .map_err(fail("reopening"))?;
         file.set_len(active.durable_len)
             .map_err(fail("truncating to the last durable frame"))?;
-        file.sync_all()
-            .map_err(fail("fsync after truncating"))?;
-        verify_tail(&file, active, last_seq)
-            .map_err(|reason| fail("verifying")(io::Error::new(io::ErrorKind::InvalidData, reason)))?;
+        file.sync_all().map_err(fail("fsync after truncating"))?;
+        verify_tail(&file, active, last_seq).map_err(|reason| {
+            fail("verifying")(io::Error::new(io::ErrorKind::InvalidData, reason))
+        })?;
         tracing::warn!(
             path = %active.path.display(),
             durable_len = active.durable_len,
@@ -937,7 +967,8 @@ fn verify_tail(file: &File, active: &ActiveSegment, last_seq: u64) -> Result<(),
     match active.last_frame_at {
         Some(at) => {
             let mut buf = vec![0u8; (active.durable_len - at) as usize];
-            file.read_exact_at(&mut buf, at).map_err(|e| e.to_string())?;
+            file.read_exact_at(&mut buf, at)
+                .map_err(|e| e.to_string())?;
             match decode_frame(&buf) {
                 Ok((seq, _, used)) if seq == last_seq && used == buf.len() => Ok(()),
                 Ok((seq, _, used)) => Err(format!(
@@ -991,7 +1022,7 @@ fn reserve_space(file: &File, at: u64, len: u64) -> io::Result<()> {
     // SAFETY: getrlimit writes into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
         && limit.rlim_cur != libc::RLIM_INFINITY
-        && end > limit.rlim_cur as u64
+        && end > limit.rlim_cur
     {
         return Err(io::Error::from_raw_os_error(libc::EFBIG));
     }
@@ -1129,6 +1160,11 @@ pub struct LogTail {
     /// Directory mtime, `last_seq` and the answer of the last
     /// `segment_after_exists` listing.
     dir_seen: Option<(std::time::SystemTime, u64, bool)>,
+    /// Offset and 8-byte header of the last frame returned from the current
+    /// segment, and the file length when they were last checked: a writer
+    /// that cut back a batch whose fsync failed (after we read it) is seen
+    /// when the file changes and that frame is no longer there.
+    last_frame: Option<(u64, [u8; FRAME_HEADER_LEN], u64)>,
 }
 
 /// Where a [`LogTail`] poll ended up.
@@ -1150,6 +1186,7 @@ impl LogTail {
             current: None,
             buf: Vec::new(),
             dir_seen: None,
+            last_frame: None,
         }
     }
 
@@ -1176,6 +1213,28 @@ impl LogTail {
             };
             let path = path.clone();
             let len = file.metadata().map_err(io_err(&path))?.len();
+            if let Some((at, header, checked)) = self.last_frame
+                && checked != len
+            {
+                let mut now = [0u8; FRAME_HEADER_LEN];
+                let rewound =
+                    len < *offset || file.read_exact_at(&mut now, at).is_err() || now != header;
+                if rewound {
+                    // Records we returned were cut off (a batch whose fsync
+                    // failed) and others written in their place. Report it
+                    // once, then carry on after our last sequence.
+                    let offset = *offset;
+                    self.current = None;
+                    self.last_frame = None;
+                    return Err(LogError::Rewound {
+                        path,
+                        offset,
+                        last_seq: self.last_seq,
+                    });
+                }
+                self.last_frame = Some((at, header, len));
+            }
+            let base = *offset;
             self.buf.clear();
             if len > *offset {
                 self.buf.resize((len - *offset) as usize, 0);
@@ -1185,11 +1244,13 @@ impl LogTail {
             let mut pos = 0usize;
             let mut stop: Option<FrameError> = None;
             let mut bad_seq = None;
+            let mut last_at = None;
             while pos < self.buf.len() {
                 match decode_frame(&self.buf[pos..]) {
                     Ok((seq, op, used)) if seq == self.last_seq + 1 => {
                         visit(seq, op);
                         self.last_seq = seq;
+                        last_at = Some(pos);
                         pos += used;
                     }
                     Ok((seq, _, _)) => {
@@ -1201,6 +1262,11 @@ impl LogTail {
                         break;
                     }
                 }
+            }
+            if let Some(p) = last_at {
+                let mut header = [0u8; FRAME_HEADER_LEN];
+                header.copy_from_slice(&self.buf[p..p + FRAME_HEADER_LEN]);
+                self.last_frame = Some((base + p as u64, header, len));
             }
             *offset += pos as u64;
             let at = *offset;
@@ -1218,6 +1284,7 @@ impl LogTail {
                 let next = self.dir.join(segment_file_name(self.last_seq + 1));
                 if next != path && next.exists() {
                     self.current = None;
+                    self.last_frame = None;
                     continue;
                 }
                 // A later segment but not ours: our next records were
@@ -1272,10 +1339,11 @@ impl LogTail {
         let have = (len as usize).min(SEGMENT_HEADER_LEN);
         file.read_exact_at(&mut header[..have], 0)
             .map_err(io_err(&seg.path))?;
-        let first = decode_segment_header(&header[..have]).map_err(|reason| LogError::BadHeader {
-            path: seg.path.clone(),
-            reason,
-        })?;
+        let first =
+            decode_segment_header(&header[..have]).map_err(|reason| LogError::BadHeader {
+                path: seg.path.clone(),
+                reason,
+            })?;
         if first != seg.first_seq {
             return Err(LogError::BadHeader {
                 path: seg.path.clone(),
@@ -1315,6 +1383,7 @@ impl LogTail {
             return Ok(false);
         }
         self.current = Some((file, seg.path.clone(), offset));
+        self.last_frame = None;
         Ok(true)
     }
 

@@ -216,7 +216,11 @@ impl EdgeSetup {
                 .env_remove("ULOAD_DATA_DIR")
                 .env_remove("ULOAD_EDGE_LISTEN")
                 .env_remove("ULOAD_ADMIN_UPSTREAMS")
-                .env("RUST_LOG", "warn")
+                .env("ULOAD_STATE_DIR", self.path().join("state"))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -353,13 +357,11 @@ impl Load {
                     (stop.clone(), ok.clone(), failed.clone(), links.clone());
                 std::thread::spawn(move || {
                     let mut report = LoadReport::default();
-                    let mut i = t;
-                    for _ in 0..per_thread {
+                    for k in 0..per_thread {
                         if stop.load(Ordering::Relaxed) || start.elapsed() > cap {
                             break;
                         }
-                        let (path, status, location) = &links[i % links.len()];
-                        i += 1;
+                        let (path, status, location) = &links[(t + k as usize) % links.len()];
                         let t0 = Instant::now();
                         let result = request(addr, "GET", path, &[], b"");
                         let took = t0.elapsed().as_micros() as u64;
@@ -608,7 +610,7 @@ fn serve_fake(
 
 /// How reading an answer on a kept-alive connection ended.
 #[derive(Debug)]
-pub enum Answer {
+pub enum Reply {
     /// A whole response.
     Whole(Response),
     /// The server closed the connection before sending any byte of a response.
@@ -671,20 +673,20 @@ impl Conn {
 
     /// Reads one response (Content-Length framed, as the edge and the admin
     /// answer), or says how the connection ended instead.
-    pub fn read_answer(&mut self, head_request: bool) -> Answer {
+    pub fn read_answer(&mut self, head_request: bool) -> Reply {
         let mut chunk = [0u8; 8192];
         let end = loop {
             if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i;
             }
             match self.stream.read(&mut chunk) {
-                Ok(0) if self.buf.is_empty() => return Answer::ClosedBeforeAnswer,
-                Ok(0) => return Answer::Broken(format!("EOF in head: {:?}", self.text())),
+                Ok(0) if self.buf.is_empty() => return Reply::ClosedBeforeAnswer,
+                Ok(0) => return Reply::Broken(format!("EOF in head: {:?}", self.text())),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) if self.buf.is_empty() && e.kind() != std::io::ErrorKind::WouldBlock => {
-                    return Answer::ResetBeforeAnswer(e.to_string());
+                    return Reply::ResetBeforeAnswer(e.to_string());
                 }
-                Err(e) => return Answer::Broken(format!("{e} after {:?}", self.text())),
+                Err(e) => return Reply::Broken(format!("{e} after {:?}", self.text())),
             }
         };
         let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
@@ -694,7 +696,7 @@ impl Conn {
             .and_then(|l| l.split(' ').nth(1))
             .and_then(|s| s.parse().ok())
         else {
-            return Answer::Broken(format!("bad status line: {head:?}"));
+            return Reply::Broken(format!("bad status line: {head:?}"));
         };
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
@@ -712,14 +714,14 @@ impl Conn {
         let start = end + 4;
         while self.buf.len() < start + length {
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Answer::Broken(format!("EOF in body: {:?}", self.text())),
+                Ok(0) => return Reply::Broken(format!("EOF in body: {:?}", self.text())),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Answer::Broken(format!("{e} in body: {:?}", self.text())),
+                Err(e) => return Reply::Broken(format!("{e} in body: {:?}", self.text())),
             }
         }
         let body = self.buf[start..start + length].to_vec();
         self.buf.drain(..start + length);
-        Answer::Whole(Response {
+        Reply::Whole(Response {
             status,
             headers,
             body,
@@ -734,7 +736,12 @@ impl Conn {
         let end = match self.stream.read(&mut chunk) {
             Ok(0) => IdleEnd::Closed,
             Ok(n) => IdleEnd::Data(String::from_utf8_lossy(&chunk[..n]).into_owned()),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 IdleEnd::Open
             }
             Err(e) => IdleEnd::Reset(e.to_string()),

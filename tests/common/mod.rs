@@ -181,10 +181,8 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let edge_metrics_addr: SocketAddr =
-            format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin_metrics_addr: SocketAddr =
-            format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let edge_metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin_metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("uload.yaml");
         let pingora = dir.path().join("pingora.yaml");
         std::fs::write(

@@ -1,0 +1,371 @@
+//! Scheduled backups (`backup.dir`, `backup.interval_secs`,
+//! `backup.keep_days`): a background thread of the admin, off the request
+//! path, that takes an online backup of the data dir every interval into
+//! `<backup.dir>/<UTC time>-seq<S>/` and then deletes the backups older than
+//! `keep_days` (never the newest complete one). See
+//! [`crate::store::backup`] and `docs/operations.md`.
+//!
+//! The next backup is due `interval` after the newest complete one in
+//! `backup.dir`, so restarts of the admin neither skip nor repeat one. A
+//! failure is logged, counted, and retried after a backoff (1 minute,
+//! doubling, at most the interval).
+//!
+//! [`BackupStatus`] holds what the metrics expose
+//! (`backup_last_success_timestamp_seconds`, `backup_last_duration_seconds`,
+//! `backup_failures_total`): [`BackupStatus::register`] adds them to a
+//! Prometheus registry; they are read from the atomics at each scrape.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::BackupConfig;
+use crate::store::backup::{self, BackupManifest, BackupOptions};
+use crate::store::record::now_ms;
+
+/// First wait after a failed scheduled backup; doubles up to the interval.
+const RETRY_MIN: Duration = Duration::from_secs(60);
+
+/// What the scheduled backups did, for metrics and health. Lock-free reads.
+#[derive(Debug, Default)]
+pub struct BackupStatus {
+    /// ms since the epoch the last successful backup was started; 0: none.
+    last_success_ms: AtomicU64,
+    /// How long the last successful backup took, in µs.
+    last_duration_us: AtomicU64,
+    /// S of the last successful backup.
+    last_seq: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    running: AtomicBool,
+}
+
+impl BackupStatus {
+    /// Unix time of the last successful backup (of the newest complete one
+    /// found in `backup.dir` at start-up); 0 when there is none.
+    pub fn last_success_timestamp_seconds(&self) -> f64 {
+        self.last_success_ms.load(Ordering::Relaxed) as f64 / 1000.0
+    }
+
+    /// How long the last successful backup took; 0 before the first one of
+    /// this process.
+    pub fn last_duration_seconds(&self) -> f64 {
+        self.last_duration_us.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    /// The sequence S the last successful backup holds.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Relaxed)
+    }
+
+    /// Successful scheduled backups since start-up.
+    pub fn successes(&self) -> u64 {
+        self.successes.load(Ordering::Relaxed)
+    }
+
+    /// Failed scheduled backups since start-up.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether a backup is being taken now.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn record_success(&self, started_ms: u64, took: Duration, seq: u64) {
+        self.last_duration_us.store(
+            took.as_micros().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+        self.last_seq.store(seq, Ordering::Relaxed);
+        self.last_success_ms.store(started_ms, Ordering::Relaxed);
+        self.successes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `backup_last_success_timestamp_seconds`,
+    /// `backup_last_duration_seconds` and `backup_failures_total` to
+    /// `registry`, read from this status at each scrape.
+    pub fn register(self: &Arc<Self>, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        let collector = BackupCollector {
+            status: self.clone(),
+            last_success: prometheus::Gauge::new(
+                "backup_last_success_timestamp_seconds",
+                "Unix time the last successful backup of the data dir was started (0: none)",
+            )?,
+            last_duration: prometheus::Gauge::new(
+                "backup_last_duration_seconds",
+                "How long the last successful backup of the data dir took",
+            )?,
+            failures: prometheus::IntCounter::new(
+                "backup_failures_total",
+                "Scheduled backups of the data dir that failed",
+            )?,
+        };
+        registry.register(Box::new(collector))
+    }
+}
+
+/// Exposes a [`BackupStatus`] to Prometheus.
+struct BackupCollector {
+    status: Arc<BackupStatus>,
+    last_success: prometheus::Gauge,
+    last_duration: prometheus::Gauge,
+    failures: prometheus::IntCounter,
+}
+
+impl prometheus::core::Collector for BackupCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.last_success.desc();
+        d.extend(self.last_duration.desc());
+        d.extend(self.failures.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.last_success
+            .set(self.status.last_success_timestamp_seconds());
+        self.last_duration.set(self.status.last_duration_seconds());
+        let failures = self.status.failures();
+        let seen = self.failures.get();
+        if failures > seen {
+            self.failures.inc_by(failures - seen);
+        }
+        let mut m = self.last_success.collect();
+        m.extend(self.last_duration.collect());
+        m.extend(self.failures.collect());
+        m
+    }
+}
+
+/// The running scheduler. Dropping it (or [`BackupTask::stop`]) stops it
+/// once a backup in progress is finished; one cut short by the process
+/// exiting is left as a `.partial-*` directory, deleted by the next run.
+pub struct BackupTask {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BackupTask {
+    /// Starts the scheduler when `config.dir` is set; `None` when backups
+    /// are off (or the thread cannot be started, which is logged).
+    pub fn start(
+        data_dir: &Path,
+        config: &BackupConfig,
+        status: Arc<BackupStatus>,
+    ) -> Option<Self> {
+        let dir = config.dir.clone()?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let job = Job {
+            data_dir: data_dir.to_owned(),
+            dir,
+            interval: config.interval,
+            keep: config.keep,
+            status,
+            stop: stop.clone(),
+        };
+        match std::thread::Builder::new()
+            .name("uload-backup".into())
+            .spawn(move || job.run())
+        {
+            Ok(thread) => Some(Self {
+                stop,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "admin: cannot start the backup thread; scheduled backups are off");
+                None
+            }
+        }
+    }
+
+    /// Asks the scheduler to stop and waits up to `wait` for it (for a
+    /// backup in progress to finish).
+    pub fn stop(mut self, wait: Duration) {
+        self.signal_stop();
+        let deadline = Instant::now() + wait;
+        if let Some(thread) = self.thread.take() {
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!(
+                    "admin: a scheduled backup is still running at shutdown; it is abandoned (incomplete, deleted by the next run)"
+                );
+            }
+        }
+    }
+
+    fn signal_stop(&self) {
+        let (flag, cv) = &*self.stop;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
+impl Drop for BackupTask {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+struct Job {
+    data_dir: PathBuf,
+    dir: PathBuf,
+    interval: Duration,
+    keep: Duration,
+    status: Arc<BackupStatus>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Job {
+    fn run(self) {
+        let mut next = self.first_due();
+        let mut retry = RETRY_MIN.min(self.interval);
+        while self.wait_until(next) {
+            let started = Instant::now();
+            let started_ms = now_ms();
+            self.status.running.store(true, Ordering::Relaxed);
+            let result = backup::backup_into(&self.data_dir, &self.dir, &BackupOptions::default());
+            self.status.running.store(false, Ordering::Relaxed);
+            match result {
+                Ok(report) => {
+                    let took = started.elapsed();
+                    self.status
+                        .record_success(started_ms, took, report.manifest.seq);
+                    tracing::info!(
+                        backup = %report.dest.display(),
+                        seq = report.manifest.seq,
+                        links = report.manifest.links,
+                        attempts = report.attempts,
+                        ms = took.as_millis() as u64,
+                        "admin: scheduled backup written"
+                    );
+                    match backup::prune_backups(&self.dir, self.keep, now_ms()) {
+                        Ok(p) if !p.removed.is_empty() => tracing::info!(
+                            removed = p.removed.len(),
+                            dir = %self.dir.display(),
+                            "admin: old backups deleted"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "admin: deleting old backups failed"),
+                    }
+                    retry = RETRY_MIN.min(self.interval);
+                    next = started + self.interval;
+                }
+                Err(e) => {
+                    self.status.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        error = %e,
+                        dir = %self.dir.display(),
+                        retry_in_s = retry.as_secs(),
+                        "admin: scheduled backup failed"
+                    );
+                    next = Instant::now() + retry;
+                    retry = (retry * 2).min(self.interval);
+                }
+            }
+        }
+    }
+
+    /// `interval` after the newest complete backup in `dir` (now when there
+    /// is none); also reports that backup's time as the last success.
+    fn first_due(&self) -> Instant {
+        let newest = match backup::list_backups(&self.dir) {
+            Ok(list) => list.into_iter().rev().find(|b| b.complete),
+            Err(e) => {
+                tracing::warn!(error = %e, "admin: cannot list the backup dir");
+                None
+            }
+        };
+        let Some(newest) = newest else {
+            return Instant::now();
+        };
+        let taken_ms = BackupManifest::read(&newest.path)
+            .map(|m| m.created_ms)
+            .unwrap_or(newest.taken_ms);
+        self.status
+            .last_success_ms
+            .store(taken_ms, Ordering::Relaxed);
+        self.status.last_seq.store(newest.seq, Ordering::Relaxed);
+        let due_ms =
+            taken_ms.saturating_add(self.interval.as_millis().min(u128::from(u64::MAX)) as u64);
+        Instant::now() + Duration::from_millis(due_ms.saturating_sub(now_ms()))
+    }
+
+    /// Waits until `at`; false when asked to stop.
+    fn wait_until(&self, at: Instant) -> bool {
+        let (flag, cv) = &*self.stop;
+        let mut stopped = flag.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if *stopped {
+                return false;
+            }
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            stopped = cv
+                .wait_timeout(stopped, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_exposed_to_prometheus() {
+        let status = Arc::new(BackupStatus::default());
+        let registry = prometheus::Registry::new();
+        status.register(&registry).unwrap();
+        status.record_success(1_700_000_000_500, Duration::from_millis(1500), 42);
+        status.failures.fetch_add(2, Ordering::Relaxed);
+        let text = String::from_utf8(crate::metrics::encode(&registry)).unwrap();
+        assert!(
+            text.contains("backup_last_success_timestamp_seconds 1700000000.5"),
+            "{text}"
+        );
+        assert!(text.contains("backup_last_duration_seconds 1.5"), "{text}");
+        assert!(text.contains("backup_failures_total 2"), "{text}");
+        assert_eq!(status.last_seq(), 42);
+    }
+
+    #[test]
+    fn scheduler_backs_up_prunes_and_stops() {
+        let data = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(data.path(), Default::default()).unwrap();
+        let link = crate::store::Link::new("abc", "https://example.com/").unwrap();
+        store.append(&[crate::store::LogOp::Put(link)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir
+            .path()
+            .join(backup::backup_dir_name(1_000_000_000_000, 0));
+        std::fs::create_dir(&old).unwrap();
+        let status = Arc::new(BackupStatus::default());
+        let config = BackupConfig {
+            dir: Some(dir.path().to_owned()),
+            interval: Duration::from_secs(3600),
+            keep: Duration::from_secs(86_400),
+        };
+        let task = BackupTask::start(data.path(), &config, status.clone()).unwrap();
+        let start = Instant::now();
+        while status.successes() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "no backup");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        task.stop(Duration::from_secs(30));
+        let list = backup::list_backups(dir.path()).unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert!(list[0].complete && list[0].seq == 1);
+        assert!(!old.exists());
+        assert!(backup::verify_backup(&list[0].path).is_ok());
+    }
+}
