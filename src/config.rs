@@ -330,7 +330,6 @@ impl Default for RawAdmin {
     }
 }
 
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -380,7 +379,11 @@ impl IpNet {
             Some((a, p)) => (a.parse().ok()?, Some(p.parse::<u8>().ok()?)),
             None => (text.parse().ok()?, None),
         };
-        let max = if matches!(addr, std::net::IpAddr::V4(_)) { 32 } else { 128 };
+        let max = if matches!(addr, std::net::IpAddr::V4(_)) {
+            32
+        } else {
+            128
+        };
         let prefix = prefix.unwrap_or(max);
         (prefix <= max).then_some(Self { addr, prefix })
     }
@@ -700,8 +703,10 @@ impl Config {
                 path: Some(raw.access_log.path.trim())
                     .filter(|p| !p.is_empty())
                     .map(PathBuf::from),
-                buffer_lines: positive("access_log.buffer_lines", raw.access_log.buffer_lines as u64)?
-                    as usize,
+                buffer_lines: positive(
+                    "access_log.buffer_lines",
+                    raw.access_log.buffer_lines as u64,
+                )? as usize,
             },
         })
     }
@@ -750,17 +755,29 @@ fn rate_limit(
         client_requests: limit(
             r.client_requests_per_second,
             1_000,
-            burst("rate_limit.client_burst", r.client_requests_per_second, r.client_burst)?,
+            burst(
+                "rate_limit.client_burst",
+                r.client_requests_per_second,
+                r.client_burst,
+            )?,
         ),
         client_misses: limit(
             r.client_misses_per_minute,
             60_000,
-            burst("rate_limit.client_miss_burst", r.client_misses_per_minute, r.client_miss_burst)?,
+            burst(
+                "rate_limit.client_miss_burst",
+                r.client_misses_per_minute,
+                r.client_miss_burst,
+            )?,
         ),
         api_key_writes: limit(
             r.api_key_writes_per_second,
             1_000,
-            burst("rate_limit.api_key_write_burst", r.api_key_writes_per_second, r.api_key_write_burst)?,
+            burst(
+                "rate_limit.api_key_write_burst",
+                r.api_key_writes_per_second,
+                r.api_key_write_burst,
+            )?,
         ),
         trusted_proxies: trusted,
         client_ip_header: header,

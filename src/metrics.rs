@@ -21,14 +21,14 @@ use prometheus::{
 /// Buckets of `http_request_duration_seconds`: fine below a millisecond,
 /// where redirects are, and coarse up to the admin's timeouts.
 pub const DURATION_BUCKETS: &[f64] = &[
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Buckets of fsync and other disk latencies.
 pub const DISK_BUCKETS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 10.0,
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0,
 ];
 
 /// The `method` label: the methods HTTP defines, and `other`, so that a
@@ -309,6 +309,9 @@ mod tests {
     fn labels_stay_bounded() {
         assert_eq!(status_str(1000), "other");
         assert_eq!(status_str(307), "307");
-        assert_eq!(MethodLabel::of(&http::Method::from_bytes(b"BREW").unwrap()).as_str(), "other");
+        assert_eq!(
+            MethodLabel::of(&http::Method::from_bytes(b"BREW").unwrap()).as_str(),
+            "other"
+        );
     }
 }

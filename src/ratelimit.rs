@@ -173,7 +173,12 @@ impl LimiterTable {
         // SAFETY: the map is page-aligned, HEADER_LEN and SLOT_LEN are
         // multiples of 8, so both words are 8-aligned and inside the map,
         // which lives as long as `self`. AtomicU64 has u64's layout.
-        unsafe { (&*(ptr as *const AtomicU64), &*(ptr.add(8) as *const AtomicU64)) }
+        unsafe {
+            (
+                &*(ptr as *const AtomicU64),
+                &*(ptr.add(8) as *const AtomicU64),
+            )
+        }
     }
 
     /// The slot holding `key`, claiming one (empty, expired, or the least
@@ -297,7 +302,9 @@ mod tests {
         let now = 1_000_000;
         let d: Vec<_> = (0..4).map(|_| t.check(1, b"a", limit, now)).collect();
         assert_eq!(
-            d.iter().map(|d| (d.allowed, d.remaining)).collect::<Vec<_>>(),
+            d.iter()
+                .map(|d| (d.allowed, d.remaining))
+                .collect::<Vec<_>>(),
             [(true, 2), (true, 1), (true, 0), (false, 0)]
         );
         assert_eq!(d[3].retry_after_secs, 1);

@@ -25,7 +25,9 @@ fn counters_move_by_exactly_the_traffic_sent() {
         ("off", r#","disabled":true"#),
         ("old", r#","expires_at":"2001-01-01T00:00:00Z""#),
     ] {
-        let body = format!(r#"{{"url":"https://example.com/{code}","code":"{code}","status":308{extra}}}"#);
+        let body = format!(
+            r#"{{"url":"https://example.com/{code}","code":"{code}","status":308{extra}}}"#
+        );
         assert_eq!(api(edge, "POST", "/api/links", &body).status, 201, "{code}");
     }
     wait_until(Duration::from_secs(10), "links at the edge", || {
@@ -66,7 +68,12 @@ fn counters_move_by_exactly_the_traffic_sent() {
     for (s, n) in &expected {
         assert_eq!(delta(&after, s), *n, "{s}");
     }
-    for (r, n) in [("served", 35.0), ("not_found", 7.0), ("disabled", 3.0), ("expired", 2.0)] {
+    for (r, n) in [
+        ("served", 35.0),
+        ("not_found", 7.0),
+        ("disabled", 3.0),
+        ("expired", 2.0),
+    ] {
         assert_eq!(delta(&after, &result(r)), n, "link_redirects_total {r}");
     }
     let count = |method: &str, route: &str| {
@@ -79,7 +86,10 @@ fn counters_move_by_exactly_the_traffic_sent() {
     // Bounded labels: codes never appear, routes come from a fixed set.
     for line in after.lines().filter(|l| l.starts_with("http_request")) {
         assert!(!line.contains("live") && !line.contains("nope"), "{line}");
-        let route = line.split("route=\"").nth(1).and_then(|r| r.split('"').next());
+        let route = line
+            .split("route=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next());
         if let Some(route) = route {
             assert!(
                 [
@@ -137,7 +147,10 @@ fn counters_move_by_exactly_the_traffic_sent() {
     assert_eq!(count("HEAD", "/live", 308), 10);
     assert_eq!(count("GET", "/nope", 404), 7);
     assert_eq!(count("POST", "/live", 405), 2);
-    assert!(log.iter().all(|l| l["client"] == "127.0.0.1" && l["ts"].is_string()));
+    assert!(
+        log.iter()
+            .all(|l| l["client"] == "127.0.0.1" && l["ts"].is_string())
+    );
     assert!(log.len() >= expected_lines);
     println!(
         "requests sent {}, all counted",
@@ -154,9 +167,11 @@ fn proxy_errors_are_counted_when_the_admin_is_gone() {
     let r = get(edge, "/api/links");
     assert_eq!(r.status, 503);
     let up = format!(r#"admin_upstream_up{{upstream="{}"}}"#, cluster.admin_addr);
-    wait_until(Duration::from_secs(10), "the upstream reported down", || {
-        metric(&cluster.metrics(cluster.edge_metrics_addr), &up) == 0.0
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "the upstream reported down",
+        || metric(&cluster.metrics(cluster.edge_metrics_addr), &up) == 0.0,
+    );
     let after = cluster.metrics(cluster.edge_metrics_addr);
     let errors: f64 = ["connect", "no_upstream"]
         .iter()
@@ -170,4 +185,38 @@ fn proxy_errors_are_counted_when_the_admin_is_gone() {
         metric(&after, &series("GET", "api", 503)) >= 1.0,
         "the 503 is counted: {after}"
     );
+}
+
+/// The admin's own listener: request counts, log appends, the last
+/// sequence, fsync latencies and disk space after real writes.
+#[test]
+fn admin_metrics_follow_the_writes() {
+    let cluster = Cluster::start();
+    let m = || cluster.metrics(cluster.admin_metrics_addr);
+    let before = m();
+    for i in 0..12 {
+        let body = format!(r#"{{"url":"https://example.com/{i}","code":"adm{i}"}}"#);
+        assert_eq!(
+            api(cluster.admin_addr, "POST", "/api/links", &body).status,
+            201
+        );
+    }
+    assert_eq!(
+        api(cluster.admin_addr, "GET", "/api/links/adm3", "").status,
+        200
+    );
+    let after = m();
+    let delta = |s: &str| metric(&after, s) - metric(&before, s);
+    assert_eq!(delta(&series("POST", "api", 201)), 12.0, "{after}");
+    assert_eq!(delta(&series("GET", "api", 200)), 1.0);
+    assert_eq!(delta("link_log_appends_total"), 12.0);
+    assert_eq!(metric(&after, "link_log_last_sequence"), 12.0);
+    assert_eq!(metric(&after, "link_log_append_errors_total"), 0.0);
+    assert!(delta("link_log_fsync_duration_seconds_count") >= 1.0);
+    assert!(metric(&after, "data_dir_available_bytes") > 0.0);
+    assert!(metric(&after, "data_dir_size_bytes") >= metric(&after, "data_dir_available_bytes"));
+    // The admin's health is a real write: a healthy disk says so.
+    let health = get(cluster.admin_addr, "/api/health").json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["writable"], true);
 }

@@ -12,7 +12,14 @@ use common::{Cluster, api, metric, request, wait_until};
 
 /// A GET of `path` as client `ip` (the test is the trusted proxy in front).
 fn get_as(cluster: &Cluster, ip: &str, path: &str) -> common::Response {
-    request(cluster.edge_addr, "GET", path, &[("X-Forwarded-For", ip)], b"").unwrap()
+    request(
+        cluster.edge_addr,
+        "GET",
+        path,
+        &[("X-Forwarded-For", ip)],
+        b"",
+    )
+    .unwrap()
 }
 
 #[test]
@@ -50,7 +57,11 @@ fn limits_answer_429_and_survive_a_restart() {
     assert_eq!(refused.json()["error"]["code"], "rate_limited");
     assert_eq!(refused.header("ratelimit-limit"), Some("40"));
     assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
-    assert!(refused.header("retry-after").is_some_and(|v| v.parse::<u64>().unwrap() >= 1));
+    assert!(
+        refused
+            .header("retry-after")
+            .is_some_and(|v| v.parse::<u64>().unwrap() >= 1)
+    );
     assert!(refused.header("ratelimit-reset").is_some());
     // Another client behind the same proxy is not affected; /health never is.
     assert_eq!(get_as(&cluster, "198.51.100.2", "/known").status, 302);
@@ -62,7 +73,11 @@ fn limits_answer_429_and_survive_a_restart() {
         assert_eq!(get_as(&cluster, scanner, &format!("/scan{i}")).status, 404);
     }
     assert_eq!(get_as(&cluster, scanner, "/scan5").status, 429);
-    assert_eq!(get_as(&cluster, scanner, "/known").status, 429, "a scanner learns nothing");
+    assert_eq!(
+        get_as(&cluster, scanner, "/known").status,
+        429,
+        "a scanner learns nothing"
+    );
 
     let m = cluster.metrics(cluster.edge_metrics_addr);
     for (limit, at_least) in [("client_requests", 1.0), ("client_misses", 2.0)] {
@@ -70,7 +85,12 @@ fn limits_answer_429_and_survive_a_restart() {
         assert!(metric(&m, &s) >= at_least, "{s}: {m}");
     }
     assert!(metric(&m, r#"link_redirects_total{result="rate_limited"}"#) >= 3.0);
-    assert!(metric(&m, r#"http_requests_total{method="GET",route="rate_limited",status_code="429"}"#) >= 3.0);
+    assert!(
+        metric(
+            &m,
+            r#"http_requests_total{method="GET",route="rate_limited",status_code="429"}"#
+        ) >= 3.0
+    );
 
     // SIGKILL the edge and start it again: the limits are still in force.
     cluster.kill_edge();
@@ -82,7 +102,9 @@ fn limits_answer_429_and_survive_a_restart() {
     );
     // The request bucket refills at one per second: however long the restart
     // took, a fresh bucket would allow all 20 of these.
-    let after: Vec<u16> = (0..20).map(|_| get_as(&cluster, client, "/known").status).collect();
+    let after: Vec<u16> = (0..20)
+        .map(|_| get_as(&cluster, client, "/known").status)
+        .collect();
     let allowed_after = after.iter().filter(|&&s| s == 302).count();
     assert!(
         allowed_after < 10 && after.contains(&429),
@@ -91,4 +113,54 @@ fn limits_answer_429_and_survive_a_restart() {
     println!(
         "burst allowed {allowed}, allowed after restart {allowed_after}/20, scanner barred before and after restart"
     );
+}
+
+/// The per-API-key write limit at the admin: 429 with the `RateLimit-*`
+/// fields after the burst, reads never limited, and still in force after the
+/// admin is SIGKILLed and restarted.
+#[test]
+fn api_key_writes_are_limited_across_a_restart() {
+    let mut cluster = Cluster::start_custom(
+        "",
+        "",
+        "rate_limit:\n  api_key_writes_per_second: 1\n  api_key_write_burst: 5\n",
+    );
+    let create = |cluster: &Cluster, i: usize| {
+        let body = format!(r#"{{"url":"https://example.com/{i}","code":"w{i}"}}"#);
+        api(cluster.admin_addr, "POST", "/api/links", &body)
+    };
+    let mut created = 0;
+    let refused = loop {
+        let r = create(&cluster, created);
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 201);
+        created += 1;
+        assert!(created < 20, "no 429 after {created} writes");
+    };
+    assert!(created >= 5, "the burst is honoured: {created}");
+    assert_eq!(refused.json()["error"]["code"], "rate_limited");
+    assert_eq!(refused.header("ratelimit-limit"), Some("5"));
+    assert!(refused.header("retry-after").is_some());
+    // Reads are not limited.
+    for _ in 0..10 {
+        assert_eq!(
+            api(cluster.admin_addr, "GET", "/api/links/w0", "").status,
+            200
+        );
+    }
+    let m = cluster.metrics(cluster.admin_metrics_addr);
+    let limited = r#"rate_limit_decisions_total{decision="limited",limit="api_key_writes"}"#;
+    assert!(metric(&m, limited) >= 1.0, "{m}");
+
+    cluster.kill_admin();
+    cluster.start_admin();
+    let after: Vec<u16> = (100..110).map(|i| create(&cluster, i).status).collect();
+    let allowed_after = after.iter().filter(|&&s| s == 201).count();
+    assert!(
+        allowed_after < 5 && after.contains(&429),
+        "still limited after a restart: {after:?}"
+    );
+    println!("writes allowed {created} then 429; after restart {allowed_after}/10 allowed");
 }

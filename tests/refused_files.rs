@@ -150,7 +150,11 @@ fn bad_files_are_refused_and_the_edge_keeps_serving() {
 
     // Log segments placed where the edge reads next (as a rolled-over
     // segment would be), then removed.
-    for fault in ["truncated log segment", "corrupt log segment", "wrong-version log segment"] {
+    for fault in [
+        "truncated log segment",
+        "corrupt log segment",
+        "wrong-version log segment",
+    ] {
         let next = cluster.edge_seq() + 1;
         let seg_path = data.join("log").join(segment_file_name(next));
         let header = encode_segment_header(next);
@@ -181,10 +185,15 @@ fn bad_files_are_refused_and_the_edge_keeps_serving() {
         let code = format!("after{}", codes.len());
         create(&cluster, &code);
         codes.push(code.clone());
-        wait_until(Duration::from_secs(10), "a new link after the bad file went", || {
-            get(cluster.edge_addr, &format!("/{code}")).status == 301
-        });
-        assert!(get(cluster.edge_addr, "/zzz").status == 404, "nothing from a refused file");
+        wait_until(
+            Duration::from_secs(10),
+            "a new link after the bad file went",
+            || get(cluster.edge_addr, &format!("/{code}")).status == 301,
+        );
+        assert!(
+            get(cluster.edge_addr, "/zzz").status == 404,
+            "nothing from a refused file"
+        );
     }
 
     let text = cluster.metrics(cluster.edge_metrics_addr);
@@ -209,7 +218,11 @@ fn readiness_fails_while_the_follower_is_stuck() {
     let ready = get(cluster.edge_addr, "/health/ready");
     assert_eq!(ready.status, 200);
     assert_eq!(ready.json()["status"], "ok");
-    assert!(ready.json()["data_dir"]["disk_available_bytes"].as_u64().is_some());
+    assert!(
+        ready.json()["data_dir"]["disk_available_bytes"]
+            .as_u64()
+            .is_some()
+    );
 
     let next = cluster.edge_seq() + 1;
     let seg = cluster.data_dir().join("log").join(segment_file_name(next));
@@ -224,7 +237,11 @@ fn readiness_fails_while_the_follower_is_stuck() {
     let live = get(cluster.edge_addr, "/health");
     assert_eq!(live.status, 200, "liveness does not fail");
     assert_eq!(live.json()["status"], "degraded");
-    assert_eq!(get(cluster.edge_addr, "/alive").status, 301, "redirects go on");
+    assert_eq!(
+        get(cluster.edge_addr, "/alive").status,
+        301,
+        "redirects go on"
+    );
 
     std::fs::remove_file(&seg).unwrap();
     wait_until(Duration::from_secs(10), "readiness to return", || {

@@ -69,6 +69,15 @@ pub async fn require_key(
 ) -> Response {
     match authenticate(req.headers(), state.key_hashes()) {
         Some(caller) => {
+            if let Some(limit) = state.write_limit()
+                && let Some(d) =
+                    limit.check(req.method(), caller.key_id, crate::store::record::now_ms())
+            {
+                state.metrics().limit_decision(d.allowed);
+                if !d.allowed {
+                    return super::limits::too_many_requests(&d);
+                }
+            }
             req.extensions_mut().insert(caller);
             next.run(req).await
         }

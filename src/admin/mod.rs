@@ -27,7 +27,9 @@ pub mod backup_task;
 mod codes;
 mod error;
 mod json;
+mod limits;
 mod links;
+mod metrics;
 mod routes;
 mod state;
 mod url;
@@ -79,12 +81,16 @@ pub fn app(state: AdminState) -> Router {
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
 }
 
-/// Logs each request (never its headers: they hold the API key).
-async fn log_request(req: Request, next: Next) -> Response {
+/// Logs and counts each request (never its headers: they hold the API key).
+async fn log_request(
+    axum::extract::State(state): axum::extract::State<AdminState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -95,6 +101,17 @@ async fn log_request(req: Request, next: Next) -> Response {
         .unwrap_or("")
         .to_owned();
     let response = next.run(req).await;
+    let route = if path == "/api/health" {
+        crate::metrics::RouteLabel::Health
+    } else {
+        crate::metrics::RouteLabel::Api
+    };
+    state.metrics().http.record(
+        crate::metrics::MethodLabel::of(&method),
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     tracing::debug!(
         %method,
         path,
@@ -140,6 +157,20 @@ pub fn run(config: &Config) -> Result<(), AdminError> {
             .map_err(|source| AdminError::Bind { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         tracing::info!(addr = %local, "admin: listening");
+        if let Some(maddr) = config.admin_metrics_listen {
+            let mlistener = tokio::net::TcpListener::bind(maddr)
+                .await
+                .map_err(|source| AdminError::BindMetrics {
+                    addr: maddr,
+                    source,
+                })?;
+            let app = metrics::metrics_app(state.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(mlistener, app).await {
+                    tracing::error!(error = %e, "admin: metrics listener stopped");
+                }
+            });
+        }
         serve(listener, state.clone(), shutdown_signal())
             .await
             .map_err(AdminError::Serve)?;

@@ -290,11 +290,23 @@ pub async fn health(State(state): State<AdminState>) -> Response {
         });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
-    let body = match state.write_error() {
-        None => json!({ "status": "ok", "seq": view.seq(), "links": view.len() }),
-        Some(code) => json!({
+    // A real write (and fsync) next to the log, not a flag: a disk that
+    // filled up or went read-only shows here before a client's write does.
+    let probing = state.clone();
+    let probe = tokio::task::spawn_blocking(move || probing.probe_write())
+        .await
+        .unwrap_or_else(|e| Err(format!("write probe: {e}")));
+    // Degraded, not 503: reads still work, and an edge that stopped routing
+    // to this admin would keep clients from the precise 507/503 of a write.
+    let body = match (state.write_error(), probe) {
+        (None, Ok(())) => {
+            json!({ "status": "ok", "seq": view.seq(), "links": view.len(), "writable": true })
+        }
+        (code, probe) => json!({
             "status": "degraded", "seq": view.seq(), "links": view.len(),
-            "writable": false, "error": code.as_str(),
+            "writable": false,
+            "error": code.map(|c| c.as_str()),
+            "write_probe": probe.err(),
         }),
     };
     (StatusCode::OK, Json(body)).into_response()

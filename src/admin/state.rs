@@ -58,6 +58,15 @@ pub enum AdminError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("metrics.admin_listen {addr}: {source}")]
+    BindMetrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("registering metrics: {0}")]
+    Metrics(prometheus::Error),
+    #[error(transparent)]
+    RateLimitState(#[from] crate::ratelimit::LimiterError),
     #[error("starting the admin's runtime: {0}")]
     Runtime(std::io::Error),
     #[error("serving the admin API: {0}")]
@@ -111,6 +120,12 @@ struct Shared {
     compaction_retry: Mutex<CompactionRetry>,
     rng: SystemRandom,
     settings: Settings,
+    /// The admin's Prometheus series.
+    metrics: Arc<super::metrics::AdminMetrics>,
+    /// The per-API-key write limit, if configured.
+    write_limit: Option<super::limits::WriteLimit>,
+    /// The last write probe of `/api/health`: when, and what it found.
+    probe: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 /// The parts of the config the API uses.
@@ -193,6 +208,19 @@ impl AdminState {
             retry_after_secs: config.edge.retry_after_secs,
         };
         let since_compaction = view.overlay_len() as u64;
+        let metrics =
+            Arc::new(super::metrics::AdminMetrics::new(durable).map_err(AdminError::Metrics)?);
+        let fsync = metrics.fsync.clone();
+        store
+            .log()
+            .observe_fsync(move |d| fsync.observe(d.as_secs_f64()));
+        let write_limit = super::limits::WriteLimit::open(&config.rate_limit)?;
+        let backup = Arc::<super::backup_task::BackupStatus>::default();
+        if config.backup.dir.is_some() {
+            backup
+                .register(&metrics.registry)
+                .map_err(AdminError::Metrics)?;
+        }
         tracing::info!(
             data_dir = %config.data_dir.display(),
             seq = view.seq(),
@@ -211,7 +239,7 @@ impl AdminState {
                 }),
                 applied: Condvar::new(),
                 compacting: Arc::new(AtomicBool::new(false)),
-                backup: Arc::default(),
+                backup,
                 write_failed: AtomicBool::new(false),
                 write_error: Mutex::new(None),
                 broken: AtomicBool::new(false),
@@ -222,8 +250,54 @@ impl AdminState {
                 }),
                 rng: SystemRandom::new(),
                 settings,
+                metrics,
+                write_limit,
+                probe: Mutex::new(None),
             }),
         })
+    }
+
+    /// Whether the log's directory takes a write and an fsync right now: a
+    /// 4 KiB file is written, fsynced and removed (at most once a second;
+    /// health checks in between get the last answer). This is the write path
+    /// the log uses (same directory, same file system), so a full, read-only
+    /// or failing disk shows here before a client's write finds it.
+    pub fn probe_write(&self) -> Result<(), String> {
+        let mut last = self.shared.probe.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, result)) = last.as_ref()
+            && at.elapsed() < Duration::from_secs(1)
+        {
+            return result.clone();
+        }
+        let path = self.shared.store.log().dir().join(".health-probe");
+        let result = (|| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&path)?;
+            f.write_all(&[0u8; 4096])?;
+            f.sync_data()?;
+            drop(f);
+            std::fs::remove_file(&path)
+        })()
+        .map_err(|e| format!("{}: {e}", path.display()));
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        *last = Some((Instant::now(), result.clone()));
+        result
+    }
+
+    /// The admin's metrics.
+    pub fn metrics(&self) -> &super::metrics::AdminMetrics {
+        &self.shared.metrics
+    }
+
+    /// The per-API-key write limit, if configured.
+    pub fn write_limit(&self) -> Option<&super::limits::WriteLimit> {
+        self.shared.write_limit.as_ref()
     }
 
     /// The current view of the link table (every acknowledged write is in

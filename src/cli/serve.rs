@@ -40,6 +40,9 @@ pub struct EdgeArgs {
 
 pub fn edge(args: EdgeArgs) -> Result<(), CliError> {
     init_tracing();
+    // A file-size limit must give its writers (access log, limiter state)
+    // EFBIG, not kill the edge with SIGXFSZ.
+    crate::store::datadir::ignore_file_size_signal();
     let config = args.config.load()?;
     let options = EdgeOptions {
         upgrade: args.upgrade,

@@ -44,12 +44,7 @@ impl EdgeHealth {
         let mut failures: Vec<String> = Vec::new();
         let stuck_since = self.follower.stuck_since_ms.load(Ordering::Relaxed);
         let stuck_ms = (stuck_since > 0).then(|| now.saturating_sub(stuck_since));
-        let last_error = self
-            .follower
-            .last_error
-            .lock()
-            .ok()
-            .and_then(|e| e.clone());
+        let last_error = self.follower.last_error.lock().ok().and_then(|e| e.clone());
         if let Some(ms) = stuck_ms
             && ms >= self.follower_stall.as_millis() as u64
         {

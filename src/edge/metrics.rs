@@ -232,7 +232,10 @@ impl TableCollector {
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let counter = |name: &str, help: &str| IntCounter::new(name, help);
         let c = Self {
-            links: gauge("link_table_links", "Live links in the table the edge serves.")?,
+            links: gauge(
+                "link_table_links",
+                "Live links in the table the edge serves.",
+            )?,
             seq: gauge(
                 "link_table_sequence",
                 "Sequence number of the last log record the table holds.",
@@ -333,7 +336,10 @@ impl Collector for TableCollector {
         }));
         drop(view);
         let f = &self.follower;
-        mirror(&self.records_applied, f.records_applied.load(Ordering::Relaxed));
+        mirror(
+            &self.records_applied,
+            f.records_applied.load(Ordering::Relaxed),
+        );
         mirror(&self.swaps, f.snapshots_loaded.load(Ordering::Relaxed));
         mirror(&self.refused, f.files_refused.load(Ordering::Relaxed));
         let backends = self.admins.backends();

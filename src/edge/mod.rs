@@ -152,8 +152,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             follower_stall: config.edge.follower_stall,
         },
         metrics: metrics.clone(),
-        limits: rate_limit::EdgeRateLimits::open(&config.rate_limit)?
-            .map(Arc::new),
+        limits: rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new),
         trusted_proxies: config.rate_limit.trusted_proxies.clone(),
         client_ip_header: config.rate_limit.client_ip_header.clone(),
         tls: config.tls.clone().map(Arc::new),
@@ -212,8 +211,7 @@ fn check_bindable(config: &Config) -> Result<(), EdgeError> {
         addrs.push(("tls.listen", t.listen));
     }
     for (key, addr) in addrs {
-        std::net::TcpListener::bind(addr)
-            .map_err(|e| EdgeError::Listen(key, addr, e))?;
+        std::net::TcpListener::bind(addr).map_err(|e| EdgeError::Listen(key, addr, e))?;
     }
     Ok(())
 }

@@ -89,11 +89,13 @@ impl ProxyHttp for EdgeProxy {
             let client = self.client_ip(session);
             let now = now_ms();
             let refused = limits.request(client, now);
-            self.metrics.limit_decision(LimitKind::ClientRequests, refused.is_none());
+            self.metrics
+                .limit_decision(LimitKind::ClientRequests, refused.is_none());
             let refused = refused.or_else(|| match route {
                 Route::Redirect(_) | Route::NotFound => {
                     let barred = limits.scanning(client, now);
-                    self.metrics.limit_decision(LimitKind::ClientMisses, barred.is_none());
+                    self.metrics
+                        .limit_decision(LimitKind::ClientMisses, barred.is_none());
                     barred
                 }
                 _ => None,
@@ -133,7 +135,11 @@ impl ProxyHttp for EdgeProxy {
             Route::Health | Route::Ready => {
                 ctx.route = RouteLabel::Health;
                 let (ok, body) = self.health.report();
-                let status = if ok || matches!(route, Route::Health) { 200 } else { 503 };
+                let status = if ok || matches!(route, Route::Health) {
+                    200
+                } else {
+                    503
+                };
                 respond(
                     session,
                     status,
@@ -351,7 +357,9 @@ impl EdgeProxy {
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip());
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                a.ip()
+            });
         if self.trusted_proxies.is_empty() {
             return peer;
         }
@@ -471,11 +479,7 @@ fn error_kind(e: &Error) -> ProxyErrorKind {
 }
 
 /// 429 with `Retry-After` and the `RateLimit-*` fields of the decision.
-async fn too_many_requests(
-    session: &mut Session,
-    d: &Decision,
-    head: bool,
-) -> Result<()> {
+async fn too_many_requests(session: &mut Session, d: &Decision, head: bool) -> Result<()> {
     let (limit, remaining, reset, retry) = (
         d.limit.to_string(),
         d.remaining.to_string(),
@@ -493,7 +497,10 @@ async fn too_many_requests(
             ("ratelimit-remaining", remaining.as_bytes()),
             ("ratelimit-reset", reset.as_bytes()),
         ],
-        error_body("rate_limited", "too many requests from this address; retry later"),
+        error_body(
+            "rate_limited",
+            "too many requests from this address; retry later",
+        ),
         head,
     )
     .await

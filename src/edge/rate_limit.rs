@@ -57,10 +57,7 @@ impl EdgeRateLimits {
         if config.client_requests.is_none() && config.client_misses.is_none() {
             return Ok(None);
         }
-        let table = LimiterTable::open(
-            &config.state_dir.join("edge-ratelimit.bin"),
-            config.slots,
-        )?;
+        let table = LimiterTable::open(&config.state_dir.join("edge-ratelimit.bin"), config.slots)?;
         Ok(Some(Self {
             table,
             requests: config.client_requests,
@@ -159,7 +156,11 @@ mod tests {
         );
         // From a trusted proxy: the rightmost untrusted entry.
         assert_eq!(
-            client_ip(ip("10.1.2.3"), Some(b"6.6.6.6, 198.51.100.4, 10.9.9.9"), &trusted),
+            client_ip(
+                ip("10.1.2.3"),
+                Some(b"6.6.6.6, 198.51.100.4, 10.9.9.9"),
+                &trusted
+            ),
             ip("198.51.100.4")
         );
         assert_eq!(

@@ -193,6 +193,25 @@ impl LogFollower {
             }
             // The snapshot loaded in this poll holds them; the tail was reset.
             Ok(TailStatus::NeedSnapshot) => {}
+            Err(e @ LogError::Rewound { .. }) => {
+                // Records this view holds were cut off the log (a batch whose
+                // fsync failed) and may be replaced by others under the same
+                // sequences: only a reload from disk is right.
+                let text = e.to_string();
+                self.stats.refuse(text.clone());
+                match self.dir.load_view(true) {
+                    Ok(view) => {
+                        tracing::warn!(
+                            seq = view.seq(),
+                            "link store: view reloaded from disk after the log was cut back"
+                        );
+                        self.source.reset(view.seq());
+                        self.view = view;
+                        outcome.new_snapshot = Some(self.view.snapshot_seq());
+                    }
+                    Err(reload) => problem = Some(format!("{text}; reloading: {reload}")),
+                }
+            }
             Err(e) => problem = problem.or(Some(e.to_string())),
         }
         if let Some(text) = &problem

@@ -103,6 +103,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LogError + '_ {
     }
 }
 
+/// A callback told each fsync's duration.
+type FsyncObserver = Box<dyn Fn(std::time::Duration) + Send + Sync>;
+
 /// Name of the segment whose first record has sequence `first_seq`.
 pub fn segment_file_name(first_seq: u64) -> String {
     format!("{first_seq:020}.log")
@@ -479,6 +482,8 @@ pub struct LinkLog {
     /// Faults a test asked for (see [`LinkLog::inject_fault`]).
     faults: Mutex<Vec<InjectedFault>>,
     any_fault: std::sync::atomic::AtomicBool,
+    /// Told how long each group commit's fsync took (metrics), if set.
+    fsync_observer: std::sync::OnceLock<FsyncObserver>,
 }
 
 struct WriterState {
@@ -674,6 +679,7 @@ impl LinkLog {
             failures: Default::default(),
             faults: Mutex::new(Vec::new()),
             any_fault: Default::default(),
+            fsync_observer: std::sync::OnceLock::new(),
         };
         Ok((log, recovery))
     }
@@ -681,6 +687,12 @@ impl LinkLog {
     /// The directory holding the segments.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Calls `observe` with the duration of every group commit's fsync from
+    /// now on (once per log; later calls are ignored).
+    pub fn observe_fsync(&self, observe: impl Fn(std::time::Duration) + Send + Sync + 'static) {
+        let _ = self.fsync_observer.set(Box::new(observe));
     }
 
     /// Number of fsyncs done by appends since open.
@@ -868,10 +880,14 @@ impl LinkLog {
         if let Err(e) = written {
             return Err(self.abandon(&mut active, "writing", &e, true));
         }
+        let sync_started = std::time::Instant::now();
         let synced = match self.take_fault(|f| matches!(f, InjectedFault::SyncFails { .. })) {
             Some(InjectedFault::SyncFails { errno }) => Err(io::Error::from_raw_os_error(errno)),
             _ => file.sync_data(),
         };
+        if let Some(observe) = self.fsync_observer.get() {
+            observe(sync_started.elapsed());
+        }
         if let Err(e) = synced {
             return Err(self.abandon(&mut active, "fsync", &e, true));
         }

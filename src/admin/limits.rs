@@ -1,0 +1,72 @@
+//! The per-API-key write limit (`rate_limit.api_key_writes_per_second`):
+//! POST, PATCH, PUT and DELETE requests of one key share a GCRA bucket kept
+//! in `<rate_limit.state_dir>/admin-ratelimit.bin`, so a restart of the admin
+//! does not hand a runaway client a fresh burst ([`crate::ratelimit`]).
+
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::config::RateLimitConfig;
+use crate::ratelimit::{Decision, Limit, LimiterError, LimiterTable};
+
+const KIND_API_KEY_WRITES: u8 = 3;
+
+/// The admin's write limit. Shared through the admin's state; no lock.
+#[derive(Debug)]
+pub struct WriteLimit {
+    table: LimiterTable,
+    limit: Limit,
+}
+
+impl WriteLimit {
+    /// `None` when no write limit is configured.
+    pub fn open(config: &RateLimitConfig) -> Result<Option<Self>, LimiterError> {
+        let Some(limit) = config.api_key_writes else {
+            return Ok(None);
+        };
+        let table =
+            LimiterTable::open(&config.state_dir.join("admin-ratelimit.bin"), config.slots)?;
+        Ok(Some(Self { table, limit }))
+    }
+
+    /// Charges a request of key `key_id` if it writes; `Some` when refused.
+    pub fn check(&self, method: &Method, key_id: u64, now_ms: u64) -> Option<Decision> {
+        let writes = matches!(
+            *method,
+            Method::POST | Method::PATCH | Method::PUT | Method::DELETE
+        );
+        if !writes {
+            return None;
+        }
+        let d = self.table.check(
+            KIND_API_KEY_WRITES,
+            &key_id.to_le_bytes(),
+            self.limit,
+            now_ms,
+        );
+        Some(d)
+    }
+}
+
+/// The 429 for a refused write: the stable JSON error, `Retry-After` and
+/// the `RateLimit-*` fields.
+pub fn too_many_requests(d: &Decision) -> Response {
+    let body = serde_json::json!({
+        "error": {
+            "code": "rate_limited",
+            "message": "too many writes with this API key; retry later",
+        }
+    });
+    let mut resp = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    let h = resp.headers_mut();
+    for (name, value) in [
+        ("retry-after", d.retry_after_secs),
+        ("ratelimit-limit", d.limit),
+        ("ratelimit-remaining", d.remaining),
+        ("ratelimit-reset", d.reset_secs),
+    ] {
+        h.insert(name, HeaderValue::from(value));
+    }
+    h.insert("cache-control", HeaderValue::from_static("no-store"));
+    resp
+}
