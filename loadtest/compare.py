@@ -33,7 +33,14 @@ For each link count N (default 1000000):
     --syscalls: one more run per server under `perf stat` (syscalls and
     context switches per request).
     --edge-variant NAME:KEY=VALUE,...: one more edge (same data dir, its own
-    pingora.yaml / uload.yaml settings) in the same rounds.
+    pingora.yaml / uload.yaml settings) in the same rounds. KEY is a
+    pingora.yaml key, or SECTION.KEY for uload.yaml (edge.follow_interval_ms,
+    rate_limit.client_requests_per_second, ...; a rate_limit section gets a
+    state_dir in the variant's own directory).
+    --edge-bin NAME:PATH: one more edge from another uload binary (an older
+    commit's build, for an A/B), with edge's settings and its own data dir
+    imported with that binary, in the same rounds; --ratio-to edge-NAME makes
+    the table's ratios relative to it.
 
 Every process it starts is in its own process group and is killed on exit
 (also on Ctrl-C / SIGTERM); their group ids are in WORKDIR/pids so that
@@ -268,15 +275,21 @@ def _on_signal(signum, frame):
 
 
 def edge_settings(settings):
-    """Splits KEY=VALUE settings into pingora.yaml lines and uload.yaml edge.* lines."""
-    pingora, edge = "", ""
+    """Splits KEY=VALUE settings into pingora.yaml lines and uload.yaml sections.
+
+    A key without a dot is a pingora.yaml line; SECTION.KEY is KEY in
+    uload.yaml's SECTION (edge.follow_interval_ms, rate_limit.client_burst, ...).
+    Returns (pingora lines, {section: lines}).
+    """
+    pingora, sections = "", {}
     for kv in settings:
         k, v = kv.split("=", 1)
-        if k.startswith("edge."):
-            edge += f"  {k[5:]}: {v}\n"
+        if "." in k:
+            section, key = k.split(".", 1)
+            sections[section] = sections.get(section, "") + f"  {key}: {v}\n"
         else:
             pingora += f"{k}: {v}\n"
-    return pingora, edge
+    return pingora, sections
 
 
 def write_configs(name, wd, links_dir, n, port, admin_port, metrics_port, args):
@@ -286,11 +299,23 @@ def write_configs(name, wd, links_dir, n, port, admin_port, metrics_port, args):
         if args.follow_interval_ms:
             settings.append(f"edge.follow_interval_ms={args.follow_interval_ms}")
         data = f"{wd}/data"
+        uload_bin = args.uload_bin
+        if name in args.edge_bins:
+            # another build: its own copy of the binary and its own data dir
+            # (imported with that binary), same settings as "edge"
+            uload_bin = args.edge_bins[name]
+            data = f"{wd}/data-{name}"
         if name != "edge":
-            settings += args.variants[name]
+            settings += args.variants.get(name, [])
             wd = os.path.join(wd, name)
             os.makedirs(wd, exist_ok=True)
-        extra_pingora, follow = edge_settings(settings)
+        extra_pingora, sections = edge_settings(settings)
+        if "rate_limit" in sections and "  state_dir:" not in sections["rate_limit"]:
+            sections["rate_limit"] += f"  state_dir: {wd}/state\n"
+        follow = sections.pop("edge", "")
+        admin_extra = sections.pop("admin", "")
+        metrics_extra = sections.pop("metrics", "")
+        other = "".join(f"{sec}:\n{lines}" for sec, lines in sections.items())
         with open(os.path.join(wd, "pingora.yaml"), "w") as f:
             f.write(f"""---
 version: 1
@@ -312,10 +337,10 @@ edge:
   pingora_conf: pingora.yaml
 {follow}admin:
   listen: 127.0.0.1:{admin_port}
-metrics:
+{admin_extra}metrics:
   listen: 127.0.0.1:{metrics_port}
-""")
-        return [args.uload_bin, "edge", "--config", f"{wd}/uload.yaml"]
+{metrics_extra}{other}""")
+        return [uload_bin, "edge", "--config", f"{wd}/uload.yaml"]
     if name == "nginx":
         tmp = os.path.join(wd, "nginx-tmp")
         os.makedirs(tmp, exist_ok=True)
@@ -603,22 +628,25 @@ def summarize(name, runs, extra):
     return s
 
 
-def table(n, summ):
+def table(n, summ, ref="nginx"):
+    """Medians per server, each followed by its ratio to `ref` (nginx unless --ratio-to)."""
     names = [s for s in summ if summ.get(s)]
+    if not summ.get(ref):
+        ref = None
     cols = []
     for s in names:
         cols.append(s)
-        if s != "nginx" and summ.get("nginx"):
-            cols.append(s + "/nginx")
+        if ref and s != ref:
+            cols.append(s + "/" + ref)
     head = "| figure (median of rounds) | " + " | ".join(
-        LABEL[c] if "/" not in c else f"{LABEL[c.split('/')[0]]} ÷ nginx" for c in cols) + " |"
+        LABEL[c] if "/" not in c else f"{LABEL[c.split('/')[0]]} ÷ {LABEL[ref]}" for c in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for key, label, unit, _ in ROWS:
         cells = []
         for c in cols:
             if "/" in c:
                 a = summ[c.split("/")[0]].get(key)
-                b = summ["nginx"].get(key)
+                b = summ[ref].get(key)
                 cells.append(ratio(a, b) if key not in ("known_non_3xx", "socket_errors", "sample_bad") else "")
             else:
                 cells.append(fmt(summ[c].get(key), unit))
@@ -691,16 +719,31 @@ def compare(args, n, uload_bin):
     if imp.returncode != 0:
         raise RuntimeError(f"uload import failed ({imp.returncode}):\n{imp.stdout[-2000:]}")
     log(f"uload import: {import_s:.1f} s")
+    # --edge-bin: each other build imports the same links into its own data dir
+    for name, path in args.edge_bins.items():
+        if name not in args.servers:
+            continue
+        t = time.monotonic()
+        imp2 = subprocess.run([path, "import", f"{links_dir}/links.csv", "--data-dir", f"{wd}/data-{name}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
+        with open(os.path.join(wd, f"import-{name}.log"), "w") as f:
+            f.write(imp2.stdout)
+        if imp2.returncode != 0:
+            raise RuntimeError(f"{name}: uload import failed ({imp2.returncode}):\n{imp2.stdout[-2000:]}")
+        log(f"{name}: uload import {time.monotonic() - t:.1f} s")
 
     codes = read_codes(f"{links_dir}/codes.txt")
     unknown = read_codes(f"{links_dir}/unknown.txt", limit=10000)
     known_path = "/" + codes[len(codes) // 2]
 
     ports = {s: free_port() for s in args.servers}
-    admin_port, metrics_port = free_port(), free_port()
+    admin_port = free_port()
+    # every edge has its own metrics listener (an edge refuses to start when
+    # its metrics.listen is taken)
+    metrics_ports = {s: free_port() for s in args.servers}
     servers = {}
     for name in args.servers:
-        cmd = write_configs(name, wd, links_dir, n, ports[name], admin_port, metrics_port, args)
+        cmd = write_configs(name, wd, links_dir, n, ports[name], admin_port, metrics_ports[name], args)
         env = None
         if name.startswith("edge"):
             env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
@@ -736,7 +779,7 @@ def compare(args, n, uload_bin):
             log(f"{name}: not running; left out of the load runs")
             srv.stop()
             continue
-        m = memory(srv.pids(), solo_prefix=f"{wd}/data/")
+        m = memory(srv.pids(), solo_prefix=f"{wd}/data")
         extra[name]["mem_after_start"] = m
         # idle CPU: what the server burns with no load (follower polls, timers)
         u0, s0 = cpu_ticks(srv.pids())
@@ -762,7 +805,7 @@ def compare(args, n, uload_bin):
                 f"p99.9 {r['p999_us'] / 1000:.2f} ms  CPU {r['cpu_us_per_req']:.1f} µs/req  "
                 f"non-3xx(known) {r['known_non_3xx']}  sock err {r['socket_errors']}  load {r['loadavg'][0]:.2f}")
     for name in live:
-        m = memory(servers[name].pids(), solo_prefix=f"{wd}/data/")
+        m = memory(servers[name].pids(), solo_prefix=f"{wd}/data")
         extra[name]["mem_after_load"] = m
         extra[name]["rss_mb"] = m["rss_kb"] / 1024
         extra[name]["pss_mb"] = m["pss_kb"] / 1024
@@ -816,7 +859,7 @@ def compare(args, n, uload_bin):
     }
     md = [f"### {n:,} links", "",
           f"{info['date']}; {args.rounds} rounds of A B C, `{info['wrk']}`; uload import of the links: {import_s:.1f} s.",
-          "", table(n, {k: v for k, v in summ.items() if v}), "",
+          "", table(n, {k: v for k, v in summ.items() if v}, args.ratio_to), "",
           *[extra[s]["start_failed"] + "." for s in args.servers if extra[s].get("start_failed")],
           "Start-up runs (ms): " + "; ".join(
               f"{LABEL[s]} {', '.join('%.0f' % x for x in extra[s].get('startup_runs_ms', []))}" for s in args.servers),
@@ -861,8 +904,15 @@ def main():
     ap.add_argument("--follow-interval-ms", type=int, default=0,
                     help="edge.follow_interval_ms for the edge (default: uload's default)")
     ap.add_argument("--edge-variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                    help="also run an edge with these settings (pingora.yaml keys, or edge.KEY for uload.yaml), "
-                         "e.g. nosteal:work_stealing=false (repeatable)")
+                    help="also run an edge with these settings: pingora.yaml keys, or SECTION.KEY for uload.yaml; "
+                         "e.g. nosteal:work_stealing=false or rl:rate_limit.client_requests_per_second=100 "
+                         "(repeatable)")
+    ap.add_argument("--edge-bin", action="append", default=[], metavar="NAME:PATH",
+                    help="also run an edge from another uload binary (e.g. an older commit's build) as "
+                         "server edge-NAME, with the same settings as edge, its own copy of the binary and "
+                         "its own data dir imported with it, in the same rounds (repeatable)")
+    ap.add_argument("--ratio-to", default="nginx", metavar="SERVER",
+                    help="the table's ratio columns are to this server (default nginx; e.g. edge-base)")
     ap.add_argument("--tag", default="", help="suffix for the results files (e.g. an experiment's name)")
     args = ap.parse_args()
     args.servers = [s for s in args.servers.split(",") if s]
@@ -880,6 +930,22 @@ def main():
         LABEL[name] = f"uload edge ({kvs})"
         at = args.servers.index("edge") + 1 + len(args.variants) - 1 if "edge" in args.servers else 0
         args.servers.insert(at, name)
+    # --edge-bin NAME:PATH adds "edge-NAME" after the edge variants
+    args.edge_bins = {}
+    for v in args.edge_bin:
+        vname, _, path = v.partition(":")
+        name = f"edge-{vname}"
+        if not vname or not path or name in args.variants or name in args.edge_bins:
+            ap.error(f"--edge-bin {v!r}: expected NAME:PATH with a NAME of its own")
+        if not os.access(path, os.X_OK):
+            ap.error(f"--edge-bin {v!r}: {path} is not an executable")
+        args.edge_bins[name] = os.path.abspath(path)
+        LABEL[name] = f"uload edge ({vname} build)"
+        at = args.servers.index("edge") + 1 + len(args.variants) + len(args.edge_bins) - 1 \
+            if "edge" in args.servers else len(args.edge_bins) - 1
+        args.servers.insert(at, name)
+    if args.ratio_to not in args.servers:
+        args.ratio_to = "nginx"
     if args.rounds < 1 or args.duration < 1:
         ap.error("--rounds and --duration must be at least 1")
     os.makedirs(args.workdir, exist_ok=True)
@@ -900,6 +966,12 @@ def main():
         shutil.copy2(args.uload, uload_bin + ".tmp")
         os.replace(uload_bin + ".tmp", uload_bin)
     args.uload_bin = uload_bin
+    for name, path in args.edge_bins.items():
+        copy = os.path.join(args.workdir, "bin", f"uload-{name}")
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        shutil.copy2(path, copy + ".tmp")
+        os.replace(copy + ".tmp", copy)
+        args.edge_bins[name] = copy
     log(f"machine: {os.cpu_count()} CPUs, load avg {loadavg()}")
     for n in args.sizes:
         try:

@@ -287,7 +287,10 @@ async fn health_needs_no_key() {
     admin.create(json!({"url": "https://example.com/"})).await;
     let r = admin.send("GET", "/api/health", None, None, None).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.json, json!({"status": "ok", "seq": 1, "links": 1}));
+    assert_eq!(
+        r.json,
+        json!({"status": "ok", "seq": 1, "links": 1, "writable": true})
+    );
 }
 
 #[tokio::test]
@@ -1262,7 +1265,10 @@ async fn serves_http_on_a_real_listener_and_shuts_down_gracefully() {
     let (status, health) = http(addr, "GET", "/api/health", None).await;
     assert_eq!(
         (status, health),
-        (200, json!({"status":"ok","seq":0,"links":0}))
+        (
+            200,
+            json!({"status":"ok","seq":0,"links":0,"writable":true})
+        )
     );
     let (status, made) = http(
         addr,
