@@ -479,7 +479,10 @@ async fn the_admin_answers_507_when_full_and_503_otherwise() {
     let (status, health, _) = call(&app, "GET", "/api/health", None).await;
     assert_eq!(
         (status, health),
-        (200, json!({"status": "ok", "seq": 2, "links": 2, "writable": true}))
+        (
+            200,
+            json!({"status": "ok", "seq": 2, "links": 2, "writable": true})
+        )
     );
 }
 
