@@ -226,6 +226,11 @@ pub struct RawEdge {
     pub health_check_interval_ms: u64,
     /// Seconds clients are told to wait (`Retry-After`) when no admin is up.
     pub retry_after_secs: u64,
+    /// Answer plain `GET`/`HEAD /{code}` requests over cleartext HTTP/1.1
+    /// straight from the request bytes, without Pingora's per-request
+    /// objects (same answers, less CPU). Anything else always goes through
+    /// Pingora.
+    pub fast_path: bool,
     /// Seconds the log follower may be stuck (a bad file, records it cannot
     /// find) before `/health/ready` answers 503.
     pub follower_stall_secs: u64,
@@ -309,6 +314,7 @@ impl Default for RawEdge {
             health_check_interval_ms: 1_000,
             retry_after_secs: 5,
             follower_stall_secs: 30,
+            fast_path: true,
             client_header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
             pingora_conf: PathBuf::from("pingora.yaml"),
@@ -420,6 +426,8 @@ pub struct EdgeConfig {
     pub retry_after_secs: u64,
     /// `edge.follower_stall_secs`.
     pub follower_stall: Duration,
+    /// `edge.fast_path`.
+    pub fast_path: bool,
     /// Time limit on a whole request header (`edge.client_header_timeout_ms`).
     pub client_header_timeout: Duration,
     /// Idle limit between requests on a kept-alive connection.
@@ -467,6 +475,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("ULOAD_ADMIN_UPSTREAMS", "edge.admin_upstreams"),
     ("ULOAD_API_KEY", "admin.api_key"),
     ("ULOAD_STATE_DIR", "rate_limit.state_dir"),
+    ("ULOAD_EDGE_FAST_PATH", "edge.fast_path"),
     ("ULOAD_TLS_LISTEN", "tls.listen"),
     ("ULOAD_TLS_CERT_PATH", "tls.cert_path"),
     ("ULOAD_TLS_KEY_PATH", "tls.key_path"),
@@ -555,6 +564,18 @@ impl Config {
                 }
                 "ULOAD_API_KEY" => raw.admin.api_key = value.clone(),
                 "ULOAD_STATE_DIR" => raw.rate_limit.state_dir = value.into(),
+                "ULOAD_EDGE_FAST_PATH" => {
+                    raw.edge.fast_path = match value.trim() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        other => {
+                            return Err(err(
+                                "edge.fast_path",
+                                format!("ULOAD_EDGE_FAST_PATH={other:?} is not true or false"),
+                            ));
+                        }
+                    }
+                }
                 "ULOAD_TLS_LISTEN" => raw.tls.listen = value.clone(),
                 "ULOAD_TLS_CERT_PATH" => raw.tls.cert_path = value.into(),
                 "ULOAD_TLS_KEY_PATH" => raw.tls.key_path = value.into(),
@@ -632,6 +653,7 @@ impl Config {
                 e.health_check_interval_ms,
             )?),
             retry_after_secs: positive("edge.retry_after_secs", e.retry_after_secs)?,
+            fast_path: e.fast_path,
             follower_stall: Duration::from_secs(positive(
                 "edge.follower_stall_secs",
                 e.follower_stall_secs,

@@ -34,6 +34,7 @@ use pingora::services::listening::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use super::fast_path::RedirectFastPath;
 use crate::config::EdgeConfig;
 
 /// Reading stops here (Pingora's own limit is 1 MiB - 1); Pingora then
@@ -48,6 +49,8 @@ pub struct ClientLimits<A> {
     header_timeout: Duration,
     /// Idle time allowed between two requests on a kept-alive connection.
     keepalive_timeout: Duration,
+    /// Answers plain redirects without Pingora's session (`fast_path.rs`).
+    fast: Option<Arc<RedirectFastPath>>,
 }
 
 impl<A> ClientLimits<A> {
@@ -56,6 +59,7 @@ impl<A> ClientLimits<A> {
             inner: Arc::new(inner),
             header_timeout,
             keepalive_timeout,
+            fast: None,
         }
     }
 }
@@ -65,6 +69,7 @@ pub fn service<SV>(
     conf: &Arc<ServerConf>,
     proxy: SV,
     edge: &EdgeConfig,
+    fast: Option<Arc<RedirectFastPath>>,
 ) -> Service<ClientLimits<pingora::proxy::HttpProxy<SV>>>
 where
     SV: pingora::proxy::ProxyHttp + Send + Sync + 'static,
@@ -74,10 +79,9 @@ where
     let mut options = HttpServerOptions::default();
     options.h2_idle_timeout = Some(edge.keepalive_timeout);
     app.server_options = Some(options);
-    Service::new(
-        "Pingora HTTP Proxy Service".into(),
-        ClientLimits::new(app, edge.client_header_timeout, edge.keepalive_timeout),
-    )
+    let mut limits = ClientLimits::new(app, edge.client_header_timeout, edge.keepalive_timeout);
+    limits.fast = fast;
+    Service::new("Pingora HTTP Proxy Service".into(), limits)
 }
 
 /// How reading a request header ended.
@@ -217,6 +221,16 @@ where
         // What Pingora's own HTTP/1 loop does, with the header read first.
         let accepted = Instant::now();
         let mut first = true;
+        // The fast path serves cleartext only (HSTS and TLS details stay
+        // with Pingora); it needs the peer for rate limits and logs.
+        let fast = self
+            .fast
+            .as_ref()
+            .filter(|_| stream.get_ssl_digest().is_none());
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let mut answer = Vec::new();
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
             let head = if first {
@@ -240,8 +254,23 @@ where
                     return None;
                 }
             };
+            if let Some(fast) = fast
+                && settings.is_none()
+                && let Some(keepalive) =
+                    fast.answer(&head, peer, Instant::now().into_std(), &mut answer)
+            {
+                if stream.write_all(&answer).await.is_err() || stream.flush().await.is_err() {
+                    return None;
+                }
+                if !keepalive || *shutdown.borrow() {
+                    let _ = stream.shutdown().await;
+                    return None;
+                }
+                first = false;
+                continue;
+            }
             let mut session = ServerSession::new_http1(stream);
-            if first {
+            if first || settings.is_none() {
                 // Pingora's defaults for a new connection.
                 session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
                 session.set_keepalive_reuses_remaining(

@@ -103,6 +103,8 @@ pub struct EdgeMetrics {
     proxy_retries: IntCounter,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// Requests answered by the redirect fast path (`fast_path.rs`).
+    pub fast_path_answers: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -170,6 +172,11 @@ impl EdgeMetrics {
             "Access-log lines dropped because the writer fell behind.",
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
+        let fast_path_answers = IntCounter::new(
+            "edge_fast_path_answers_total",
+            "Short-code requests answered by the fast path, without Pingora's request objects.",
+        )?;
+        registry.register(Box::new(fast_path_answers.clone()))?;
         registry.register(Box::new(TableCollector::new(table, follower, admins)?))?;
         Ok(Self {
             registry,
@@ -179,6 +186,7 @@ impl EdgeMetrics {
             proxy_errors,
             proxy_retries,
             access_log_dropped,
+            fast_path_answers,
         })
     }
 

@@ -13,6 +13,7 @@
 
 pub mod access_log;
 pub mod client_limits;
+pub mod fast_path;
 pub mod follower_service;
 pub mod health;
 pub mod metrics;
@@ -140,10 +141,37 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         EdgeMetrics::new(table.clone(), stats.clone(), admins.clone())
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
     );
+    let edge_config = Arc::new(config.edge.clone());
+    let limits = rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new);
+    let access_log = match &config.access_log.path {
+        Some(path) => Some(Arc::new(
+            access_log::AccessLog::open(
+                path,
+                config.access_log.buffer_lines,
+                metrics.access_log_dropped.clone(),
+            )
+            .map_err(|e| EdgeError::AccessLog(path.clone(), e))?,
+        )),
+        None => None,
+    };
+    // Plain redirects skip Pingora's request machinery (fast_path.rs),
+    // unless plain HTTP must be sent on to HTTPS.
+    let redirect_http = config.tls.as_ref().is_some_and(|t| t.redirect_http);
+    let fast = (config.edge.fast_path && !redirect_http).then(|| {
+        Arc::new(fast_path::RedirectFastPath {
+            table: table.clone(),
+            config: edge_config.clone(),
+            metrics: metrics.clone(),
+            limits: limits.clone(),
+            trusted_proxies: config.rate_limit.trusted_proxies.clone(),
+            client_ip_header: config.rate_limit.client_ip_header.clone(),
+            access_log: access_log.clone(),
+        })
+    });
     let proxy = EdgeProxy {
         table: table.clone(),
         admins: admins.clone(),
-        config: Arc::new(config.edge.clone()),
+        config: edge_config,
         health: health::EdgeHealth {
             table: table.clone(),
             follower: stats,
@@ -152,24 +180,14 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             follower_stall: config.edge.follower_stall,
         },
         metrics: metrics.clone(),
-        limits: rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new),
+        limits,
         trusted_proxies: config.rate_limit.trusted_proxies.clone(),
         client_ip_header: config.rate_limit.client_ip_header.clone(),
         tls: config.tls.clone().map(Arc::new),
-        access_log: match &config.access_log.path {
-            Some(path) => Some(
-                access_log::AccessLog::open(
-                    path,
-                    config.access_log.buffer_lines,
-                    metrics.access_log_dropped.clone(),
-                )
-                .map_err(|e| EdgeError::AccessLog(path.clone(), e))?,
-            ),
-            None => None,
-        },
+        access_log,
     };
     // Header and keep-alive time limits around Pingora's proxy loop.
-    let mut service = client_limits::service(&server.configuration, proxy, &config.edge);
+    let mut service = client_limits::service(&server.configuration, proxy, &config.edge, fast);
     service.add_tcp(&config.edge.listen.to_string());
     if let (Some(t), Some(store)) = (&config.tls, certs) {
         tracing::info!(

@@ -45,7 +45,7 @@ pub struct EdgeProxy {
     /// The HTTPS listener's settings (redirects, HSTS), when there is one.
     pub tls: Option<Arc<crate::config::TlsConfig>>,
     /// The JSON-lines access log, when configured.
-    pub access_log: Option<super::access_log::AccessLog>,
+    pub access_log: Option<Arc<super::access_log::AccessLog>>,
 }
 
 /// Per-request state.

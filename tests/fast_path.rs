@@ -1,0 +1,146 @@
+//! The redirect fast path (`src/edge/fast_path.rs`) answers exactly what the
+//! Pingora path answers: the same requests are sent to an edge with
+//! `edge.fast_path` on and to one with it off, over the same data dir, and
+//! every response must match byte for byte (but for `date`). Requests the
+//! fast path must leave to Pingora are checked to go there.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Cluster, api, free_port, get, metric, wait_until};
+
+/// Sends raw bytes, reads until the edge closes or the read times out.
+fn raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    out
+}
+
+/// The response without its `date` line (which differs by the second).
+fn without_date(resp: &[u8]) -> String {
+    String::from_utf8_lossy(resp)
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+struct Edge(Child);
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_fast_path_answers_exactly_what_pingora_answers() {
+    let cluster = Cluster::start();
+    let edge = cluster.edge_addr;
+    for body in [
+        r#"{"url":"https://example.com/a?x=1#frag","code":"fwd","status":307,"forward_query":true}"#,
+        r#"{"url":"https://example.com/p","code":"perm","status":301}"#,
+        r#"{"url":"https://example.com/t","code":"tmp"}"#,
+        r#"{"url":"https://example.com/e","code":"exp8","status":308,"expires_at":"2099-01-01T00:00:00Z"}"#,
+        r#"{"url":"https://example.com/d","code":"off","disabled":true}"#,
+        r#"{"url":"https://example.com/o","code":"old","expires_at":"2001-01-01T00:00:00Z"}"#,
+    ] {
+        assert_eq!(api(edge, "POST", "/api/links", body).status, 201, "{body}");
+    }
+    wait_until(Duration::from_secs(10), "links at the edge", || {
+        get(edge, "/old").status == 404 && get(edge, "/fwd").status == 307
+    });
+
+    // A second edge on the same data dir with the fast path off.
+    let slow_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _slow = Edge(
+        Command::new(env!("CARGO_BIN_EXE_uload"))
+            .args(["edge", "--config"])
+            .arg(&cluster.config)
+            .env("ULOAD_EDGE_LISTEN", slow_addr.to_string())
+            .env("ULOAD_METRICS_LISTEN", "")
+            .env("ULOAD_ACCESS_LOG", "")
+            .env("ULOAD_EDGE_FAST_PATH", "false")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(30), "the second edge", || {
+        common::request(slow_addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+            && get(slow_addr, "/old").status == 404
+    });
+
+    let fast_before = metric(
+        &cluster.metrics(cluster.edge_metrics_addr),
+        "edge_fast_path_answers_total",
+    );
+    let fast_cases: &[&str] = &[
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "HEAD /tmp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /perm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /exp8 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /fwd?utm=a%20b&y=2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /fwd? HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /tmp?ignored=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "HEAD /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /off HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /old HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nconnection: Close\r\n\r\n",
+        // Keep-alive: the answer says so and the connection stays open
+        // (the read ends on its timeout).
+        "GET /tmp HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    let pingora_cases: &[&str] = &[
+        "GET /tmp HTTP/1.0\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+        "POST /tmp HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /a/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ];
+    let mut compared = 0;
+    for case in fast_cases {
+        let a = without_date(&raw(edge, case.as_bytes()));
+        let b = without_date(&raw(slow_addr, case.as_bytes()));
+        assert_eq!(a, b, "different answers to {case:?}");
+        assert!(a.starts_with("HTTP/1.1 "), "{case:?}: {a}");
+        compared += 1;
+    }
+    // Left to Pingora on both edges: the same status (bodies such as
+    // /health's differ between two processes).
+    for case in pingora_cases {
+        let status = |addr| {
+            let r = without_date(&raw(addr, case.as_bytes()));
+            r.lines().next().unwrap_or_default().to_owned()
+        };
+        assert_eq!(status(edge), status(slow_addr), "{case:?}");
+        compared += 1;
+    }
+    let fast = metric(
+        &cluster.metrics(cluster.edge_metrics_addr),
+        "edge_fast_path_answers_total",
+    ) - fast_before;
+    assert_eq!(
+        fast,
+        fast_cases.len() as f64,
+        "the fast path answered exactly the plain redirect requests"
+    );
+    println!("{compared} requests compared, {fast} answered by the fast path, all identical");
+}
