@@ -500,7 +500,8 @@ def run_wrk(args, server, links_dir, duration, tag, wd, perf_out=None, stat_out=
         raise RuntimeError(f"{server.name} is not running:\n{server.log_tail()}")
     perf = None
     if perf_out:
-        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g",
+        perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999",
+                                 "--call-graph", args.perf_call_graph,
                                  "-o", perf_out, "-p", ",".join(map(str, pids))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -695,6 +696,131 @@ def targets(n, summ):
     return out
 
 
+# ---------------------------------------------------------------- profile shares
+
+# Parts of the edge's request path, found in each sample's call chain. Frames
+# of the uload binary are expanded into their inlined calls (llvm-addr2line
+# -i on the binary's debug info), because most of these functions are inlined;
+# a frame is matched as "NAME @ FILE" (addr2line's short name and source file)
+# or by perf's symbol. Needs a build with debug info and frame pointers, e.g.
+# CARGO_PROFILE_RELEASE_DEBUG=line-tables-only RUSTFLAGS="-C force-frame-pointers=yes".
+SHARE_PARTS = [
+    ("connection task: ClientLimits::process_new, all of it", r"client_limits::ClientLimits<A> as pingora_core::apps::ServerApp>::process_new"),
+    ("connection task without ClientLimits (HttpProxy as ServerApp>::process_new; the baseline's)", r"HttpProxy<SV(,C)?> as pingora_core::apps::ServerApp>::process_new"),
+    ("  Pingora's request handling (HttpProxy::process_new_http)", r"as pingora_core::apps::HttpServerApp>::process_new_http"),
+    ("    Pingora's header read and parse (HttpSession::read_request)", r"HttpSession::read_request"),
+    ("    request_filter (route, limits, lookup, response)", r"EdgeProxy as pingora_proxy::proxy_trait::ProxyHttp>::request_filter"),
+    ("      table lookup (redirect::resolve)", r"uload::edge::redirect::resolve|^resolve @ .*src/edge/redirect\.rs"),
+    ("      response write (proxy::send)", r"uload::edge::proxy::send"),
+    ("    logging phase (EdgeProxy::logging)", r"EdgeProxy as pingora_proxy::proxy_trait::ProxyHttp>::logging"),
+    ("      EdgeProxy::record", r"^record @ .*src/edge/proxy\.rs|EdgeProxy::record"),
+    ("      HttpMetrics::record", r"^record @ .*src/metrics\.rs|uload::metrics::HttpMetrics::record"),
+    ("  client_limits::read_head (the wrapper's header read)", r"client_limits::read_head|^read_head @ .*src/edge/client_limits\.rs"),
+    ("    HeaderScan::complete", r"^complete @ .*src/edge/client_limits\.rs|HeaderScan"),
+    ("    its recv (libc recv under read_head)", None),
+    ("EdgeMetrics (redirect_result, limit_decision; src/edge/metrics.rs)", r"@ .*src/edge/metrics\.rs|uload::edge::metrics::"),
+    ("anything in src/metrics.rs (HttpMetrics)", r"@ .*src/metrics\.rs|uload::metrics::"),
+    ("prometheus crate (counters, histogram observe)", r"@ .*/prometheus-[^/]+/|prometheus::"),
+    ("rate limits (src/ratelimit.rs, src/edge/rate_limit.rs, client_ip, charge_miss)",
+     r"@ .*src/ratelimit\.rs|@ .*src/edge/rate_limit\.rs|uload::ratelimit::|uload::edge::rate_limit::|EdgeProxy::client_ip|EdgeProxy::charge_miss|^(client_ip|charge_miss) @ .*src/edge/proxy\.rs"),
+    ("access log (src/edge/access_log.rs)", r"@ .*src/edge/access_log\.rs|uload::edge::access_log::"),
+    ("TLS plumbing (src/edge/tls.rs)", r"@ .*src/edge/tls\.rs|uload::edge::tls::"),
+    ("tokio timers (time::entry/wheel/Sleep/Timeout, not the idle park)", r"tokio::runtime::time::(entry|wheel|handle)|tokio::time::|@ .*/tokio-[^/]+/src/(runtime/time/(entry|wheel)|time/)"),
+    ("log follower thread", None),
+    ("samples whose call chain never reaches uload code (unwinding stopped in libc or the kernel)", None),
+]
+
+
+def perf_shares(perf_data, out=None):
+    """Children share of each SHARE_PARTS entry in a perf.data (recorded with
+    -g), over all samples of the process. Returns the text table."""
+    p = subprocess.run(["perf", "script", "-i", perf_data, "-F", "comm,tid,period,ip,sym,dso"],
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=1800)
+    samples = []  # (comm, [(ip, sym, dso)], leaf first)
+    cur = None
+    for line in p.stdout.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith("\t") and not line.startswith(" " * 8):
+            m = re.match(r"(.*?)\s+\d+\s+\d+\s*$", line)  # comm (may hold spaces), tid, period
+            cur = ((m.group(1) if m else line).strip(), [])
+            samples.append(cur)
+            continue
+        m = re.match(r"\s*([0-9a-f]+) (.*) \((.*)\)$", line)
+        if m and cur is not None:
+            cur[1].append((int(m.group(1), 16), m.group(2), m.group(3)))
+    # the uload binary: the dso that has tokio in it
+    dsos = {d for _, fr in samples for _, sym, d in fr if "tokio::" in sym}
+    binary = next(iter(dsos), None)
+    inl = {}
+    if binary and shutil.which("llvm-addr2line"):
+        # perf script prints a user frame's address as a file offset; the
+        # debug info wants the ELF virtual address (they differ by the text
+        # segment's p_vaddr - p_offset)
+        segs = []
+        rl = subprocess.run(["readelf", "-lW", binary], stdout=subprocess.PIPE, text=True)
+        for line in rl.stdout.splitlines():
+            f = line.split()
+            if f and f[0] == "LOAD":
+                segs.append((int(f[1], 16), int(f[2], 16), int(f[4], 16)))  # offset, vaddr, filesz
+        def vaddr(off):
+            for o, v, n in segs:
+                if o <= off < o + n:
+                    return off - o + v
+            return off
+        addrs = sorted({(ip if k == 0 else ip - 1) for _, fr in samples
+                        for k, (ip, _, d) in enumerate(fr) if d == binary})
+        r = subprocess.run(["llvm-addr2line", "-i", "-f", "-C", "--output-style=JSON", "-e", binary],
+                           input="".join(f"0x{vaddr(a):x}\n" for a in addrs), stdout=subprocess.PIPE,
+                           text=True, timeout=1800)
+        # one JSON line per address, in order: its inline stack, innermost first
+        for a, line in zip(addrs, r.stdout.splitlines()):
+            try:
+                j = json.loads(line)
+            except ValueError:
+                continue
+            inl[a] = [f"{f['FunctionName']} @ {f['FileName']}" for f in j.get("Symbol", [])]
+    pats = [(label, re.compile(rx) if rx else None) for label, rx in SHARE_PARTS]
+    counts = {label: 0 for label, _ in SHARE_PARTS}
+    selfc = {label: 0 for label, _ in SHARE_PARTS}
+    total = len(samples)
+    for comm, fr in samples:
+        names = []
+        for k, (ip, sym, d) in enumerate(fr):
+            names.append(sym)
+            if d == binary:
+                names.extend(inl.get(ip if k == 0 else ip - 1, []))
+        # self: the sample is in the uload binary's own code, in this part
+        # (innermost inlined function first, then perf's symbol)
+        leaf_uload = []
+        if fr and fr[0][2] == binary:
+            leaf_uload = (inl.get(fr[0][0]) or [])[:1] or [fr[0][1]]
+        for label, rx in pats:
+            if rx is None:
+                continue
+            if any(rx.search(n) for n in names):
+                counts[label] += 1
+                if any(rx.search(n) for n in leaf_uload):
+                    selfc[label] += 1
+        if comm.startswith("log follower"):
+            counts["log follower thread"] += 1
+        if any("read_head" in n for n in names) and any(re.search(r"__libc_recv|\brecv\b|recvfrom", sym) for _, sym, d in fr):
+            counts["    its recv (libc recv under read_head)"] += 1
+        if fr and not any(d == binary for _, _, d in fr):
+            counts["samples whose call chain never reaches uload code (unwinding stopped in libc or the kernel)"] += 1
+    lines = [f"{perf_data}: {total} samples (cpu-clock), all threads of the edge; "
+             f"children = samples with the part anywhere in their call chain (inlined calls included), self = samples whose innermost frame is uload code of the part itself", "",
+             "| part | children | self |", "|---|---|---|"]
+    for label, _ in SHARE_PARTS:
+        c, sc = counts[label], selfc[label]
+        lines.append(f"| {label} | {100 * c / max(total, 1):.2f}% | {100 * sc / max(total, 1):.2f}% |")
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
 # ---------------------------------------------------------------- main
 
 def compare(args, n, uload_bin):
@@ -840,6 +966,8 @@ def compare(args, n, uload_bin):
                 with open(os.path.join(args.workdir, f"perf-{name}-{n}{args.tag}-flat.txt"), "w") as f:
                     f.write(flat.stdout)
                 perf_reports[name] = path
+                if name.startswith("edge"):
+                    perf_shares(pdata, os.path.join(args.workdir, f"perf-{name}-{n}{args.tag}-shares.txt"))
                 log(f"perf {name}: {r['cpu_us_per_req']:.1f} µs/req under perf; report in {path}")
             except Exception as ex:
                 log(f"perf {name}: {ex}")
@@ -897,6 +1025,12 @@ def main():
     ap.add_argument("--start-timeout", type=float, default=0, help="seconds (default 60 + 60 per million links)")
     ap.add_argument("--idle-s", type=float, default=3.0, help="seconds of idle CPU measurement")
     ap.add_argument("--perf", action="store_true", help="profile one extra run per server with perf")
+    ap.add_argument("--perf-call-graph", default="fp", metavar="MODE",
+                    help="perf record --call-graph MODE for --perf: fp (default) or dwarf (unwinds through "
+                         "libc too, bigger files)")
+    ap.add_argument("--shares", metavar="PERF_DATA",
+                    help="only print the share of each part of the edge's request path in a perf.data "
+                         "recorded with --perf (needs a build with debug info and frame pointers) and exit")
     ap.add_argument("--syscalls", action="store_true",
                     help="count syscalls and context switches per request (perf stat) in one extra run per server")
     ap.add_argument("--pingora-set", action="append", default=[], metavar="KEY=VALUE",
@@ -915,6 +1049,9 @@ def main():
                     help="the table's ratio columns are to this server (default nginx; e.g. edge-base)")
     ap.add_argument("--tag", default="", help="suffix for the results files (e.g. an experiment's name)")
     args = ap.parse_args()
+    if args.shares:
+        print(perf_shares(args.shares), end="")
+        return
     args.servers = [s for s in args.servers.split(",") if s]
     for s in args.servers:
         if s not in SERVERS:

@@ -292,10 +292,7 @@ pub async fn health(State(state): State<AdminState>) -> Response {
     }
     // A real write (and fsync) next to the log, not a flag: a disk that
     // filled up or went read-only shows here before a client's write does.
-    let probing = state.clone();
-    let probe = tokio::task::spawn_blocking(move || probing.probe_write())
-        .await
-        .unwrap_or_else(|e| Err(format!("write probe: {e}")));
+    let probe = state.probe_write();
     // Degraded, not 503: reads still work, and an edge that stopped routing
     // to this admin would keep clients from the precise 507/503 of a write.
     let body = match (state.write_error(), probe) {

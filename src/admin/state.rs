@@ -126,6 +126,8 @@ struct Shared {
     write_limit: Option<super::limits::WriteLimit>,
     /// The last write probe of `/api/health`: when, and what it found.
     probe: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Set while a write probe runs.
+    probing: AtomicBool,
 }
 
 /// The parts of the config the API uses.
@@ -253,22 +255,45 @@ impl AdminState {
                 metrics,
                 write_limit,
                 probe: Mutex::new(None),
+                probing: AtomicBool::new(false),
             }),
         })
     }
 
-    /// Whether the log's directory takes a write and an fsync right now: a
-    /// 4 KiB file is written, fsynced and removed (at most once a second;
-    /// health checks in between get the last answer). This is the write path
-    /// the log uses (same directory, same file system), so a full, read-only
-    /// or failing disk shows here before a client's write finds it.
+    /// Whether the log's directory took a write and an fsync in the last
+    /// probe: a 4 KiB file written, fsynced and removed next to the log (the
+    /// same directory and file system as the log), so a full, read-only or
+    /// failing disk shows here before a client's write finds it. Probes run
+    /// in the background at most once a second; this never waits on one (a
+    /// slow fsync must not make a health check time out).
     pub fn probe_write(&self) -> Result<(), String> {
-        let mut last = self.shared.probe.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, result)) = last.as_ref()
-            && at.elapsed() < Duration::from_secs(1)
-        {
-            return result.clone();
+        let last = self
+            .shared
+            .probe
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stale = last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1));
+        if stale && !self.shared.probing.swap(true, Ordering::AcqRel) {
+            let state = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("admin-write-probe".into())
+                .spawn(move || {
+                    let result = state.write_probe_file();
+                    *state.shared.probe.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((Instant::now(), result));
+                    state.shared.probing.store(false, Ordering::Release);
+                });
+            if spawned.is_err() {
+                self.shared.probing.store(false, Ordering::Release);
+            }
         }
+        last.map_or(Ok(()), |(_, result)| result)
+    }
+
+    fn write_probe_file(&self) -> Result<(), String> {
         let path = self.shared.store.log().dir().join(".health-probe");
         let result = (|| -> std::io::Result<()> {
             use std::io::Write;
@@ -286,7 +311,6 @@ impl AdminState {
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
         }
-        *last = Some((Instant::now(), result.clone()));
         result
     }
 

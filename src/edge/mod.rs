@@ -124,6 +124,9 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         .map_err(pingora_err)?;
     check.peer_template.options.connection_timeout = Some(config.edge.admin_connect_timeout);
     check.peer_template.options.read_timeout = Some(config.edge.admin_read_timeout);
+    // One slow answer (a busy disk, a GC-like pause) does not take the admin
+    // out of rotation; two in a row do.
+    check.consecutive_failure = 2;
     admins.set_health_check(Box::new(check));
     admins.health_check_frequency = Some(config.edge.health_check_interval);
     let health_service = GenBackgroundService::new("admin health check".into(), Arc::new(admins));
