@@ -16,7 +16,7 @@ bin="${CARGO_TARGET_DIR:-$root/target}/debug/uload"
 fail=0
 
 echo "check-conf: uload check-config conf/uload.yaml"
-"$bin" check-config --config conf/uload.yaml || fail=1
+"$bin" check-config conf/uload.yaml || fail=1
 
 promtool="$(command -v promtool || true)"
 if [ -z "$promtool" ]; then
