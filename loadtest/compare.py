@@ -51,6 +51,7 @@ Usage: compare.py [--uload PATH] [--rounds 3] [--duration 10] [N ...]
 
 import argparse
 import atexit
+import collections
 import http.client
 import json
 import os
@@ -705,8 +706,9 @@ def targets(n, summ):
 # or by perf's symbol. Needs a build with debug info and frame pointers, e.g.
 # CARGO_PROFILE_RELEASE_DEBUG=line-tables-only RUSTFLAGS="-C force-frame-pointers=yes".
 SHARE_PARTS = [
-    ("connection task: ClientLimits::process_new, all of it", r"client_limits::ClientLimits<A> as pingora_core::apps::ServerApp>::process_new"),
+    ("connection task: ClientLimits::process_new, all of it (undercounted with dwarf: deep stacks are cut)", r"client_limits::ClientLimits<A> as pingora_core::apps::ServerApp>::process_new"),
     ("connection task without ClientLimits (HttpProxy as ServerApp>::process_new; the baseline's)", r"HttpProxy<SV(,C)?> as pingora_core::apps::ServerApp>::process_new"),
+    ("  redirect fast path (RedirectFastPath::answer; src/edge/fast_path.rs)", r"RedirectFastPath::answer|@ .*src/edge/fast_path\.rs"),
     ("  Pingora's request handling (HttpProxy::process_new_http)", r"as pingora_core::apps::HttpServerApp>::process_new_http"),
     ("    Pingora's header read and parse (HttpSession::read_request)", r"HttpSession::read_request"),
     ("    request_filter (route, limits, lookup, response)", r"EdgeProxy as pingora_proxy::proxy_trait::ProxyHttp>::request_filter"),
@@ -718,6 +720,7 @@ SHARE_PARTS = [
     ("  client_limits::read_head (the wrapper's header read)", r"client_limits::read_head|^read_head @ .*src/edge/client_limits\.rs"),
     ("    HeaderScan::complete", r"^complete @ .*src/edge/client_limits\.rs|HeaderScan"),
     ("    its recv (libc recv under read_head)", None),
+    ("    read_head without its recv", None),
     ("EdgeMetrics (redirect_result, limit_decision; src/edge/metrics.rs)", r"@ .*src/edge/metrics\.rs|uload::edge::metrics::"),
     ("anything in src/metrics.rs (HttpMetrics)", r"@ .*src/metrics\.rs|uload::metrics::"),
     ("prometheus crate (counters, histogram observe)", r"@ .*/prometheus-[^/]+/|prometheus::"),
@@ -725,7 +728,10 @@ SHARE_PARTS = [
      r"@ .*src/ratelimit\.rs|@ .*src/edge/rate_limit\.rs|uload::ratelimit::|uload::edge::rate_limit::|EdgeProxy::client_ip|EdgeProxy::charge_miss|^(client_ip|charge_miss) @ .*src/edge/proxy\.rs"),
     ("access log (src/edge/access_log.rs)", r"@ .*src/edge/access_log\.rs|uload::edge::access_log::"),
     ("TLS plumbing (src/edge/tls.rs)", r"@ .*src/edge/tls\.rs|uload::edge::tls::"),
-    ("tokio timers (time::entry/wheel/Sleep/Timeout, not the idle park)", r"tokio::runtime::time::(entry|wheel|handle)|tokio::time::|@ .*/tokio-[^/]+/src/(runtime/time/(entry|wheel)|time/)"),
+    ("tokio timers: Sleep, timer entries, wheel (not the Timeout's inner future, not the idle park)",
+     r"tokio::time::sleep::|tokio::time::timeout::poll_delay|Handle>::(clear_entry|reregister|process_at_time)|tokio::runtime::time::(entry|wheel)::|Wheel::|TimerEntry|"
+     r"^(new_timeout|clear_entry|reregister|poll_elapsed|insert|remove) @ .*/tokio-[^/]+/src/(runtime/)?time/"),
+    ("tokio watch / Notify (read_head's wait on the shutdown watch)", r"tokio::sync::watch::|tokio::sync::notify::|BigNotify|@ .*/tokio-[^/]+/src/sync/(watch|notify)\.rs"),
     ("log follower thread", None),
     ("samples whose call chain never reaches uload code (unwinding stopped in libc or the kernel)", None),
 ]
@@ -749,9 +755,11 @@ def perf_shares(perf_data, out=None):
         m = re.match(r"\s*([0-9a-f]+) (.*) \((.*)\)$", line)
         if m and cur is not None:
             cur[1].append((int(m.group(1), 16), m.group(2), m.group(3)))
-    # the uload binary: the dso that has tokio in it
-    dsos = {d for _, fr in samples for _, sym, d in fr if "tokio::" in sym}
-    binary = next(iter(dsos), None)
+    # the uload binary: the file with the most tokio frames (with
+    # --call-graph dwarf, perf adds inlined frames of its own, dso "inlined")
+    dsos = collections.Counter(d for _, fr in samples for _, sym, d in fr
+                               if "tokio::" in sym and d.startswith("/"))
+    binary = dsos.most_common(1)[0][0] if dsos else None
     inl = {}
     if binary and shutil.which("llvm-addr2line"):
         # perf script prints a user frame's address as a file offset; the
@@ -804,8 +812,11 @@ def perf_shares(perf_data, out=None):
                     selfc[label] += 1
         if comm.startswith("log follower"):
             counts["log follower thread"] += 1
-        if any("read_head" in n for n in names) and any(re.search(r"__libc_recv|\brecv\b|recvfrom", sym) for _, sym, d in fr):
-            counts["    its recv (libc recv under read_head)"] += 1
+        if any("read_head" in n for n in names):
+            if any(re.search(r"__libc_recv|\brecv\b|recvfrom", sym) for _, sym, d in fr):
+                counts["    its recv (libc recv under read_head)"] += 1
+            else:
+                counts["    read_head without its recv"] += 1
         if fr and not any(d == binary for _, _, d in fr):
             counts["samples whose call chain never reaches uload code (unwinding stopped in libc or the kernel)"] += 1
     lines = [f"{perf_data}: {total} samples (cpu-clock), all threads of the edge; "
