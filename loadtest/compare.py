@@ -28,8 +28,13 @@ For each link count N (default 1000000):
  7. Prints ONE table per N: medians across rounds and each figure's ratio to
     nginx, then the issue's targets with met / not met. Everything goes to
     WORKDIR/results-N.json and WORKDIR/results-N.md as well.
- 8. --perf: one more wrk run per server under `perf record -e cpu-clock -g`,
-    `perf report --no-children` kept in WORKDIR/perf-<server>-N.txt.
+ 8. --perf: one more wrk run per server under `perf record -e cpu-clock -g`
+    (--perf-call-graph dwarf: DWARF unwinding, through glibc too),
+    `perf report --no-children` kept in WORKDIR/perf-<server>-N.txt, and for
+    the edges the share of each part of the request path (metrics, limiter,
+    header reads, ...; inlined calls resolved with llvm-addr2line, so build
+    with line tables and frame pointers) in WORKDIR/perf-<server>-N-shares.txt;
+    `compare.py --shares PERF_DATA` prints those shares for any such file.
     --syscalls: one more run per server under `perf stat` (syscalls and
     context switches per request).
     --edge-variant NAME:KEY=VALUE,...: one more edge (same data dir, its own
@@ -724,14 +729,19 @@ SHARE_PARTS = [
     ("EdgeMetrics (redirect_result, limit_decision; src/edge/metrics.rs)", r"@ .*src/edge/metrics\.rs|uload::edge::metrics::"),
     ("anything in src/metrics.rs (HttpMetrics)", r"@ .*src/metrics\.rs|uload::metrics::"),
     ("prometheus crate (counters, histogram observe)", r"@ .*/prometheus-[^/]+/|prometheus::"),
+    ("metrics recording, all of it (the three rows above, each sample once)",
+     r"@ .*src/edge/metrics\.rs|uload::edge::metrics::|@ .*src/metrics\.rs|uload::metrics::|@ .*/prometheus-[^/]+/|prometheus::"),
     ("rate limits (src/ratelimit.rs, src/edge/rate_limit.rs, client_ip, charge_miss)",
      r"@ .*src/ratelimit\.rs|@ .*src/edge/rate_limit\.rs|uload::ratelimit::|uload::edge::rate_limit::|EdgeProxy::client_ip|EdgeProxy::charge_miss|^(client_ip|charge_miss) @ .*src/edge/proxy\.rs"),
     ("access log (src/edge/access_log.rs)", r"@ .*src/edge/access_log\.rs|uload::edge::access_log::"),
     ("TLS plumbing (src/edge/tls.rs)", r"@ .*src/edge/tls\.rs|uload::edge::tls::"),
+    # anchored at the start of the name: generic parameters of other
+    # functions (a select!'s future tuple, say) mention these types too
     ("tokio timers: Sleep, timer entries, wheel (not the Timeout's inner future, not the idle park)",
-     r"tokio::time::sleep::|tokio::time::timeout::poll_delay|Handle>::(clear_entry|reregister|process_at_time)|tokio::runtime::time::(entry|wheel)::|Wheel::|TimerEntry|"
-     r"^(new_timeout|clear_entry|reregister|poll_elapsed|insert|remove) @ .*/tokio-[^/]+/src/(runtime/)?time/"),
-    ("tokio watch / Notify (read_head's wait on the shutdown watch)", r"tokio::sync::watch::|tokio::sync::notify::|BigNotify|@ .*/tokio-[^/]+/src/sync/(watch|notify)\.rs"),
+     r"^<?tokio::time::sleep::|^tokio::time::timeout::poll_delay|^tokio::runtime::time::(<impl [^>]*>::(clear_entry|reregister|process_at_time)|entry::|wheel::)|"
+     r"^(new_timeout|clear_entry|reregister|poll_elapsed|insert|remove|process_at_time|process_at_sharded_time) @ .*/tokio-[^/]+/src/(runtime/)?time/"),
+    ("tokio watch / Notify (read_head's wait on the shutdown watch)",
+     r"^<?tokio::sync::(watch|notify)::|@ .*/tokio-[^/]+/src/sync/(watch|notify)\.rs"),
     ("log follower thread", None),
     ("samples whose call chain never reaches uload code (unwinding stopped in libc or the kernel)", None),
 ]
@@ -760,13 +770,26 @@ def perf_shares(perf_data, out=None):
     dsos = collections.Counter(d for _, fr in samples for _, sym, d in fr
                                if "tokio::" in sym and d.startswith("/"))
     binary = dsos.most_common(1)[0][0] if dsos else None
+    # the file may have been replaced since (compare.py copies each run's
+    # binary to the same place): prefer perf's build-id cache copy
+    if binary:
+        ids = subprocess.run(["perf", "buildid-list", "-i", perf_data], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True).stdout
+        for line in ids.splitlines():
+            bid, _, path = line.partition(" ")
+            cached = os.path.expanduser(f"~/.debug/.build-id/{bid[:2]}/{bid[2:]}/elf")
+            if path == binary and os.path.exists(cached):
+                binary_file = cached
+                break
+        else:
+            binary_file = binary
     inl = {}
     if binary and shutil.which("llvm-addr2line"):
         # perf script prints a user frame's address as a file offset; the
         # debug info wants the ELF virtual address (they differ by the text
         # segment's p_vaddr - p_offset)
         segs = []
-        rl = subprocess.run(["readelf", "-lW", binary], stdout=subprocess.PIPE, text=True)
+        rl = subprocess.run(["readelf", "-lW", binary_file], stdout=subprocess.PIPE, text=True)
         for line in rl.stdout.splitlines():
             f = line.split()
             if f and f[0] == "LOAD":
@@ -778,7 +801,7 @@ def perf_shares(perf_data, out=None):
             return off
         addrs = sorted({(ip if k == 0 else ip - 1) for _, fr in samples
                         for k, (ip, _, d) in enumerate(fr) if d == binary})
-        r = subprocess.run(["llvm-addr2line", "-i", "-f", "-C", "--output-style=JSON", "-e", binary],
+        r = subprocess.run(["llvm-addr2line", "-i", "-f", "-C", "--output-style=JSON", "-e", binary_file],
                            input="".join(f"0x{vaddr(a):x}\n" for a in addrs), stdout=subprocess.PIPE,
                            text=True, timeout=1800)
         # one JSON line per address, in order: its inline stack, innermost first
