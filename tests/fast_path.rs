@@ -47,6 +47,29 @@ impl Drop for Edge {
     }
 }
 
+/// A second edge on the cluster's config and data dir, with the fast path
+/// off, answering `/health`.
+fn slow_edge(cluster: &Cluster) -> (Edge, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let edge = Edge(
+        Command::new(env!("CARGO_BIN_EXE_uload"))
+            .args(["edge", "--config"])
+            .arg(&cluster.config)
+            .env("ULOAD_EDGE_LISTEN", addr.to_string())
+            .env("ULOAD_METRICS_LISTEN", "")
+            .env("ULOAD_ACCESS_LOG", "")
+            .env("ULOAD_EDGE_FAST_PATH", "false")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(30), "the second edge", || {
+        common::request(addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    (edge, addr)
+}
+
 #[test]
 fn the_fast_path_answers_exactly_what_pingora_answers() {
     let cluster = Cluster::start();
@@ -66,23 +89,9 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
     });
 
     // A second edge on the same data dir with the fast path off.
-    let slow_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _slow = Edge(
-        Command::new(env!("CARGO_BIN_EXE_uload"))
-            .args(["edge", "--config"])
-            .arg(&cluster.config)
-            .env("ULOAD_EDGE_LISTEN", slow_addr.to_string())
-            .env("ULOAD_METRICS_LISTEN", "")
-            .env("ULOAD_ACCESS_LOG", "")
-            .env("ULOAD_EDGE_FAST_PATH", "false")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (_slow, slow_addr) = slow_edge(&cluster);
     wait_until(Duration::from_secs(30), "the second edge", || {
-        common::request(slow_addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
-            && get(slow_addr, "/old").status == 404
+        get(slow_addr, "/old").status == 404
     });
 
     let fast_before = metric(
@@ -143,4 +152,86 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
         "the fast path answered exactly the plain redirect requests"
     );
     println!("{compared} requests compared, {fast} answered by the fast path, all identical");
+}
+
+/// A client over its rate limit gets the same 429 from both paths, charged
+/// to the same (shared, memory-mapped) limiter state.
+#[test]
+fn a_client_over_its_limit_gets_the_same_429_from_both_paths() {
+    let cluster = Cluster::start_custom(
+        "",
+        "",
+        "rate_limit:\n  client_requests_per_second: 1\n  client_burst: 5\n  trusted_proxies: [\"127.0.0.1\"]\n",
+    );
+    let edge = cluster.edge_addr;
+    let body = r#"{"url":"https://example.com/t","code":"tmp"}"#;
+    assert_eq!(
+        api(cluster.admin_addr, "POST", "/api/links", body).status,
+        201
+    );
+    let (_slow, slow_addr) = slow_edge(&cluster);
+    // Each poll as its own client, so that waiting charges no one twice.
+    let mut poll = 0;
+    for addr in [edge, slow_addr] {
+        wait_until(Duration::from_secs(10), "the link at both edges", || {
+            poll += 1;
+            let ip = format!("198.51.100.{}", poll % 250 + 1);
+            let r = common::request(addr, "GET", "/tmp", &[("X-Forwarded-For", &ip)], b"");
+            r.is_ok_and(|r| r.status == 302)
+        });
+    }
+
+    let fast_before = metric(
+        &cluster.metrics(cluster.edge_metrics_addr),
+        "edge_fast_path_answers_total",
+    );
+    let send = |addr, method: &str| {
+        let req = format!(
+            "{method} /tmp HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7\r\nConnection: close\r\n\r\n"
+        );
+        without_date(&raw(addr, req.as_bytes()))
+    };
+    // The burst of 5, shared by both edges; then 429s. A token may come back
+    // between two requests (one a second), so the pair is retried.
+    let mut fast_answers = 0.0;
+    let mut sent = 0;
+    let (fast, slow) = loop {
+        let (fast, slow) = (send(edge, "GET"), send(slow_addr, "GET"));
+        fast_answers += 1.0;
+        sent += 1;
+        assert!(
+            sent < 40,
+            "no pair of 429s after {sent} tries: {fast}\n{slow}"
+        );
+        if fast.starts_with("HTTP/1.1 429 ") && slow.starts_with("HTTP/1.1 429 ") {
+            break (fast, slow);
+        }
+    };
+    // `ratelimit-reset` counts seconds until the bucket is full again, from
+    // each answer's own millisecond: it may differ by one.
+    let reset = |r: &str| {
+        r.split("\r\n")
+            .filter(|l| !l.starts_with("ratelimit-reset: "))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    };
+    assert!(fast.contains("\r\nratelimit-reset: "), "{fast}");
+    assert_eq!(reset(&fast), reset(&slow));
+    assert!(fast.contains("\r\nretry-after: 1\r\n"), "{fast}");
+    assert!(fast.contains("\"rate_limited\""), "{fast}");
+    let (fast, slow) = (send(edge, "HEAD"), send(slow_addr, "HEAD"));
+    fast_answers += 1.0;
+    if fast.starts_with("HTTP/1.1 429 ") && slow.starts_with("HTTP/1.1 429 ") {
+        assert_eq!(reset(&fast), reset(&slow));
+        assert!(fast.ends_with("\r\n\r\n"), "no body for HEAD: {fast}");
+    }
+    let fast_after = metric(
+        &cluster.metrics(cluster.edge_metrics_addr),
+        "edge_fast_path_answers_total",
+    );
+    assert_eq!(
+        fast_after - fast_before,
+        fast_answers,
+        "the fast path answered the fast edge's redirects and 429s"
+    );
 }

@@ -19,7 +19,10 @@
 //! within `edge.client_header_timeout_ms` (`tls::h2_preface`); its idle limit
 //! is `edge.keepalive_timeout_ms` (`h2_idle_timeout`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,7 +35,7 @@ use pingora::server::ShutdownWatch;
 use pingora::server::configuration::ServerConf;
 use pingora::services::listening::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::fast_path::RedirectFastPath;
 use crate::config::EdgeConfig;
@@ -87,9 +90,9 @@ where
 /// How reading a request header ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Head {
-    /// A complete header (maybe followed by body bytes), or more than
-    /// [`MAX_HEAD`] bytes without one: Pingora takes it from here.
-    Ready(BytesMut),
+    /// The buffer holds a complete header (maybe followed by body bytes), or
+    /// more than [`MAX_HEAD`] bytes without one: Pingora takes it from here.
+    Ready,
     /// The client closed, or the edge is shutting down between requests.
     Closed,
     /// The time ran out; `true` when part of a request had arrived.
@@ -139,50 +142,84 @@ impl HeaderScan {
     }
 }
 
-/// Reads one request header from `stream`. `idle` bounds the wait for its
-/// first byte; `header` bounds the whole header, from `header_start` (the
-/// connection's accept) or, when `None`, from the first byte. When
-/// `shutdown` is given, a wait for the first byte ends when the edge shuts
-/// down (a kept-alive connection between requests).
-async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+/// Capacity of a connection's header buffer (grown when a header is longer).
+const HEAD_BUF: usize = 4096;
+
+/// Reads one request header from `stream` into `buf` (empty on entry).
+///
+/// `deadline` bounds the wait: for a connection's first request it is the
+/// accept plus the header timeout; between requests it is the end of the
+/// keep-alive time, and `header` then restarts the clock at the request's
+/// first byte. `shutdown`, when given, ends a wait for the first byte when
+/// the edge shuts down (a kept-alive connection between requests).
+///
+/// `timer` lives as long as the connection: moving its deadline later is an
+/// atomic update in tokio's wheel, so a request that arrives whole in one
+/// read registers no timer of its own (the timer is not even polled when
+/// the bytes are already there).
+async fn read_head<S, F>(
     stream: &mut S,
-    idle: Duration,
-    header: Duration,
-    header_start: Option<Instant>,
-    mut shutdown: Option<ShutdownWatch>,
-) -> Head {
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut scan = HeaderScan::default();
-    let mut deadline = Instant::now() + idle;
-    if let Some(start) = header_start {
-        deadline = deadline.min(start + header);
+    buf: &mut BytesMut,
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    header: Option<Duration>,
+    mut shutdown: Option<Pin<&mut F>>,
+) -> Head
+where
+    S: tokio::io::AsyncRead + Unpin,
+    F: Future<Output = ()>,
+{
+    if buf.capacity() < HEAD_BUF {
+        buf.reserve(HEAD_BUF);
     }
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    let mut scan = HeaderScan::default();
     loop {
-        if scan.complete(&buf) || buf.len() > MAX_HEAD {
-            return Head::Ready(buf);
+        if scan.complete(buf) || buf.len() > MAX_HEAD {
+            return Head::Ready;
         }
         let before = buf.len();
-        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf));
-        let read = match shutdown.as_mut() {
-            Some(watch) if before == 0 => {
-                if *watch.borrow() {
-                    return Head::Closed;
-                }
-                tokio::select! {
-                    r = read => r,
-                    _ = watch.changed() => return Head::Closed,
-                }
+        let idle = before == 0;
+        let read = stream.read_buf(buf);
+        tokio::pin!(read);
+        let read = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(Some(Ok(r)));
             }
-            _ => read.await,
-        };
+            if idle
+                && let Some(stop) = shutdown.as_mut()
+                && stop.as_mut().poll(cx).is_ready()
+            {
+                return Poll::Ready(None);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(())));
+            }
+            Poll::Pending
+        })
+        .await;
         match read {
-            Err(_) => return Head::TimedOut(!buf.is_empty()),
-            Ok(Ok(0)) | Ok(Err(_)) => return Head::Closed,
+            None => return Head::Closed,
+            Some(Err(())) => return Head::TimedOut(before > 0),
+            Some(Ok(Ok(0)) | Ok(Err(_))) => return Head::Closed,
             // The first byte of a later request starts its header's clock.
-            Ok(Ok(_)) if before == 0 && header_start.is_none() => {
-                deadline = Instant::now() + header;
+            Some(Ok(Ok(_))) if idle => {
+                if let Some(header) = header {
+                    timer.as_mut().reset(Instant::now() + header);
+                }
             }
-            Ok(Ok(_)) => {}
+            Some(Ok(Ok(_))) => {}
+        }
+    }
+}
+
+/// Resolves when the edge starts shutting down (or can no longer say).
+async fn shutdown_signal(mut watch: ShutdownWatch) {
+    while !*watch.borrow_and_update() {
+        if watch.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -230,19 +267,47 @@ where
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // Per connection, reused by every request on it: the header buffer
+        // (unless Pingora takes it), the answer buffer, the header timer and
+        // the shutdown signal.
+        let mut buf = BytesMut::new();
         let mut answer = Vec::new();
+        let timer = tokio::time::sleep_until(accepted + self.header_timeout);
+        tokio::pin!(timer);
+        let stop = shutdown_signal(shutdown.clone());
+        tokio::pin!(stop);
+        // When the wait for the next request began.
+        let mut idle_from = accepted;
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
             let head = if first {
                 // First request: the header timeout runs from the accept.
-                let (idle, header) = (self.header_timeout, self.header_timeout);
-                read_head(&mut stream, idle, header, Some(accepted), None).await
+                let deadline = accepted + self.header_timeout;
+                let no_stop: Option<Pin<&mut std::future::Pending<()>>> = None;
+                read_head(
+                    &mut stream,
+                    &mut buf,
+                    timer.as_mut(),
+                    deadline,
+                    None,
+                    no_stop,
+                )
+                .await
             } else {
-                let (idle, header) = (self.keepalive_timeout, self.header_timeout);
-                read_head(&mut stream, idle, header, None, Some(shutdown.clone())).await
+                let deadline = idle_from + self.keepalive_timeout;
+                let header = Some(self.header_timeout);
+                read_head(
+                    &mut stream,
+                    &mut buf,
+                    timer.as_mut(),
+                    deadline,
+                    header,
+                    Some(stop.as_mut()),
+                )
+                .await
             };
-            let head = match head {
-                Head::Ready(head) => head,
+            match head {
+                Head::Ready => {}
                 Head::Closed | Head::TimedOut(false) => return None,
                 Head::TimedOut(true) => {
                     let answer = async {
@@ -253,11 +318,11 @@ where
                     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
                     return None;
                 }
-            };
+            }
+            let started = Instant::now();
             if let Some(fast) = fast
                 && settings.is_none()
-                && let Some(keepalive) =
-                    fast.answer(&head, peer, Instant::now().into_std(), &mut answer)
+                && let Some(keepalive) = fast.answer(&buf, peer, started.into_std(), &mut answer)
             {
                 if stream.write_all(&answer).await.is_err() || stream.flush().await.is_err() {
                     return None;
@@ -266,6 +331,10 @@ where
                     let _ = stream.shutdown().await;
                     return None;
                 }
+                buf.clear();
+                // The keep-alive clock starts at this request, microseconds
+                // before its answer went out: no second clock read.
+                idle_from = started;
                 first = false;
                 continue;
             }
@@ -283,9 +352,10 @@ where
             }
             // The edge does not enable pipelining, so no prefix is carried
             // over from the previous request: the header read is the prefix.
-            session.set_pipelined_prefix(head);
+            session.set_pipelined_prefix(std::mem::take(&mut buf));
             let reused = self.inner.process_new_http(session, shutdown).await?;
             (stream, settings) = reused.consume();
+            idle_from = Instant::now();
             first = false;
         }
     }
@@ -338,41 +408,101 @@ mod tests {
         }
     }
 
-    async fn head_of(input: &[u8], close: bool, shutdown: Option<ShutdownWatch>) -> Head {
+    /// Reads one header as a connection's first request (`stop: None`) or
+    /// as a later one; returns how it ended and what was read.
+    async fn read_one<S: tokio::io::AsyncRead + Unpin>(
+        server: &mut S,
+        wait: Duration,
+        stop: Option<ShutdownWatch>,
+    ) -> (Head, BytesMut) {
+        let mut buf = BytesMut::new();
+        let deadline = Instant::now() + wait;
+        let timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(timer);
+        let head = match stop {
+            None => {
+                let none: Option<Pin<&mut std::future::Pending<()>>> = None;
+                read_head(server, &mut buf, timer.as_mut(), deadline, None, none).await
+            }
+            Some(watch) => {
+                let stop = shutdown_signal(watch);
+                tokio::pin!(stop);
+                let (t, s) = (timer.as_mut(), Some(stop.as_mut()));
+                read_head(server, &mut buf, t, deadline, Some(wait), s).await
+            }
+        };
+        (head, buf)
+    }
+
+    async fn head_of(input: &[u8], close: bool) -> (Head, BytesMut) {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         client.write_all(input).await.unwrap();
-        if close {
-            drop(client);
-            let ms = Duration::from_millis(50);
-            return read_head(&mut server, ms, ms, None, shutdown).await;
-        }
-        let ms = Duration::from_millis(50);
-        let head = read_head(&mut server, ms, ms, Some(Instant::now()), shutdown).await;
-        drop(client);
-        head
+        let _open = (!close).then_some(client);
+        read_one(&mut server, Duration::from_millis(50), None).await
     }
 
     #[tokio::test]
     async fn reads_a_header_or_gives_up() {
         let req = b"GET /abc HTTP/1.1\r\nHost: x\r\n\r\nrest";
-        assert_eq!(head_of(req, false, None).await, Head::Ready(req[..].into()));
-        assert_eq!(
-            head_of(b"GET /abc HT", false, None).await,
-            Head::TimedOut(true)
-        );
-        assert_eq!(head_of(b"", false, None).await, Head::TimedOut(false));
-        assert_eq!(head_of(b"GET /abc HT", true, None).await, Head::Closed);
+        assert_eq!(head_of(req, false).await, (Head::Ready, req[..].into()));
+        assert_eq!(head_of(b"GET /abc HT", false).await.0, Head::TimedOut(true));
+        assert_eq!(head_of(b"", false).await.0, Head::TimedOut(false));
+        assert_eq!(head_of(b"GET /abc HT", true).await.0, Head::Closed);
         // Between requests, a shut-down edge stops waiting at once, and one
         // that shuts down while waiting stops then.
         let (_client, mut server) = tokio::io::duplex(64);
         let long = Duration::from_secs(600);
         let (_tx, rx) = tokio::sync::watch::channel(true);
-        let head = read_head(&mut server, long, long, None, Some(rx.clone())).await;
+        let head = read_one(&mut server, long, Some(rx.clone())).await.0;
         assert_eq!(head, Head::Closed);
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let waiting = read_head(&mut server, long, long, None, Some(rx));
+        let waiting = read_one(&mut server, long, Some(rx));
         let (head, _) = tokio::join!(waiting, async { tx.send(true).unwrap() });
-        assert_eq!(head, Head::Closed);
+        assert_eq!(head.0, Head::Closed);
+    }
+
+    /// A later request's header clock starts at its first byte: a header
+    /// that starts near the end of the keep-alive time still gets its own
+    /// full header time, and one that never ends times out as partial.
+    #[tokio::test(start_paused = true)]
+    async fn a_later_request_gets_the_header_time_from_its_first_byte() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let keepalive = Duration::from_secs(5);
+        let header = Duration::from_secs(10);
+        let mut buf = BytesMut::new();
+        let timer = tokio::time::sleep_until(Instant::now() + keepalive);
+        tokio::pin!(timer);
+        let stop = shutdown_signal(rx);
+        tokio::pin!(stop);
+        // The header's end comes 12 s after the wait began (past the
+        // keep-alive deadline, within the header time), or never.
+        for (rest, ends) in [
+            (Some(&b"Host: x\r\n\r\n"[..]), Head::Ready),
+            (None, Head::TimedOut(true)),
+        ] {
+            buf.clear();
+            let started = Instant::now();
+            let deadline = started + keepalive;
+            let (t, s) = (timer.as_mut(), Some(stop.as_mut()));
+            let reading = read_head(&mut server, &mut buf, t, deadline, Some(header), s);
+            let sending = async {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                client.write_all(b"GET /abc HTTP/1.1\r\n").await.unwrap();
+                if let Some(rest) = rest {
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                    client.write_all(rest).await.unwrap();
+                }
+            };
+            let (head, ()) = tokio::join!(reading, sending);
+            assert_eq!(head, ends);
+            if rest.is_some() {
+                assert!(buf.ends_with(b"\r\n\r\n"));
+                assert_eq!(started.elapsed(), Duration::from_secs(12));
+            } else {
+                assert_eq!(started.elapsed(), Duration::from_secs(14));
+            }
+        }
     }
 
     #[test]

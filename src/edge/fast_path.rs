@@ -11,12 +11,13 @@
 //!   it in the buffer (no body, no pipelined request);
 //! - the method is GET or HEAD, with no `Content-Length`,
 //!   `Transfer-Encoding`, `Expect` or `Upgrade` header;
-//! - the path is a short code (`route()` says `Redirect`);
-//! - no rate limit would refuse it (a refusal is Pingora's to answer).
+//! - the path is a short code (`route()` says `Redirect`).
 //!
-//! The answer is byte for byte what the Pingora path sends (status,
-//! `location`, `cache-control`, `content-length`, `date`, `connection`), and
-//! it is counted in the same metrics and access log. `edge.fast_path: false`
+//! The answer — the redirect, the 404 (or fallback 302) of a miss, or the
+//! 429 of a client over its rate limit — is byte for byte what the Pingora
+//! path sends (`tests/fast_path.rs` compares them), with the limits checked
+//! and charged the same way, and it is counted in the same metrics and
+//! access log. `edge.fast_path: false`
 //! turns it off.
 
 use std::net::IpAddr;
@@ -29,6 +30,7 @@ use super::rate_limit::{EdgeRateLimits, client_ip};
 use super::redirect::{Miss, Route, cache_control, location_into, resolve, route, split_target};
 use crate::config::{EdgeConfig, IpNet};
 use crate::metrics::{MethodLabel, RouteLabel};
+use crate::ratelimit::Decision;
 use crate::store::record::now_ms;
 use crate::store::view::HotTable;
 
@@ -111,30 +113,94 @@ impl RedirectFastPath {
             client_ip(peer, forwarded, &self.trusted_proxies)
         };
         let now = now_ms();
-        if let Some(limits) = &self.limits {
-            // Only a request that will be allowed is charged here; a refusal
-            // (and its charge) is Pingora's.
-            if limits.would_refuse(client, now) {
-                return None;
+        out.clear();
+        // The body after the header, for a 404 or 429 (not for HEAD).
+        let mut body = None;
+        let (status, route_label) = match self.refusal(client, now) {
+            Some(decision) => {
+                self.metrics.redirect_result(RedirectResult::RateLimited);
+                let text = too_many_body();
+                status_line(out, 429);
+                out.extend_from_slice(
+                    b"Content-Type: application/json\r\nCache-Control: no-store\r\nretry-after: ",
+                );
+                push_u64(out, decision.retry_after_secs);
+                out.extend_from_slice(b"\r\nratelimit-limit: ");
+                push_u64(out, decision.limit);
+                out.extend_from_slice(b"\r\nratelimit-remaining: ");
+                push_u64(out, decision.remaining);
+                out.extend_from_slice(b"\r\nratelimit-reset: ");
+                push_u64(out, decision.reset_secs);
+                out.extend_from_slice(b"\r\nContent-Length: ");
+                push_u64(out, text.len() as u64);
+                out.extend_from_slice(b"\r\n");
+                body = Some(text);
+                (429, RouteLabel::RateLimited)
             }
-            let refused = limits.request(client, now);
-            self.metrics
-                .limit_decision(LimitKind::ClientRequests, refused.is_none());
-            if refused.is_some() {
-                return None;
-            }
+            None => self.redirect(out, code, query, client, now, &mut body),
+        };
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(&cached_date(now / 1000));
+        out.extend_from_slice(if keepalive {
+            b"\r\nConnection: keep-alive\r\n\r\n".as_slice()
+        } else {
+            b"\r\nConnection: close\r\n\r\n".as_slice()
+        });
+        if let Some(body) = body
+            && !head_only
+        {
+            out.extend_from_slice(&body);
+        }
+        let elapsed = started.elapsed();
+        self.metrics
+            .http
+            .record(method, route_label, status, elapsed);
+        self.metrics.fast_path_answers.inc();
+        if let Some(log) = &self.access_log {
+            let ts = timestamp(now);
+            let client = client.to_string();
+            log.log(&AccessRecord {
+                ts: &ts,
+                client: &client,
+                method: method.as_str(),
+                path: std::str::from_utf8(path).unwrap_or(""),
+                status,
+                route: route_label.as_str(),
+                duration_us: elapsed.as_micros() as u64,
+                user_agent,
+            });
+        }
+        Some(keepalive)
+    }
+
+    /// The client's rate limits, checked (and charged) as the Pingora path
+    /// does: the request limit, then, for a code, the scanning limit.
+    fn refusal(&self, client: IpAddr, now: u64) -> Option<Decision> {
+        let limits = self.limits.as_ref()?;
+        let refused = limits.request(client, now);
+        self.metrics
+            .limit_decision(LimitKind::ClientRequests, refused.is_none());
+        refused.or_else(|| {
             let barred = limits.scanning(client, now);
             self.metrics
                 .limit_decision(LimitKind::ClientMisses, barred.is_none());
-            if barred.is_some() {
-                return None;
-            }
-        }
+            barred
+        })
+    }
 
-        out.clear();
+    /// The redirect (or miss) answer's status line and headers, but for
+    /// `date` and `connection`; a miss's body goes to `body`.
+    fn redirect(
+        &self,
+        out: &mut Vec<u8>,
+        code: &[u8],
+        query: Option<&[u8]>,
+        client: IpAddr,
+        now: u64,
+        body: &mut Option<bytes::Bytes>,
+    ) -> (u16, RouteLabel) {
         let view = self.table.load();
-        let mut missed = None;
-        let (status, route_label) = match resolve(&view, code, now) {
+        match resolve(&view, code, now) {
             Ok(link) => {
                 let status = link.status.code();
                 status_line(out, status);
@@ -165,43 +231,13 @@ impl RedirectFastPath {
                 if let Some(limits) = &self.limits {
                     limits.miss(client, now);
                 }
-                missed = Some(miss);
-                (self.not_found(out, miss), RouteLabel::NotFound)
+                let status = self.not_found(out, miss);
+                if status == 404 {
+                    *body = Some(not_found_body(miss));
+                }
+                (status, RouteLabel::NotFound)
             }
-        };
-        out.extend_from_slice(b"Date: ");
-        out.extend_from_slice(pingora::protocols::http::date::get_cached_date().as_bytes());
-        out.extend_from_slice(if keepalive {
-            b"\r\nConnection: keep-alive\r\n\r\n".as_slice()
-        } else {
-            b"\r\nConnection: close\r\n\r\n".as_slice()
-        });
-        if let Some(miss) = missed
-            && status == 404
-            && !head_only
-        {
-            out.extend_from_slice(&not_found_body(miss));
         }
-        let elapsed = started.elapsed();
-        self.metrics
-            .http
-            .record(method, route_label, status, elapsed);
-        self.metrics.fast_path_answers.inc();
-        if let Some(log) = &self.access_log {
-            let ts = timestamp(now);
-            let client = client.to_string();
-            log.log(&AccessRecord {
-                ts: &ts,
-                client: &client,
-                method: method.as_str(),
-                path: std::str::from_utf8(path).unwrap_or(""),
-                status,
-                route: route_label.as_str(),
-                duration_us: elapsed.as_micros() as u64,
-                user_agent,
-            });
-        }
-        Some(keepalive)
     }
 
     /// The miss answer's status line and headers (not `date`/`connection`):
@@ -219,10 +255,33 @@ impl RedirectFastPath {
         out.extend_from_slice(
             b"Content-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: ",
         );
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        push_u64(out, body.len() as u64);
         out.extend_from_slice(b"\r\n");
         404
     }
+}
+
+/// The body the Pingora path sends with a 429 (`proxy::too_many_requests`).
+fn too_many_body() -> bytes::Bytes {
+    super::proxy::error_body(
+        "rate_limited",
+        "too many requests from this address; retry later",
+    )
+}
+
+fn push_u64(out: &mut Vec<u8>, v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = v;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// The body the Pingora path sends for a miss (`proxy::not_found`).
@@ -235,6 +294,62 @@ fn not_found_body(miss: Miss) -> bytes::Bytes {
     super::proxy::error_body("not_found", message)
 }
 
+thread_local! {
+    /// The last `Date` value this thread formatted, and its second.
+    static DATE: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((u64::MAX, [0; 29])) };
+}
+
+/// The `Date` header value for `secs` since the epoch, formatted once per
+/// second per thread (from the wall clock the request already read, so a
+/// redirect reads no clock for it).
+fn cached_date(secs: u64) -> [u8; 29] {
+    DATE.with(|cell| {
+        let (at, value) = cell.get();
+        if at == secs {
+            return value;
+        }
+        let value = http_date(secs);
+        cell.set((secs, value));
+        value
+    })
+}
+
+/// An IMF-fixdate (RFC 9110, 5.6.7), e.g. `Sun, 06 Nov 1994 08:49:37 GMT`,
+/// for `secs` since the Unix epoch (years up to 9999).
+fn http_date(secs: u64) -> [u8; 29] {
+    const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
+    const MONTHS: [&[u8; 3]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let days = secs / 86_400;
+    let of_day = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = (yoe + era * 400 + u64::from(month <= 2)).min(9999);
+    let mut out = *b"Thu, 01 Jan 1970 00:00:00 GMT";
+    out[..3].copy_from_slice(DAYS[(days % 7) as usize]);
+    let two = |out: &mut [u8; 29], at: usize, v: u64| {
+        out[at] = b'0' + (v / 10 % 10) as u8;
+        out[at + 1] = b'0' + (v % 10) as u8;
+    };
+    two(&mut out, 5, day);
+    out[8..11].copy_from_slice(MONTHS[(month - 1) as usize]);
+    two(&mut out, 12, year / 100);
+    two(&mut out, 14, year % 100);
+    two(&mut out, 17, of_day / 3600);
+    two(&mut out, 20, of_day / 60 % 60);
+    two(&mut out, 23, of_day % 60);
+    out
+}
+
 fn status_line(out: &mut Vec<u8>, status: u16) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(crate::metrics::status_str(status).as_bytes());
@@ -245,4 +360,82 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
         .unwrap_or("");
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_dates() {
+        for (secs, text) in [
+            (0, "Thu, 01 Jan 1970 00:00:00 GMT"),
+            (784_111_777, "Sun, 06 Nov 1994 08:49:37 GMT"),
+            (951_782_400, "Tue, 29 Feb 2000 00:00:00 GMT"),
+            (951_868_799, "Tue, 29 Feb 2000 23:59:59 GMT"),
+            (1_709_164_800, "Thu, 29 Feb 2024 00:00:00 GMT"),
+            (1_798_761_599, "Thu, 31 Dec 2026 23:59:59 GMT"),
+            (4_107_542_400, "Mon, 01 Mar 2100 00:00:00 GMT"),
+            (253_402_300_799, "Fri, 31 Dec 9999 23:59:59 GMT"),
+        ] {
+            assert_eq!(
+                std::str::from_utf8(&http_date(secs)).unwrap(),
+                text,
+                "{secs}"
+            );
+        }
+    }
+
+    /// The same text as Pingora's own `Date` (what the Pingora path sends),
+    /// at every hour of four years and now.
+    #[test]
+    fn http_date_matches_pingoras() {
+        for _ in 0..10 {
+            let before = now_ms() / 1000;
+            let pingora = pingora::protocols::http::date::get_cached_date();
+            if now_ms() / 1000 == before {
+                assert_eq!(&cached_date(before)[..], pingora.as_bytes());
+                break;
+            }
+        }
+        // Every day from 1970 to 2200 against a day-by-day calendar walk.
+        let leap =
+            |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let weekdays = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+        let (mut year, mut month, mut day) = (1970u64, 0usize, 1u64);
+        for days in 0..(230 * 365) {
+            let secs = days * 86_400 + (days * 7919) % 86_400;
+            let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+            let want = format!(
+                "{}, {day:02} {} {year} {h:02}:{m:02}:{s:02} GMT",
+                weekdays[(days % 7) as usize],
+                months[month]
+            );
+            assert_eq!(std::str::from_utf8(&http_date(secs)).unwrap(), want);
+            let length = [
+                31,
+                28 + u64::from(leap(year)),
+                31,
+                30,
+                31,
+                30,
+                31,
+                31,
+                30,
+                31,
+                30,
+                31,
+            ];
+            day += 1;
+            if day > length[month] {
+                (day, month) = (1, month + 1);
+                if month == 12 {
+                    (month, year) = (0, year + 1);
+                }
+            }
+        }
+    }
 }

@@ -85,17 +85,6 @@ impl EdgeRateLimits {
         (!d.allowed).then_some(d)
     }
 
-    /// Whether a request of `client` would be refused now, by either limit
-    /// (nothing is charged).
-    pub fn would_refuse(&self, client: IpAddr, now_ms: u64) -> bool {
-        let mut buf = [0u8; 16];
-        let key = client_key(client, &mut buf);
-        let refuses = |kind, limit: Option<Limit>| {
-            limit.is_some_and(|l| !self.table.peek(kind, key, l, now_ms).allowed)
-        };
-        refuses(KIND_REQUESTS, self.requests) || refuses(KIND_MISSES, self.misses)
-    }
-
     /// Charges one unknown-code answer to `client`.
     pub fn miss(&self, client: IpAddr, now_ms: u64) {
         if let Some(limit) = self.misses {
