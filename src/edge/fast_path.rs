@@ -21,7 +21,7 @@
 //! turns it off.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use super::access_log::{AccessLog, AccessRecord, timestamp};
@@ -261,12 +261,16 @@ impl RedirectFastPath {
     }
 }
 
-/// The body the Pingora path sends with a 429 (`proxy::too_many_requests`).
+/// The body the Pingora path sends with a 429 (`proxy::too_many_requests`),
+/// built once.
 fn too_many_body() -> bytes::Bytes {
-    super::proxy::error_body(
-        "rate_limited",
-        "too many requests from this address; retry later",
-    )
+    static BODY: LazyLock<bytes::Bytes> = LazyLock::new(|| {
+        super::proxy::error_body(
+            "rate_limited",
+            "too many requests from this address; retry later",
+        )
+    });
+    BODY.clone()
 }
 
 fn push_u64(out: &mut Vec<u8>, v: u64) {
@@ -284,14 +288,24 @@ fn push_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// The body the Pingora path sends for a miss (`proxy::not_found`).
+/// The body the Pingora path sends for a miss (`proxy::not_found`), built
+/// once per kind of miss (JSON serialisation costs thousands of
+/// instructions, and one request in twenty is for an unknown code).
 fn not_found_body(miss: Miss) -> bytes::Bytes {
-    let message = match miss {
-        Miss::Unknown => "no such short link",
-        Miss::Disabled => "this short link is disabled",
-        Miss::Expired => "this short link has expired",
+    static BODIES: LazyLock<[bytes::Bytes; 3]> = LazyLock::new(|| {
+        [
+            "no such short link",
+            "this short link is disabled",
+            "this short link has expired",
+        ]
+        .map(|message| super::proxy::error_body("not_found", message))
+    });
+    let i = match miss {
+        Miss::Unknown => 0,
+        Miss::Disabled => 1,
+        Miss::Expired => 2,
     };
-    super::proxy::error_body("not_found", message)
+    BODIES[i].clone()
 }
 
 thread_local! {
