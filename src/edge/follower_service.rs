@@ -1,38 +1,118 @@
-//! The log follower as a Pingora background service: polls the data dir off
+//! The log follower as a Pingora background service: reads the data dir off
 //! the request path and publishes new views into the hot table.
+//!
+//! It polls when the data dir changes (inotify on the data dir, `log/` and
+//! `snapshots/`), at most once per `interval`, and otherwise only every
+//! [`SAFETY_POLL`]; an idle edge does no work. Where inotify is unavailable
+//! (or fails) it polls every `interval`, as before.
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
 
 use crate::store::LogFollower;
+use crate::sys::DirWatch;
 
-/// Runs `LogFollower::poll_once` every `interval` until shutdown.
+/// With change notifications on, the follower still polls this often, in
+/// case a change was missed (a file system that does not report them).
+pub const SAFETY_POLL: Duration = Duration::from_millis(500);
+
+/// Runs `LogFollower::poll_once` when the data dir changes (at most every
+/// `interval`), or every `interval` without change notifications, until
+/// shutdown.
 pub struct FollowerService {
     pub follower: Mutex<LogFollower>,
     pub interval: Duration,
+    /// Directories whose changes wake the follower; empty: poll every
+    /// `interval`.
+    pub watch_dirs: Vec<PathBuf>,
+}
+
+impl FollowerService {
+    fn watch(&self) -> Option<AsyncFd<DirWatch>> {
+        if self.watch_dirs.is_empty() {
+            return None;
+        }
+        let dirs: Vec<&std::path::Path> = self.watch_dirs.iter().map(PathBuf::as_path).collect();
+        let registered = DirWatch::new(&dirs).and_then(|watch| {
+            // SAFETY: the DirWatch owns its descriptor (an OwnedFd it never
+            // replaces), so it stays open and the same for as long as the
+            // AsyncFd holds it.
+            unsafe { AsyncFd::register_with_interest(watch, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into())
+        });
+        match registered {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!(error = %e, "log follower: no change notifications; polling every {:?}", self.interval);
+                None
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl BackgroundService for FollowerService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = self.watch();
+        // Every directory watched, or some missing (rewatch on each wake).
+        let mut all_watched = watch
+            .as_ref()
+            .is_some_and(|w| w.get_ref().rewatch() == w.get_ref().dirs());
         loop {
-            tokio::select! {
-                _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
             // A poll reads a few files and may verify a new snapshot's
             // checksum. It runs on this service's own runtime thread, so
             // blocking here never delays a request (readers use the ArcSwap).
-            let result = self.follower.lock().map(|mut f| f.poll_once());
-            if result.is_err() {
+            let polled = Instant::now();
+            let polled_ok = self.follower.lock().map(|mut f| f.poll_once()).is_ok();
+            if !polled_ok {
                 tracing::error!("log follower state poisoned; stopping the follower");
                 return;
+            }
+            let next = polled + self.interval;
+            let Some(fd) = watch.as_ref() else {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep_until(next) => {}
+                }
+                continue;
+            };
+            // Wait for a change (or the safety poll), then for the rest of
+            // `interval`: a burst of writes is read in batches.
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(SAFETY_POLL.max(self.interval)) => {}
+                ready = fd.readable() => match ready {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "log follower: change notifications failed; polling every {:?}", self.interval);
+                        watch = None;
+                    }
+                },
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            if let Some(fd) = watch.as_ref() {
+                // Everything up to now is read by the poll that follows.
+                match fd.get_ref().drain() {
+                    Ok(drained) => {
+                        if drained.dirs_changed || !all_watched {
+                            all_watched = fd.get_ref().rewatch() == fd.get_ref().dirs();
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "log follower: change notifications failed; polling every {:?}", self.interval);
+                        watch = None;
+                    }
+                }
             }
         }
     }

@@ -137,6 +137,10 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         Arc::new(FollowerService {
             follower: Mutex::new(follower),
             interval: config.edge.follow_interval,
+            watch_dirs: {
+                let dir = crate::store::datadir::DataDir::new(&config.data_dir);
+                vec![dir.root().to_owned(), dir.log_dir(), dir.snapshot_dir()]
+            },
         }),
     );
 
