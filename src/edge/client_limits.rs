@@ -243,6 +243,47 @@ async fn shutdown_signal(mut watch: ShutdownWatch) {
     }
 }
 
+/// [`shutdown_signal`] for a connection's waits between requests, cheap to
+/// poll again and again: after its first poll has registered the
+/// connection task's waker with the watch, a poll is one atomic load of the
+/// watch's version until that changes. It must only ever be polled from
+/// the one task (the connection's), whose wakers are all alike.
+struct Stop {
+    watch: ShutdownWatch,
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+    armed: bool,
+    done: bool,
+}
+
+impl Stop {
+    fn new(watch: &ShutdownWatch) -> Self {
+        Self {
+            watch: watch.clone(),
+            wait: Box::pin(shutdown_signal(watch.clone())),
+            armed: false,
+            done: false,
+        }
+    }
+}
+
+impl Future for Stop {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(());
+        }
+        if this.armed && !this.watch.has_changed().unwrap_or(true) {
+            return Poll::Pending;
+        }
+        this.armed = true;
+        let polled = this.wait.as_mut().poll(cx);
+        this.done = polled.is_ready();
+        polled
+    }
+}
+
 /// The answer to a request whose header did not arrive in time.
 fn timeout_response() -> Vec<u8> {
     let body = super::proxy::error_body(
@@ -293,8 +334,7 @@ where
         let mut answer = Vec::new();
         let timer = tokio::time::sleep_until(accepted + self.header_timeout);
         tokio::pin!(timer);
-        let stop = shutdown_signal(shutdown.clone());
-        tokio::pin!(stop);
+        let mut stop = Stop::new(shutdown);
         // When the wait for the next request began.
         let mut idle_from = accepted;
         let mut settings: Option<HttpPersistentSettings> = None;
@@ -321,7 +361,7 @@ where
                     timer.as_mut(),
                     deadline,
                     header,
-                    Some(stop.as_mut()),
+                    Some(Pin::new(&mut stop)),
                 )
                 .await
             };
@@ -444,9 +484,8 @@ mod tests {
                 read_head(server, &mut buf, timer.as_mut(), deadline, None, none).await
             }
             Some(watch) => {
-                let stop = shutdown_signal(watch);
-                tokio::pin!(stop);
-                let (t, s) = (timer.as_mut(), Some(stop.as_mut()));
+                let mut stop = Stop::new(&watch);
+                let (t, s) = (timer.as_mut(), Some(Pin::new(&mut stop)));
                 read_head(server, &mut buf, t, deadline, Some(wait), s).await
             }
         };
@@ -480,6 +519,46 @@ mod tests {
         assert_eq!(head.0, Head::Closed);
     }
 
+    /// The same shutdown signal over several waits of one connection: after
+    /// its first wait it is only re-checked, and still ends a later wait.
+    #[tokio::test]
+    async fn a_later_wait_still_ends_on_shutdown() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let long = Duration::from_secs(600);
+        let timer = tokio::time::sleep(long);
+        tokio::pin!(timer);
+        let mut stop = Stop::new(&rx);
+        let mut buf = BytesMut::new();
+        for _ in 0..3 {
+            buf.clear();
+            let deadline = Instant::now() + long;
+            let (t, s) = (timer.as_mut(), Some(Pin::new(&mut stop)));
+            let reading = read_head(&mut server, &mut buf, t, deadline, Some(long), s);
+            let sending = async {
+                tokio::task::yield_now().await;
+                client.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
+            };
+            let (head, ()) = tokio::join!(reading, sending);
+            assert_eq!(head, Head::Ready);
+        }
+        assert!(stop.armed, "the waits above polled it");
+        buf.clear();
+        let deadline = Instant::now() + long;
+        let (t, s) = (timer.as_mut(), Some(Pin::new(&mut stop)));
+        let waiting = read_head(&mut server, &mut buf, t, deadline, Some(long), s);
+        let shut = async {
+            tokio::task::yield_now().await;
+            tx.send(true).unwrap()
+        };
+        // A lost wake-up would leave the wait to its 600 s deadline.
+        let both = async { tokio::join!(waiting, shut) };
+        let (head, _) = tokio::time::timeout(Duration::from_secs(60), both)
+            .await
+            .expect("the shutdown ended the wait");
+        assert_eq!(head, Head::Closed);
+    }
+
     /// A later request's header clock starts at its first byte: a header
     /// that starts near the end of the keep-alive time still gets its own
     /// full header time, and one that never ends times out as partial.
@@ -492,8 +571,7 @@ mod tests {
         let mut buf = BytesMut::new();
         let timer = tokio::time::sleep_until(Instant::now() + keepalive);
         tokio::pin!(timer);
-        let stop = shutdown_signal(rx);
-        tokio::pin!(stop);
+        let mut stop = Stop::new(&rx);
         // The header's end comes 12 s after the wait began (past the
         // keep-alive deadline, within the header time), or never.
         for (rest, ends) in [
@@ -503,7 +581,7 @@ mod tests {
             buf.clear();
             let started = Instant::now();
             let deadline = started + keepalive;
-            let (t, s) = (timer.as_mut(), Some(stop.as_mut()));
+            let (t, s) = (timer.as_mut(), Some(Pin::new(&mut stop)));
             let reading = read_head(&mut server, &mut buf, t, deadline, Some(header), s);
             let sending = async {
                 tokio::time::sleep(Duration::from_secs(4)).await;
