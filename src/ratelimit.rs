@@ -12,20 +12,24 @@
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 8 | magic `ULOADRL1` |
-//! | 8 | 4 | format version (1) |
+//! | 8 | 4 | format version (2; version 1 kept TATs in milliseconds) |
 //! | 12 | 4 | slot count (a power of two) |
 //! | 16 | 48 | zero |
-//! | 64 | 16 × slots | slots: key (u64, 0 = empty), TAT in ms since the Unix epoch (u64) |
+//! | 64 | 16 × slots | slots: key (u64, 0 = empty), TAT in µs since the Unix epoch (u64) |
 //!
 //! A file that does not match (other magic, version or size) is replaced by
 //! an empty table with a warning: losing limiter state is harmless, refusing
 //! to start over it would not be.
 //!
+//! Times are microseconds, so a rate is exact to within a microsecond per
+//! request (300/s is one per 3,333 µs; 600/s one per 1,666 µs) whatever it
+//! is; callers pass the time in microseconds ([`now_us`]).
+//!
 //! ```no_run
 //! use uload::ratelimit::{Limit, LimiterTable};
 //! let table = LimiterTable::open(std::path::Path::new("state/edge-ratelimit.bin"), 1 << 16).unwrap();
 //! let limit = Limit::per_second(100, 200);
-//! let d = table.check(1, b"203.0.113.7", limit, uload::store::record::now_ms());
+//! let d = table.check(1, b"203.0.113.7", limit, uload::ratelimit::now_us());
 //! assert!(d.allowed);
 //! ```
 
@@ -38,11 +42,18 @@ use memmap2::MmapMut;
 use crate::store::hash::code_hash;
 
 const MAGIC: &[u8; 8] = b"ULOADRL1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 const SLOT_LEN: usize = 16;
 /// Slots probed for a key before the least-limited one is evicted.
 const PROBE: usize = 8;
+
+/// Microseconds since the Unix epoch: the limiter's clock.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
 
 /// Errors opening a limiter table.
 #[derive(Debug, thiserror::Error)]
@@ -53,11 +64,11 @@ pub struct LimiterError {
     pub source: std::io::Error,
 }
 
-/// A limit: `burst` requests at once, refilled at one per `interval_ms`.
+/// A limit: `burst` requests at once, refilled at one per `interval_us`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limit {
-    /// Milliseconds per request at the sustained rate (at least 1).
-    pub interval_ms: u64,
+    /// Microseconds per request at the sustained rate (at least 1).
+    pub interval_us: u64,
     /// Requests allowed at once (at least 1).
     pub burst: u64,
 }
@@ -71,14 +82,14 @@ impl Limit {
     /// `count` requests per `window_ms`, `burst` at once.
     pub fn per_window(count: u64, window_ms: u64, burst: u64) -> Self {
         Self {
-            interval_ms: (window_ms / count.max(1)).max(1),
+            interval_us: (window_ms.saturating_mul(1_000) / count.max(1)).max(1),
             burst: burst.max(1),
         }
     }
 
-    /// Requests per second at the sustained rate, rounded up (for headers).
-    pub fn per_second_ceil(&self) -> u64 {
-        1_000u64.div_ceil(self.interval_ms)
+    /// Requests per second at the sustained rate (to the nearest whole).
+    pub fn rate_per_second(&self) -> u64 {
+        (1_000_000 + self.interval_us / 2) / self.interval_us
     }
 }
 
@@ -212,7 +223,8 @@ impl LimiterTable {
     }
 
     /// Charges one request of `client` against `limit` (in the limiter
-    /// namespace `kind`) and says whether it is allowed.
+    /// namespace `kind`) at `now` (µs since the epoch) and says whether it
+    /// is allowed.
     pub fn check(&self, kind: u8, client: &[u8], limit: Limit, now: u64) -> Decision {
         self.decide(kind, client, limit, now, true)
     }
@@ -225,7 +237,7 @@ impl LimiterTable {
     fn decide(&self, kind: u8, client: &[u8], limit: Limit, now: u64, charge: bool) -> Decision {
         let key = key_of(kind, client);
         let tat = self.find(key, now);
-        let t = limit.interval_ms;
+        let t = limit.interval_us;
         let window = t.saturating_mul(limit.burst);
         let mut seen = tat.load(Ordering::Acquire);
         loop {
@@ -237,15 +249,15 @@ impl LimiterTable {
                     allowed: false,
                     limit: limit.burst,
                     remaining: 0,
-                    reset_secs: (seen.max(now) - now).div_ceil(1000),
-                    retry_after_secs: wait.div_ceil(1000).max(1),
+                    reset_secs: (seen.max(now) - now).div_ceil(1_000_000),
+                    retry_after_secs: wait.div_ceil(1_000_000).max(1),
                 };
             }
             let decision = Decision {
                 allowed: true,
                 limit: limit.burst,
                 remaining: (window - (next - now)) / t,
-                reset_secs: (next - now).div_ceil(1000),
+                reset_secs: (next - now).div_ceil(1_000_000),
                 retry_after_secs: 0,
             };
             if !charge {
@@ -299,7 +311,7 @@ mod tests {
     fn burst_then_refill() {
         let (_d, t) = table();
         let limit = Limit::per_second(10, 3); // 100 ms per request
-        let now = 1_000_000;
+        let now = 1_000_000_000;
         let d: Vec<_> = (0..4).map(|_| t.check(1, b"a", limit, now)).collect();
         assert_eq!(
             d.iter()
@@ -312,8 +324,8 @@ mod tests {
         assert!(t.check(1, b"b", limit, now).allowed);
         assert!(t.check(2, b"a", limit, now).allowed);
         // 100 ms later one more fits, then none.
-        assert!(t.check(1, b"a", limit, now + 100).allowed);
-        assert!(!t.check(1, b"a", limit, now + 100).allowed);
+        assert!(t.check(1, b"a", limit, now + 100_000).allowed);
+        assert!(!t.check(1, b"a", limit, now + 100_000).allowed);
         // Peeking never charges.
         for _ in 0..10 {
             assert!(t.peek(1, b"c", limit, now).allowed);
@@ -321,12 +333,42 @@ mod tests {
         assert_eq!(t.peek(1, b"c", limit, now).remaining, 3);
     }
 
+    /// Rates that are not a whole number of milliseconds per request are
+    /// kept: 600/s lets 600 through in a second after the burst, not 1000
+    /// (with a burst of at least 2: a burst of 1 tolerates no jitter, so a
+    /// client polled every millisecond, as here, gets one per 2 ms).
+    #[test]
+    fn fine_rates_are_exact() {
+        let (_d, t) = table();
+        for (rate, burst) in [(600u64, 2u64), (300, 5), (2_500, 10), (100_000, 200)] {
+            let limit = Limit::per_second(rate, burst);
+            let client = rate.to_le_bytes();
+            let start = 50_000_000_000;
+            let allowed: u64 = (0..1000u64)
+                .map(|ms| {
+                    let mut n = 0;
+                    while t.check(1, &client, limit, start + ms * 1_000).allowed {
+                        n += 1;
+                    }
+                    n
+                })
+                .sum();
+            // The burst at the start, then the rate for the rest of 1 s.
+            let want = burst + rate * 999 / 1000;
+            assert!(
+                allowed.abs_diff(want) <= 1,
+                "{rate}/s: {allowed} allowed, {want} expected"
+            );
+            assert_eq!(limit.rate_per_second(), rate);
+        }
+    }
+
     #[test]
     fn state_survives_reopening_and_bad_files_are_replaced() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rl.bin");
         let limit = Limit::per_window(1, 60_000, 2);
-        let now = 5_000_000;
+        let now = 5_000_000_000;
         {
             let t = LimiterTable::open(&path, 64).unwrap();
             assert!(t.check(7, b"k", limit, now).allowed);
@@ -335,7 +377,7 @@ mod tests {
             t.flush();
         }
         let t = LimiterTable::open(&path, 64).unwrap();
-        let d = t.check(7, b"k", limit, now + 1_000);
+        let d = t.check(7, b"k", limit, now + 1_000_000);
         assert!(!d.allowed, "still limited after reopening");
         assert_eq!(d.retry_after_secs, 59);
         drop(t);
@@ -352,12 +394,15 @@ mod tests {
     fn a_full_table_evicts_the_least_limited_client() {
         let (_d, t) = table();
         let limit = Limit::per_window(1, 60_000, 1);
-        let now = 10_000_000;
+        let now = 10_000_000_000;
         for i in 0..1_000u32 {
-            t.check(1, &i.to_le_bytes(), limit, now + u64::from(i));
+            t.check(1, &i.to_le_bytes(), limit, now + u64::from(i) * 1_000);
         }
         // The most recent clients are still limited.
-        assert!(!t.check(1, &999u32.to_le_bytes(), limit, now + 999).allowed);
+        assert!(
+            !t.check(1, &999u32.to_le_bytes(), limit, now + 999_000)
+                .allowed
+        );
     }
 
     #[test]
@@ -367,7 +412,7 @@ mod tests {
         let a = LimiterTable::open(&path, 64).unwrap();
         let b = LimiterTable::open(&path, 64).unwrap();
         let limit = Limit::per_window(1, 60_000, 1);
-        assert!(a.check(3, b"x", limit, 1_000).allowed);
-        assert!(!b.check(3, b"x", limit, 1_000).allowed);
+        assert!(a.check(3, b"x", limit, 1_000_000).allowed);
+        assert!(!b.check(3, b"x", limit, 1_000_000).allowed);
     }
 }

@@ -71,7 +71,7 @@ pub async fn require_key(
         Some(caller) => {
             if let Some(limit) = state.write_limit()
                 && let Some(d) =
-                    limit.check(req.method(), caller.key_id, crate::store::record::now_ms())
+                    limit.check(req.method(), caller.key_id, crate::ratelimit::now_us())
             {
                 state.metrics().limit_decision(d.allowed);
                 if !d.allowed {

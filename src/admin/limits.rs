@@ -30,7 +30,7 @@ impl WriteLimit {
     }
 
     /// Charges a request of key `key_id` if it writes; `Some` when refused.
-    pub fn check(&self, method: &Method, key_id: u64, now_ms: u64) -> Option<Decision> {
+    pub fn check(&self, method: &Method, key_id: u64, now_us: u64) -> Option<Decision> {
         let writes = matches!(
             *method,
             Method::POST | Method::PATCH | Method::PUT | Method::DELETE
@@ -42,7 +42,7 @@ impl WriteLimit {
             KIND_API_KEY_WRITES,
             &key_id.to_le_bytes(),
             self.limit,
-            now_ms,
+            now_us,
         );
         Some(d)
     }

@@ -31,7 +31,6 @@ use super::redirect::{Miss, Route, cache_control, location_into, resolve, route,
 use crate::config::{EdgeConfig, IpNet};
 use crate::metrics::{MethodLabel, RouteLabel};
 use crate::ratelimit::Decision;
-use crate::store::record::now_ms;
 use crate::store::view::HotTable;
 
 /// What the fast path needs; every field is shared with the proxy.
@@ -112,11 +111,13 @@ impl RedirectFastPath {
         } else {
             client_ip(peer, forwarded, &self.trusted_proxies)
         };
-        let now = now_ms();
+        // One clock read: the limiter counts in µs, the rest in ms.
+        let now_us = crate::ratelimit::now_us();
+        let now = now_us / 1000;
         out.clear();
         // The body after the header, for a 404 or 429 (not for HEAD).
         let mut body = None;
-        let (status, route_label) = match self.refusal(client, now) {
+        let (status, route_label) = match self.refusal(client, now_us) {
             Some(decision) => {
                 self.metrics.redirect_result(RedirectResult::RateLimited);
                 let text = too_many_body();
@@ -137,7 +138,7 @@ impl RedirectFastPath {
                 body = Some(text);
                 (429, RouteLabel::RateLimited)
             }
-            None => self.redirect(out, code, query, client, now, &mut body),
+            None => self.redirect(out, code, query, client, now_us, &mut body),
         };
         out.extend_from_slice(b"Date: ");
         out.extend_from_slice(&cached_date(now / 1000));
@@ -175,13 +176,13 @@ impl RedirectFastPath {
 
     /// The client's rate limits, checked (and charged) as the Pingora path
     /// does: the request limit, then, for a code, the scanning limit.
-    fn refusal(&self, client: IpAddr, now: u64) -> Option<Decision> {
+    fn refusal(&self, client: IpAddr, now_us: u64) -> Option<Decision> {
         let limits = self.limits.as_ref()?;
-        let refused = limits.request(client, now);
+        let refused = limits.request(client, now_us);
         self.metrics
             .limit_decision(LimitKind::ClientRequests, refused.is_none());
         refused.or_else(|| {
-            let barred = limits.scanning(client, now);
+            let barred = limits.scanning(client, now_us);
             self.metrics
                 .limit_decision(LimitKind::ClientMisses, barred.is_none());
             barred
@@ -196,9 +197,10 @@ impl RedirectFastPath {
         code: &[u8],
         query: Option<&[u8]>,
         client: IpAddr,
-        now: u64,
+        now_us: u64,
         body: &mut Option<bytes::Bytes>,
     ) -> (u16, RouteLabel) {
+        let now = now_us / 1000;
         let view = self.table.load();
         match resolve(&view, code, now) {
             Ok(link) => {
@@ -229,7 +231,7 @@ impl RedirectFastPath {
                 drop(view);
                 self.metrics.redirect_result(miss.into());
                 if let Some(limits) = &self.limits {
-                    limits.miss(client, now);
+                    limits.miss(client, now_us);
                 }
                 let status = self.not_found(out, miss);
                 if status == 404 {
@@ -379,6 +381,7 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::record::now_ms;
 
     #[test]
     fn http_dates() {

@@ -87,7 +87,7 @@ impl ProxyHttp for EdgeProxy {
             && !matches!(route, Route::Health | Route::Ready)
         {
             let client = self.client_ip(session);
-            let now = now_ms();
+            let now = crate::ratelimit::now_us();
             let refused = limits.request(client, now);
             self.metrics
                 .limit_decision(LimitKind::ClientRequests, refused.is_none());
@@ -403,7 +403,7 @@ impl EdgeProxy {
 
     fn charge_miss(&self, session: &Session) {
         if let Some(limits) = &self.limits {
-            limits.miss(self.client_ip(session), now_ms());
+            limits.miss(self.client_ip(session), crate::ratelimit::now_us());
         }
     }
     /// Counts the request once its response is written (or it failed).

@@ -66,31 +66,31 @@ impl EdgeRateLimits {
     }
 
     /// Charges a request of `client`; `Some` when it is refused.
-    pub fn request(&self, client: IpAddr, now_ms: u64) -> Option<Decision> {
+    pub fn request(&self, client: IpAddr, now_us: u64) -> Option<Decision> {
         let limit = self.requests?;
         let mut buf = [0u8; 16];
         let d = self
             .table
-            .check(KIND_REQUESTS, client_key(client, &mut buf), limit, now_ms);
+            .check(KIND_REQUESTS, client_key(client, &mut buf), limit, now_us);
         (!d.allowed).then_some(d)
     }
 
     /// Whether `client` is barred from short codes for scanning (not charged).
-    pub fn scanning(&self, client: IpAddr, now_ms: u64) -> Option<Decision> {
+    pub fn scanning(&self, client: IpAddr, now_us: u64) -> Option<Decision> {
         let limit = self.misses?;
         let mut buf = [0u8; 16];
         let d = self
             .table
-            .peek(KIND_MISSES, client_key(client, &mut buf), limit, now_ms);
+            .peek(KIND_MISSES, client_key(client, &mut buf), limit, now_us);
         (!d.allowed).then_some(d)
     }
 
     /// Charges one unknown-code answer to `client`.
-    pub fn miss(&self, client: IpAddr, now_ms: u64) {
+    pub fn miss(&self, client: IpAddr, now_us: u64) {
         if let Some(limit) = self.misses {
             let mut buf = [0u8; 16];
             self.table
-                .check(KIND_MISSES, client_key(client, &mut buf), limit, now_ms);
+                .check(KIND_MISSES, client_key(client, &mut buf), limit, now_us);
         }
     }
 
