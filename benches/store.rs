@@ -551,6 +551,31 @@ fn lookup_benches<Ms: Measurement>(c: &mut Criterion<Ms>, suffix: &str) {
     let load_get = |k: &Code| table.load().get(k).map_or(0, |l| l.target.len());
     bench_keys(&mut g, "1M+10k/hot_table_overlay_hit", new_codes, load_get);
     bench_keys(&mut g, "1M+10k/hot_table_snapshot_hit", &fx.hits, load_get);
+    apply_publish_bench(&mut g, view);
+}
+
+/// The admin's and the follower's write pattern: apply one put, then publish
+/// the view while the previously published one is still held by readers.
+/// Codes cycle through `APPLY_CODES` new codes, so the overlay stays bounded
+/// (as compaction keeps it) at 10k + `APPLY_CODES` entries.
+fn apply_publish_bench<Ms: Measurement>(g: &mut BenchmarkGroup<'_, Ms>, fixture: &TableView) {
+    const APPLY_CODES: usize = 100_000;
+    let links: Vec<Link> = (0..APPLY_CODES)
+        .map(|i| Link::new(&format!("ap-{i:07}"), &target(i as u64)).expect("valid link"))
+        .collect();
+    let mut view = fixture.clone();
+    let mut published = Arc::new(view.clone());
+    let mut i = 0usize;
+    g.bench_function("1M+10k/apply_publish", |b| {
+        b.iter(|| {
+            let seq = view.seq() + 1;
+            view.apply(seq, LogOpRef::Put(links[i % APPLY_CODES].as_ref()))
+                .expect("apply");
+            i += 1;
+            published = Arc::new(view.clone());
+            published.seq()
+        })
+    });
 }
 
 fn lookups_wall_clock(c: &mut Criterion) {
