@@ -95,18 +95,27 @@ echo "k6_up: edge /health: $(curl -s "$base/health")"
 
 # utime+stime of the uload up process, in clock ticks
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$up_pid/stat"; }
+# user+system seconds of this shell's waited-for children (k6; sed and awk
+# add a few ms): `times` must run in this shell, not in a subshell, so it
+# writes a file that `children_cpu` reads.
+save_times() { times >"$tmp/times"; }
+children_cpu() {
+  awk 'NR==2 { t=0; for (i=1;i<=2;i++) { split($i,a,/[ms]/); t+=a[1]*60+a[2] } printf "%.2f", t }' "$tmp/times"
+}
 hz="$(getconf CLK_TCK)"
 status=0
 for s in "${scripts[@]}"; do
   echo "=== k6 $s ($(date -u +%H:%M:%S) UTC, load average $(cut -d' ' -f1-3 /proc/loadavg))"
   rc=0
+  save_times; k0="$(children_cpu)"
   c0="$(cpu_ticks)"; t0="$(date +%s.%N)"
   "$K6_BIN" run --no-color -e BASE_URL="$base" -e CODES="$links/codes.txt" \
     --summary-export "$WORKDIR/k6-$s.json" "loadtest/k6/$s.js" >"$WORKDIR/k6-$s.txt" 2>&1 || rc=$?
   # the summary (thresholds, checks, metrics), without the progress lines
   sed -n '/THRESHOLDS\|█ TOTAL RESULTS\|checks\.\.\.\|✓\|✗/,$p' "$WORKDIR/k6-$s.txt" | grep -v 'running (' || true
   c1="$(cpu_ticks)"; t1="$(date +%s.%N)"
-  echo "=== k6 $s: exit $rc; uload up used $(awk -v a="$c0" -v b="$c1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}') s of CPU in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+  save_times; k1="$(children_cpu)"
+  echo "=== k6 $s: exit $rc; uload up used $(awk -v a="$c0" -v b="$c1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}') s of CPU in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s; k6 used $(awk -v a="$k0" -v b="$k1" 'BEGIN{printf "%.2f", b-a}') s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   [ "$rc" = 0 ] || status=$rc
 done
 exit "$status"

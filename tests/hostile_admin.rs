@@ -18,8 +18,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::mpsc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -1476,20 +1474,13 @@ async fn hostile_bytes_on_a_real_listener() {
     server.await.unwrap().unwrap();
 }
 
-/// Holds the admin's writes in flight: a runtime whose blocking pool has a
-/// single thread, occupied by a task that waits for the returned sender. A
-/// PATCH or DELETE then reserves its code (on a worker thread) and waits for
-/// the blocking pool to append: its code stays claimed until the sender is
-/// dropped. Deterministic, no sleeps.
-fn hold_writes(rt: &tokio::runtime::Runtime) -> (mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
-    let (release, held) = mpsc::channel::<()>();
-    let (started, running) = mpsc::channel::<()>();
-    let blocker = rt.spawn_blocking(move || {
-        started.send(()).unwrap();
-        let _ = held.recv();
-    });
-    running.recv_timeout(Duration::from_secs(30)).unwrap();
-    (release, blocker)
+/// Holds the admin's writes in flight: the admin's writer thread waits
+/// (`AdminState::hold_writes`) until the returned guard is dropped. A PATCH
+/// or DELETE then reserves its code (on a worker thread) and waits for the
+/// writer to append: its code stays claimed until the guard is dropped.
+/// Deterministic, no sleeps.
+fn hold_writes(admin: &Admin) -> uload::admin::WritesHeld {
+    admin.state.hold_writes()
 }
 
 fn one_blocking_thread() -> tokio::runtime::Runtime {
@@ -1564,7 +1555,7 @@ fn overlapping_patches_and_deletes_of_one_code_get_409() {
             .await;
     });
     let before = rt.block_on(admin.fingerprint());
-    let (release, blocker) = hold_writes(&rt);
+    let release = hold_writes(&admin);
     let first = start_held(&rt, &admin, "hot", || {
         authed(
             "PATCH",
@@ -1605,7 +1596,6 @@ fn overlapping_patches_and_deletes_of_one_code_get_409() {
     });
     drop(release);
     assert_eq!(rt.block_on(first).unwrap(), StatusCode::OK);
-    rt.block_on(blocker).unwrap();
     rt.block_on(async {
         let after = admin.fingerprint().await;
         assert_eq!(after.durable_seq, before.durable_seq + 1);
@@ -1629,7 +1619,7 @@ fn overlapping_deletes_of_one_code_get_409() {
             .await;
     });
     let before = rt.block_on(admin.fingerprint());
-    let (release, blocker) = hold_writes(&rt);
+    let release = hold_writes(&admin);
     let first = start_held(&rt, &admin, "doomed", || {
         authed("DELETE", "/api/links/doomed", "")
     });
@@ -1660,7 +1650,6 @@ fn overlapping_deletes_of_one_code_get_409() {
     });
     drop(release);
     assert_eq!(rt.block_on(first).unwrap(), StatusCode::NO_CONTENT);
-    rt.block_on(blocker).unwrap();
     rt.block_on(async {
         let after = admin.fingerprint().await;
         assert_eq!(after.durable_seq, before.durable_seq + 1);

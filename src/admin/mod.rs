@@ -48,7 +48,7 @@ pub use codes::{RESERVED_CODES, is_reserved};
 pub use error::{ApiError, ErrorCode};
 pub use links::{CreateLink, LinkBody, UpdateLink};
 pub use routes::{DEFAULT_PAGE, MAX_PAGE};
-pub use state::{AdminError, AdminState};
+pub use state::{AdminError, AdminState, WritesHeld};
 pub use url::normalize_target;
 
 use crate::config::Config;
@@ -93,15 +93,20 @@ async fn log_request(
 ) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let forwarded_for = req
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let health = req.uri().path() == "/api/health";
+    // The path and client are copied only when the debug line is logged:
+    // two allocations per request otherwise spent for nothing.
+    let debug = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let forwarded_for = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        (req.uri().path().to_owned(), forwarded_for)
+    });
     let response = next.run(req).await;
-    let route = if path == "/api/health" {
+    let route = if health {
         crate::metrics::RouteLabel::Health
     } else {
         crate::metrics::RouteLabel::Api
@@ -112,14 +117,16 @@ async fn log_request(
         response.status().as_u16(),
         started.elapsed(),
     );
-    tracing::debug!(
-        %method,
-        path,
-        status = response.status().as_u16(),
-        us = started.elapsed().as_micros() as u64,
-        forwarded_for,
-        "admin: request"
-    );
+    if let Some((path, forwarded_for)) = debug {
+        tracing::debug!(
+            %method,
+            path,
+            status = response.status().as_u16(),
+            us = started.elapsed().as_micros() as u64,
+            forwarded_for,
+            "admin: request"
+        );
+    }
     response
 }
 
