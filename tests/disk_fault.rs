@@ -963,9 +963,16 @@ fn rlimit_fsize_gives_507_and_writes_recover_without_a_restart() {
     });
     procs.kill_admin();
 
-    // The admin again, its files limited to just above the log segment.
-    let segment = active_len(&data);
-    let limit = segment + 2000;
+    // The admin again, its files limited to just under the snapshot's size:
+    // the next compaction's snapshot (more links) cannot be written, and
+    // appends fit until the log segment grows to about that size. (The
+    // compaction rolled the log, so the active segment starts empty.)
+    let manifest = dir.read_manifest().unwrap().unwrap();
+    let snapshot_len = std::fs::metadata(dir.snapshot_dir().join(&manifest.snapshot))
+        .unwrap()
+        .len();
+    assert!(active_len(&data) < 100, "the compaction rolled the log");
+    let limit = snapshot_len - 1000;
     procs.start_admin(Some(limit));
     let pid = procs.admin_pid();
     let snapshot_before = dir.read_manifest().unwrap().unwrap().seq;
@@ -1077,7 +1084,7 @@ fn rlimit_fsize_gives_507_and_writes_recover_without_a_restart() {
     assert_eq!(found, tally.created);
     procs.edge_serves(&tally.created, &refused);
     println!(
-        "RLIMIT_FSIZE: soft limit {limit} bytes (segment {segment}); creates while limited: {} attempted from 4 threads, \
+        "RLIMIT_FSIZE: soft limit {limit} bytes (snapshot {snapshot_len}); creates while limited: {} attempted from 4 threads, \
          201: {filled_201}, 507: {filled_507} (then bulk, PATCH, DELETE: 507); after raising the limit: {} retried (all 201), \
          {} more created; compactions failed while limited: {compaction_failures}; \
          links found after recovery and after a restart: {}/{} expected; refused and never retried, absent: {}",
