@@ -13,7 +13,10 @@ the start-up. The edge is then stopped (SIGTERM, then SIGKILL after 5 s)
 before the next one starts, so that starts never compete for the CPU.
 --warm N starts each N times first without recording (page cache, binary).
 A start that gives no redirect within --timeout seconds is reported and
-counted as missing. Prints per-start figures and the median per NAME.
+counted as missing. Prints per-start figures and the median per NAME, with
+the CPU time (utime + stime of all the edge's threads, /proc/PID/stat, in
+clock ticks of 10 ms) it had used when the first redirect came: on a shared,
+busy machine that varies less than the wall time.
 --prefix runs the edge under another command (perf record), stopped with
 SIGINT instead of SIGTERM.
 """
@@ -80,6 +83,19 @@ metrics:
     return port
 
 
+TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms(pid):
+    """utime + stime of the process (all its threads) so far, in ms."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * TICK_MS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def start_once(binary, data_dir, code, timeout_s, prefix=()):
     with tempfile.TemporaryDirectory(prefix="uload-startup-") as wd:
         port = write_configs(wd, data_dir)
@@ -87,13 +103,14 @@ def start_once(binary, data_dir, code, timeout_s, prefix=()):
         t0 = time.monotonic()
         proc = subprocess.Popen([*prefix, binary, "edge", "--config", f"{wd}/uload.yaml"],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        ms = None
+        ms = cpu = None
         try:
             deadline = t0 + timeout_s
             while time.monotonic() < deadline:
                 st = probe(port, f"/{code}")
                 if st is not None and 300 <= st < 400:
                     ms = (time.monotonic() - t0) * 1000.0
+                    cpu = cpu_ms(proc.pid)
                     break
                 if proc.poll() is not None:
                     break
@@ -111,7 +128,7 @@ def start_once(binary, data_dir, code, timeout_s, prefix=()):
         if ms is None:
             with open(os.path.join(wd, "edge.log")) as f:
                 sys.stderr.write(f"{binary} {data_dir}: no redirect; log tail:\n{f.read()[-2000:]}\n")
-        return ms
+        return ms, cpu
 
 
 def main():
@@ -135,22 +152,28 @@ def main():
         for name, binary, data in edges:
             start_once(binary, data, args.known, args.timeout)
     runs = {name: [] for name, _, _ in edges}
+    cpus = {name: [] for name, _, _ in edges}
     for i in range(args.runs):
         for name, binary, data in edges:
-            ms = start_once(binary, data, args.known, args.timeout, prefix)
+            ms, cpu = start_once(binary, data, args.known, args.timeout, prefix)
             runs[name].append(ms)
-            print(f"run {i + 1} {name}: {'-' if ms is None else f'{ms:.1f} ms'}", flush=True)
+            cpus[name].append(cpu)
+            print(f"run {i + 1} {name}: {'-' if ms is None else f'{ms:.1f} ms'}"
+                  f" (CPU {'-' if cpu is None else f'{cpu:.0f} ms'})", flush=True)
     print()
-    print("| build | starts (ms, in order) | median |")
-    print("|---|---|---|")
+    def med(xs):
+        ok = [x for x in xs if x is not None]
+        return "-" if not ok else f"{statistics.median(ok):.0f} ms"
+
+    print("| build | starts (ms, in order) | median | CPU to the first redirect (ms, in order) | median CPU |")
+    print("|---|---|---|---|---|")
     for name, figures in runs.items():
-        ok = [m for m in figures if m is not None]
-        med = statistics.median(ok) if ok else None
         shown = ", ".join("-" if m is None else f"{m:.0f}" for m in figures)
-        print(f"| {name} | {shown} | {'-' if med is None else f'{med:.0f}'} ms |")
+        cpu_shown = ", ".join("-" if c is None else f"{c:.0f}" for c in cpus[name])
+        print(f"| {name} | {shown} | {med(figures)} | {cpu_shown} | {med(cpus[name])} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"runs": runs, "edges": edges, "known": args.known}, f, indent=1)
+            json.dump({"runs": runs, "cpu_ms": cpus, "edges": edges, "known": args.known}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,53 @@ fn compacting_with_nothing_new_removes_a_covered_last_segment() {
     );
 }
 
+/// A roll that fails (here: the new segment's temporary name is taken by a
+/// directory) does not fail the compaction; the next batch starts the new
+/// segment before it writes, and fails, changing nothing, while it cannot.
+#[test]
+fn a_failed_roll_is_done_by_the_next_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), LogOptions::default()).unwrap();
+    for i in 0..10 {
+        store.append(&[put(&format!("c{i:03}"))]).unwrap();
+    }
+    let blocker = log_dir(dir.path()).join("00000000000000000011.log.tmp");
+    fs::create_dir(&blocker).unwrap();
+    let report = store.compact().unwrap();
+    assert_eq!(report.snapshot.unwrap().header.seq, 10);
+    let firsts = |d: &Path| -> Vec<u64> {
+        list_segments(&log_dir(d))
+            .unwrap()
+            .iter()
+            .map(|s| s.first_seq)
+            .collect()
+    };
+    assert_eq!(
+        firsts(dir.path()),
+        [1],
+        "no roll, so the last segment stays"
+    );
+    let err = store.append(&[put("blocked")]).unwrap_err();
+    assert!(err.to_string().contains("creating a segment"), "{err}");
+    assert_eq!(firsts(dir.path()), [1]);
+    fs::remove_dir(&blocker).unwrap();
+    assert_eq!(store.append(&[put("next")]).unwrap(), 11);
+    assert_eq!(firsts(dir.path()), [1, 11]);
+    let read = read_log(&log_dir(dir.path()), 10).unwrap();
+    assert_eq!(
+        read.summary.segments.len(),
+        1,
+        "the covered segment is not read"
+    );
+    assert_eq!(read.records().map(|(s, _)| s).collect::<Vec<_>>(), [11]);
+    store.compact().unwrap();
+    assert_eq!(firsts(dir.path()), [12]);
+    drop(store);
+    let view = DataDir::new(dir.path()).load_view(true).unwrap();
+    assert_eq!(view.len(), 11);
+    assert!(view.get(b"blocked").is_none() && view.get(b"next").is_some());
+}
+
 fn uload(args: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_uload"))
         .args(args)

@@ -7,6 +7,9 @@
 //!
 //! [`LogTail`] is a reader that never writes: the edge's follower uses it to
 //! pick up new frames as they appear. [`replay`] reads a whole log once.
+//! Readers start from a snapshot's sequence: the frames at or below it are
+//! checked (length, checksum, sequence) but not decoded
+//! ([`scan_segment_after`]), and segments wholly below it are not read.
 //!
 //! Recovery rules (also in `docs/storage.md`): on open, the writer reads every
 //! segment. A frame that is cut short or fails its checksum at the end of the
