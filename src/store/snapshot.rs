@@ -402,13 +402,23 @@ fn crc32c_pieces(data: &[u8], pieces: usize) -> u32 {
     let mut parts = data.chunks(size);
     let first = parts.next().unwrap_or_default();
     std::thread::scope(|scope| {
+        // A thread that cannot be started (no resources) is not an error:
+        // its piece is checksummed here instead, after the first.
         let others: Vec<_> = parts
-            .map(|part| (part, scope.spawn(move || crc32c::crc32c(part))))
+            .map(|part| {
+                let spawned = std::thread::Builder::new()
+                    .name("uload-snapshot-crc".into())
+                    .spawn_scoped(scope, move || crc32c::crc32c(part))
+                    .ok();
+                (part, spawned)
+            })
             .collect();
         let mut crc = crc32c::crc32c(first);
         for (part, handle) in others {
             // crc32c does not panic; if a thread did, compute its part here.
-            let part_crc = handle.join().unwrap_or_else(|_| crc32c::crc32c(part));
+            let part_crc = handle
+                .and_then(|h| h.join().ok())
+                .unwrap_or_else(|| crc32c::crc32c(part));
             crc = crc32c::crc32c_combine(crc, part_crc, part.len());
         }
         crc
