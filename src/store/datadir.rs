@@ -399,6 +399,9 @@ impl Store {
     /// Merges the current snapshot and the log up to the last durable record
     /// into a new snapshot, points the manifest at it, then removes the old
     /// snapshot and the log segments it covers. Appends may continue meanwhile.
+    /// When none came meanwhile, the log is first rolled to a new, empty
+    /// segment ([`LinkLog::roll_after_compaction`]), so that the covered one
+    /// is removed too and no reader reads it on start.
     pub fn compact(&self) -> Result<CompactReport, StoreError> {
         let _one_at_a_time = self
             .compacting
