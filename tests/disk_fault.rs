@@ -963,9 +963,17 @@ fn rlimit_fsize_gives_507_and_writes_recover_without_a_restart() {
     });
     procs.kill_admin();
 
-    // The admin again, its files limited to just above the log segment.
+    // The admin again, its files limited to just above the log segment
+    // holding the 400 links (about the snapshot's size): appends fit for a
+    // while, the next compaction's snapshot (more links) does not. If the
+    // compaction rolled the log to an empty segment before the admin was
+    // killed, the limit is the snapshot's size.
+    let manifest = dir.read_manifest().unwrap().unwrap();
+    let snapshot_len = std::fs::metadata(dir.snapshot_dir().join(&manifest.snapshot))
+        .unwrap()
+        .len();
     let segment = active_len(&data);
-    let limit = segment + 2000;
+    let limit = segment.max(snapshot_len - 2000) + 2000;
     procs.start_admin(Some(limit));
     let pid = procs.admin_pid();
     let snapshot_before = dir.read_manifest().unwrap().unwrap().seq;
@@ -1077,7 +1085,7 @@ fn rlimit_fsize_gives_507_and_writes_recover_without_a_restart() {
     assert_eq!(found, tally.created);
     procs.edge_serves(&tally.created, &refused);
     println!(
-        "RLIMIT_FSIZE: soft limit {limit} bytes (segment {segment}); creates while limited: {} attempted from 4 threads, \
+        "RLIMIT_FSIZE: soft limit {limit} bytes (segment {segment}, snapshot {snapshot_len}); creates while limited: {} attempted from 4 threads, \
          201: {filled_201}, 507: {filled_507} (then bulk, PATCH, DELETE: 507); after raising the limit: {} retried (all 201), \
          {} more created; compactions failed while limited: {compaction_failures}; \
          links found after recovery and after a restart: {}/{} expected; refused and never retried, absent: {}",
@@ -1303,6 +1311,38 @@ fn newest_segment(data: &Path) -> PathBuf {
     segs.pop().unwrap()
 }
 
+/// Creates links until a background compaction holds every record and has
+/// rolled the log to an empty segment after it: from then on, with no
+/// write, no compaction runs and the active segment (the newest) stays the
+/// same.
+fn until_log_at_rest(procs: &Procs, tally: &mut Tally, data: &Path, prefix: &str) {
+    let dir = DataDir::new(data);
+    for i in 0..200 {
+        let start = Instant::now();
+        loop {
+            let seq = procs.admin_seq();
+            let manifest = dir.read_manifest().unwrap().map_or(0, |m| m.seq);
+            let segment = newest_segment(data);
+            // The roll is the compaction's last change to the log.
+            if manifest == seq && segment.ends_with(format!("{:020}.log", seq + 1)) {
+                return;
+            }
+            // A compaction may be running: give it the time it takes.
+            if start.elapsed() > Duration::from_millis(50) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tally.create(procs, &format!("{prefix}{i}"), "-"), 201);
+    }
+    panic!(
+        "no compaction caught up with the log: seq {}, manifest {:?}, newest segment {}",
+        procs.admin_seq(),
+        dir.read_manifest().unwrap(),
+        newest_segment(data).display(),
+    );
+}
+
 #[test]
 fn a_read_only_data_dir_gives_503_and_writes_recover() {
     let root = tempfile::tempdir().unwrap();
@@ -1323,6 +1363,9 @@ fn a_read_only_data_dir_gives_503_and_writes_recover() {
     for i in 0..25 {
         assert_eq!(tally.create(&procs, &format!("pre{i}"), "-"), 201);
     }
+    // The segment made immutable below must stay the active one: no
+    // compaction may roll the log in between.
+    until_log_at_rest(&procs, &mut tally, &data, "rest");
     let mut figures = Vec::new();
 
     // 1. Linux refuses to remount read-only a file system on which a file

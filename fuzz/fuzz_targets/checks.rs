@@ -18,7 +18,7 @@ use uload::store::frame::{
 };
 use uload::store::log::{
     LogTail, SEGMENT_HEADER_LEN, SegmentEnd, decode_segment_header, replay, scan_segment,
-    segment_file_name, valid_frame_follows,
+    scan_segment_after, segment_file_name, valid_frame_follows,
 };
 use uload::store::record::{LinkRef, RecordError};
 use uload::store::snapshot::{Snapshot, SnapshotError, write_snapshot};
@@ -208,7 +208,8 @@ fn check_on_disk(data: &[u8], frames: &[Frame]) {
             fs::write(log.join(segment_file_name(name_seq)), data).expect("write the segment");
             written = Some(name_seq);
         }
-        let after: Vec<&Frame> = frames.iter().filter(|f| f.0 > after_seq).collect();
+        let covered = check_scan_after(data, after_seq, frames);
+        let after: Vec<&Frame> = covered.iter().collect();
         check_replay(&log, after_seq, &after);
         // The tail reads the segment only if its header agrees with its name
         // and it does not start after the next wanted record (else it asks
@@ -217,6 +218,51 @@ fn check_on_disk(data: &[u8], frames: &[Frame]) {
             declared == Some(name_seq) && u128::from(name_seq) <= u128::from(after_seq) + 1;
         check_tail(&log, after_seq, if readable { &after } else { &[] });
     }
+}
+
+/// Runs `scan_segment_after` (what readers do with frames a snapshot holds:
+/// checksum and sequence only) and returns the frames above `after_seq` it
+/// accepts. Those `scan_segment` accepted are a prefix of them: skipping
+/// the contents of covered frames can only let a reader read further (past
+/// a checksum-valid frame whose contents are bad), never less far.
+fn check_scan_after(data: &[u8], after_seq: u64, full: &[Frame]) -> Vec<Frame> {
+    let mut visited = Vec::new();
+    let Ok((scan, first_new)) = scan_segment_after(data, after_seq, |seq, op| {
+        visited.push((seq, op));
+    }) else {
+        assert!(
+            full.is_empty(),
+            "scan_segment_after refused a header scan_segment accepted"
+        );
+        return Vec::new();
+    };
+    let first = decode_segment_header(data).expect("scan_segment_after accepted this header");
+    assert_eq!(scan.last_seq, first - 1 + scan.frames);
+    assert!(first_new >= SEGMENT_HEADER_LEN && first_new as u64 <= scan.valid_len);
+    let mut frames = Vec::with_capacity(visited.len());
+    let mut pos = first_new;
+    for (i, &(seq, op)) in visited.iter().enumerate() {
+        assert_eq!(
+            seq,
+            after_seq.max(first - 1) + 1 + i as u64,
+            "consecutive above {after_seq}"
+        );
+        let (dseq, dop, used) = decode_frame(&data[pos..]).expect("scan accepted this frame");
+        assert_eq!((dseq, dop), (seq, op));
+        let bytes = &data[pos..pos + used];
+        frames.push((seq, check_reencode(seq, op, bytes), bytes.to_vec()));
+        pos += used;
+    }
+    assert_eq!(pos as u64, scan.valid_len);
+    let above: Vec<&Frame> = full.iter().filter(|f| f.0 > after_seq).collect();
+    assert!(
+        above.len() <= frames.len(),
+        "the covered scan stopped earlier"
+    );
+    for (a, b) in above.iter().zip(&frames) {
+        assert_eq!((a.0, &a.2), (b.0, &b.2));
+    }
+    frames
 }
 
 fn check_replay(log: &Path, after_seq: u64, want: &[&Frame]) {

@@ -399,6 +399,9 @@ impl Store {
     /// Merges the current snapshot and the log up to the last durable record
     /// into a new snapshot, points the manifest at it, then removes the old
     /// snapshot and the log segments it covers. Appends may continue meanwhile.
+    /// When none came meanwhile, the log is first rolled to a new, empty
+    /// segment ([`LinkLog::roll_after_compaction`]), so that the covered one
+    /// is removed too and no reader reads it on start.
     pub fn compact(&self) -> Result<CompactReport, StoreError> {
         let _one_at_a_time = self
             .compacting
@@ -460,12 +463,27 @@ impl Store {
             }
             report.snapshot = Some(info);
         }
+        let covered = upto.max(base_seq);
+        // The active segment's records are all in the snapshot now: start a
+        // new segment so that the trim below deletes the covered one (the
+        // last segment is never deleted), and no reader reads it on start.
+        // Only when there is a snapshot: it is what covers them.
+        if report.snapshot.is_some() || snapshot.is_some() {
+            match self.log.roll_after_compaction(covered) {
+                Ok(_) => {}
+                // The compaction happened; the covered segment stays until
+                // the next one (the next batch starts a new segment first).
+                Err(e) => {
+                    tracing::warn!(error = %e, "compaction: could not start a new log segment; the covered one stays for now");
+                }
+            }
+        }
         let current = report
             .snapshot
             .as_ref()
             .map(|i| i.path.clone())
             .or_else(|| snapshot.as_ref().map(|s| s.path().to_owned()));
-        report.removed = match self.remove_old_files(current.as_deref(), upto.max(base_seq)) {
+        report.removed = match self.remove_old_files(current.as_deref(), covered) {
             Ok(removed) => removed,
             // The new snapshot and manifest are in place: the compaction
             // happened. Files it could not delete (a read-only snapshots/)

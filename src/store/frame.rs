@@ -136,6 +136,39 @@ pub fn frame_crc(len_bytes: [u8; 4], payload: &[u8]) -> u32 {
 /// Decodes the frame at the start of `buf`: its sequence number, operation
 /// and total length in bytes.
 pub fn decode_frame(buf: &[u8]) -> Result<(u64, LogOpRef<'_>, usize), FrameError> {
+    let total = check_frame_bytes(buf)?;
+    let (seq, op) = decode_payload(&buf[FRAME_HEADER_LEN..total])?;
+    Ok((seq, op, total))
+}
+
+/// Checks the frame at the start of `buf` without decoding its operation:
+/// its length is in range, it is whole, its checksum matches and its
+/// sequence is in `1..=MAX_SEQ`. Returns the sequence and the frame's total
+/// length in bytes.
+///
+/// For frames whose contents a reader will not use (records a snapshot
+/// already holds): it costs a CRC32C of the frame, not the validation of a
+/// link. A frame this accepts may still be refused by [`decode_frame`] (bad
+/// contents under a good checksum, which only a buggy or hostile writer
+/// produces); one this refuses, `decode_frame` refuses with the same error.
+pub fn check_frame(buf: &[u8]) -> Result<(u64, usize), FrameError> {
+    let total = check_frame_bytes(buf)?;
+    let seq = frame_seq(&buf[FRAME_HEADER_LEN..total]);
+    if seq == 0 || seq > MAX_SEQ {
+        return Err(FrameError::BadSequence(seq));
+    }
+    Ok((seq, total))
+}
+
+/// The sequence at the start of a payload (at least `MIN_PAYLOAD_LEN` bytes).
+fn frame_seq(payload: &[u8]) -> u64 {
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&payload[..8]);
+    u64::from_le_bytes(seq)
+}
+
+/// Checks a frame's length, completeness and checksum; returns its total length.
+fn check_frame_bytes(buf: &[u8]) -> Result<usize, FrameError> {
     if buf.len() < FRAME_HEADER_LEN {
         return Err(FrameError::Incomplete {
             need: FRAME_HEADER_LEN,
@@ -160,15 +193,12 @@ pub fn decode_frame(buf: &[u8]) -> Result<(u64, LogOpRef<'_>, usize), FrameError
     if stored != computed {
         return Err(FrameError::Checksum { stored, computed });
     }
-    let (seq, op) = decode_payload(payload)?;
-    Ok((seq, op, total))
+    Ok(total)
 }
 
 fn decode_payload(payload: &[u8]) -> Result<(u64, LogOpRef<'_>), FrameError> {
     // MIN_PAYLOAD_LEN was checked by the caller, so the first 9 bytes exist.
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&payload[..8]);
-    let seq = u64::from_le_bytes(seq);
+    let seq = frame_seq(payload);
     if seq == 0 || seq > MAX_SEQ {
         return Err(FrameError::BadSequence(seq));
     }
@@ -316,5 +346,40 @@ mod tests {
             decode_frame(&make(&p)).unwrap_err(),
             FrameError::Record(RecordError::CodeCharset(b'/', 0))
         ));
+        // `check_frame` looks at the checksum and the sequence only: these
+        // frames pass it (a reader skipping covered records accepts them).
+        assert_eq!(check_frame(&make(&p)), Ok((1, make(&p).len())));
+    }
+
+    /// `check_frame` refuses every frame `decode_frame` refuses for its
+    /// length, completeness, checksum or sequence, with the same error, and
+    /// agrees with it on a good frame.
+    #[test]
+    fn check_frame_agrees_with_decode_frame() {
+        let mut buf = Vec::new();
+        encode_frame(7, &put(), &mut buf);
+        assert_eq!(check_frame(&buf), Ok((7, buf.len())));
+        let mut longer = buf.clone();
+        longer.extend_from_slice(&[0xee; 20]);
+        assert_eq!(check_frame(&longer), Ok((7, buf.len())));
+        for cut in 0..buf.len() {
+            assert_eq!(
+                check_frame(&buf[..cut]).unwrap_err(),
+                decode_frame(&buf[..cut]).unwrap_err()
+            );
+        }
+        for byte in 0..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                let err = check_frame(&bad).unwrap_err();
+                assert_eq!(Err(err), decode_frame(&bad).map(|_| ()), "{byte}.{bit}");
+            }
+        }
+        for seq in [0, MAX_SEQ + 1, u64::MAX] {
+            let mut buf = Vec::new();
+            encode_frame(seq, &LogOp::Delete("a".into()), &mut buf);
+            assert_eq!(check_frame(&buf), Err(FrameError::BadSequence(seq)));
+        }
     }
 }

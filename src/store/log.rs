@@ -7,6 +7,9 @@
 //!
 //! [`LogTail`] is a reader that never writes: the edge's follower uses it to
 //! pick up new frames as they appear. [`replay`] reads a whole log once.
+//! Readers start from a snapshot's sequence: the frames at or below it are
+//! checked (length, checksum, sequence) but not decoded
+//! ([`scan_segment_after`]), and segments wholly below it are not read.
 //!
 //! Recovery rules (also in `docs/storage.md`): on open, the writer reads every
 //! segment. A frame that is cut short or fails its checksum at the end of the
@@ -25,7 +28,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use super::frame::{FRAME_HEADER_LEN, FrameError, LogOp, LogOpRef, decode_frame, encode_frame};
+use super::frame::{
+    FRAME_HEADER_LEN, FrameError, LogOp, LogOpRef, check_frame, decode_frame, encode_frame,
+};
 use super::record::RecordError;
 use super::sync_dir;
 
@@ -237,19 +242,49 @@ pub struct SegmentScan {
 /// sequence is not the next one expected.
 pub fn scan_segment<'a>(
     buf: &'a [u8],
-    mut visit: impl FnMut(u64, LogOpRef<'a>),
+    visit: impl FnMut(u64, LogOpRef<'a>),
 ) -> Result<SegmentScan, String> {
+    scan_segment_after(buf, 0, visit).map(|(scan, _)| scan)
+}
+
+/// [`scan_segment`] for a reader that already holds every record up to
+/// `covered` (a snapshot's sequence): frames with a sequence at or below it
+/// are checked ([`check_frame`]: length, checksum, sequence in order) but
+/// their operation is neither decoded nor validated, and `visit` is called
+/// only for the frames above it, which are decoded in full. The reader still
+/// stops at the first frame that is cut short, fails its checksum or is out
+/// of sequence. Also returns the offset of the first frame above `covered`
+/// (the end of the valid frames when there is none).
+///
+/// Writers do not use this: their recovery validates every frame
+/// (`docs/storage.md`, "Reading and recovery rules").
+pub fn scan_segment_after<'a>(
+    buf: &'a [u8],
+    covered: u64,
+    mut visit: impl FnMut(u64, LogOpRef<'a>),
+) -> Result<(SegmentScan, usize), String> {
     let first_seq = decode_segment_header(buf)?;
     let mut pos = SEGMENT_HEADER_LEN;
     let mut next = first_seq;
     let mut frames = 0;
+    let mut first_new = None;
     let end = loop {
         if pos == buf.len() {
             break SegmentEnd::Clean;
         }
-        match decode_frame(&buf[pos..]) {
+        let rest = &buf[pos..];
+        let frame = if next <= covered {
+            // A record the reader holds already: checksum and sequence only.
+            check_frame(rest).map(|(seq, used)| (seq, None, used))
+        } else {
+            first_new.get_or_insert(pos);
+            decode_frame(rest).map(|(seq, op, used)| (seq, Some(op), used))
+        };
+        match frame {
             Ok((seq, op, used)) if seq == next => {
-                visit(seq, op);
+                if let Some(op) = op {
+                    visit(seq, op);
+                }
                 next += 1;
                 frames += 1;
                 pos += used;
@@ -268,14 +303,18 @@ pub fn scan_segment<'a>(
             }
         }
     };
-    Ok(SegmentScan {
-        first_seq,
-        last_seq: next - 1,
-        frames,
-        valid_len: pos as u64,
-        file_len: buf.len() as u64,
-        end,
-    })
+    let first_new = first_new.unwrap_or(pos);
+    Ok((
+        SegmentScan {
+            first_seq,
+            last_seq: next - 1,
+            frames,
+            valid_len: pos as u64,
+            file_len: buf.len() as u64,
+            end,
+        },
+        first_new,
+    ))
 }
 
 /// Whether the damage at the start of `buf` is followed by valid records:
@@ -306,8 +345,9 @@ pub struct ReplaySummary {
 /// The log's records above a sequence, read into memory and validated, so
 /// that callers can borrow them (compaction sorts them without copying).
 pub struct LogRead {
-    /// Each segment's bytes, cut to the end of its last valid frame.
-    buffers: Vec<Vec<u8>>,
+    /// Each segment's bytes, cut to the end of its last valid frame, with
+    /// the offset of its first record above `after_seq`.
+    buffers: Vec<(Vec<u8>, usize)>,
     after_seq: u64,
     pub summary: ReplaySummary,
 }
@@ -315,8 +355,8 @@ pub struct LogRead {
 impl LogRead {
     /// Every record above `after_seq`, in sequence order.
     pub fn records(&self) -> impl Iterator<Item = (u64, LogOpRef<'_>)> + '_ {
-        self.buffers.iter().flat_map(move |buf| {
-            let mut pos = SEGMENT_HEADER_LEN.min(buf.len());
+        self.buffers.iter().flat_map(move |(buf, start)| {
+            let mut pos = *start;
             std::iter::from_fn(move || {
                 // Validated by `read_log`, so decoding succeeds up to the cut.
                 let (seq, op, used) = decode_frame(buf.get(pos..)?).ok()?;
@@ -331,6 +371,11 @@ impl LogRead {
 /// Reads and validates every segment holding records above `after_seq`.
 /// Read-only: a torn tail in the last segment ends the read (a writer may be
 /// mid-append, or recovery will truncate it); damage anywhere else is an error.
+///
+/// Segments wholly at or below `after_seq` are not read when a later segment
+/// shows where they end. In a segment that is read, the frames at or below
+/// `after_seq` are checked (length, checksum, sequence) but not decoded
+/// ([`scan_segment_after`]): the caller holds those records already.
 pub fn read_log(log_dir: &Path, after_seq: u64) -> Result<LogRead, LogError> {
     let segments = list_segments(log_dir)?;
     let mut read = LogRead {
@@ -353,12 +398,13 @@ pub fn read_log(log_dir: &Path, after_seq: u64) -> Result<LogRead, LogError> {
         }
         let mut buf = read_file(&seg.path)?;
         let mut applied = 0;
-        let scan = scan_segment(&buf, |seq, _| applied += u64::from(seq > after_seq)).map_err(
-            |reason| LogError::BadHeader {
-                path: seg.path.clone(),
-                reason,
-            },
-        )?;
+        let (scan, first_new) = scan_segment_after(&buf, after_seq, |seq, _| {
+            applied += u64::from(seq > after_seq)
+        })
+        .map_err(|reason| LogError::BadHeader {
+            path: seg.path.clone(),
+            reason,
+        })?;
         check_segment_order(seg, &scan, expected, after_seq)?;
         if let SegmentEnd::Stopped { offset, reason } = &scan.end
             && (!is_last || valid_frame_follows(&buf[*offset as usize..], scan.last_seq))
@@ -374,7 +420,9 @@ pub fn read_log(log_dir: &Path, after_seq: u64) -> Result<LogRead, LogError> {
         read.summary.last_seq = read.summary.last_seq.max(scan.last_seq);
         expected = Some(scan.last_seq + 1);
         read.summary.segments.push((seg.path.clone(), scan));
-        read.buffers.push(buf);
+        if applied > 0 {
+            read.buffers.push((buf, first_new));
+        }
     }
     Ok(read)
 }
@@ -577,6 +625,10 @@ struct ActiveSegment {
     /// A write or fsync failed: the file past `durable_len` is unknown and
     /// the descriptor is closed; recover before writing again.
     needs_recovery: bool,
+    /// A roll after a compaction failed part-way (a new segment may exist
+    /// on disk, or not): the next batch starts a new segment first, which
+    /// replaces that file, whatever the active segment's size.
+    roll_pending: bool,
 }
 
 impl LinkLog {
@@ -654,6 +706,7 @@ impl LinkLog {
                     durable_len: len,
                     last_frame_at,
                     needs_recovery: false,
+                    roll_pending: false,
                 }
             }
             None => create_segment(dir, recovery.last_seq + 1).map_err(|f| f.to_error())?,
@@ -826,6 +879,64 @@ impl LinkLog {
         }
     }
 
+    /// After a compaction that holds every record up to `covered`: when that
+    /// is every durable record and the active segment holds a frame, starts
+    /// a new, empty segment at `covered + 1`, so that the old one is no
+    /// longer the last and the compaction's trim (`remove_segments_upto`)
+    /// deletes it. Otherwise the last segment would be kept (it is never
+    /// deleted) and every reader would read its covered frames on start.
+    ///
+    /// Waits for a batch being written to finish, and holds appends off
+    /// while it rolls (it takes the flusher's place). Returns whether it
+    /// rolled. Appends that arrived since `covered` leave the log as it is
+    /// (their segment holds records the snapshot does not). If creating the
+    /// segment fails, the error is returned and the next batch starts a new
+    /// segment before writing, which replaces any file left by the attempt.
+    pub fn roll_after_compaction(&self, covered: u64) -> Result<bool, LogError> {
+        let mut st = lock(&self.state);
+        while st.flushing {
+            st = self
+                .durable
+                .wait(st)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if st.poisoned.is_some() || st.durable_seq != covered || !st.pending.is_empty() {
+            return Ok(false);
+        }
+        // Hold the flusher's place: no batch is written while we roll, and
+        // appends queue behind us as they would behind a flush.
+        st.flushing = true;
+        drop(st);
+        // As for a flush: a panic here poisons the log rather than leaving
+        // appends waiting for `flushing` to clear.
+        let guard = FlushGuard { log: self };
+        let result = {
+            let mut active = lock(&self.active);
+            if active.needs_recovery || active.file.is_none() || active.last_frame_at.is_none() {
+                // A failed batch is recovered by the next append first; a
+                // segment without a frame holds nothing covered.
+                Ok(false)
+            } else {
+                match create_segment(&self.dir, covered + 1) {
+                    Ok(new) => {
+                        *active = new;
+                        Ok(true)
+                    }
+                    Err(failure) => {
+                        active.roll_pending = true;
+                        Err(failure.to_error())
+                    }
+                }
+            }
+        };
+        std::mem::forget(guard);
+        let mut st = lock(&self.state);
+        st.flushing = false;
+        drop(st);
+        self.durable.notify_all();
+        result
+    }
+
     /// Takes the next injected fault matching `pick`, if any.
     fn take_fault(&self, pick: impl Fn(&InjectedFault) -> bool) -> Option<InjectedFault> {
         if !self.any_fault.load(std::sync::atomic::Ordering::Acquire) {
@@ -854,7 +965,9 @@ impl LinkLog {
         if active.needs_recovery || active.file.is_none() {
             self.recover(&mut active, first_seq - 1)?;
         }
-        if active.durable_len >= self.opts.segment_bytes && active.last_frame_at.is_some() {
+        if (active.durable_len >= self.opts.segment_bytes || active.roll_pending)
+            && active.last_frame_at.is_some()
+        {
             *active = create_segment(&self.dir, first_seq)?;
         }
         let at = active.durable_len;
@@ -1121,6 +1234,7 @@ fn create_segment(dir: &Path, first_seq: u64) -> Result<ActiveSegment, Failure> 
         durable_len: SEGMENT_HEADER_LEN as u64,
         last_frame_at: None,
         needs_recovery: false,
+        roll_pending: false,
     })
 }
 
@@ -1379,9 +1493,10 @@ impl LogTail {
                 .map_err(io_err(&seg.path))?;
             let mut pos = 0;
             let mut seq_here = first - 1;
+            // Checksum and sequence only: these records are not used.
             while seq_here < self.last_seq {
-                match decode_frame(&buf[pos..]) {
-                    Ok((seq, _, used)) if seq == seq_here + 1 => {
+                match check_frame(&buf[pos..]) {
+                    Ok((seq, used)) if seq == seq_here + 1 => {
                         seq_here = seq;
                         pos += used;
                     }

@@ -278,16 +278,18 @@ impl Snapshot {
         Ok(snap)
     }
 
-    /// Checks the CRC32C of the records and index regions.
+    /// Checks the CRC32C of the records and index regions, each computed on
+    /// the available cores ([`crc32c_parallel`]; the same values as one pass).
     pub fn verify_checksums(&self) -> Result<(), String> {
-        let records = crc32c::crc32c(self.records());
+        let threads = crc_threads();
+        let records = crc32c_parallel(self.records(), threads);
         if records != self.header.records_crc {
             return Err(format!(
                 "records checksum mismatch: stored {:#010x}, computed {records:#010x}",
                 self.header.records_crc
             ));
         }
-        let index = crc32c::crc32c(self.index());
+        let index = crc32c_parallel(self.index(), threads);
         if index != self.header.index_crc {
             return Err(format!(
                 "index checksum mismatch: stored {:#010x}, computed {index:#010x}",
@@ -370,6 +372,57 @@ impl Snapshot {
             path: &self.path,
         }
     }
+}
+
+/// Smallest piece of a region checksummed on a thread of its own: below
+/// this, starting a thread costs more than it saves.
+pub const CRC_CHUNK_MIN: usize = 4 << 20;
+
+/// Threads for checking a snapshot: the CPUs this process may run on.
+fn crc_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CRC32C of `data`, computed in up to `threads` contiguous pieces of at
+/// least [`CRC_CHUNK_MIN`] bytes on scoped threads (the calling thread takes
+/// the first) and combined with `crc32c_combine`. The result is exactly
+/// `crc32c::crc32c(data)`, for any length and thread count.
+pub fn crc32c_parallel(data: &[u8], threads: usize) -> u32 {
+    let pieces = threads.min(data.len() / CRC_CHUNK_MIN).max(1);
+    if pieces == 1 {
+        return crc32c::crc32c(data);
+    }
+    crc32c_pieces(data, pieces)
+}
+
+/// CRC32C of `data` split into `pieces` (≥ 1) contiguous parts of nearly
+/// equal length, one thread each.
+fn crc32c_pieces(data: &[u8], pieces: usize) -> u32 {
+    let size = data.len().div_ceil(pieces).max(1);
+    let mut parts = data.chunks(size);
+    let first = parts.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        // A thread that cannot be started (no resources) is not an error:
+        // its piece is checksummed here instead, after the first.
+        let others: Vec<_> = parts
+            .map(|part| {
+                let spawned = std::thread::Builder::new()
+                    .name("uload-snapshot-crc".into())
+                    .spawn_scoped(scope, move || crc32c::crc32c(part))
+                    .ok();
+                (part, spawned)
+            })
+            .collect();
+        let mut crc = crc32c::crc32c(first);
+        for (part, handle) in others {
+            // crc32c does not panic; if a thread did, compute its part here.
+            let part_crc = handle
+                .and_then(|h| h.join().ok())
+                .unwrap_or_else(|| crc32c::crc32c(part));
+            crc = crc32c::crc32c_combine(crc, part_crc, part.len());
+        }
+        crc
+    })
 }
 
 /// Iterator over a snapshot's records.
@@ -717,6 +770,84 @@ mod tests {
         for empty_or_short in [&[][..], &bytes[..SNAPSHOT_HEADER_LEN - 1]] {
             let err = Snapshot::from_bytes(empty_or_short, false).unwrap_err();
             assert!(matches!(err, SnapshotError::Invalid { .. }), "{err}");
+        }
+    }
+
+    /// The parallel checksum is the serial one, for every length (0, odd,
+    /// not divisible by the piece count) and piece count.
+    #[test]
+    fn parallel_crc_equals_serial() {
+        let data: Vec<u8> = (0..20_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [0, 1, 2, 3, 7, 8, 9, 63, 64, 65, 1000, 4097, 19_999, 20_000] {
+            let d = &data[..len];
+            let want = crc32c::crc32c(d);
+            for pieces in 1..=9 {
+                assert_eq!(
+                    crc32c_pieces(d, pieces),
+                    want,
+                    "{len} bytes, {pieces} pieces"
+                );
+            }
+            // More pieces than bytes: empty pieces are never made.
+            assert_eq!(crc32c_pieces(d, len + 3), want, "{len} bytes");
+            for threads in [0, 1, 2, 16] {
+                assert_eq!(crc32c_parallel(d, threads), want);
+            }
+        }
+        // Large enough to be split for real: 3 minimum pieces and 5 bytes.
+        let big: Vec<u8> = (0..3 * CRC_CHUNK_MIN + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let want = crc32c::crc32c(&big);
+        for threads in [1, 2, 3, 4, 7] {
+            assert_eq!(crc32c_parallel(&big, threads), want, "{threads} threads");
+        }
+    }
+
+    /// A damaged byte is found by the parallel check wherever it is, in the
+    /// records or the index, in any piece: a corrupt snapshot is refused.
+    #[test]
+    fn corrupt_large_snapshot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // About 10 MB of records: split across threads on any machine with 2+ CPUs.
+        let links: Vec<Link> = {
+            let mut v: Vec<Link> = (0..60_000)
+                .map(|i| {
+                    Link::new(
+                        &format!("k{i:07}"),
+                        &format!("https://example.com/{}/{i}", "p".repeat(100)),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            v.sort_by(|a, b| a.code.cmp(&b.code));
+            v
+        };
+        let path = write(dir.path(), &links);
+        let good = fs::read(&path).unwrap();
+        let h = SnapshotHeader::decode(&good, good.len() as u64).unwrap();
+        assert!(h.records_len as usize > 2 * CRC_CHUNK_MIN);
+        assert!(Snapshot::open(&path, true).is_ok());
+        let last = good.len() - 1;
+        let records_mid = SNAPSHOT_HEADER_LEN + h.records_len as usize / 2;
+        for (at, region) in [
+            (SNAPSHOT_HEADER_LEN, "records"),
+            (records_mid, "records"),
+            (records_mid + CRC_CHUNK_MIN, "records"),
+            (h.index_offset as usize - 1, "records"),
+            (h.index_offset as usize, "index"),
+            (last, "index"),
+        ] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            fs::write(&path, &bad).unwrap();
+            let err = Snapshot::open(&path, true).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{region} checksum mismatch")) && err.contains("s.snap"),
+                "byte {at}: {err}"
+            );
         }
     }
 
