@@ -274,13 +274,13 @@ fn v1_snapshot_and_log_data_dir_with_the_cli() {
         model.len()
     );
 
-    // Compact with the library's writer: format 2, v2 records, same links.
-    let store = Store::open(root, LogOptions::default()).unwrap();
-    store.compact().unwrap();
-    drop(store);
+    // `uload compact`: format 2, v2 records, same links.
+    let out = uload(&["compact", "--data-dir", data]);
+    assert!(out.contains("(21 links, sequence 23)"), "{out}");
     assert_eq!(view(root), model_links(&model));
     let report = uload(&["inspect", "--data-dir", data]);
     assert!(report.contains("format      v2"), "{report}");
+    assert!(report.contains("status        ok"), "{report}");
 
     // export -> import into a fresh data dir: the same links, as v2.
     let fresh = tempfile::tempdir().unwrap();
@@ -325,4 +325,50 @@ fn empty_v1_segment_is_appended_to() {
     assert_eq!(decode_segment_header_version(&bytes), Ok((1, 1)));
     assert_eq!(put_encodings(&bytes), [2, 2]);
     assert_eq!(view(dir.path()), vec![varied(1), varied(2)]);
+}
+
+/// A format 1 snapshot with nothing newer in the log is rewritten in the
+/// current format by a compaction, at the same sequence and under the same
+/// name (the manifest is unchanged); a second compaction has nothing to do.
+#[test]
+fn compaction_rewrites_a_format_1_snapshot_with_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let links: Vec<Link> = (0..50).map(varied).collect();
+    let mut sorted = links.clone();
+    sorted.sort_by(|a, b| a.code.cmp(&b.code));
+    fs::create_dir_all(root.join("snapshots")).unwrap();
+    let name = snapshot_file_name(50);
+    let path = root.join("snapshots").join(&name);
+    let v1 = write_snapshot_as(
+        &path,
+        50,
+        sorted
+            .iter()
+            .map(|l| Ok::<_, std::convert::Infallible>(l.as_ref())),
+        LinkEncoding::V1,
+    )
+    .unwrap();
+    let manifest = Manifest {
+        snapshot: name,
+        seq: 50,
+        links: 50,
+    };
+    fs::write(root.join("MANIFEST"), manifest.encode()).unwrap();
+    let manifest_bytes = fs::read(root.join("MANIFEST")).unwrap();
+
+    let store = Store::open(root, LogOptions::default()).unwrap();
+    let report = store.compact().unwrap();
+    let info = report.snapshot.expect("rewritten");
+    assert_eq!(info.path, path);
+    assert_eq!((info.header.version, info.header.seq), (2, 50));
+    assert!(info.header.records_len < v1.header.records_len);
+    assert_eq!(fs::read(root.join("MANIFEST")).unwrap(), manifest_bytes);
+    assert_eq!(view(root), sorted);
+    assert!(store.compact().unwrap().snapshot.is_none(), "nothing to do");
+    assert_eq!(
+        fs::read_dir(root.join("snapshots")).unwrap().count(),
+        1,
+        "no other snapshot, no temporary file"
+    );
 }
