@@ -50,6 +50,25 @@ pub const V2_HAS_CREATED_AT_HIGH: u8 = 0b1000_0000;
 /// v2 `flags` bits that must be 0.
 const V2_RESERVED_FLAGS: u8 = 0b0000_1100;
 
+/// Bytes of v2's optional fields for each value of `flags >> 4` (the
+/// presence bits): 8 for each of bits 4..=6, 2 for bit 7.
+const V2_OPTIONAL_LEN: [u8; 16] = {
+    let mut table = [0u8; 16];
+    let mut bits = 0;
+    while bits < 16 {
+        table[bits] = 8 * (bits as u8 & 0b0111).count_ones() as u8 + 2 * (bits as u8 >> 3);
+        bits += 1;
+    }
+    table
+};
+
+/// Where a v2 link's code starts: after the fixed part and the optional
+/// fields its `flags` byte marks present.
+#[inline]
+fn v2_code_start(flags: u8) -> usize {
+    LINK_V2_FIXED_LEN + V2_OPTIONAL_LEN[(flags >> 4) as usize] as usize
+}
+
 /// A link encoding version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LinkEncoding {
@@ -89,14 +108,14 @@ impl LinkEncoding {
     }
 }
 
-/// The code bytes of an encoded link (either version), read from its fixed
-/// part without decoding the rest: the snapshot's lookup compares these with
-/// the key before it decodes a record. `None` when the version is unknown or
-/// the bytes are too short; the code is not validated here.
+/// The code bytes of an encoded link (either version), located from its
+/// fixed part without decoding the rest: the snapshot's lookup compares these
+/// with the key before it decodes a record. `None` when the version is
+/// unknown or the bytes are too short; the code is not validated here.
 #[inline]
 pub fn encoded_code(encoded: &[u8]) -> Option<&[u8]> {
     let start = match *encoded.first()? {
-        LINK_ENCODING_V2 => LINK_V2_FIXED_LEN,
+        LINK_ENCODING_V2 => v2_code_start(*encoded.get(5)?),
         LINK_ENCODING_V1 => LINK_V1_FIXED_LEN,
         _ => return None,
     };
@@ -341,8 +360,8 @@ impl<'a> LinkRef<'a> {
         ))
     }
 
-    /// Link encoding v2: a 12-byte fixed part, the code, the target, then
-    /// the optional fields its `flags` mark present, in bit order.
+    /// Link encoding v2: a 12-byte fixed part, the optional fields its
+    /// `flags` mark present (in bit order), the code, the target.
     #[inline]
     fn decode_v2(buf: &'a [u8]) -> Result<(Self, usize), RecordError> {
         if buf.len() < LINK_V2_FIXED_LEN {
@@ -358,26 +377,16 @@ impl<'a> LinkRef<'a> {
         if flags & V2_RESERVED_FLAGS != 0 {
             return Err(RecordError::Flags(flags & V2_RESERVED_FLAGS));
         }
-        let optional_len = 8
-            * (flags & (V2_HAS_EXPIRES_AT | V2_HAS_MAX_CLICKS | V2_HAS_OWNER_KEY_ID)).count_ones()
-                as usize
-            + if flags & V2_HAS_CREATED_AT_HIGH != 0 {
-                2
-            } else {
-                0
-            };
-        let target_end = LINK_V2_FIXED_LEN + code_len + target_len;
-        let total = target_end + optional_len;
+        let code_start = v2_code_start(flags);
+        let target_start = code_start + code_len;
+        let total = target_start + target_len;
         if buf.len() < total {
             return Err(RecordError::Truncated {
                 need: total,
                 have: buf.len(),
             });
         }
-        let code = &buf[LINK_V2_FIXED_LEN..LINK_V2_FIXED_LEN + code_len];
-        validate_code(code)?;
-        let target = &buf[LINK_V2_FIXED_LEN + code_len..target_end];
-        let mut at = target_end;
+        let mut at = LINK_V2_FIXED_LEN;
         let mut optional = |bit: u8, name: &'static str| -> Result<Option<u64>, RecordError> {
             if flags & bit == 0 {
                 return Ok(None);
@@ -401,6 +410,9 @@ impl<'a> LinkRef<'a> {
             }
             created[6..].copy_from_slice(&high);
         }
+        let code = &buf[code_start..target_start];
+        validate_code(code)?;
+        let target = &buf[target_start..total];
         Ok((
             Self {
                 code,
@@ -431,17 +443,7 @@ impl<'a> LinkRef<'a> {
         let base = encoding.fixed_len() + self.code.len() + self.target.len();
         match encoding {
             LinkEncoding::V1 => base,
-            LinkEncoding::V2 => {
-                let flags = self.v2_presence();
-                base + 8
-                    * (flags & (V2_HAS_EXPIRES_AT | V2_HAS_MAX_CLICKS | V2_HAS_OWNER_KEY_ID))
-                        .count_ones() as usize
-                    + if flags & V2_HAS_CREATED_AT_HIGH != 0 {
-                        2
-                    } else {
-                        0
-                    }
-            }
+            LinkEncoding::V2 => base + V2_OPTIONAL_LEN[(self.v2_presence() >> 4) as usize] as usize,
         }
     }
 
@@ -491,8 +493,6 @@ impl<'a> LinkRef<'a> {
                 out.push((self.status.code() - 300) as u8);
                 out.push((self.flags & KNOWN_FLAGS) | presence);
                 out.extend_from_slice(&self.created_at_ms.to_le_bytes()[..6]);
-                out.extend_from_slice(self.code);
-                out.extend_from_slice(self.target);
                 for (bit, v) in [
                     (V2_HAS_EXPIRES_AT, self.expires_at_ms.unwrap_or(0)),
                     (V2_HAS_MAX_CLICKS, self.max_clicks.unwrap_or(0)),
@@ -505,6 +505,8 @@ impl<'a> LinkRef<'a> {
                 if presence & V2_HAS_CREATED_AT_HIGH != 0 {
                     out.extend_from_slice(&self.created_at_ms.to_le_bytes()[6..]);
                 }
+                out.extend_from_slice(self.code);
+                out.extend_from_slice(self.target);
             }
         }
     }
@@ -775,16 +777,24 @@ mod tests {
             &1_700_000_000_123u64.to_le_bytes()[..6],
             "created_at, low 48 bits"
         );
-        assert_eq!(&buf[12..17], b"Ab_-9");
-        assert_eq!(&buf[17..42], b"https://example.com/a?b=c");
         assert_eq!(
-            &buf[42..50],
+            &buf[12..20],
             &1_800_000_000_000u64.to_le_bytes(),
             "expires_at"
         );
-        assert_eq!(&buf[50..58], &42u64.to_le_bytes(), "max_clicks");
-        assert_eq!(&buf[58..66], &7u64.to_le_bytes(), "owner_key_id");
+        assert_eq!(&buf[20..28], &42u64.to_le_bytes(), "max_clicks");
+        assert_eq!(&buf[28..36], &7u64.to_le_bytes(), "owner_key_id");
+        assert_eq!(&buf[36..41], b"Ab_-9");
+        assert_eq!(&buf[41..66], b"https://example.com/a?b=c");
         assert_eq!(encoded_code(&buf), Some(&b"Ab_-9"[..]));
+        // created_at_high comes after the other optional fields.
+        let mut high = sample();
+        high.created_at_ms = 0x1234_5678_9abc_def0;
+        let buf = encode(&high, LinkEncoding::V2);
+        assert_eq!(buf[5] & V2_HAS_CREATED_AT_HIGH, V2_HAS_CREATED_AT_HIGH);
+        assert_eq!(&buf[6..12], &[0xf0, 0xde, 0xbc, 0x9a, 0x78, 0x56]);
+        assert_eq!(&buf[36..38], &[0x34, 0x12], "created_at_high");
+        assert_eq!(&buf[38..43], b"Ab_-9");
         // The usual link: none of the optional fields, 12 bytes of fixed part.
         let mut plain = sample();
         (plain.expires_at_ms, plain.max_clicks, plain.owner_key_id) = (None, None, 0);
@@ -793,6 +803,7 @@ mod tests {
         let buf = encode(&plain, LinkEncoding::V2);
         assert_eq!(buf.len(), 12 + 5 + 25);
         assert_eq!((buf[4], buf[5]), (1, FLAG_DISABLED));
+        assert_eq!(&buf[12..17], b"Ab_-9");
         assert_eq!(decode_exact(&buf), plain);
     }
 
@@ -838,7 +849,8 @@ mod tests {
             let buf = encode(&link, LinkEncoding::V2);
             assert_eq!(buf[5] & V2_HAS_CREATED_AT_HIGH != 0, created >> 48 != 0);
             if created >> 48 != 0 {
-                assert_eq!(&buf[buf.len() - 2..], &created.to_le_bytes()[6..]);
+                // After expires_at, max_clicks and owner_key_id (all set in sample()).
+                assert_eq!(&buf[36..38], &created.to_le_bytes()[6..]);
             }
         }
         // Optional fields: 1 and u64::MAX are stored; 0 (and Some(0)) is absent.
@@ -897,7 +909,7 @@ mod tests {
             (4, 0xff, RecordError::Status(555)),
             (5, good[5] | 0b0100, RecordError::Flags(0b0100)),
             (5, good[5] | 0b1000, RecordError::Flags(0b1000)),
-            (12, b'/', RecordError::CodeCharset(b'/', 0)),
+            (36, b'/', RecordError::CodeCharset(b'/', 0)),
         ];
         for (at, byte, want) in cases {
             let mut bad = good.clone();
@@ -914,7 +926,7 @@ mod tests {
             assert_eq!(LinkRef::decode(&bad).unwrap_err(), want);
         }
         // A field marked present holding 0: refused, so that a link has one encoding.
-        let fields = [(42, "expires_at"), (50, "max_clicks"), (58, "owner_key_id")];
+        let fields = [(12, "expires_at"), (20, "max_clicks"), (28, "owner_key_id")];
         for (at, name) in fields {
             let mut bad = good.clone();
             bad[at..at + 8].fill(0);
@@ -926,8 +938,7 @@ mod tests {
         let mut high = sample();
         high.created_at_ms = u64::MAX;
         let mut bad = encode(&high, LinkEncoding::V2);
-        let n = bad.len();
-        bad[n - 2..].fill(0);
+        bad[36..38].fill(0);
         assert_eq!(
             LinkRef::decode(&bad).unwrap_err(),
             RecordError::PresentZero("created_at_high")
@@ -957,7 +968,7 @@ mod tests {
                 ),
                 "cut {cut}"
             );
-            assert_eq!(encoded_code(&good[..cut]).is_some(), cut >= 17);
+            assert_eq!(encoded_code(&good[..cut]).is_some(), cut >= 41);
         }
         assert_eq!(encoded_code(&[3, 1, 0, 0]), None);
     }
