@@ -121,7 +121,7 @@ use criterion::{
 use uload::store::frame::LogOpRef;
 use uload::store::hash::code_hash;
 use uload::store::record::{Link, LinkRef, RedirectStatus};
-use uload::store::snapshot::{Snapshot, write_snapshot};
+use uload::store::snapshot::{SNAPSHOT_VERSION, Snapshot, write_snapshot};
 use uload::store::{DataDir, HotTable, LogOp, LogOptions, Store, TableView, log};
 
 /// Where fixtures and the append benches' data dirs live (must be a real disk).
@@ -309,6 +309,7 @@ struct SnapFixture {
 fn fixture_matches(snap: &Snapshot, codes: &[Code]) -> bool {
     let n = codes.len();
     snap.seq() == FIXTURE_SEQ
+        && snap.header().version == SNAPSHOT_VERSION
         && snap.len() == n as u64
         && [0, n / 3, n / 2, n - 1].into_iter().all(|i| {
             snap.get(&codes[i])
@@ -320,7 +321,11 @@ fn fixture_matches(snap: &Snapshot, codes: &[Code]) -> bool {
 /// page of its mapping faulted in (by checking its checksums).
 fn fixture_snapshot(codes: &[Code]) -> (PathBuf, Arc<Snapshot>) {
     let n = codes.len();
-    let path = bench_root().join(format!("links-{n}-v{FIXTURE_VERSION}.snap"));
+    // Named by the snapshot format too, so that builds of different formats
+    // sharing /var/tmp/uload-bench never take each other's fixtures.
+    let path = bench_root().join(format!(
+        "links-{n}-v{FIXTURE_VERSION}-f{SNAPSHOT_VERSION}.snap"
+    ));
     let cached = Snapshot::open(&path, false)
         .ok()
         .filter(|s| fixture_matches(s, codes));
@@ -499,7 +504,7 @@ fn snapshot_get_benches<Ms: Measurement>(g: &mut BenchmarkGroup<'_, Ms>, fx: &Sn
 fn calibration_benches<Ms: Measurement>(g: &mut BenchmarkGroup<'_, Ms>) {
     let codes = unique_codes(1000, SEED_CODES ^ 1000);
     let targets = Targets::new(codes.len());
-    let path = bench_root().join("links-1000.snap");
+    let path = bench_root().join(format!("links-1000-f{SNAPSHOT_VERSION}.snap"));
     write_snapshot(
         &path,
         1,

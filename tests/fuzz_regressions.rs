@@ -26,10 +26,10 @@ use std::time::Duration;
 
 use uload::interchange::{Format, LinkJson};
 use uload::store::datadir::{Manifest, snapshot_file_name};
-use uload::store::frame::{LogOp, encode_frame};
-use uload::store::log::{encode_segment_header, segment_file_name};
-use uload::store::record::{FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, RedirectStatus};
-use uload::store::snapshot::{Snapshot, write_snapshot};
+use uload::store::frame::{LogOp, encode_frame, encode_frame_as};
+use uload::store::log::{encode_segment_header, encode_segment_header_version, segment_file_name};
+use uload::store::record::{FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkEncoding, RedirectStatus};
+use uload::store::snapshot::{Snapshot, write_snapshot_as};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_owned()
@@ -219,7 +219,12 @@ fn sample_links() -> Vec<Link> {
             let mut link = Link::new(&code, &targets[i as usize % targets.len()]).unwrap();
             link.status = statuses[i as usize % statuses.len()];
             link.flags = [0, FLAG_DISABLED, FLAG_FORWARD_QUERY][i as usize % 3];
-            link.created_at_ms = 1_700_000_000_000 + i;
+            // One creation time past 48 bits (v2's optional created_at_high).
+            link.created_at_ms = if i == 7 {
+                u64::MAX - i
+            } else {
+                1_700_000_000_000 + i
+            };
             link.expires_at_ms = (i % 2 == 1).then_some(1_800_000_000_000 + i);
             link.max_clicks = (i % 3 == 2).then_some(i * 10);
             link.owner_key_id = i % 4;
@@ -232,6 +237,15 @@ fn segment(first_seq: u64, ops: &[LogOp]) -> Vec<u8> {
     let mut buf = encode_segment_header(first_seq).to_vec();
     for (i, op) in ops.iter().enumerate() {
         encode_frame(first_seq + i as u64, op, &mut buf);
+    }
+    buf
+}
+
+/// A segment as builds before link encoding v2 wrote it: format 1, v1 frames.
+fn segment_v1(first_seq: u64, ops: &[LogOp]) -> Vec<u8> {
+    let mut buf = encode_segment_header_version(first_seq, 1).to_vec();
+    for (i, op) in ops.iter().enumerate() {
+        encode_frame_as(first_seq + i as u64, op, LinkEncoding::V1, &mut buf);
     }
     buf
 }
@@ -260,11 +274,14 @@ fn seed_segments() -> Vec<(String, Vec<u8>)> {
         ("torn-tail.log".into(), torn),
         ("damaged-middle.log".into(), damaged),
         (segment_file_name(1000), segment(1000, &ops[2..6])),
+        ("v1-mixed.log".into(), segment_v1(1, &ops)),
+        ("v1-empty.log".into(), segment_v1(1, &[])),
     ]
 }
 
 /// Snapshots written by `write_snapshot`: empty, one link, a dozen, a few
-/// hundred (so the index has collisions and wraps).
+/// hundred (so the index has collisions and wraps); and a dozen in the
+/// format builds before link encoding v2 wrote (format 1, v1 records).
 fn seed_snapshots() -> Vec<(String, Vec<u8>)> {
     let dir = tempfile::tempdir().unwrap();
     let mut links = sample_links();
@@ -277,18 +294,20 @@ fn seed_snapshots() -> Vec<(String, Vec<u8>)> {
         })
         .collect();
     [
-        ("empty.snap", &links[..0], 0),
-        ("one.snap", &links[..1], 1),
-        ("twelve.snap", &links[..], 42),
-        ("many.snap", &many[..], 7),
+        ("empty.snap", &links[..0], 0, LinkEncoding::CURRENT),
+        ("one.snap", &links[..1], 1, LinkEncoding::CURRENT),
+        ("twelve.snap", &links[..], 42, LinkEncoding::CURRENT),
+        ("many.snap", &many[..], 7, LinkEncoding::CURRENT),
+        ("v1-twelve.snap", &links[..], 42, LinkEncoding::V1),
     ]
     .into_iter()
-    .map(|(name, links, seq)| {
+    .map(|(name, links, seq, encoding)| {
         let path = dir.path().join(name);
-        write_snapshot(
+        write_snapshot_as(
             &path,
             seq,
             links.iter().map(|l| Ok::<_, Infallible>(l.as_ref())),
+            encoding,
         )
         .unwrap();
         (name.to_owned(), fs::read(&path).unwrap())

@@ -9,6 +9,7 @@ use std::process::Command;
 
 use uload::store::frame::{FRAME_HEADER_LEN, frame_crc};
 use uload::store::log::{SEGMENT_HEADER_LEN, list_segments, read_log};
+use uload::store::record::LINK_V2_FIXED_LEN;
 use uload::store::{DataDir, LogError, LogFollower, LogOp, LogOptions, Store, record::Link};
 
 fn put(code: &str) -> LogOp {
@@ -68,7 +69,7 @@ fn a_corrupt_covered_frame_is_still_reported() {
     let offsets = frame_offsets(&good);
     assert_eq!(offsets.len(), 20);
     // Frame 5 (sequence 5): its length, its checksum, its sequence, its code.
-    for delta in [0, 5, FRAME_HEADER_LEN, FRAME_HEADER_LEN + 9 + 40] {
+    for delta in [0, 5, FRAME_HEADER_LEN, FRAME_HEADER_LEN + 9 + LINK_V2_FIXED_LEN] {
         let at = offsets[4] + delta;
         let mut bad = good.clone();
         bad[at] ^= 0x01;
@@ -109,7 +110,7 @@ fn covered_contents_are_not_validated_but_the_writer_still_refuses_them() {
     let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
     // The code's first byte becomes '/', which the link encoding refuses;
     // the frame is re-checksummed so that only its contents are wrong.
-    let code_at = at + FRAME_HEADER_LEN + 9 + 40;
+    let code_at = at + FRAME_HEADER_LEN + 9 + LINK_V2_FIXED_LEN;
     bytes[code_at] = b'/';
     let payload = &bytes[at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + len];
     let crc = frame_crc((len as u32).to_le_bytes(), payload);

@@ -14,14 +14,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use uload::store::frame::{
-    FRAME_HEADER_LEN, LogOp, LogOpRef, MIN_PAYLOAD_LEN, decode_frame, encode_frame,
+    FRAME_HEADER_LEN, LogOp, LogOpRef, MIN_PAYLOAD_LEN, decode_frame, encode_frame_as,
 };
 use uload::store::log::{
     LogTail, SEGMENT_HEADER_LEN, SegmentEnd, decode_segment_header, replay, scan_segment,
     scan_segment_after, segment_file_name, valid_frame_follows,
 };
-use uload::store::record::{LinkRef, RecordError};
-use uload::store::snapshot::{Snapshot, SnapshotError, write_snapshot};
+use uload::store::record::{LinkEncoding, LinkRef, RecordError};
+use uload::store::snapshot::{Snapshot, SnapshotError, write_snapshot_as};
 
 thread_local! {
     /// This thread's scratch directory, made once and reused for every input
@@ -140,8 +140,9 @@ fn check_scan(data: &[u8]) -> Vec<Frame> {
 }
 
 /// The re-encoding invariant: a decoded operation, made owned and encoded
-/// again with its sequence, gives back exactly the frame's bytes. Returns
-/// the owned operation.
+/// again with its sequence (a put in the link encoding the frame used, v1 or
+/// v2), gives back exactly the frame's bytes: each encoding has one form per
+/// link. Returns the owned operation.
 fn check_reencode(seq: u64, op: LogOpRef<'_>, original: &[u8]) -> LogOp {
     let owned = op
         .to_owned_op()
@@ -149,9 +150,17 @@ fn check_reencode(seq: u64, op: LogOpRef<'_>, original: &[u8]) -> LogOp {
     assert_eq!(owned.code().as_bytes(), op.code());
     // The link encoding alone round-trips whatever the URL policy says:
     // payload = seq (8 bytes) | op (1 byte) | link encoding.
+    let link_bytes = &original[FRAME_HEADER_LEN + 9..];
+    let encoding = match op {
+        LogOpRef::Put(_) => {
+            LinkEncoding::of(link_bytes).expect("a decoded put has a known version")
+        }
+        LogOpRef::Delete(_) => LinkEncoding::CURRENT,
+    };
     if let LogOpRef::Put(link) = op {
         let mut again = Vec::new();
-        link.encode_into(&mut again);
+        link.encode_as(encoding, &mut again);
+        assert_eq!(again.len(), link.encoded_len_as(encoding));
         assert_eq!(
             again,
             original[FRAME_HEADER_LEN + 9..],
@@ -161,14 +170,14 @@ fn check_reencode(seq: u64, op: LogOpRef<'_>, original: &[u8]) -> LogOp {
     match owned.validate() {
         Ok(()) => {
             let mut again = Vec::with_capacity(original.len());
-            encode_frame(seq, &owned, &mut again);
+            encode_frame_as(seq, &owned, encoding, &mut again);
             assert_eq!(again, original, "frame {seq} re-encodes to other bytes");
         }
         // The reader enforces the record format (code charset, status,
         // flags, reserved byte, UTF-8 target) but not the writer's URL policy
         // (http(s) scheme, a host, no control characters, 2 KiB), so a frame
         // with a checksum-valid but policy-breaking target decodes. Such an
-        // op cannot be re-encoded: `encode_frame` requires a validated op and
+        // op cannot be re-encoded: `encode_frame_as` requires a validated op and
         // debug-asserts it. Anything but the target failing is a reader bug.
         Err(e) => assert!(
             matches!(
@@ -385,27 +394,31 @@ fn exercise(snap: &Snapshot, file_len: usize) -> Option<Vec<LinkRef<'_>>> {
 }
 
 /// Rewrites a snapshot that opened verified with `write_snapshot` (when its
-/// codes are strictly ascending, as the writer requires) and checks the
-/// rewritten file with [`check_written`]. The writer may refuse a record
-/// the reader accepted (a target that is not UTF-8), but nothing else.
+/// codes are strictly ascending, as the writer requires), in the current
+/// format and in the old one (`write_snapshot_as` with link encoding v1), and
+/// checks each rewritten file with [`check_written`]. The writer may refuse a
+/// record the reader accepted (a target that is not UTF-8), but nothing else.
 fn check_rewrite(snap: &Snapshot, links: &[LinkRef<'_>]) {
     if !links.windows(2).all(|w| w[0].code < w[1].code) {
         return;
     }
-    let path = scratch_dir().join("rewritten.snap");
-    let written = write_snapshot(
-        &path,
-        snap.seq(),
-        links.iter().map(|&l| Ok::<_, Infallible>(l)),
-    );
-    match written {
-        Ok(info) => assert_eq!(info.header.link_count, links.len() as u64),
-        Err(SnapshotError::Record { .. }) => return,
-        Err(e) => panic!("write_snapshot of a valid snapshot's records: {e}"),
+    for encoding in [LinkEncoding::CURRENT, LinkEncoding::V1] {
+        let path = scratch_dir().join("rewritten.snap");
+        let written = write_snapshot_as(
+            &path,
+            snap.seq(),
+            links.iter().map(|&l| Ok::<_, Infallible>(l)),
+            encoding,
+        );
+        match written {
+            Ok(info) => assert_eq!(info.header.link_count, links.len() as u64),
+            Err(SnapshotError::Record { .. }) => return,
+            Err(e) => panic!("write_snapshot of a valid snapshot's records: {e}"),
+        }
+        let again = Snapshot::open(&path, true).expect("a written snapshot opens verified");
+        assert_eq!(again.seq(), snap.seq());
+        check_written(&again, links);
     }
-    let again = Snapshot::open(&path, true).expect("a written snapshot opens verified");
-    assert_eq!(again.seq(), snap.seq());
-    check_written(&again, links);
 }
 
 /// The invariants of a snapshot that `write_snapshot` produced from `links`:

@@ -206,7 +206,7 @@ fn inspect_log(dir: &DataDir, report: &mut Report) {
         report.last_seq = report.last_seq.max(scan.last_seq);
         report.segments.push(SegmentReport {
             file,
-            format_version: Some(crate::store::log::SEGMENT_VERSION),
+            format_version: Some(scan.version),
             first_seq: scan.first_seq,
             last_seq: scan.last_seq,
             frames: scan.frames,

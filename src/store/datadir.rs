@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use super::frame::{LogOp, LogOpRef};
 use super::log::{self, LinkLog, LogError, LogOptions, Recovery};
 use super::record::order_by_code;
-use super::snapshot::{Snapshot, SnapshotError, SnapshotInfo, write_snapshot};
+use super::snapshot::{SNAPSHOT_VERSION, Snapshot, SnapshotError, SnapshotInfo, write_snapshot};
 use super::sync_dir;
 use super::view::{TableView, merge_links};
 
@@ -419,7 +419,14 @@ impl Store {
             records: 0,
             removed: Vec::new(),
         };
-        if upto > base_seq {
+        // A snapshot of an earlier format (link encoding v1 records) is
+        // rewritten in the current one even with nothing new to merge, so
+        // that `uload compact` after an upgrade brings the smaller records.
+        // It keeps its name (the same sequence): the rename replaces it.
+        let old_format = snapshot
+            .as_ref()
+            .is_some_and(|s| s.header().version != SNAPSHOT_VERSION);
+        if upto > base_seq || old_format {
             let log = log::read_log(&self.dir.log_dir(), base_seq)?;
             // The newest record per code, in code order, borrowed from the
             // segment buffers: no copy of any link is made.
@@ -437,7 +444,8 @@ impl Store {
                     _ => changes.push(op),
                 }
             }
-            let path = self.dir.snapshot_dir().join(snapshot_file_name(upto));
+            let seq = upto.max(base_seq);
+            let path = self.dir.snapshot_dir().join(snapshot_file_name(seq));
             let base = snapshot.as_ref().map(|s| s.iter());
             let merged = merge_links(
                 base.into_iter().flatten(),
@@ -446,20 +454,25 @@ impl Store {
                     LogOpRef::Delete(code) => (*code, None),
                 }),
             );
-            let info = write_snapshot(&path, upto, merged)?;
-            let manifest = Manifest {
-                snapshot: snapshot_file_name(upto),
-                seq: upto,
-                links: info.header.link_count,
-            };
-            if let Err(e) = self.dir.write_manifest(&manifest) {
-                // Out of space or read-only: give the new snapshot's space
-                // back, unless the manifest already names it (the rename
-                // happened and only the directory fsync failed).
-                if !matches!(self.dir.read_manifest(), Ok(Some(m)) if m == manifest) {
-                    let _ = fs::remove_file(&path);
+            let info = write_snapshot(&path, seq, merged)?;
+            // A rewrite in the current format at the same sequence replaced
+            // the file the manifest names, with the same links: the manifest
+            // stays as it is (and a failure here must never remove that file).
+            if seq != base_seq {
+                let manifest = Manifest {
+                    snapshot: snapshot_file_name(seq),
+                    seq,
+                    links: info.header.link_count,
+                };
+                if let Err(e) = self.dir.write_manifest(&manifest) {
+                    // Out of space or read-only: give the new snapshot's space
+                    // back, unless the manifest already names it (the rename
+                    // happened and only the directory fsync failed).
+                    if !matches!(self.dir.read_manifest(), Ok(Some(m)) if m == manifest) {
+                        let _ = fs::remove_file(&path);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
             report.snapshot = Some(info);
         }

@@ -4,7 +4,7 @@
 //! is `Incomplete`, one whose checksum or contents are wrong is `Corrupt`, and
 //! the caller (recovery, the follower) decides what that means for the file.
 
-use super::record::{Link, LinkRef, RecordError, validate_code};
+use super::record::{Link, LinkEncoding, LinkRef, RecordError, validate_code};
 
 /// Bytes before a frame's payload: `u32` length, `u32` CRC32C.
 pub const FRAME_HEADER_LEN: usize = 8;
@@ -104,16 +104,24 @@ impl FrameError {
     }
 }
 
-/// Appends one frame holding `op` with sequence number `seq` to `out`.
-/// The op must have been validated.
+/// Appends one frame holding `op` with sequence number `seq` to `out`, a put
+/// in the current link encoding (v2). The op must have been validated.
 pub fn encode_frame(seq: u64, op: &LogOp, out: &mut Vec<u8>) {
+    encode_frame_as(seq, op, LinkEncoding::CURRENT, out);
+}
+
+/// [`encode_frame`] with a put in `encoding`. The writer only uses the
+/// current one; `LinkEncoding::V1` produces the frames earlier builds wrote,
+/// for tests and tools.
+pub fn encode_frame_as(seq: u64, op: &LogOp, encoding: LinkEncoding, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
     out.extend_from_slice(&seq.to_le_bytes());
     match op {
         LogOp::Put(link) => {
             out.push(OP_PUT);
-            link.encode_into(out);
+            debug_assert!(link.validate().is_ok());
+            link.as_ref().encode_as(encoding, out);
         }
         LogOp::Delete(code) => {
             out.push(OP_DELETE);

@@ -36,8 +36,14 @@ use super::sync_dir;
 
 /// Magic bytes at the start of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"ULOADLOG";
-/// Segment format version this build writes and reads.
-pub const SEGMENT_VERSION: u32 = 1;
+/// Segment format version this build writes: its put frames may hold link
+/// encoding v2. Builds from before v2 refuse such a segment (a bad header)
+/// instead of taking its frames for a torn tail.
+pub const SEGMENT_VERSION: u32 = 2;
+/// The earlier segment format version, still read (frames written by
+/// earlier builds hold link encoding v1). The writer appends to such a
+/// segment only while it holds no frame; otherwise it rolls over first.
+pub const SEGMENT_VERSION_V1: u32 = 1;
 /// Length of a segment's header.
 pub const SEGMENT_HEADER_LEN: usize = 32;
 /// Default size after which the writer starts a new segment.
@@ -116,11 +122,17 @@ pub fn segment_file_name(first_seq: u64) -> String {
     format!("{first_seq:020}.log")
 }
 
-/// The header of a segment file.
+/// The header of a segment file (the current format version).
 pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
+    encode_segment_header_version(first_seq, SEGMENT_VERSION)
+}
+
+/// The header of a segment file of format `version`; version 1 is what
+/// earlier builds wrote, for tests and tools.
+pub fn encode_segment_header_version(first_seq: u64, version: u32) -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[0..8].copy_from_slice(SEGMENT_MAGIC);
-    h[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&(SEGMENT_HEADER_LEN as u32).to_le_bytes());
     h[16..24].copy_from_slice(&first_seq.to_le_bytes());
     let crc = crc32c::crc32c(&h[0..28]);
@@ -130,6 +142,12 @@ pub fn encode_segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_LEN] {
 
 /// Parses a segment header, returning the first sequence number it declares.
 pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
+    decode_segment_header_version(buf).map(|(first_seq, _)| first_seq)
+}
+
+/// Parses a segment header, returning the first sequence number it declares
+/// and its format version (1 or 2).
+pub fn decode_segment_header_version(buf: &[u8]) -> Result<(u64, u32), String> {
     if buf.len() < SEGMENT_HEADER_LEN {
         return Err(format!(
             "file is {} bytes, shorter than the {SEGMENT_HEADER_LEN}-byte header",
@@ -148,9 +166,9 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
         ));
     }
     let version = u32_at(8);
-    if version != SEGMENT_VERSION {
+    if version != SEGMENT_VERSION && version != SEGMENT_VERSION_V1 {
         return Err(format!(
-            "format version {version} is not supported (this build reads {SEGMENT_VERSION})"
+            "format version {version} is not supported (this build reads {SEGMENT_VERSION_V1} and {SEGMENT_VERSION})"
         ));
     }
     if u32_at(12) as usize != SEGMENT_HEADER_LEN {
@@ -171,7 +189,7 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<u64, String> {
             super::frame::MAX_SEQ
         ));
     }
-    Ok(first_seq)
+    Ok((first_seq, version))
 }
 
 /// A segment file found in the log directory.
@@ -226,6 +244,8 @@ pub enum SegmentEnd {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentScan {
     pub first_seq: u64,
+    /// Format version of its header (1 or 2).
+    pub version: u32,
     /// Sequence of the last valid frame (`first_seq - 1` when it has none).
     pub last_seq: u64,
     /// Number of valid frames.
@@ -263,7 +283,7 @@ pub fn scan_segment_after<'a>(
     covered: u64,
     mut visit: impl FnMut(u64, LogOpRef<'a>),
 ) -> Result<(SegmentScan, usize), String> {
-    let first_seq = decode_segment_header(buf)?;
+    let (first_seq, version) = decode_segment_header_version(buf)?;
     let mut pos = SEGMENT_HEADER_LEN;
     let mut next = first_seq;
     let mut frames = 0;
@@ -307,6 +327,7 @@ pub fn scan_segment_after<'a>(
     Ok((
         SegmentScan {
             first_seq,
+            version,
             last_seq: next - 1,
             frames,
             valid_len: pos as u64,
@@ -617,6 +638,9 @@ struct ActiveSegment {
     path: PathBuf,
     /// First sequence of the segment (its header's).
     first_seq: u64,
+    /// Its header's format version: a version 1 segment that holds a frame
+    /// is rolled over before the next batch (see [`SEGMENT_VERSION_V1`]).
+    version: u32,
     /// Everything before this offset was fsynced: the segment's length as of
     /// the last successful batch (or open). Writes go to this offset.
     durable_len: u64,
@@ -648,6 +672,7 @@ impl LinkLog {
         let mut expected: Option<u64> = None;
         let mut last_scanned = 0;
         let mut last_frame_at = None;
+        let mut last_version = SEGMENT_VERSION;
         for (i, seg) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
             // Segments wholly covered by the snapshot are not needed (and may
@@ -677,6 +702,7 @@ impl LinkLog {
             }
             if is_last {
                 last_frame_at = last_frame_offset(&buf[..scan.valid_len as usize]);
+                last_version = scan.version;
             }
             recovery.last_seq = recovery.last_seq.max(scan.last_seq);
             expected = Some(scan.last_seq + 1);
@@ -703,6 +729,7 @@ impl LinkLog {
                     file: Some(file),
                     path: seg.path.clone(),
                     first_seq: seg.first_seq,
+                    version: last_version,
                     durable_len: len,
                     last_frame_at,
                     needs_recovery: false,
@@ -965,8 +992,15 @@ impl LinkLog {
         if active.needs_recovery || active.file.is_none() {
             self.recover(&mut active, first_seq - 1)?;
         }
-        if (active.durable_len >= self.opts.segment_bytes || active.roll_pending)
-            && active.last_frame_at.is_some()
+        // Roll over when the segment is full, when a compaction asked for
+        // it, or when it is of the earlier format and holds frames (written
+        // by an earlier build): frames of link encoding v2 go to segments of
+        // format 2 only, which earlier builds refuse rather than truncate as
+        // a torn tail.
+        if active.last_frame_at.is_some()
+            && (active.durable_len >= self.opts.segment_bytes
+                || active.roll_pending
+                || active.version != SEGMENT_VERSION)
         {
             *active = create_segment(&self.dir, first_seq)?;
         }
@@ -1231,6 +1265,7 @@ fn create_segment(dir: &Path, first_seq: u64) -> Result<ActiveSegment, Failure> 
         file: Some(file),
         path,
         first_seq,
+        version: SEGMENT_VERSION,
         durable_len: SEGMENT_HEADER_LEN as u64,
         last_frame_at: None,
         needs_recovery: false,
@@ -1560,7 +1595,7 @@ mod tests {
     fn segment_header_fields() {
         let h = encode_segment_header(0x0102_0304_0506_0708);
         assert_eq!(&h[0..8], b"ULOADLOG", "magic");
-        assert_eq!(&h[8..12], &1u32.to_le_bytes(), "version");
+        assert_eq!(&h[8..12], &2u32.to_le_bytes(), "version");
         assert_eq!(&h[12..16], &32u32.to_le_bytes(), "header length");
         assert_eq!(
             &h[16..24],
@@ -1570,6 +1605,14 @@ mod tests {
         assert_eq!(&h[24..28], &[0; 4], "reserved");
         assert_eq!(&h[28..32], &crc32c::crc32c(&h[0..28]).to_le_bytes(), "crc");
         assert_eq!(decode_segment_header(&h), Ok(0x0102_0304_0506_0708));
+        assert_eq!(
+            decode_segment_header_version(&h),
+            Ok((0x0102_0304_0506_0708, 2))
+        );
+        // Version 1 (written by earlier builds) is still read.
+        let v1 = encode_segment_header_version(9, 1);
+        assert_eq!(&v1[8..12], &1u32.to_le_bytes());
+        assert_eq!(decode_segment_header_version(&v1), Ok((9, 1)));
     }
 
     #[test]
@@ -1580,9 +1623,10 @@ mod tests {
             h
         };
         let good = encode_segment_header(7);
-        let cases: [(usize, u8, &str); 5] = [
+        let cases: [(usize, u8, &str); 6] = [
             (0, b'X', "magic"),
-            (8, 2, "version"),
+            (8, 3, "version"),
+            (8, 0, "version"),
             (12, 31, "header length"),
             (24, 1, "reserved"),
             (16, 0, "first sequence"),

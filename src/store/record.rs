@@ -1,9 +1,14 @@
 //! The link record: what a short link is, how it is validated and how it is
 //! laid out in bytes.
 //!
-//! The same byte layout ("link encoding v1", see `docs/storage.md`) is used in
+//! The same byte layout (a "link encoding", see `docs/storage.md`) is used in
 //! a log frame's payload and in a snapshot's records region, so a record moves
 //! from the log into a snapshot without being re-encoded by hand twice.
+//!
+//! Every encoded link starts with its version byte. Writers produce link
+//! encoding v2 (a 12-byte fixed part; the fields that are usually zero are
+//! stored only when set); readers decode v1 (a 40-byte fixed part, written by
+//! earlier builds) and v2, each as strictly as the other.
 //!
 //! ```
 //! use uload::store::record::{Link, RedirectStatus};
@@ -21,10 +26,102 @@ use std::fmt;
 pub const MAX_CODE_LEN: usize = 64;
 /// Longest target URL accepted, in bytes (2 KiB; the format itself allows 65535).
 pub const MAX_TARGET_LEN: usize = 2048;
-/// Version byte written at the start of every encoded link.
-pub const LINK_ENCODING_VERSION: u8 = 1;
-/// Size of the fixed part of an encoded link, before the code and target bytes.
-pub const LINK_FIXED_LEN: usize = 40;
+/// Version byte of link encoding v1 (written by earlier builds; still read).
+pub const LINK_ENCODING_V1: u8 = 1;
+/// Version byte of link encoding v2 (written by this build).
+pub const LINK_ENCODING_V2: u8 = 2;
+/// Version byte written at the start of every link this build encodes.
+pub const LINK_ENCODING_VERSION: u8 = LINK_ENCODING_V2;
+/// Size of v1's fixed part, before the code and target bytes.
+pub const LINK_V1_FIXED_LEN: usize = 40;
+/// Size of v2's fixed part, before the code, the target and the optional fields.
+pub const LINK_V2_FIXED_LEN: usize = 12;
+/// The smallest fixed part of any version: fewer bytes never hold a link.
+pub const LINK_MIN_FIXED_LEN: usize = LINK_V2_FIXED_LEN;
+
+/// v2 `flags` bit: `expires_at` (8 bytes) is present.
+pub const V2_HAS_EXPIRES_AT: u8 = 0b0001_0000;
+/// v2 `flags` bit: `max_clicks` (8 bytes) is present.
+pub const V2_HAS_MAX_CLICKS: u8 = 0b0010_0000;
+/// v2 `flags` bit: `owner_key_id` (8 bytes) is present.
+pub const V2_HAS_OWNER_KEY_ID: u8 = 0b0100_0000;
+/// v2 `flags` bit: `created_at_high` (2 bytes, bits 48..64 of `created_at`) is present.
+pub const V2_HAS_CREATED_AT_HIGH: u8 = 0b1000_0000;
+/// v2 `flags` bits that must be 0.
+const V2_RESERVED_FLAGS: u8 = 0b0000_1100;
+
+/// Bytes of v2's optional fields for each value of `flags >> 4` (the
+/// presence bits): 8 for each of bits 4..=6, 2 for bit 7.
+const V2_OPTIONAL_LEN: [u8; 16] = {
+    let mut table = [0u8; 16];
+    let mut bits = 0;
+    while bits < 16 {
+        table[bits] = 8 * (bits as u8 & 0b0111).count_ones() as u8 + 2 * (bits as u8 >> 3);
+        bits += 1;
+    }
+    table
+};
+
+/// Where a v2 link's code starts: after the fixed part and the optional
+/// fields its `flags` byte marks present.
+#[inline]
+fn v2_code_start(flags: u8) -> usize {
+    LINK_V2_FIXED_LEN + V2_OPTIONAL_LEN[(flags >> 4) as usize] as usize
+}
+
+/// A link encoding version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinkEncoding {
+    /// 40-byte fixed part (`LINK_V1_FIXED_LEN`); earlier builds wrote it.
+    V1,
+    /// 12-byte fixed part plus the optional fields that are set.
+    V2,
+}
+
+impl LinkEncoding {
+    /// The encoding this build writes.
+    pub const CURRENT: Self = Self::V2;
+
+    /// Its version byte.
+    pub fn version(self) -> u8 {
+        match self {
+            Self::V1 => LINK_ENCODING_V1,
+            Self::V2 => LINK_ENCODING_V2,
+        }
+    }
+
+    /// The encoding an encoded link declares (its first byte), if known.
+    pub fn of(encoded: &[u8]) -> Option<Self> {
+        match encoded.first() {
+            Some(&LINK_ENCODING_V1) => Some(Self::V1),
+            Some(&LINK_ENCODING_V2) => Some(Self::V2),
+            _ => None,
+        }
+    }
+
+    /// Size of its fixed part: where the code starts.
+    pub fn fixed_len(self) -> usize {
+        match self {
+            Self::V1 => LINK_V1_FIXED_LEN,
+            Self::V2 => LINK_V2_FIXED_LEN,
+        }
+    }
+}
+
+/// The code bytes of an encoded link (either version), located from its
+/// fixed part without decoding the rest: the snapshot's lookup compares these
+/// with the key before it decodes a record. `None` when the version is
+/// unknown or the bytes are too short; the code is not validated here.
+#[inline]
+pub fn encoded_code(encoded: &[u8]) -> Option<&[u8]> {
+    let start = match *encoded.first()? {
+        LINK_ENCODING_V2 => v2_code_start(*encoded.get(5)?),
+        LINK_ENCODING_V1 => LINK_V1_FIXED_LEN,
+        _ => return None,
+    };
+    let len = *encoded.get(1)? as usize;
+    encoded.get(start..start + len)
+}
 
 /// Flag bit: the link exists but must not redirect.
 pub const FLAG_DISABLED: u8 = 0b0000_0001;
@@ -66,6 +163,8 @@ pub enum RecordError {
     Truncated { need: usize, have: usize },
     #[error("record: reserved byte is {0:#04x}, must be 0")]
     Reserved(u8),
+    #[error("record: {0} is marked present but is 0 (absent fields are left out)")]
+    PresentZero(&'static str),
 }
 
 /// The HTTP status a link redirects with.
@@ -173,11 +272,12 @@ impl Link {
 
     /// Length of the encoding `encode_into` appends.
     pub fn encoded_len(&self) -> usize {
-        LINK_FIXED_LEN + self.code.len() + self.target.len()
+        self.as_ref().encoded_len_as(LinkEncoding::CURRENT)
     }
 
-    /// Appends link encoding v1 to `out`. The link must have been validated
-    /// (lengths fit their fields); the store never encodes an unvalidated link.
+    /// Appends the current link encoding (v2) to `out`. The link must have
+    /// been validated (lengths fit their fields); the store never encodes an
+    /// unvalidated link.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         debug_assert!(self.validate().is_ok());
         self.as_ref().encode_into(out);
@@ -200,17 +300,29 @@ pub struct LinkRef<'a> {
 }
 
 impl<'a> LinkRef<'a> {
-    /// Decodes one link encoding from the front of `buf`, returning the link
-    /// and the number of bytes it used. Never panics; every length is checked.
+    /// Decodes one link encoding (v1 or v2, by its version byte) from the
+    /// front of `buf`, returning the link and the number of bytes it used.
+    /// Never panics; every length is checked.
+    #[inline]
     pub fn decode(buf: &'a [u8]) -> Result<(Self, usize), RecordError> {
-        if buf.len() < LINK_FIXED_LEN {
+        match buf.first() {
+            Some(&LINK_ENCODING_V2) => Self::decode_v2(buf),
+            Some(&LINK_ENCODING_V1) => Self::decode_v1(buf),
+            Some(&other) => Err(RecordError::Version(other)),
+            None => Err(RecordError::Truncated {
+                need: LINK_MIN_FIXED_LEN,
+                have: 0,
+            }),
+        }
+    }
+
+    /// Link encoding v1: a 40-byte fixed part, then the code and the target.
+    fn decode_v1(buf: &'a [u8]) -> Result<(Self, usize), RecordError> {
+        if buf.len() < LINK_V1_FIXED_LEN {
             return Err(RecordError::Truncated {
-                need: LINK_FIXED_LEN,
+                need: LINK_V1_FIXED_LEN,
                 have: buf.len(),
             });
-        }
-        if buf[0] != LINK_ENCODING_VERSION {
-            return Err(RecordError::Version(buf[0]));
         }
         let code_len = buf[1] as usize;
         let target_len = u16::from_le_bytes([buf[2], buf[3]]) as usize;
@@ -222,16 +334,16 @@ impl<'a> LinkRef<'a> {
         if buf[7] != 0 {
             return Err(RecordError::Reserved(buf[7]));
         }
-        let total = LINK_FIXED_LEN + code_len + target_len;
+        let total = LINK_V1_FIXED_LEN + code_len + target_len;
         if buf.len() < total {
             return Err(RecordError::Truncated {
                 need: total,
                 have: buf.len(),
             });
         }
-        let code = &buf[LINK_FIXED_LEN..LINK_FIXED_LEN + code_len];
+        let code = &buf[LINK_V1_FIXED_LEN..LINK_V1_FIXED_LEN + code_len];
         validate_code(code)?;
-        let target = &buf[LINK_FIXED_LEN + code_len..total];
+        let target = &buf[LINK_V1_FIXED_LEN + code_len..total];
         let opt = |v: u64| if v == 0 { None } else { Some(v) };
         Ok((
             Self {
@@ -248,27 +360,155 @@ impl<'a> LinkRef<'a> {
         ))
     }
 
+    /// Link encoding v2: a 12-byte fixed part, the optional fields its
+    /// `flags` mark present (in bit order), the code, the target.
+    #[inline]
+    fn decode_v2(buf: &'a [u8]) -> Result<(Self, usize), RecordError> {
+        if buf.len() < LINK_V2_FIXED_LEN {
+            return Err(RecordError::Truncated {
+                need: LINK_V2_FIXED_LEN,
+                have: buf.len(),
+            });
+        }
+        let code_len = buf[1] as usize;
+        let target_len = u16::from_le_bytes([buf[2], buf[3]]) as usize;
+        let status = RedirectStatus::from_code(300 + u16::from(buf[4]))?;
+        let flags = buf[5];
+        if flags & V2_RESERVED_FLAGS != 0 {
+            return Err(RecordError::Flags(flags & V2_RESERVED_FLAGS));
+        }
+        let code_start = v2_code_start(flags);
+        let target_start = code_start + code_len;
+        let total = target_start + target_len;
+        if buf.len() < total {
+            return Err(RecordError::Truncated {
+                need: total,
+                have: buf.len(),
+            });
+        }
+        let mut at = LINK_V2_FIXED_LEN;
+        let mut optional = |bit: u8, name: &'static str| -> Result<Option<u64>, RecordError> {
+            if flags & bit == 0 {
+                return Ok(None);
+            }
+            let v = read_u64(buf, at);
+            at += 8;
+            if v == 0 {
+                return Err(RecordError::PresentZero(name));
+            }
+            Ok(Some(v))
+        };
+        let expires_at_ms = optional(V2_HAS_EXPIRES_AT, "expires_at")?;
+        let max_clicks = optional(V2_HAS_MAX_CLICKS, "max_clicks")?;
+        let owner_key_id = optional(V2_HAS_OWNER_KEY_ID, "owner_key_id")?.unwrap_or(0);
+        let mut created = [0u8; 8];
+        created[..6].copy_from_slice(&buf[6..12]);
+        if flags & V2_HAS_CREATED_AT_HIGH != 0 {
+            let high = [buf[at], buf[at + 1]];
+            if high == [0, 0] {
+                return Err(RecordError::PresentZero("created_at_high"));
+            }
+            created[6..].copy_from_slice(&high);
+        }
+        let code = &buf[code_start..target_start];
+        validate_code(code)?;
+        let target = &buf[target_start..total];
+        Ok((
+            Self {
+                code,
+                target,
+                status,
+                flags: flags & KNOWN_FLAGS,
+                created_at_ms: u64::from_le_bytes(created),
+                expires_at_ms,
+                max_clicks,
+                owner_key_id,
+            },
+            total,
+        ))
+    }
+
     /// The code as text. Codes are validated ASCII wherever a `LinkRef` is built.
     pub fn code_str(&self) -> &'a str {
         std::str::from_utf8(self.code).unwrap_or("")
     }
 
-    /// Appends link encoding v1 to `out`. Lengths must fit their fields,
-    /// as they do for every `LinkRef` decoded or borrowed from a valid `Link`.
+    /// Length of the current encoding (v2) of this link.
+    pub fn encoded_len(&self) -> usize {
+        self.encoded_len_as(LinkEncoding::CURRENT)
+    }
+
+    /// Length of this link in `encoding`.
+    pub fn encoded_len_as(&self, encoding: LinkEncoding) -> usize {
+        let base = encoding.fixed_len() + self.code.len() + self.target.len();
+        match encoding {
+            LinkEncoding::V1 => base,
+            LinkEncoding::V2 => base + V2_OPTIONAL_LEN[(self.v2_presence() >> 4) as usize] as usize,
+        }
+    }
+
+    /// The v2 presence bits of this link's optional fields.
+    fn v2_presence(&self) -> u8 {
+        let bit = |present: bool, bit: u8| if present { bit } else { 0 };
+        bit(self.expires_at_ms.unwrap_or(0) != 0, V2_HAS_EXPIRES_AT)
+            | bit(self.max_clicks.unwrap_or(0) != 0, V2_HAS_MAX_CLICKS)
+            | bit(self.owner_key_id != 0, V2_HAS_OWNER_KEY_ID)
+            | bit(self.created_at_ms >> 48 != 0, V2_HAS_CREATED_AT_HIGH)
+    }
+
+    /// Appends the current link encoding (v2) to `out`. Lengths must fit
+    /// their fields, as they do for every `LinkRef` decoded or borrowed from a
+    /// valid `Link`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.reserve(LINK_FIXED_LEN + self.code.len() + self.target.len());
-        out.push(LINK_ENCODING_VERSION);
-        out.push(self.code.len() as u8);
-        out.extend_from_slice(&(self.target.len() as u16).to_le_bytes());
-        out.extend_from_slice(&self.status.code().to_le_bytes());
-        out.push(self.flags);
-        out.push(0);
-        out.extend_from_slice(&self.created_at_ms.to_le_bytes());
-        out.extend_from_slice(&self.expires_at_ms.unwrap_or(0).to_le_bytes());
-        out.extend_from_slice(&self.max_clicks.unwrap_or(0).to_le_bytes());
-        out.extend_from_slice(&self.owner_key_id.to_le_bytes());
-        out.extend_from_slice(self.code);
-        out.extend_from_slice(self.target);
+        self.encode_as(LinkEncoding::CURRENT, out);
+    }
+
+    /// Appends this link in `encoding` to `out`. Only v2 is written by the
+    /// store; v1 is here for tests and tools that must produce what earlier
+    /// builds wrote (and read). `Some(0)` for an optional field is written
+    /// as absent, as both versions read 0 as "none".
+    pub fn encode_as(&self, encoding: LinkEncoding, out: &mut Vec<u8>) {
+        debug_assert!(self.flags & !KNOWN_FLAGS == 0, "unvalidated flags");
+        out.reserve(self.encoded_len_as(encoding));
+        match encoding {
+            LinkEncoding::V1 => {
+                out.push(LINK_ENCODING_V1);
+                out.push(self.code.len() as u8);
+                out.extend_from_slice(&(self.target.len() as u16).to_le_bytes());
+                out.extend_from_slice(&self.status.code().to_le_bytes());
+                out.push(self.flags);
+                out.push(0);
+                out.extend_from_slice(&self.created_at_ms.to_le_bytes());
+                out.extend_from_slice(&self.expires_at_ms.unwrap_or(0).to_le_bytes());
+                out.extend_from_slice(&self.max_clicks.unwrap_or(0).to_le_bytes());
+                out.extend_from_slice(&self.owner_key_id.to_le_bytes());
+                out.extend_from_slice(self.code);
+                out.extend_from_slice(self.target);
+            }
+            LinkEncoding::V2 => {
+                let presence = self.v2_presence();
+                out.push(LINK_ENCODING_V2);
+                out.push(self.code.len() as u8);
+                out.extend_from_slice(&(self.target.len() as u16).to_le_bytes());
+                out.push((self.status.code() - 300) as u8);
+                out.push((self.flags & KNOWN_FLAGS) | presence);
+                out.extend_from_slice(&self.created_at_ms.to_le_bytes()[..6]);
+                for (bit, v) in [
+                    (V2_HAS_EXPIRES_AT, self.expires_at_ms.unwrap_or(0)),
+                    (V2_HAS_MAX_CLICKS, self.max_clicks.unwrap_or(0)),
+                    (V2_HAS_OWNER_KEY_ID, self.owner_key_id),
+                ] {
+                    if presence & bit != 0 {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+                if presence & V2_HAS_CREATED_AT_HIGH != 0 {
+                    out.extend_from_slice(&self.created_at_ms.to_le_bytes()[6..]);
+                }
+                out.extend_from_slice(self.code);
+                out.extend_from_slice(self.target);
+            }
+        }
     }
 
     /// Whether the disabled flag is set.
@@ -440,22 +680,63 @@ mod tests {
         }
     }
 
+    /// `sample()` in link encoding v1, as the encoder of the last build
+    /// before v2 wrote it (bytes computed by hand from the v1 table).
+    const SAMPLE_V1: [u8; 70] = [
+        1, 5, 25, 0, 52, 1, 2,
+        0, // version, code_len, target_len, status 308, flags, reserved
+        123, 104, 229, 207, 139, 1, 0, 0, // created_at 1_700_000_000_123
+        0, 80, 92, 24, 163, 1, 0, 0, // expires_at 1_800_000_000_000
+        42, 0, 0, 0, 0, 0, 0, 0, // max_clicks
+        7, 0, 0, 0, 0, 0, 0, 0, // owner_key_id
+        b'A', b'b', b'_', b'-', b'9', b'h', b't', b't', b'p', b's', b':', b'/', b'/', b'e', b'x',
+        b'a', b'm', b'p', b'l', b'e', b'.', b'c', b'o', b'm', b'/', b'a', b'?', b'b', b'=', b'c',
+    ];
+
+    fn encode(link: &Link, encoding: LinkEncoding) -> Vec<u8> {
+        let mut buf = Vec::new();
+        link.as_ref().encode_as(encoding, &mut buf);
+        assert_eq!(buf.len(), link.as_ref().encoded_len_as(encoding));
+        buf
+    }
+
+    /// Decodes `buf`, which must be exactly one link, and checks that it
+    /// re-encodes to the same bytes in its own version.
+    fn decode_exact(buf: &[u8]) -> Link {
+        let (back, used) = LinkRef::decode(buf).unwrap();
+        assert_eq!(used, buf.len());
+        let encoding = LinkEncoding::of(buf).unwrap();
+        let mut again = Vec::new();
+        back.encode_as(encoding, &mut again);
+        assert_eq!(again, buf, "re-encoding in {encoding:?}");
+        back.to_link().unwrap()
+    }
+
     #[test]
     fn round_trip_every_field() {
         let link = sample();
         let mut buf = Vec::new();
         link.encode_into(&mut buf);
+        assert_eq!(buf[0], LINK_ENCODING_V2, "writers use v2");
         assert_eq!(buf.len(), link.encoded_len());
-        let (back, used) = LinkRef::decode(&buf).unwrap();
-        assert_eq!(used, buf.len());
-        assert_eq!(back.to_link().unwrap(), link);
+        assert_eq!(decode_exact(&buf), link);
+        assert_eq!(decode_exact(&encode(&link, LinkEncoding::V1)), link);
     }
 
     #[test]
-    fn byte_layout_is_as_specified() {
-        let link = sample();
-        let mut buf = Vec::new();
-        link.encode_into(&mut buf);
+    fn v1_test_vector_still_decodes() {
+        assert_eq!(encode(&sample(), LinkEncoding::V1), SAMPLE_V1);
+        assert_eq!(decode_exact(&SAMPLE_V1), sample());
+        // Followed by other bytes (a padded snapshot record), it uses 70 of them.
+        let mut padded = SAMPLE_V1.to_vec();
+        padded.extend_from_slice(&[0, 0]);
+        assert_eq!(LinkRef::decode(&padded).unwrap().1, 70);
+        assert_eq!(encoded_code(&SAMPLE_V1), Some(&b"Ab_-9"[..]));
+    }
+
+    #[test]
+    fn v1_byte_layout_is_as_specified() {
+        let buf = encode(&sample(), LinkEncoding::V1);
         assert_eq!(buf[0], 1, "version");
         assert_eq!(buf[1], 5, "code_len");
         assert_eq!(&buf[2..4], &(25u16).to_le_bytes(), "target_len");
@@ -479,22 +760,224 @@ mod tests {
     }
 
     #[test]
-    fn optional_fields_encode_as_zero() {
-        let mut link = sample();
-        link.expires_at_ms = None;
-        link.max_clicks = None;
-        let mut buf = Vec::new();
-        link.encode_into(&mut buf);
-        assert_eq!(&buf[16..32], &[0u8; 16]);
-        assert_eq!(LinkRef::decode(&buf).unwrap().0.to_link().unwrap(), link);
+    fn v2_byte_layout_is_as_specified() {
+        let buf = encode(&sample(), LinkEncoding::V2);
+        assert_eq!(buf.len(), 12 + 5 + 25 + 8 + 8 + 8);
+        assert_eq!(buf[0], 2, "version");
+        assert_eq!(buf[1], 5, "code_len");
+        assert_eq!(&buf[2..4], &(25u16).to_le_bytes(), "target_len");
+        assert_eq!(buf[4], 8, "status 308 - 300");
+        assert_eq!(
+            buf[5],
+            FLAG_FORWARD_QUERY | V2_HAS_EXPIRES_AT | V2_HAS_MAX_CLICKS | V2_HAS_OWNER_KEY_ID,
+            "flags"
+        );
+        assert_eq!(
+            &buf[6..12],
+            &1_700_000_000_123u64.to_le_bytes()[..6],
+            "created_at, low 48 bits"
+        );
+        assert_eq!(
+            &buf[12..20],
+            &1_800_000_000_000u64.to_le_bytes(),
+            "expires_at"
+        );
+        assert_eq!(&buf[20..28], &42u64.to_le_bytes(), "max_clicks");
+        assert_eq!(&buf[28..36], &7u64.to_le_bytes(), "owner_key_id");
+        assert_eq!(&buf[36..41], b"Ab_-9");
+        assert_eq!(&buf[41..66], b"https://example.com/a?b=c");
+        assert_eq!(encoded_code(&buf), Some(&b"Ab_-9"[..]));
+        // created_at_high comes after the other optional fields.
+        let mut high = sample();
+        high.created_at_ms = 0x1234_5678_9abc_def0;
+        let buf = encode(&high, LinkEncoding::V2);
+        assert_eq!(buf[5] & V2_HAS_CREATED_AT_HIGH, V2_HAS_CREATED_AT_HIGH);
+        assert_eq!(&buf[6..12], &[0xf0, 0xde, 0xbc, 0x9a, 0x78, 0x56]);
+        assert_eq!(&buf[36..38], &[0x34, 0x12], "created_at_high");
+        assert_eq!(&buf[38..43], b"Ab_-9");
+        // The usual link: none of the optional fields, 12 bytes of fixed part.
+        let mut plain = sample();
+        (plain.expires_at_ms, plain.max_clicks, plain.owner_key_id) = (None, None, 0);
+        plain.flags = FLAG_DISABLED;
+        plain.status = RedirectStatus::MovedPermanently;
+        let buf = encode(&plain, LinkEncoding::V2);
+        assert_eq!(buf.len(), 12 + 5 + 25);
+        assert_eq!((buf[4], buf[5]), (1, FLAG_DISABLED));
+        assert_eq!(&buf[12..17], b"Ab_-9");
+        assert_eq!(decode_exact(&buf), plain);
     }
 
     #[test]
-    fn decode_refuses_each_bad_field() {
-        let mut good = Vec::new();
-        sample().encode_into(&mut good);
+    fn v2_every_combination_of_optional_fields_round_trips() {
+        for mask in 0u8..16 {
+            let mut link = sample();
+            link.expires_at_ms = (mask & 1 != 0).then_some(u64::MAX);
+            link.max_clicks = (mask & 2 != 0).then_some(1);
+            link.owner_key_id = if mask & 4 != 0 { u64::MAX } else { 0 };
+            link.created_at_ms = if mask & 8 != 0 {
+                1 << 48
+            } else {
+                (1 << 48) - 1
+            };
+            let buf = encode(&link, LinkEncoding::V2);
+            let optional = 8 * (mask & 7).count_ones() as usize + if mask & 8 != 0 { 2 } else { 0 };
+            assert_eq!(buf.len(), 12 + 5 + 25 + optional, "mask {mask:#b}");
+            assert_eq!(buf[5] >> 4, mask, "presence bits");
+            assert_eq!(decode_exact(&buf), link, "mask {mask:#b}");
+        }
+    }
+
+    #[test]
+    fn v2_field_bounds() {
+        let round_trip = |link: &Link| {
+            assert_eq!(decode_exact(&encode(link, LinkEncoding::V2)), *link);
+            assert_eq!(decode_exact(&encode(link, LinkEncoding::V1)), *link);
+        };
+        // created_at: 0, around the 48-bit boundary, the largest u64.
+        for created in [
+            0,
+            1,
+            (1 << 48) - 1,
+            1 << 48,
+            (1 << 48) + 1,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let mut link = sample();
+            link.created_at_ms = created;
+            round_trip(&link);
+            let buf = encode(&link, LinkEncoding::V2);
+            assert_eq!(buf[5] & V2_HAS_CREATED_AT_HIGH != 0, created >> 48 != 0);
+            if created >> 48 != 0 {
+                // After expires_at, max_clicks and owner_key_id (all set in sample()).
+                assert_eq!(&buf[36..38], &created.to_le_bytes()[6..]);
+            }
+        }
+        // Optional fields: 1 and u64::MAX are stored; 0 (and Some(0)) is absent.
+        for v in [1, u64::MAX] {
+            let mut link = sample();
+            (link.expires_at_ms, link.max_clicks, link.owner_key_id) = (Some(v), Some(v), v);
+            round_trip(&link);
+        }
+        let mut zero = sample();
+        (zero.expires_at_ms, zero.max_clicks) = (Some(0), Some(0));
+        let buf = encode(&zero, LinkEncoding::V2);
+        assert_eq!(buf[5] & (V2_HAS_EXPIRES_AT | V2_HAS_MAX_CLICKS), 0);
+        let back = decode_exact(&buf);
+        assert_eq!((back.expires_at_ms, back.max_clicks), (None, None));
+        // Codes of 1 and 64 bytes, targets of 0 (the format allows it; the
+        // writer's policy does not) and 65535 bytes.
+        for code in ["a".to_owned(), "Z".repeat(MAX_CODE_LEN)] {
+            let mut link = sample();
+            link.code = code;
+            round_trip(&link);
+        }
+        let owned = sample();
+        for len in [0, u16::MAX as usize] {
+            let target = vec![b'x'; len];
+            let link = LinkRef {
+                target: &target,
+                ..owned.as_ref()
+            };
+            for encoding in [LinkEncoding::V1, LinkEncoding::V2] {
+                let mut buf = Vec::new();
+                link.encode_as(encoding, &mut buf);
+                assert_eq!(LinkRef::decode(&buf).unwrap(), (link, buf.len()));
+            }
+        }
+        // Every status and flag combination.
+        for status in [301, 302, 307, 308] {
+            for flags in 0..=KNOWN_FLAGS {
+                let mut link = sample();
+                link.status = RedirectStatus::from_code(status).unwrap();
+                link.flags = flags;
+                round_trip(&link);
+                assert_eq!(encode(&link, LinkEncoding::V2)[4] as u16 + 300, status);
+            }
+        }
+    }
+
+    #[test]
+    fn v2_refuses_each_bad_field() {
+        let good = encode(&sample(), LinkEncoding::V2);
+        let cases: [(usize, u8, RecordError); 9] = [
+            (0, 0, RecordError::Version(0)),
+            (0, 3, RecordError::Version(3)),
+            (0, 0xff, RecordError::Version(0xff)),
+            (4, 0, RecordError::Status(300)),
+            (4, 3, RecordError::Status(303)),
+            (4, 0xff, RecordError::Status(555)),
+            (5, good[5] | 0b0100, RecordError::Flags(0b0100)),
+            (5, good[5] | 0b1000, RecordError::Flags(0b1000)),
+            (36, b'/', RecordError::CodeCharset(b'/', 0)),
+        ];
+        for (at, byte, want) in cases {
+            let mut bad = good.clone();
+            bad[at] = byte;
+            assert_eq!(LinkRef::decode(&bad).unwrap_err(), want, "byte {at}");
+        }
+        for (code_len, want) in [
+            (0, RecordError::CodeLength(0)),
+            (65, RecordError::CodeLength(65)),
+        ] {
+            let mut bad = good.clone();
+            bad[1] = code_len;
+            bad.resize(bad.len() + 65, b'a');
+            assert_eq!(LinkRef::decode(&bad).unwrap_err(), want);
+        }
+        // A field marked present holding 0: refused, so that a link has one encoding.
+        let fields = [(12, "expires_at"), (20, "max_clicks"), (28, "owner_key_id")];
+        for (at, name) in fields {
+            let mut bad = good.clone();
+            bad[at..at + 8].fill(0);
+            assert_eq!(
+                LinkRef::decode(&bad).unwrap_err(),
+                RecordError::PresentZero(name)
+            );
+        }
+        let mut high = sample();
+        high.created_at_ms = u64::MAX;
+        let mut bad = encode(&high, LinkEncoding::V2);
+        bad[36..38].fill(0);
+        assert_eq!(
+            LinkRef::decode(&bad).unwrap_err(),
+            RecordError::PresentZero("created_at_high")
+        );
+        // A presence bit without its bytes, or lengths beyond the buffer: truncated.
+        let mut plain = sample();
+        (plain.expires_at_ms, plain.max_clicks, plain.owner_key_id) = (None, None, 0);
+        let buf = encode(&plain, LinkEncoding::V2);
+        for bit in [
+            V2_HAS_EXPIRES_AT,
+            V2_HAS_MAX_CLICKS,
+            V2_HAS_OWNER_KEY_ID,
+            V2_HAS_CREATED_AT_HIGH,
+        ] {
+            let mut bad = buf.clone();
+            bad[5] |= bit;
+            assert!(matches!(
+                LinkRef::decode(&bad).unwrap_err(),
+                RecordError::Truncated { .. }
+            ));
+        }
+        for cut in 0..good.len() {
+            assert!(
+                matches!(
+                    LinkRef::decode(&good[..cut]).unwrap_err(),
+                    RecordError::Truncated { .. }
+                ),
+                "cut {cut}"
+            );
+            assert_eq!(encoded_code(&good[..cut]).is_some(), cut >= 41);
+        }
+        assert_eq!(encoded_code(&[3, 1, 0, 0]), None);
+    }
+
+    #[test]
+    fn v1_refuses_each_bad_field() {
+        let good = SAMPLE_V1.to_vec();
         let cases: [(usize, u8, RecordError); 5] = [
-            (0, 2, RecordError::Version(2)),
+            (0, 9, RecordError::Version(9)),
             (4, 0, RecordError::Status(256)),
             (6, 0x80, RecordError::Flags(0x80)),
             (7, 1, RecordError::Reserved(1)),
@@ -517,6 +1000,19 @@ mod tests {
                 RecordError::Truncated { .. }
             ));
         }
+    }
+
+    #[test]
+    fn v2_is_smaller_for_the_usual_link() {
+        // A 7-byte code and a 70-byte URL with no optional field: 89 bytes
+        // instead of 117 (96 and 120 once padded to 8 in a snapshot).
+        let link = Link::new(
+            "zs3m12t",
+            &format!("https://example.com/{}", "a".repeat(50)),
+        )
+        .unwrap();
+        assert_eq!(link.as_ref().encoded_len_as(LinkEncoding::V1), 117);
+        assert_eq!(link.encoded_len(), 89);
     }
 
     #[test]

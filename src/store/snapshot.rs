@@ -4,6 +4,9 @@
 //! Layout (byte by byte in `docs/storage.md`): a 128-byte header, the records
 //! region (link encodings sorted by code, each padded to 8 bytes), then the
 //! hash index (`bucket_count` little-endian `u64` slots, linear probing).
+//! Format version 2 (written by this build) holds link encoding v2 records;
+//! version 1 files (link encoding v1 records, written by earlier builds) are
+//! still read: each record's own version byte says how to decode it.
 //! Opening maps the file and checks the header and, unless told not to, the
 //! checksums of both regions; a lookup is a hash, a probe or two and a key
 //! comparison, with no allocation.
@@ -26,13 +29,18 @@ use std::path::{Path, PathBuf};
 use memmap2::{Mmap, MmapMut};
 
 use super::hash::{HASH_FNV1A_FMIX64, code_hash};
-use super::record::{LINK_FIXED_LEN, LinkRef, RecordError, validate_code};
+use super::record::{
+    FLAG_DISABLED, FLAG_FORWARD_QUERY, LINK_V1_FIXED_LEN, LINK_V2_FIXED_LEN, LinkEncoding, LinkRef,
+    RecordError, encoded_code, validate_code,
+};
 use super::sync_dir;
 
 /// Magic bytes at the start of every snapshot.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"ULOADSNP";
-/// Snapshot format version this build writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Snapshot format version this build writes (link encoding v2 records).
+pub const SNAPSHOT_VERSION: u32 = 2;
+/// The earlier format version, still read (link encoding v1 records).
+pub const SNAPSHOT_VERSION_V1: u32 = 1;
 /// Length of the header.
 pub const SNAPSHOT_HEADER_LEN: usize = 128;
 /// Records are padded to this alignment; index slots count in these units.
@@ -140,9 +148,9 @@ impl SnapshotHeader {
             index_crc: u32_at(84),
             hash_fn: u32_at(88),
         };
-        if h.version != SNAPSHOT_VERSION {
+        if h.version != SNAPSHOT_VERSION && h.version != SNAPSHOT_VERSION_V1 {
             return Err(format!(
-                "format version {} is not supported (this build reads {SNAPSHOT_VERSION})",
+                "format version {} is not supported (this build reads {SNAPSHOT_VERSION_V1} and {SNAPSHOT_VERSION})",
                 h.version
             ));
         }
@@ -194,8 +202,14 @@ impl SnapshotHeader {
                 h.records_offset, h.records_len, h.index_offset, h.index_len
             ));
         }
-        // Every record takes at least the fixed part plus a one-byte code, padded.
-        let min_record = (LINK_FIXED_LEN + 1).next_multiple_of(RECORD_ALIGN) as u64;
+        // Every record takes at least the fixed part plus a one-byte code,
+        // padded: that of v1 in a version 1 file, that of v2 in a version 2 file.
+        let fixed = if h.version == SNAPSHOT_VERSION_V1 {
+            LINK_V1_FIXED_LEN
+        } else {
+            LINK_V2_FIXED_LEN
+        };
+        let min_record = (fixed + 1).next_multiple_of(RECORD_ALIGN) as u64;
         if h.link_count.saturating_mul(min_record) > h.records_len {
             return Err(format!(
                 "{} links cannot fit in {} bytes of records",
@@ -353,8 +367,7 @@ impl Snapshot {
                 // Units count from 1; a damaged slot holding unit 0 is a miss.
                 let off = ((slot as u32) as usize).checked_sub(1)? * RECORD_ALIGN;
                 let rec = records.get(off..)?;
-                let code_len = *rec.get(1)? as usize;
-                if rec.get(LINK_FIXED_LEN..LINK_FIXED_LEN + code_len) == Some(code) {
+                if encoded_code(rec) == Some(code) {
                     return LinkRef::decode(rec).ok().map(|(link, _)| link);
                 }
             }
@@ -480,6 +493,7 @@ pub fn bucket_count_for(n: u64) -> u64 {
 /// Writes a snapshot of `links` (strictly ascending by code) holding the log
 /// up to `seq`, to `path`: written to `path.tmp`, fsynced, renamed into
 /// place, directory fsynced. On error the temporary file is removed.
+/// Writes the current format (version 2, link encoding v2 records).
 pub fn write_snapshot<'a, E>(
     path: &Path,
     seq: u64,
@@ -488,8 +502,24 @@ pub fn write_snapshot<'a, E>(
 where
     SnapshotError: From<E>,
 {
+    write_snapshot_as(path, seq, links, LinkEncoding::CURRENT)
+}
+
+/// [`write_snapshot`] with records in `encoding`: `LinkEncoding::V1` writes
+/// a format version 1 file, exactly as builds before link encoding v2 did.
+/// The store only writes the current format; the old one is for tests and
+/// tools that must produce files an earlier build can read.
+pub fn write_snapshot_as<'a, E>(
+    path: &Path,
+    seq: u64,
+    links: impl Iterator<Item = Result<LinkRef<'a>, E>>,
+    encoding: LinkEncoding,
+) -> Result<SnapshotInfo, SnapshotError>
+where
+    SnapshotError: From<E>,
+{
     let tmp = path.with_extension("snap.tmp");
-    let result = write_snapshot_to(&tmp, path, seq, links);
+    let result = write_snapshot_to(&tmp, path, seq, links, encoding);
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -501,6 +531,7 @@ fn write_snapshot_to<'a, E>(
     path: &Path,
     seq: u64,
     links: impl Iterator<Item = Result<LinkRef<'a>, E>>,
+    encoding: LinkEncoding,
 ) -> Result<SnapshotInfo, SnapshotError>
 where
     SnapshotError: From<E>,
@@ -541,8 +572,15 @@ where
                 source: RecordError::TargetLength(link.target.len()),
             });
         }
+        let unknown_flags = link.flags & !(FLAG_DISABLED | FLAG_FORWARD_QUERY);
+        if unknown_flags != 0 {
+            return Err(SnapshotError::Record {
+                path: path.to_owned(),
+                source: RecordError::Flags(unknown_flags),
+            });
+        }
         buf.clear();
-        link.encode_into(&mut buf);
+        link.encode_as(encoding, &mut buf);
         buf.resize(buf.len().next_multiple_of(RECORD_ALIGN), 0);
         let unit = records_len / RECORD_ALIGN as u64 + 1;
         if records_len + buf.len() as u64 > MAX_RECORDS_LEN {
@@ -576,7 +614,10 @@ where
         out.write_all(&chunk).map_err(io(tmp))?;
     }
     let header = SnapshotHeader {
-        version: SNAPSHOT_VERSION,
+        version: match encoding {
+            LinkEncoding::V1 => SNAPSHOT_VERSION_V1,
+            LinkEncoding::V2 => SNAPSHOT_VERSION,
+        },
         seq,
         link_count: entries.len() as u64,
         bucket_count,
@@ -661,7 +702,7 @@ mod tests {
         let h = SnapshotHeader::decode(&bytes, bytes.len() as u64).unwrap();
         assert_eq!(h.encode().as_slice(), &bytes[..SNAPSHOT_HEADER_LEN]);
         assert_eq!(&bytes[0..8], b"ULOADSNP");
-        assert_eq!(h.version, 1);
+        assert_eq!(h.version, 2);
         assert_eq!(h.link_count, 10);
         assert_eq!(h.bucket_count, 16);
         assert_eq!(h.index_offset, 128 + h.records_len);
@@ -669,7 +710,8 @@ mod tests {
         // Each field, changed and re-checksummed, is refused on its own terms.
         type Change = fn(&mut SnapshotHeader);
         let changes: Vec<(&str, Change)> = vec![
-            ("version", |h| h.version = 2),
+            ("version", |h| h.version = 3),
+            ("version", |h| h.version = 0),
             ("bucket count", |h| h.bucket_count = 15),
             ("links do not fit", |h| h.link_count = 16),
             ("index length", |h| h.index_len += 8),
@@ -710,6 +752,98 @@ mod tests {
         );
         for cut in 0..SNAPSHOT_HEADER_LEN {
             assert!(SnapshotHeader::decode(&bytes[..cut], bytes.len() as u64).is_err());
+        }
+    }
+
+    #[test]
+    fn records_are_link_encoding_v2_padded_to_8() {
+        let dir = tempfile::tempdir().unwrap();
+        let links = links(3);
+        let bytes = fs::read(write(dir.path(), &links)).unwrap();
+        let mut at = SNAPSHOT_HEADER_LEN;
+        for l in &links {
+            let mut want = Vec::new();
+            l.encode_into(&mut want);
+            assert_eq!(want[0], 2);
+            assert_eq!(&bytes[at..at + want.len()], want.as_slice());
+            let padded = want.len().next_multiple_of(RECORD_ALIGN);
+            assert!(bytes[at + want.len()..at + padded].iter().all(|&b| b == 0));
+            at += padded;
+        }
+    }
+
+    /// Files written before link encoding v2 (format version 1, v1 records)
+    /// still open, look up and iterate exactly as before.
+    #[test]
+    fn format_version_1_with_v1_records_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [0, 1, 7, 300] {
+            let links = links(n);
+            let path = dir.path().join("v1.snap");
+            let info = write_snapshot_as(
+                &path,
+                9,
+                links.iter().map(|l| Ok::<_, Infallible>(l.as_ref())),
+                LinkEncoding::V1,
+            )
+            .unwrap();
+            assert_eq!(info.header.version, 1);
+            let bytes = fs::read(&path).unwrap();
+            if n > 0 {
+                assert_eq!(bytes[SNAPSHOT_HEADER_LEN], 1, "a v1 record");
+            }
+            let snap = Snapshot::open(&path, true).unwrap();
+            assert_eq!(snap.header().version, 1);
+            for l in &links {
+                assert_eq!(snap.get(l.code.as_bytes()).unwrap().to_link().unwrap(), *l);
+            }
+            assert!(snap.get(b"missing").is_none());
+            let all: Vec<Link> = snap.iter().map(|r| r.unwrap().to_link().unwrap()).collect();
+            assert_eq!(all, links);
+            // Rewritten by this build (compaction): the same links, as v2, smaller.
+            let v2 = dir.path().join("v2.snap");
+            let info2 = write_snapshot(&v2, 9, snap.iter()).unwrap();
+            assert_eq!(info2.header.version, 2);
+            if n > 0 {
+                assert!(info2.header.records_len < info.header.records_len);
+            }
+            let snap2 = Snapshot::open(&v2, true).unwrap();
+            let again: Vec<Link> = snap2
+                .iter()
+                .map(|r| r.unwrap().to_link().unwrap())
+                .collect();
+            assert_eq!(again, links);
+        }
+    }
+
+    /// The minimum record size a header is checked against is that of its
+    /// format: 48 bytes in version 1, 16 in version 2.
+    #[test]
+    fn link_count_is_bounded_by_the_formats_smallest_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &links(1));
+        let bytes = fs::read(&path).unwrap();
+        let h = SnapshotHeader::decode(&bytes, bytes.len() as u64).unwrap();
+        for (version, records_len, ok) in [
+            (2, 7 * 16, true),
+            (2, 7 * 16 - 8, false),
+            (1, 7 * 48, true),
+            (1, 7 * 48 - 8, false),
+        ] {
+            let mut forged = h;
+            forged.version = version;
+            forged.link_count = 7;
+            forged.bucket_count = 8;
+            forged.index_len = 64;
+            forged.records_len = records_len;
+            forged.index_offset = 128 + forged.records_len;
+            let len = forged.index_offset + 64;
+            let result = SnapshotHeader::decode(&forged.encode(), len);
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "version {version}, {records_len}: {result:?}"
+            );
         }
     }
 
