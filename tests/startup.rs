@@ -69,7 +69,12 @@ fn a_corrupt_covered_frame_is_still_reported() {
     let offsets = frame_offsets(&good);
     assert_eq!(offsets.len(), 20);
     // Frame 5 (sequence 5): its length, its checksum, its sequence, its code.
-    for delta in [0, 5, FRAME_HEADER_LEN, FRAME_HEADER_LEN + 9 + LINK_V2_FIXED_LEN] {
+    for delta in [
+        0,
+        5,
+        FRAME_HEADER_LEN,
+        FRAME_HEADER_LEN + 9 + LINK_V2_FIXED_LEN,
+    ] {
         let at = offsets[4] + delta;
         let mut bad = good.clone();
         bad[at] ^= 0x01;
