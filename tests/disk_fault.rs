@@ -19,10 +19,12 @@
 //!   EPERM, and a tmpfs remounted read-only, EROFS). The last two need
 //!   `mount`; without it they print "skipped: mount not permitted".
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -575,11 +577,7 @@ fn call_api(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) ->
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    common::free_port()
 }
 
 fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {

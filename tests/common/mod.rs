@@ -127,8 +127,24 @@ pub fn api(addr: SocketAddr, method: &str, path: &str, body: &str) -> Response {
     .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, picked below the kernel's
+/// ephemeral range (32768 to 60999 by default). A port from `bind(0)` lies in
+/// that range, where an outgoing connection of a test running alongside may
+/// take it as its source port before the server under test binds it (seen
+/// as "Address already in use" from an edge started by a test).
 pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        let port = 20_000 + (h.finish() % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
