@@ -25,34 +25,19 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
 
 
-def probe(port, path):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while b"\r\n" not in data and len(data) < 65536:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-        parts = data.split(b" ", 2)
-        return int(parts[1]) if len(parts) >= 2 else None
-    except (OSError, ValueError):
-        return None
+# The same port picking and probe as the comparison uses.
+free_port = compare.free_port
+probe = compare.probe
 
 
 def write_configs(wd, data_dir):

@@ -153,23 +153,24 @@ impl LimiterTable {
             && &header[0..8] == MAGIC
             && header[8..12] == VERSION.to_le_bytes()
             && header[12..16] == (slots as u32).to_le_bytes();
-        if !valid {
+        let file = if valid {
+            file
+        } else {
             if len > 0 {
                 tracing::warn!(path = %path.display(), "rate-limit state unusable (other format or size); starting empty");
             }
-            file.set_len(0).map_err(err)?;
-            file.set_len(want).map_err(err)?;
-        }
+            // A new file renamed into place, never the old one rewritten: a
+            // process of an earlier version may have the old one mapped (the
+            // old edge during a graceful upgrade), and cutting a mapped file
+            // short kills its reader with SIGBUS.
+            fresh_table(path, want, slots).map_err(err)?
+        };
         // SAFETY: the file is only ever accessed through this mapping's
         // atomics (by this process and by uload processes sharing it during
         // an upgrade); a foreign writer could make the counts wrong but not
-        // unsound, since every slot is read as plain integers.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
-        if !valid {
-            map[0..8].copy_from_slice(MAGIC);
-            map[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            map[12..16].copy_from_slice(&(slots as u32).to_le_bytes());
-        }
+        // unsound, since every slot is read as plain integers. Files of
+        // another format or size are replaced by rename, never truncated.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
         Ok(Self {
             map,
             mask: slots - 1,
@@ -284,6 +285,35 @@ impl LimiterTable {
 
 /// The 64-bit key of `client` in limiter `kind`: the store's fixed hash (the
 /// same on every build, so a restarted process finds its clients), never 0.
+/// An empty table of `slots` slots at `path`: written under a temporary
+/// name and renamed over whatever was there.
+fn fresh_table(path: &Path, len: u64, slots: usize) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.set_len(len)?;
+        let mut header = [0u8; HEADER_LEN];
+        header[0..8].copy_from_slice(MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&(slots as u32).to_le_bytes());
+        file.write_all_at(&header, 0)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
 fn key_of(kind: u8, client: &[u8]) -> u64 {
     let mut buf = [0u8; 80];
     let n = client.len().min(buf.len() - 1);
@@ -403,6 +433,31 @@ mod tests {
             !t.check(1, &999u32.to_le_bytes(), limit, now + 999_000)
                 .allowed
         );
+    }
+
+    /// A file of another format is replaced by a new file, not rewritten:
+    /// a process that still maps the old one (an earlier version during a
+    /// graceful upgrade) keeps reading it, unchanged.
+    #[test]
+    fn replacing_a_file_leaves_its_old_mappings_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rl.bin");
+        let limit = Limit::per_window(1, 60_000, 1);
+        let old = LimiterTable::open(&path, 64).unwrap();
+        assert!(old.check(3, b"x", limit, 1_000_000).allowed);
+        // Another size: a new, empty table under the same name.
+        let new = LimiterTable::open(&path, 128).unwrap();
+        assert!(new.check(3, b"x", limit, 1_000_000).allowed, "empty");
+        assert!(
+            !old.check(3, b"x", limit, 1_000_000).allowed,
+            "the old map is intact"
+        );
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            (HEADER_LEN + 128 * SLOT_LEN) as u64
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left");
     }
 
     #[test]

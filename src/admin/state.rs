@@ -561,6 +561,12 @@ fn writer_loop(shared: Weak<Shared>, jobs: mpsc::Receiver<Job>) {
         };
         let replies =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| strong.write_batch(batch)));
+        if replies.is_err() {
+            // Its records may be durable but not in the view, and their
+            // codes reserved: only a restart sets that right, which health
+            // now says.
+            strong.broken.store(true, Ordering::Release);
+        }
         // Let go of the state before anyone is answered: a caller that drops
         // its AdminState after its answer must find the data dir unlocked.
         drop(strong);

@@ -152,6 +152,9 @@ impl HeaderScan {
 
 /// Capacity of a connection's header buffer (grown when a header is longer).
 const HEAD_BUF: usize = 4096;
+/// A header buffer grown past this is dropped after its request, not kept
+/// for the next one on the connection.
+const HEAD_BUF_KEEP: usize = 16 * 1024;
 
 /// Reads one request header from `stream` into `buf` (empty on entry).
 ///
@@ -390,7 +393,13 @@ where
                     let _ = stream.shutdown().await;
                     return None;
                 }
-                buf.clear();
+                // A connection keeps its buffer, but not one a huge header
+                // grew: idle connections must not pin megabytes.
+                if buf.capacity() > HEAD_BUF_KEEP {
+                    buf = BytesMut::new();
+                } else {
+                    buf.clear();
+                }
                 // The keep-alive clock starts at this request, microseconds
                 // before its answer went out: no second clock read.
                 idle_from = started;

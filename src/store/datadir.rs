@@ -227,14 +227,21 @@ impl DataDir {
     /// replaces the snapshot and trims the log while we read is detected (the
     /// manifest changed) and the load is retried.
     pub fn load_view(&self, verify_checksums: bool) -> Result<TableView, StoreError> {
+        // The segments as listed now: a compaction may delete one (the last
+        // too, after it rolled the log) between the listing and the read.
+        let segments = || -> Vec<u64> {
+            log::list_segments(&self.log_dir())
+                .map(|list| list.iter().map(|s| s.first_seq).collect())
+                .unwrap_or_default()
+        };
         let mut attempts = 0;
         loop {
-            let before = self.read_manifest()?;
+            let before = (self.read_manifest()?, segments());
             match self.load_view_once(verify_checksums) {
                 Ok(view) => return Ok(view),
                 Err(e) => {
                     attempts += 1;
-                    if attempts >= 5 || self.read_manifest()? == before {
+                    if attempts >= 5 || (self.read_manifest()?, segments()) == before {
                         return Err(e);
                     }
                 }
