@@ -323,15 +323,7 @@ def write_configs(name, wd, links_dir, n, port, admin_port, metrics_port, args):
         metrics_extra = sections.pop("metrics", "")
         other = "".join(f"{sec}:\n{lines}" for sec, lines in sections.items())
         with open(os.path.join(wd, "pingora.yaml"), "w") as f:
-            f.write(f"""---
-version: 1
-threads: 1
-pid_file: {wd}/edge.pid
-upgrade_sock: {wd}/edge-upgrade.sock
-error_log: null
-grace_period_seconds: 0
-graceful_shutdown_timeout_seconds: 1
-{extra_pingora}""")
+            f.write(pingora_yaml(wd, extra_pingora))
         with open(os.path.join(wd, "uload.yaml"), "w") as f:
             f.write(f"""data_dir: {data}
 public_base_url: http://127.0.0.1:{port}
@@ -409,6 +401,19 @@ frontend redirects
 """)
         return [shutil.which("haproxy") or "/usr/sbin/haproxy", "-f", f"{wd}/haproxy.cfg", "-db"]
     raise ValueError(name)
+
+
+def pingora_yaml(wd, extra=""):
+    """The edge's Pingora conf for a benchmark: one worker thread, files in wd."""
+    return f"""---
+version: 1
+threads: 1
+pid_file: {wd}/edge.pid
+upgrade_sock: {wd}/edge-upgrade.sock
+error_log: null
+grace_period_seconds: 0
+graceful_shutdown_timeout_seconds: 1
+{extra}"""
 
 
 def probe(port, path, timeout=2.0):

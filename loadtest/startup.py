@@ -43,15 +43,7 @@ probe = compare.probe
 def write_configs(wd, data_dir):
     port, admin, metrics = free_port(), free_port(), free_port()
     with open(os.path.join(wd, "pingora.yaml"), "w") as f:
-        f.write(f"""---
-version: 1
-threads: 1
-pid_file: {wd}/edge.pid
-upgrade_sock: {wd}/edge-upgrade.sock
-error_log: null
-grace_period_seconds: 0
-graceful_shutdown_timeout_seconds: 1
-""")
+        f.write(compare.pingora_yaml(wd))
     with open(os.path.join(wd, "uload.yaml"), "w") as f:
         f.write(f"""data_dir: {data_dir}
 public_base_url: http://127.0.0.1:{port}

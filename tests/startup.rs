@@ -3,10 +3,12 @@
 //! and `compact`/`import` leave no covered log segment behind for it to read.
 //! Real files in temporary directories; the CLI tests run the `uload` binary.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use common::uload_ok;
 use uload::store::frame::{FRAME_HEADER_LEN, frame_crc};
 use uload::store::log::{SEGMENT_HEADER_LEN, list_segments, read_log};
 use uload::store::record::LINK_V2_FIXED_LEN;
@@ -296,19 +298,6 @@ fn a_failed_roll_is_done_by_the_next_batch() {
     assert!(view.get(b"blocked").is_none() && view.get(b"next").is_some());
 }
 
-fn uload(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_uload"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "uload {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// `uload import`, then a restart: the reader finds nothing to replay.
 #[test]
 fn after_import_a_restart_replays_nothing() {
@@ -321,7 +310,7 @@ fn after_import_a_restart_replays_nothing() {
     }
     fs::write(&csv, text).unwrap();
     let data_arg = data.to_str().unwrap();
-    uload(&["import", csv.to_str().unwrap(), "--data-dir", data_arg]);
+    uload_ok(&["import", csv.to_str().unwrap(), "--data-dir", data_arg]);
     let segments = list_segments(&log_dir(&data)).unwrap();
     assert_eq!(
         segments.iter().map(|s| s.first_seq).collect::<Vec<_>>(),
@@ -339,14 +328,14 @@ fn after_import_a_restart_replays_nothing() {
     // A second import continues the sequences and again leaves nothing.
     let csv2 = dir.path().join("more.csv");
     fs::write(&csv2, "code,url,status\nmore1,https://example.com/m,302\n").unwrap();
-    uload(&["import", csv2.to_str().unwrap(), "--data-dir", data_arg]);
+    uload_ok(&["import", csv2.to_str().unwrap(), "--data-dir", data_arg]);
     let segments = list_segments(&log_dir(&data)).unwrap();
     assert_eq!(
         segments.iter().map(|s| s.first_seq).collect::<Vec<_>>(),
         [3002]
     );
     // `uload compact` with nothing new keeps it that way.
-    uload(&["compact", "--data-dir", data_arg]);
+    uload_ok(&["compact", "--data-dir", data_arg]);
     let segments = list_segments(&log_dir(&data)).unwrap();
     assert_eq!(
         segments.iter().map(|s| s.first_seq).collect::<Vec<_>>(),

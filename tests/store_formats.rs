@@ -5,11 +5,13 @@
 //! inspect` / `export` / `import` work on them. See "Link encoding v2" and
 //! "Reading v1" in `docs/storage.md`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
+use common::uload_ok;
 use uload::store::datadir::{Manifest, snapshot_file_name};
 use uload::store::frame::{FRAME_HEADER_LEN, LogOp, encode_frame_as};
 use uload::store::log::{
@@ -242,27 +244,15 @@ fn v1_snapshot_and_log_data_dir_with_the_cli() {
     apply(&mut model, &log_ops);
     assert_eq!(view(root), model_links(&model));
 
-    let uload = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_uload"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "uload {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
     let data = root.to_str().unwrap();
-    let report = uload(&["inspect", "--data-dir", data]);
+    let report = uload_ok(&["inspect", "--data-dir", data]);
     assert!(report.contains("format      v1"), "{report}");
     assert!(report.contains("status        ok"), "{report}");
-    let json = uload(&["inspect", "--data-dir", data, "--json"]);
+    let json = uload_ok(&["inspect", "--data-dir", data, "--json"]);
     assert!(json.contains("\"format_version\": 1") || json.contains("\"format_version\":1"));
 
     let exported = root.join("export.jsonl");
-    uload(&[
+    uload_ok(&[
         "export",
         "--data-dir",
         data,
@@ -275,17 +265,17 @@ fn v1_snapshot_and_log_data_dir_with_the_cli() {
     );
 
     // `uload compact`: format 2, v2 records, same links.
-    let out = uload(&["compact", "--data-dir", data]);
+    let out = uload_ok(&["compact", "--data-dir", data]);
     assert!(out.contains("(21 links, sequence 23)"), "{out}");
     assert_eq!(view(root), model_links(&model));
-    let report = uload(&["inspect", "--data-dir", data]);
+    let report = uload_ok(&["inspect", "--data-dir", data]);
     assert!(report.contains("format      v2"), "{report}");
     assert!(report.contains("status        ok"), "{report}");
 
     // export -> import into a fresh data dir: the same links, as v2.
     let fresh = tempfile::tempdir().unwrap();
     let fresh_data = fresh.path().join("data");
-    let out = uload(&[
+    let out = uload_ok(&[
         "import",
         exported.to_str().unwrap(),
         "--data-dir",
@@ -297,7 +287,7 @@ fn v1_snapshot_and_log_data_dir_with_the_cli() {
     );
     assert_eq!(view(&fresh_data), model_links(&model));
     let again = fresh.path().join("again.jsonl");
-    uload(&[
+    uload_ok(&[
         "export",
         "--data-dir",
         fresh_data.to_str().unwrap(),

@@ -21,7 +21,7 @@
 //! turns it off.
 
 use std::net::IpAddr;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::access_log::{AccessLog, AccessRecord, timestamp};
@@ -120,7 +120,7 @@ impl RedirectFastPath {
         let (status, route_label) = match self.refusal(client, now_us) {
             Some(decision) => {
                 self.metrics.redirect_result(RedirectResult::RateLimited);
-                let text = too_many_body();
+                let text = super::proxy::too_many_body();
                 status_line(out, 429);
                 out.extend_from_slice(
                     b"Content-Type: application/json\r\nCache-Control: no-store\r\nretry-after: ",
@@ -233,46 +233,32 @@ impl RedirectFastPath {
                 if let Some(limits) = &self.limits {
                     limits.miss(client, now_us);
                 }
-                let status = self.not_found(out, miss);
-                if status == 404 {
-                    *body = Some(not_found_body(miss));
-                }
+                let (status, text) = self.not_found(out, miss);
+                *body = text;
                 (status, RouteLabel::NotFound)
             }
         }
     }
 
     /// The miss answer's status line and headers (not `date`/`connection`):
-    /// a 302 to `edge.not_found_url`, or a JSON 404.
-    fn not_found(&self, out: &mut Vec<u8>, miss: Miss) -> u16 {
+    /// a 302 to `edge.not_found_url`, or a JSON 404 and its body.
+    fn not_found(&self, out: &mut Vec<u8>, miss: Miss) -> (u16, Option<bytes::Bytes>) {
         if let Some(url) = &self.config.not_found_url {
             status_line(out, 302);
             out.extend_from_slice(b"location: ");
             out.extend_from_slice(url.as_bytes());
             out.extend_from_slice(b"\r\nCache-Control: no-store\r\nContent-Length: 0\r\n");
-            return 302;
+            return (302, None);
         }
-        let body = not_found_body(miss);
+        let body = super::proxy::not_found_body(miss);
         status_line(out, 404);
         out.extend_from_slice(
             b"Content-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: ",
         );
         push_u64(out, body.len() as u64);
         out.extend_from_slice(b"\r\n");
-        404
+        (404, Some(body))
     }
-}
-
-/// The body the Pingora path sends with a 429 (`proxy::too_many_requests`),
-/// built once.
-fn too_many_body() -> bytes::Bytes {
-    static BODY: LazyLock<bytes::Bytes> = LazyLock::new(|| {
-        super::proxy::error_body(
-            "rate_limited",
-            "too many requests from this address; retry later",
-        )
-    });
-    BODY.clone()
 }
 
 fn push_u64(out: &mut Vec<u8>, v: u64) {
@@ -288,26 +274,6 @@ fn push_u64(out: &mut Vec<u8>, v: u64) {
         }
     }
     out.extend_from_slice(&digits[at..]);
-}
-
-/// The body the Pingora path sends for a miss (`proxy::not_found`), built
-/// once per kind of miss (JSON serialisation costs thousands of
-/// instructions, and one request in twenty is for an unknown code).
-fn not_found_body(miss: Miss) -> bytes::Bytes {
-    static BODIES: LazyLock<[bytes::Bytes; 3]> = LazyLock::new(|| {
-        [
-            "no such short link",
-            "this short link is disabled",
-            "this short link has expired",
-        ]
-        .map(|message| super::proxy::error_body("not_found", message))
-    });
-    let i = match miss {
-        Miss::Unknown => 0,
-        Miss::Disabled => 1,
-        Miss::Expired => 2,
-    };
-    BODIES[i].clone()
 }
 
 thread_local! {

@@ -35,6 +35,11 @@ pub struct FollowerService {
 }
 
 impl FollowerService {
+    /// Says that change notifications failed and polling takes over.
+    fn fall_back(&self, e: &std::io::Error) {
+        tracing::warn!(error = %e, "log follower: change notifications failed; polling every {:?}", self.interval);
+    }
+
     fn watch(&self) -> Option<AsyncFd<DirWatch>> {
         if self.watch_dirs.is_empty() {
             return None;
@@ -91,7 +96,7 @@ impl BackgroundService for FollowerService {
                 ready = fd.readable() => match ready {
                     Ok(mut guard) => guard.clear_ready(),
                     Err(e) => {
-                        tracing::warn!(error = %e, "log follower: change notifications failed; polling every {:?}", self.interval);
+                        self.fall_back(&e);
                         watch = None;
                     }
                 },
@@ -109,7 +114,7 @@ impl BackgroundService for FollowerService {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "log follower: change notifications failed; polling every {:?}", self.interval);
+                        self.fall_back(&e);
                         watch = None;
                     }
                 }

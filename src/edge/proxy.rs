@@ -5,7 +5,7 @@
 //! answers when no admin does.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -446,11 +446,6 @@ impl EdgeProxy {
             )
             .await;
         }
-        let (code, message) = match miss {
-            Miss::Unknown => ("not_found", "no such short link"),
-            Miss::Disabled => ("not_found", "this short link is disabled"),
-            Miss::Expired => ("not_found", "this short link has expired"),
-        };
         respond(
             session,
             404,
@@ -458,7 +453,7 @@ impl EdgeProxy {
                 ("content-type", b"application/json"),
                 ("cache-control", b"no-store"),
             ],
-            error_body(code, message),
+            not_found_body(miss),
             head,
         )
         .await
@@ -497,13 +492,41 @@ async fn too_many_requests(session: &mut Session, d: &Decision, head: bool) -> R
             ("ratelimit-remaining", remaining.as_bytes()),
             ("ratelimit-reset", reset.as_bytes()),
         ],
-        error_body(
-            "rate_limited",
-            "too many requests from this address; retry later",
-        ),
+        too_many_body(),
         head,
     )
     .await
+}
+
+/// The 429's body, built once (the fast path sends the same).
+pub(super) fn too_many_body() -> Bytes {
+    static BODY: LazyLock<Bytes> = LazyLock::new(|| {
+        error_body(
+            "rate_limited",
+            "too many requests from this address; retry later",
+        )
+    });
+    BODY.clone()
+}
+
+/// A miss's 404 body, built once per kind of miss (JSON serialisation costs
+/// thousands of instructions, and one request in twenty may be for an
+/// unknown code); the fast path sends the same.
+pub(super) fn not_found_body(miss: Miss) -> Bytes {
+    static BODIES: LazyLock<[Bytes; 3]> = LazyLock::new(|| {
+        [
+            "no such short link",
+            "this short link is disabled",
+            "this short link has expired",
+        ]
+        .map(|message| error_body("not_found", message))
+    });
+    let i = match miss {
+        Miss::Unknown => 0,
+        Miss::Disabled => 1,
+        Miss::Expired => 2,
+    };
+    BODIES[i].clone()
 }
 
 /// The stable JSON error body: `{"error":{"code":...,"message":...}}`.

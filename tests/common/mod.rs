@@ -127,6 +127,20 @@ pub fn api(addr: SocketAddr, method: &str, path: &str, body: &str) -> Response {
     .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
+/// Runs `uload ARGS` to the end and requires it to succeed; its stdout.
+pub fn uload_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_uload"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "uload {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A loopback port nobody listens on right now, picked below the kernel's
 /// ephemeral range (32768 to 60999 by default). A port from `bind(0)` lies in
 /// that range, where an outgoing connection of a test running alongside may
