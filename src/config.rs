@@ -231,6 +231,11 @@ pub struct RawEdge {
     /// objects (same answers, less CPU). Anything else always goes through
     /// Pingora.
     pub fast_path: bool,
+    /// Serve kept-alive cleartext connections, after a first request the
+    /// fast path answered, on threads of their own (one epoll loop per
+    /// Pingora worker thread) instead of tokio tasks; a request the fast
+    /// path does not answer hands its connection back to Pingora.
+    pub redirect_loop: bool,
     /// Seconds the log follower may be stuck (a bad file, records it cannot
     /// find) before `/health/ready` answers 503.
     pub follower_stall_secs: u64,
@@ -315,6 +320,7 @@ impl Default for RawEdge {
             retry_after_secs: 5,
             follower_stall_secs: 30,
             fast_path: true,
+            redirect_loop: true,
             client_header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
             pingora_conf: PathBuf::from("pingora.yaml"),
@@ -428,6 +434,8 @@ pub struct EdgeConfig {
     pub follower_stall: Duration,
     /// `edge.fast_path`.
     pub fast_path: bool,
+    /// `edge.redirect_loop`.
+    pub redirect_loop: bool,
     /// Time limit on a whole request header (`edge.client_header_timeout_ms`).
     pub client_header_timeout: Duration,
     /// Idle limit between requests on a kept-alive connection.
@@ -476,11 +484,21 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("ULOAD_API_KEY", "admin.api_key"),
     ("ULOAD_STATE_DIR", "rate_limit.state_dir"),
     ("ULOAD_EDGE_FAST_PATH", "edge.fast_path"),
+    ("ULOAD_EDGE_REDIRECT_LOOP", "edge.redirect_loop"),
     ("ULOAD_TLS_LISTEN", "tls.listen"),
     ("ULOAD_TLS_CERT_PATH", "tls.cert_path"),
     ("ULOAD_TLS_KEY_PATH", "tls.key_path"),
     ("ULOAD_ACCESS_LOG", "access_log.path"),
 ];
+
+/// A boolean from the environment: `true`/`1` or `false`/`0`.
+fn env_bool(var: &str, value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        other => Err(format!("{var}={other:?} is not true or false")),
+    }
+}
 
 impl Config {
     /// Reads `path` (if given) and applies the process environment.
@@ -565,16 +583,12 @@ impl Config {
                 "ULOAD_API_KEY" => raw.admin.api_key = value.clone(),
                 "ULOAD_STATE_DIR" => raw.rate_limit.state_dir = value.into(),
                 "ULOAD_EDGE_FAST_PATH" => {
-                    raw.edge.fast_path = match value.trim() {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        other => {
-                            return Err(err(
-                                "edge.fast_path",
-                                format!("ULOAD_EDGE_FAST_PATH={other:?} is not true or false"),
-                            ));
-                        }
-                    }
+                    raw.edge.fast_path =
+                        env_bool(var, value).map_err(|p| err("edge.fast_path", p))?;
+                }
+                "ULOAD_EDGE_REDIRECT_LOOP" => {
+                    raw.edge.redirect_loop =
+                        env_bool(var, value).map_err(|p| err("edge.redirect_loop", p))?;
                 }
                 "ULOAD_TLS_LISTEN" => raw.tls.listen = value.clone(),
                 "ULOAD_TLS_CERT_PATH" => raw.tls.cert_path = value.into(),
@@ -654,6 +668,7 @@ impl Config {
             )?),
             retry_after_secs: positive("edge.retry_after_secs", e.retry_after_secs)?,
             fast_path: e.fast_path,
+            redirect_loop: e.redirect_loop,
             follower_stall: Duration::from_secs(positive(
                 "edge.follower_stall_secs",
                 e.follower_stall_secs,

@@ -20,8 +20,9 @@
 //! is `edge.keepalive_timeout_ms` (`h2_idle_timeout`).
 
 use std::future::Future;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ServerApp};
 use pingora::protocols::ALPN;
+use pingora::protocols::GetSocketDigest;
 use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
@@ -38,11 +40,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use super::fast_path::RedirectFastPath;
+use super::redirect_loop::{HandBack, Handoff, RedirectLoops};
 use crate::config::EdgeConfig;
 
 /// Reading stops here (Pingora's own limit is 1 MiB - 1); Pingora then
 /// refuses the oversized header with a 400.
-const MAX_HEAD: usize = 1 << 20;
+pub(super) const MAX_HEAD: usize = 1 << 20;
 
 /// The proxy application with header and keep-alive time limits.
 pub struct ClientLimits<A> {
@@ -54,6 +57,11 @@ pub struct ClientLimits<A> {
     keepalive_timeout: Duration,
     /// Answers plain redirects without Pingora's session (`fast_path.rs`).
     fast: Option<Arc<RedirectFastPath>>,
+    /// Serve kept-alive connections after a fast-path answer
+    /// (`redirect_loop.rs`).
+    loops: Option<RedirectLoops>,
+    /// How the loops give a connection back (made on the first hand-off).
+    back: OnceLock<Arc<dyn HandBack>>,
 }
 
 impl<A> ClientLimits<A> {
@@ -63,6 +71,8 @@ impl<A> ClientLimits<A> {
             header_timeout,
             keepalive_timeout,
             fast: None,
+            loops: None,
+            back: OnceLock::new(),
         }
     }
 }
@@ -83,6 +93,16 @@ where
     options.h2_idle_timeout = Some(edge.keepalive_timeout);
     app.server_options = Some(options);
     let mut limits = ClientLimits::new(app, edge.client_header_timeout, edge.keepalive_timeout);
+    if edge.redirect_loop {
+        limits.loops = fast.clone().map(|fast| {
+            RedirectLoops::new(
+                fast,
+                edge.client_header_timeout,
+                edge.keepalive_timeout,
+                conf.threads,
+            )
+        });
+    }
     limits.fast = fast;
     Service::new("Pingora HTTP Proxy Service".into(), limits)
 }
@@ -104,7 +124,7 @@ enum Head {
 /// line ends the header), incrementally: each byte is looked at about once,
 /// however the header is split into reads.
 #[derive(Debug, Default)]
-struct HeaderScan {
+pub(super) struct HeaderScan {
     /// Where the request line starts, once a byte other than CR/LF came.
     start: Option<usize>,
     /// Bytes already looked at.
@@ -113,7 +133,7 @@ struct HeaderScan {
 
 impl HeaderScan {
     /// True when `buf` (which only ever grows) holds a whole header.
-    fn complete(&mut self, buf: &[u8]) -> bool {
+    pub(super) fn complete(&mut self, buf: &[u8]) -> bool {
         // The usual case, a request that came whole in one read, ends with
         // an empty line after a request line: no byte-by-byte scan. (When
         // this says yes, the scan below would too.)
@@ -154,7 +174,7 @@ impl HeaderScan {
 const HEAD_BUF: usize = 4096;
 /// A header buffer grown past this is dropped after its request, not kept
 /// for the next one on the connection.
-const HEAD_BUF_KEEP: usize = 16 * 1024;
+pub(super) const HEAD_BUF_KEEP: usize = 16 * 1024;
 
 /// Reads one request header from `stream` into `buf` (empty on entry).
 ///
@@ -238,7 +258,7 @@ where
 }
 
 /// Resolves when the edge starts shutting down (or can no longer say).
-async fn shutdown_signal(mut watch: ShutdownWatch) {
+pub(super) async fn shutdown_signal(mut watch: ShutdownWatch) {
     while !*watch.borrow_and_update() {
         if watch.changed().await.is_err() {
             return;
@@ -288,7 +308,7 @@ impl Future for Stop {
 }
 
 /// The answer to a request whose header did not arrive in time.
-fn timeout_response() -> Vec<u8> {
+pub(super) fn timeout_response() -> Vec<u8> {
     let body = super::proxy::error_body(
         "request_timeout",
         "the request header did not arrive in time",
@@ -302,25 +322,21 @@ fn timeout_response() -> Vec<u8> {
     out
 }
 
-#[async_trait]
-impl<A> ServerApp for ClientLimits<A>
+impl<A> ClientLimits<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    async fn process_new(
+    /// What Pingora's own HTTP/1 loop does, with each header read first.
+    /// `handed_back`: a whole header (or more than [`MAX_HEAD`] bytes)
+    /// that a redirect loop read from this connection and did not answer.
+    async fn serve(
         self: &Arc<Self>,
         mut stream: Stream,
         shutdown: &ShutdownWatch,
+        handed_back: Option<BytesMut>,
     ) -> Option<Stream> {
-        // HTTP/2 is framed differently: Pingora's loop serves it, once the
-        // client preface has come within the header timeout.
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let stream = super::tls::h2_preface(stream, self.header_timeout).await?;
-            return self.inner.process_new(stream, shutdown).await;
-        }
-        // What Pingora's own HTTP/1 loop does, with the header read first.
         let accepted = Instant::now();
-        let mut first = true;
+        let mut first = handed_back.is_none();
         // The fast path serves cleartext only (HSTS and TLS details stay
         // with Pingora); it needs the peer for rate limits and logs.
         let fast = self
@@ -333,7 +349,8 @@ where
         // Per connection, reused by every request on it: the header buffer
         // (unless Pingora takes it), the answer buffer, the header timer and
         // the shutdown signal.
-        let mut buf = BytesMut::new();
+        let mut ready = handed_back.is_some();
+        let mut buf = handed_back.unwrap_or_default();
         let mut answer = Vec::new();
         let timer = tokio::time::sleep_until(accepted + self.header_timeout);
         tokio::pin!(timer);
@@ -342,7 +359,9 @@ where
         let mut idle_from = accepted;
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
-            let head = if first {
+            let head = if std::mem::take(&mut ready) {
+                Head::Ready
+            } else if first {
                 // First request: the header timeout runs from the accept.
                 let deadline = accepted + self.header_timeout;
                 let no_stop: Option<Pin<&mut std::future::Pending<()>>> = None;
@@ -393,6 +412,17 @@ where
                     let _ = stream.shutdown().await;
                     return None;
                 }
+                // A kept-alive connection whose requests the fast path
+                // answers goes on in a redirect loop.
+                if let Some(loops) = &self.loops
+                    && stream.as_any().is::<L4Stream>()
+                    && loops.accepting(shutdown)
+                {
+                    match self.hand_off(loops, stream, peer, started.into_std(), shutdown) {
+                        Ok(()) => return None,
+                        Err(back) => stream = back,
+                    }
+                }
                 // A connection keeps its buffer, but not one a huge header
                 // grew: idle connections must not pin megabytes.
                 if buf.capacity() > HEAD_BUF_KEEP {
@@ -426,6 +456,108 @@ where
             idle_from = Instant::now();
             first = false;
         }
+    }
+
+    /// Moves an idle cleartext connection to a redirect loop: its socket is
+    /// duplicated and Pingora's stream (and tokio's registration) dropped.
+    /// Gives the stream back when the socket cannot be duplicated.
+    fn hand_off(
+        self: &Arc<Self>,
+        loops: &RedirectLoops,
+        stream: Stream,
+        peer: Option<std::net::IpAddr>,
+        idle_from: std::time::Instant,
+        shutdown: &ShutdownWatch,
+    ) -> Result<(), Stream> {
+        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
+            // The caller checked the type; nothing is left to serve.
+            return Ok(());
+        };
+        // SAFETY: F_DUPFD_CLOEXEC on a socket fd that `l4` keeps open; the
+        // result is checked.
+        let fd = unsafe { libc::fcntl(l4.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(l4);
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        drop(l4);
+        let back = self
+            .back
+            .get_or_init(|| {
+                Arc::new(BackToPingora {
+                    limits: Arc::downgrade(self),
+                    runtime: tokio::runtime::Handle::current(),
+                    shutdown: shutdown.clone(),
+                })
+            })
+            .clone();
+        loops.hand_off(Handoff {
+            fd,
+            peer,
+            idle_from,
+            back,
+        });
+        Ok(())
+    }
+}
+
+/// Pingora's plain TCP stream, the one kind of stream a loop can take.
+type L4Stream = pingora::protocols::l4::stream::Stream;
+
+/// A connection from a redirect loop goes on as a task on the runtime that
+/// accepted it.
+struct BackToPingora<A> {
+    limits: Weak<ClientLimits<A>>,
+    runtime: tokio::runtime::Handle,
+    shutdown: ShutdownWatch,
+}
+
+impl<A> HandBack for BackToPingora<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    fn hand_back(&self, fd: OwnedFd, head: BytesMut) {
+        let Some(limits) = self.limits.upgrade() else {
+            return;
+        };
+        let shutdown = self.shutdown.clone();
+        self.runtime.spawn(async move {
+            let tcp = match tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)) {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::debug!("a connection back from a redirect loop: {e}");
+                    return;
+                }
+            };
+            let mut l4 = L4Stream::from(tcp);
+            let digest = pingora::protocols::SocketDigest::from_raw_fd(l4.as_raw_fd());
+            l4.set_socket_digest(digest);
+            let mut next = limits.serve(Box::new(l4), &shutdown, Some(head)).await;
+            while let Some(stream) = next {
+                next = limits.process_new(stream, &shutdown).await;
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for ClientLimits<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // HTTP/2 is framed differently: Pingora's loop serves it, once the
+        // client preface has come within the header timeout.
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let stream = super::tls::h2_preface(stream, self.header_timeout).await?;
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        self.serve(stream, shutdown, None).await
     }
 
     async fn cleanup(&self) {

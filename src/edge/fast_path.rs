@@ -96,7 +96,8 @@ impl RedirectFastPath {
             } else if name.eq_ignore_ascii_case(&self.client_ip_header) {
                 forwarded = Some(h.value);
             } else if name.eq_ignore_ascii_case("user-agent") {
-                user_agent = std::str::from_utf8(h.value).ok();
+                // Checked as text only if the access log wants it.
+                user_agent = Some(h.value);
             }
         }
         let target = req.path?.as_bytes();
@@ -168,7 +169,7 @@ impl RedirectFastPath {
                 status,
                 route: route_label.as_str(),
                 duration_us: elapsed.as_micros() as u64,
-                user_agent,
+                user_agent: user_agent.and_then(|ua| std::str::from_utf8(ua).ok()),
             });
         }
         Some(keepalive)

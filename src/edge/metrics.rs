@@ -105,6 +105,11 @@ pub struct EdgeMetrics {
     pub access_log_dropped: IntCounter,
     /// Requests answered by the redirect fast path (`fast_path.rs`).
     pub fast_path_answers: IntCounter,
+    /// Connections held by the redirect loops (`redirect_loop.rs`), and
+    /// how many were handed to them and given back to Pingora.
+    pub redirect_loop_connections: IntGauge,
+    pub redirect_loop_handoffs: IntCounter,
+    pub redirect_loop_handbacks: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -177,6 +182,21 @@ impl EdgeMetrics {
             "Short-code requests answered by the fast path, without Pingora's request objects.",
         )?;
         registry.register(Box::new(fast_path_answers.clone()))?;
+        let redirect_loop_connections = IntGauge::new(
+            "edge_redirect_loop_connections",
+            "Kept-alive connections served by the redirect loops.",
+        )?;
+        registry.register(Box::new(redirect_loop_connections.clone()))?;
+        let redirect_loop_handoffs = IntCounter::new(
+            "edge_redirect_loop_handoffs_total",
+            "Connections handed to a redirect loop after a fast-path answer.",
+        )?;
+        registry.register(Box::new(redirect_loop_handoffs.clone()))?;
+        let redirect_loop_handbacks = IntCounter::new(
+            "edge_redirect_loop_handbacks_total",
+            "Connections a redirect loop gave back to Pingora (a request the fast path does not answer).",
+        )?;
+        registry.register(Box::new(redirect_loop_handbacks.clone()))?;
         registry.register(Box::new(TableCollector::new(table, follower, admins)?))?;
         Ok(Self {
             registry,
@@ -187,6 +207,9 @@ impl EdgeMetrics {
             proxy_retries,
             access_log_dropped,
             fast_path_answers,
+            redirect_loop_connections,
+            redirect_loop_handoffs,
+            redirect_loop_handbacks,
         })
     }
 

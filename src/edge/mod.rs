@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
+pub mod redirect_loop;
 pub mod tls;
 
 use std::sync::{Arc, Mutex};
