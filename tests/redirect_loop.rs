@@ -263,3 +263,27 @@ fn a_loop_applies_the_header_and_keep_alive_limits() {
         || loop_counts(&cluster).0 == 0.0,
     );
 }
+
+/// A client that sends a request and shuts its side (a half-close) gets its
+/// answer, then the close, long before the keep-alive limit (60 s here).
+#[test]
+fn a_half_closed_connection_is_answered_then_closed() {
+    let cluster = Cluster::start();
+    let edge = cluster.edge_addr;
+    create(edge, r#"{"url":"https://example.com/lp","code":"lp"}"#);
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/lp").status == 302
+    });
+    let mut half = looped(&cluster, "/lp");
+    half.send(&Conn::head("GET", "/lp", &[], b"")).unwrap();
+    half.shut_write().unwrap();
+    match half.read_answer(false) {
+        Reply::Whole(r) => assert_eq!(r.status, 302),
+        other => panic!("half-closed: {other:?}"),
+    }
+    let end = half.idle_end(Duration::from_secs(20));
+    assert!(
+        matches!(end, IdleEnd::Closed),
+        "after a half-close: {end:?}"
+    );
+}

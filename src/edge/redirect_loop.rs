@@ -515,6 +515,8 @@ impl LoopIo {
                 }
             }
         }
+        // The client has shut its side (it may still wait for an answer).
+        let peer_done = flags & libc::EPOLLRDHUP as u32 != 0;
         loop {
             let n = match recv(conn.fd.as_raw_fd(), &mut self.read) {
                 Ok(0) => return Outcome::Close,
@@ -545,6 +547,10 @@ impl LoopIo {
                 }
                 if more {
                     continue;
+                }
+                if peer_done {
+                    // The rest of the header can no longer come.
+                    return Outcome::Close;
                 }
                 return Outcome::Keep;
             }
@@ -589,6 +595,11 @@ impl LoopIo {
                 return Outcome::Close;
             }
             if !more {
+                if peer_done {
+                    // Answered; the client will send nothing more.
+                    shutdown_write(conn.fd.as_raw_fd());
+                    return Outcome::Close;
+                }
                 return Outcome::Keep;
             }
         }

@@ -656,6 +656,11 @@ impl Conn {
         self.stream.write_all(bytes)
     }
 
+    /// Shuts the client's sending side (a half-close), reading stays open.
+    pub fn shut_write(&self) -> std::io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Write)
+    }
+
     /// A keep-alive request head for `path` with extra header lines.
     pub fn head(method: &str, path: &str, extra: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: uload-test\r\n");
