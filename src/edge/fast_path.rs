@@ -58,6 +58,20 @@ impl RedirectFastPath {
         started: Instant,
         out: &mut Vec<u8>,
     ) -> Option<bool> {
+        self.answer_at(head, peer, started, None, out)
+    }
+
+    /// [`Self::answer`] with the wall clock (µs since the epoch, as
+    /// [`crate::ratelimit::now_us`] reads it) already read, e.g. once for
+    /// every request one `epoll_wait` returned; `None` reads it here.
+    pub fn answer_at(
+        &self,
+        head: &[u8],
+        peer: Option<IpAddr>,
+        started: Instant,
+        now_us: Option<u64>,
+        out: &mut Vec<u8>,
+    ) -> Option<bool> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(head) {
@@ -113,7 +127,7 @@ impl RedirectFastPath {
             client_ip(peer, forwarded, &self.trusted_proxies)
         };
         // One clock read: the limiter counts in µs, the rest in ms.
-        let now_us = crate::ratelimit::now_us();
+        let now_us = now_us.unwrap_or_else(crate::ratelimit::now_us);
         let now = now_us / 1000;
         out.clear();
         // The body after the header, for a 404 or 429 (not for HEAD).
