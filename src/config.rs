@@ -612,6 +612,15 @@ impl Config {
                 Ok(v)
             }
         };
+        // Client time limits are added to instants: a day is plenty, and
+        // no sum can overflow.
+        let at_most_a_day = |key: &str, ms: u64| {
+            if ms > 86_400_000 {
+                Err(err(key, format!("{ms} ms is more than a day (86400000)")))
+            } else {
+                Ok(ms)
+            }
+        };
         if raw.data_dir.as_os_str().is_empty() {
             return Err(err("data_dir", "must not be empty".into()));
         }
@@ -673,13 +682,13 @@ impl Config {
                 "edge.follower_stall_secs",
                 e.follower_stall_secs,
             )?),
-            client_header_timeout: Duration::from_millis(positive(
+            client_header_timeout: Duration::from_millis(at_most_a_day(
                 "edge.client_header_timeout_ms",
-                e.client_header_timeout_ms,
+                positive("edge.client_header_timeout_ms", e.client_header_timeout_ms)?,
             )?),
-            keepalive_timeout: Duration::from_millis(positive(
+            keepalive_timeout: Duration::from_millis(at_most_a_day(
                 "edge.keepalive_timeout_ms",
-                e.keepalive_timeout_ms,
+                positive("edge.keepalive_timeout_ms", e.keepalive_timeout_ms)?,
             )?),
             pingora_conf: Some(e.pingora_conf.clone()),
         };

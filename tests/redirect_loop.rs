@@ -14,7 +14,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use chaos::{Conn, IdleEnd, Reply};
+use chaos::{Conn, IdleEnd, Reply, signal};
 use common::{Cluster, KEY, api, get, metric, wait_until};
 
 const HEADER_TIMEOUT_MS: u64 = 1_000;
@@ -75,16 +75,40 @@ fn ask_with(conn: &mut Conn, method: &str, path: &str, extra: &[(&str, &str)]) -
     }
 }
 
+trait ReadWhole {
+    /// The next answer, whole: status, headers (names in lower case).
+    fn read_answer_whole(&mut self, what: &str) -> (u16, Vec<(String, String)>, Vec<u8>);
+}
+
+impl ReadWhole for Conn {
+    fn read_answer_whole(&mut self, what: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        match self.read_answer(false) {
+            Reply::Whole(r) => (
+                r.status,
+                r.headers
+                    .into_iter()
+                    .map(|(n, v)| (n.to_ascii_lowercase(), v))
+                    .collect(),
+                r.body,
+            ),
+            other => panic!("{}: {other:?}", &what[..what.len().min(40)]),
+        }
+    }
+}
+
 /// A kept-alive connection whose first request has been answered, and
 /// which a loop holds (the hand-off is counted).
 fn looped(cluster: &Cluster, path: &str) -> Conn {
     let before = loop_counts(cluster);
     let mut conn = Conn::open(cluster.edge_addr).unwrap();
     assert_eq!(ask(&mut conn, "GET", path).0 / 100, 3, "{path}");
-    wait_until(Duration::from_secs(10), "the connection in a loop", || {
-        let now = loop_counts(cluster);
-        now.1 > before.1 && now.0 > before.0
-    });
+    // Counted once the answer is out and the socket queued for a loop
+    // (the gauge of held connections can meanwhile lose another one).
+    wait_until(
+        Duration::from_secs(10),
+        "the connection handed to a loop",
+        || loop_counts(cluster).1 > before.1,
+    );
     conn
 }
 
@@ -109,6 +133,7 @@ fn kept_alive_redirects_are_served_by_a_loop_and_the_rest_goes_back_to_pingora()
     // the tokio path) and on a connection a loop holds: the same answer,
     // but for `connection`.
     let mut conn = looped(&cluster, "/lp");
+    let counts = loop_counts(&cluster);
     let without_connection = |mut a: Answer| {
         a.1.retain(|(n, _)| n != "connection");
         a
@@ -133,7 +158,13 @@ fn kept_alive_redirects_are_served_by_a_loop_and_the_rest_goes_back_to_pingora()
             "{method} {path}: loop vs tokio path"
         );
     }
-    // Many requests on the one connection, all from the loop: no hand-back.
+    // All of those were the loop's: nothing went back to Pingora. Nor does
+    // any of many more requests on the one connection.
+    assert_eq!(
+        loop_counts(&cluster).2,
+        counts.2,
+        "hand-backs during the cases"
+    );
     let (held, handoffs, handbacks) = loop_counts(&cluster);
     for _ in 0..500 {
         let (status, headers, _) = ask(&mut conn, "GET", "/lp");
@@ -286,4 +317,265 @@ fn a_half_closed_connection_is_answered_then_closed() {
         matches!(end, IdleEnd::Closed),
         "after a half-close: {end:?}"
     );
+}
+
+/// A header that fills the buffer the first request was read into exactly,
+/// with the next request right behind it: Pingora's stream has read the
+/// second one ahead, so the connection must not go to a loop then (the
+/// second request would be lost with that stream); both are answered.
+#[test]
+fn a_request_read_ahead_by_pingora_is_not_lost() {
+    let cluster = cluster();
+    let edge = cluster.edge_addr;
+    create(
+        edge,
+        r#"{"url":"https://example.com/p","code":"pm","status":301}"#,
+    );
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/pm").status == 301
+    });
+    // The header buffer of a connection's first request holds 4096 bytes.
+    let base = Conn::head("GET", "/pm", &[("X-Pad", "")], b"").len();
+    let pad = "p".repeat(4096 - base);
+    let mut two = Conn::head("GET", "/pm", &[("X-Pad", &pad)], b"");
+    assert_eq!(two.len(), 4096);
+    two.extend_from_slice(&Conn::head("GET", "/nope", &[], b""));
+    let mut conn = Conn::open(edge).unwrap();
+    conn.send(&two).unwrap();
+    for expected in [301, 404] {
+        match conn.read_answer(false) {
+            Reply::Whole(r) => assert_eq!(r.status, expected),
+            other => panic!("request after a 4096-byte one: {other:?}"),
+        }
+    }
+}
+
+/// A TCP connection to `addr` with a 1400-byte MSS and a 16 KiB receive
+/// buffer, set before connecting: the edge's side of it gets a small send
+/// buffer (the kernel sizes it from the MSS; on loopback it would be some
+/// MiB), so a large answer does not go out in one write.
+fn small_window(addr: SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("the test edge listens on IPv4")
+    };
+    // SAFETY: plain socket calls on a socket this function owns; every
+    // pointer is to a live local of the size given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        for (level, name, value, what) in [
+            (libc::SOL_SOCKET, libc::SO_RCVBUF, 16 * 1024, "SO_RCVBUF"),
+            (libc::IPPROTO_TCP, libc::TCP_MAXSEG, 1400, "TCP_MAXSEG"),
+        ] {
+            let value: libc::c_int = value;
+            let set = libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            assert_eq!(set, 0, "{what}: {}", std::io::Error::last_os_error());
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*v4.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let connected = libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(connected, 0, "connect: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// [`looped`] over a [`small_window`] connection.
+fn looped_small_window(cluster: &Cluster, path: &str) -> Conn {
+    let before = loop_counts(cluster);
+    let mut conn = Conn::from_stream(small_window(cluster.edge_addr)).unwrap();
+    assert_eq!(ask(&mut conn, "GET", path).0 / 100, 3, "{path}");
+    // Counted once the answer is out and the socket queued for a loop
+    // (the gauge of held connections can meanwhile lose another one).
+    wait_until(
+        Duration::from_secs(10),
+        "the connection handed to a loop",
+        || loop_counts(cluster).1 > before.1,
+    );
+    conn
+}
+
+/// Answers larger than the socket takes (forwarded queries of 900 KB, to a
+/// client with a small window that reads nothing for a while): the loop
+/// keeps the rest of an answer and sends it as the client reads, counted in
+/// `edge_redirect_loop_write_waits_total`; every answer arrives whole and
+/// in order, and is what the tokio path sends. Then a header longer than
+/// one read (20 KiB), answered by the loop itself, and HTTP/1.0, which goes
+/// back to Pingora.
+#[test]
+fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
+    // The default limits (60 s keep-alive): reading 900 KB answers takes
+    // this debug-built client a while.
+    let cluster = Cluster::start();
+    let edge = cluster.edge_addr;
+    create(
+        edge,
+        r#"{"url":"https://example.com/f","code":"fq","status":307,"forward_query":true}"#,
+    );
+    create(edge, r#"{"url":"https://example.com/lp","code":"lp"}"#);
+    wait_until(Duration::from_secs(10), "links at the edge", || {
+        get(edge, "/fq").status == 307 && get(edge, "/lp").status == 302
+    });
+    let counter = |name: &str| metric(&cluster.metrics(cluster.edge_metrics_addr), name);
+    let waits = || counter("edge_redirect_loop_write_waits_total");
+    let answers = || counter("edge_fast_path_answers_total");
+    let before = waits();
+    let mut conn = looped_small_window(&cluster, "/lp");
+    let handbacks = loop_counts(&cluster).2;
+
+    // One request at a time (never two in one read, which would be
+    // pipelining), each sent once the previous one was answered, until an
+    // answer has had to wait for the socket.
+    let mut sent = Vec::new();
+    while waits() == before {
+        assert!(
+            sent.len() < 40,
+            "{} answers of 900 KB all went out at once",
+            sent.len()
+        );
+        let path = format!("/fq?n={}&q={}", sent.len(), "x".repeat(900_000));
+        let answered = answers();
+        conn.send(&Conn::head("GET", &path, &[], b"")).unwrap();
+        sent.push(path);
+        wait_until(Duration::from_secs(10), "the request answered", || {
+            answers() > answered || waits() > before
+        });
+    }
+    for path in &sent {
+        let (status, headers, _) = conn.read_answer_whole(path);
+        assert_eq!(status, 307);
+        let want = format!("https://example.com/f?{}", &path["/fq?".len()..]);
+        assert!(
+            headers.iter().any(|(n, v)| n == "location" && *v == want),
+            "{}: wrong or cut location",
+            &path[..12]
+        );
+    }
+    // The same answer from the tokio path.
+    let path = &sent[0];
+    let mut fresh = Conn::open(edge).unwrap();
+    let expected = ask_with(&mut fresh, "GET", path, &[("Connection", "close")]);
+    let got = ask(&mut conn, "GET", path);
+    let without_connection = |mut a: Answer| {
+        a.1.retain(|(n, _)| n != "connection");
+        a
+    };
+    assert!(
+        without_connection(got) == without_connection(expected),
+        "loop vs tokio path"
+    );
+
+    // A 20 KiB header: more than one read of the loop, still its answer.
+    let long = "h".repeat(10 * 1024);
+    let r = ask_with(&mut conn, "GET", "/lp", &[("X-A", &long), ("X-B", &long)]);
+    assert_eq!(r.0, 302);
+    assert_eq!(
+        loop_counts(&cluster).2,
+        handbacks,
+        "nothing went back to Pingora"
+    );
+    // HTTP/1.0 goes back to Pingora, which answers it as on a new connection.
+    conn.send(b"GET /lp HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut fresh = Conn::open(edge).unwrap();
+    fresh.send(b"GET /lp HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let status = |c: &mut Conn| match c.read_answer(false) {
+        Reply::Whole(r) => r.status,
+        other => panic!("HTTP/1.0: {other:?}"),
+    };
+    assert_eq!(status(&mut conn), status(&mut fresh));
+    assert_eq!(
+        loop_counts(&cluster).2,
+        handbacks + 1.0,
+        "HTTP/1.0 went back"
+    );
+}
+
+const PACED_HEADER_MS: u64 = 800;
+const PACED_KEEPALIVE_MS: u64 = 2_000;
+
+/// The loop's clocks: a connection kept busy stays open well past the
+/// keep-alive limit (each answer restarts it); an idle one is not cut
+/// before it; a later request's header clock starts at its first byte,
+/// not at the end of the previous answer. (The client paces itself with
+/// sleeps, each a second or more away from the limits.)
+#[test]
+fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
+    let cluster = Cluster::start_custom(
+        &format!(
+            "  client_header_timeout_ms: {PACED_HEADER_MS}\n  keepalive_timeout_ms: {PACED_KEEPALIVE_MS}\n"
+        ),
+        "",
+        "",
+    );
+    let edge = cluster.edge_addr;
+    create(edge, r#"{"url":"https://example.com/lp","code":"lp"}"#);
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/lp").status == 302
+    });
+    let gap = Duration::from_millis(PACED_KEEPALIVE_MS / 2 - 400);
+    let mut busy = looped(&cluster, "/lp");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(PACED_KEEPALIVE_MS * 5 / 2) {
+        std::thread::sleep(gap);
+        assert_eq!(
+            ask(&mut busy, "GET", "/lp").0,
+            302,
+            "after {:?}",
+            started.elapsed()
+        );
+    }
+    // Idle for half the keep-alive time: still open.
+    let end = busy.idle_end(Duration::from_millis(PACED_KEEPALIVE_MS / 2));
+    assert!(matches!(end, IdleEnd::Open), "closed early: {end:?}");
+    assert_eq!(ask(&mut busy, "GET", "/lp").0, 302);
+    // Idle longer than the header limit (but within keep-alive), then a
+    // header in two pieces: answered.
+    std::thread::sleep(Duration::from_millis(PACED_HEADER_MS + 400));
+    let head = Conn::head("GET", "/lp", &[], b"");
+    busy.send(&head[..10]).unwrap();
+    busy.send(&head[10..]).unwrap();
+    match busy.read_answer(false) {
+        Reply::Whole(r) => assert_eq!(r.status, 302),
+        other => panic!("a header after an idle time: {other:?}"),
+    }
+}
+
+/// On SIGTERM a loop closes its idle connections at once, while the edge
+/// is still in its grace period.
+#[test]
+fn a_loop_closes_idle_connections_on_shutdown() {
+    let mut cluster = cluster();
+    let edge = cluster.edge_addr;
+    create(edge, r#"{"url":"https://example.com/lp","code":"lp"}"#);
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/lp").status == 302
+    });
+    let mut idle: Vec<Conn> = (0..4).map(|_| looped(&cluster, "/lp")).collect();
+    let mut process = cluster.edge.take().expect("the edge");
+    signal(process.id(), "TERM");
+    for c in &mut idle {
+        let end = c.idle_end(Duration::from_secs(10));
+        assert!(matches!(end, IdleEnd::Closed), "at shutdown: {end:?}");
+    }
+    assert!(
+        process.try_wait().unwrap().is_none(),
+        "the edge had already exited: the closes were not the loop's"
+    );
+    let _ = process.wait();
 }

@@ -174,7 +174,7 @@ impl HeaderScan {
 const HEAD_BUF: usize = 4096;
 /// A header buffer grown past this is dropped after its request, not kept
 /// for the next one on the connection.
-pub(super) const HEAD_BUF_KEEP: usize = 16 * 1024;
+const HEAD_BUF_KEEP: usize = 16 * 1024;
 
 /// Reads one request header from `stream` into `buf` (empty on entry).
 ///
@@ -414,7 +414,12 @@ where
                 }
                 // A kept-alive connection whose requests the fast path
                 // answers goes on in a redirect loop.
+                // Only when the last read left room in `buf`: Pingora's
+                // stream reads ahead into a buffer of its own and copies as
+                // much as fits, so room left means nothing was left behind
+                // there (the next request must not be lost with it).
                 if let Some(loops) = &self.loops
+                    && buf.len() < buf.capacity()
                     && stream.as_any().is::<L4Stream>()
                     && loops.accepting(shutdown)
                 {
@@ -487,7 +492,6 @@ where
             .get_or_init(|| {
                 Arc::new(BackToPingora {
                     limits: Arc::downgrade(self),
-                    runtime: tokio::runtime::Handle::current(),
                     shutdown: shutdown.clone(),
                 })
             })
@@ -497,6 +501,8 @@ where
             peer,
             idle_from,
             back,
+            // Back to the runtime that accepted it, if it comes back.
+            runtime: tokio::runtime::Handle::current(),
         });
         Ok(())
     }
@@ -509,7 +515,6 @@ type L4Stream = pingora::protocols::l4::stream::Stream;
 /// accepted it.
 struct BackToPingora<A> {
     limits: Weak<ClientLimits<A>>,
-    runtime: tokio::runtime::Handle,
     shutdown: ShutdownWatch,
 }
 
@@ -517,12 +522,12 @@ impl<A> HandBack for BackToPingora<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    fn hand_back(&self, fd: OwnedFd, head: BytesMut) {
+    fn hand_back(&self, fd: OwnedFd, head: BytesMut, runtime: &tokio::runtime::Handle) {
         let Some(limits) = self.limits.upgrade() else {
             return;
         };
         let shutdown = self.shutdown.clone();
-        self.runtime.spawn(async move {
+        runtime.spawn(async move {
             let tcp = match tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)) {
                 Ok(tcp) => tcp,
                 Err(e) => {

@@ -110,6 +110,9 @@ pub struct EdgeMetrics {
     pub redirect_loop_connections: IntGauge,
     pub redirect_loop_handoffs: IntCounter,
     pub redirect_loop_handbacks: IntCounter,
+    /// Answers a loop could not write whole at once (the client's side was
+    /// full), finished when the socket took them.
+    pub redirect_loop_write_waits: IntCounter,
 }
 
 impl EdgeMetrics {
@@ -197,6 +200,11 @@ impl EdgeMetrics {
             "Connections a redirect loop gave back to Pingora (a request the fast path does not answer).",
         )?;
         registry.register(Box::new(redirect_loop_handbacks.clone()))?;
+        let redirect_loop_write_waits = IntCounter::new(
+            "edge_redirect_loop_write_waits_total",
+            "Answers a redirect loop could not write at once and sent when the socket had room.",
+        )?;
+        registry.register(Box::new(redirect_loop_write_waits.clone()))?;
         registry.register(Box::new(TableCollector::new(table, follower, admins)?))?;
         Ok(Self {
             registry,
@@ -210,6 +218,7 @@ impl EdgeMetrics {
             redirect_loop_connections,
             redirect_loop_handoffs,
             redirect_loop_handbacks,
+            redirect_loop_write_waits,
         })
     }
 

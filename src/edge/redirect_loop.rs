@@ -35,14 +35,14 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
-use super::client_limits::{HEAD_BUF_KEEP, HeaderScan, MAX_HEAD, timeout_response};
+use super::client_limits::{HeaderScan, MAX_HEAD, timeout_response};
 use super::fast_path::RedirectFastPath;
 
 /// Gives a connection back to Pingora: `head` holds every byte read from it
 /// that has not been answered (a whole request header, or more than
 /// [`MAX_HEAD`] bytes without one).
 pub trait HandBack: Send + Sync {
-    fn hand_back(&self, fd: OwnedFd, head: BytesMut);
+    fn hand_back(&self, fd: OwnedFd, head: BytesMut, runtime: &tokio::runtime::Handle);
 }
 
 /// A kept-alive connection handed to a loop, idle since `idle_from`.
@@ -51,6 +51,14 @@ pub struct Handoff {
     pub peer: Option<IpAddr>,
     pub idle_from: Instant,
     pub back: Arc<dyn HandBack>,
+    /// The runtime that accepted it, where it goes back to.
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl Handoff {
+    fn give_back(self, head: BytesMut) {
+        self.back.hand_back(self.fd, head, &self.runtime);
+    }
 }
 
 /// The loop threads of one listening service.
@@ -72,6 +80,9 @@ pub struct RedirectLoops {
 struct Inbox {
     queue: Mutex<(Vec<Handoff>, bool)>,
     wake: OwnedFd,
+    /// Cleared when the loop's thread ends (it should not): connections then
+    /// stay on tokio instead of waiting in a queue nobody reads.
+    alive: AtomicBool,
 }
 
 impl Inbox {
@@ -86,6 +97,7 @@ impl Inbox {
         Ok(Self {
             queue: Mutex::new((Vec::new(), false)),
             wake,
+            alive: AtomicBool::new(true),
         })
     }
 
@@ -144,18 +156,32 @@ impl RedirectLoops {
     /// the edge is not shutting down.
     pub fn accepting(&self, watch: &pingora::server::ShutdownWatch) -> bool {
         !self.stopping.load(Ordering::Relaxed)
-            && self.inboxes.get_or_init(|| self.start(watch)).is_some()
+            && self
+                .inboxes
+                .get_or_init(|| self.start(watch))
+                .as_ref()
+                .is_some_and(|inboxes| inboxes.iter().any(|i| i.alive.load(Ordering::Relaxed)))
     }
 
-    /// Queues a connection on the next loop (round robin). When the loops
-    /// are shutting down, the connection is closed, as an idle one would be.
+    /// Queues a connection on the next running loop (round robin). When
+    /// the loops are shutting down, the connection is closed, as an idle
+    /// one would be; when none runs, it goes back to Pingora.
     pub fn hand_off(&self, h: Handoff) {
         let Some(Some(inboxes)) = self.inboxes.get() else {
+            h.give_back(BytesMut::new());
             return;
         };
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % inboxes.len();
-        self.fast.metrics.redirect_loop_handoffs.inc();
-        inboxes[i].push(Some(h));
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let running = (0..inboxes.len())
+            .map(|k| &inboxes[(first + k) % inboxes.len()])
+            .find(|i| i.alive.load(Ordering::Relaxed));
+        match running {
+            Some(inbox) => {
+                self.fast.metrics.redirect_loop_handoffs.inc();
+                inbox.push(Some(h));
+            }
+            None => h.give_back(BytesMut::new()),
+        }
     }
 
     fn start(&self, watch: &pingora::server::ShutdownWatch) -> Option<Vec<Arc<Inbox>>> {
@@ -226,6 +252,7 @@ struct Conn {
     /// Close once `pending` is out (`Connection: close`, or shutting down).
     close_after: bool,
     back: Arc<dyn HandBack>,
+    runtime: tokio::runtime::Handle,
 }
 
 enum Outcome {
@@ -317,6 +344,16 @@ impl Loop {
     }
 
     fn run(mut self) {
+        // However the thread ends, its inbox stops taking connections and
+        // the ones queued are closed.
+        struct Ended(Arc<Inbox>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.alive.store(false, Ordering::SeqCst);
+                drop(self.0.take());
+            }
+        }
+        let _ended = Ended(self.inbox.clone());
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         let tick = self.tick();
         let mut next_sweep = Instant::now() + tick;
@@ -348,15 +385,28 @@ impl Loop {
             }
             let now = Instant::now();
             self.io.wall_us = None;
+            let mut woken = false;
             for ev in &events[..n as usize] {
                 let (token, flags) = (ev.u64, ev.events);
                 if token == WAKE {
-                    self.take_inbox(now);
+                    self.take_inbox();
+                    woken = true;
                 } else {
-                    self.ready(token, flags, now);
+                    // A panic serving one connection (a bug) closes that
+                    // connection, not the loop and all of its others.
+                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.ready(token, flags, now)
+                    }));
+                    if served.is_err() {
+                        tracing::error!("redirect loop: a connection's request panicked; closed");
+                        self.remove(token as u32 as usize);
+                    }
                 }
             }
-            if now >= next_sweep {
+            // After the batch: a connection whose next request came in it
+            // has been served, not closed as idle.
+            let stopping = woken && self.stopping.load(Ordering::SeqCst);
+            if stopping || now >= next_sweep {
                 if self.live > 0 {
                     self.sweep(now);
                 }
@@ -365,12 +415,9 @@ impl Loop {
         }
     }
 
-    fn take_inbox(&mut self, now: Instant) {
+    fn take_inbox(&mut self) {
         for h in self.inbox.take() {
             self.register(h);
-        }
-        if self.stopping.load(Ordering::SeqCst) {
-            self.sweep(now);
         }
     }
 
@@ -398,8 +445,9 @@ impl Loop {
             READ_EVENTS,
             token,
         ) {
-            tracing::debug!("redirect loop: adding a connection: {e}");
+            tracing::debug!("redirect loop: adding a connection: {e}; back to Pingora");
             self.free.push(idx as u32);
+            h.give_back(BytesMut::new());
             return;
         }
         self.slots[idx].conn = Some(Conn {
@@ -413,6 +461,7 @@ impl Loop {
             sent: 0,
             close_after: false,
             back: h.back,
+            runtime: h.runtime,
         });
         self.live += 1;
         self.io.fast.metrics.redirect_loop_connections.inc();
@@ -442,7 +491,7 @@ impl Loop {
                         0,
                     );
                     self.io.fast.metrics.redirect_loop_handbacks.inc();
-                    conn.back.hand_back(conn.fd, head);
+                    conn.back.hand_back(conn.fd, head, &conn.runtime);
                 }
             }
         }
@@ -466,6 +515,21 @@ impl Loop {
                 shutdown_write(conn.fd.as_raw_fd());
             }
             self.remove(idx);
+        }
+        // Free slots at the end go (a burst of connections does not leave
+        // a long table to sweep). No event of this batch is still to come,
+        // so a slot made again later cannot meet a stale one.
+        let len = self.slots.len();
+        while self.slots.last().is_some_and(|s| s.conn.is_none()) {
+            self.slots.pop();
+        }
+        if self.slots.len() < len {
+            let kept = self.slots.len() as u32;
+            self.free.retain(|&i| i < kept);
+            if self.slots.capacity() > 4 * self.slots.len().max(64) {
+                self.slots.shrink_to_fit();
+                self.free.shrink_to_fit();
+            }
         }
     }
 
@@ -496,7 +560,7 @@ impl LoopIo {
             if flags & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
                 return Outcome::Close;
             }
-            match self.flush(conn) {
+            match self.flush(conn, now) {
                 Err(()) => return Outcome::Close,
                 Ok(false) => return Outcome::Keep,
                 Ok(true) if conn.close_after => {
@@ -576,10 +640,10 @@ impl LoopIo {
                 };
                 return Outcome::HandBack(rest);
             };
-            if conn.head.capacity() > HEAD_BUF_KEEP {
+            // An idle connection holds no header buffer (the usual request
+            // comes whole in one read and never needs one).
+            if conn.head.capacity() > 0 {
                 conn.head = BytesMut::new();
-            } else {
-                conn.head.clear();
             }
             conn.close_after = !keepalive || stopping;
             conn.deadline = now + self.keepalive_timeout;
@@ -617,6 +681,7 @@ impl LoopIo {
     /// Keeps the unsent part of the answer and asks for a writable event;
     /// false when the socket cannot be watched.
     fn wait_writable(&mut self, conn: &mut Conn, sent: usize) -> bool {
+        self.fast.metrics.redirect_loop_write_waits.inc();
         conn.pending.clear();
         conn.pending.extend_from_slice(&self.answer[sent..]);
         conn.sent = 0;
@@ -630,11 +695,16 @@ impl LoopIo {
         .is_ok()
     }
 
-    /// Sends what is pending: Ok(true) when all of it is out.
-    fn flush(&mut self, conn: &mut Conn) -> Result<bool, ()> {
+    /// Sends what is pending: Ok(true) when all of it is out. Each write
+    /// that goes out gives the client the keep-alive time again to take
+    /// more (a slow reader that keeps reading is not cut off).
+    fn flush(&mut self, conn: &mut Conn, now: Instant) -> Result<bool, ()> {
         while conn.sent < conn.pending.len() {
             match send(conn.fd.as_raw_fd(), &conn.pending[conn.sent..]) {
-                Ok(n) => conn.sent += n,
+                Ok(n) => {
+                    conn.sent += n;
+                    conn.deadline = now + self.keepalive_timeout;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => return Err(()),

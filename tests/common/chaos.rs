@@ -643,6 +643,12 @@ pub struct Conn {
 impl Conn {
     pub fn open(addr: SocketAddr) -> std::io::Result<Self> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        Self::from_stream(stream)
+    }
+
+    /// A connection made by the caller (e.g. with socket options set
+    /// before connecting).
+    pub fn from_stream(stream: TcpStream) -> std::io::Result<Self> {
         stream.set_read_timeout(Some(Duration::from_secs(15)))?;
         stream.set_nodelay(true)?;
         Ok(Self {
@@ -680,10 +686,14 @@ impl Conn {
     /// answer), or says how the connection ended instead.
     pub fn read_answer(&mut self, head_request: bool) -> Reply {
         let mut chunk = [0u8; 8192];
+        // Where the search for the end of the head goes on from (a long head
+        // comes in many reads; each byte is looked at about once).
+        let mut from = 0;
         let end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
+            if let Some(i) = self.buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+                break from + i;
             }
+            from = self.buf.len().saturating_sub(3);
             match self.stream.read(&mut chunk) {
                 Ok(0) if self.buf.is_empty() => return Reply::ClosedBeforeAnswer,
                 Ok(0) => return Reply::Broken(format!("EOF in head: {:?}", self.text())),
