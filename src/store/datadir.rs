@@ -15,7 +15,7 @@
 //! [`DataDir::load_view`] and follow the log; they take no lock.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -293,6 +293,20 @@ pub fn snapshot_file_name(seq: u64) -> String {
 #[derive(Debug)]
 pub struct WriterLock {
     _file: File,
+    path: PathBuf,
+}
+
+/// Lock files this process holds through a live [`WriterLock`].
+static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn held() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        held().retain(|p| *p != self.path);
+    }
 }
 
 impl WriterLock {
@@ -306,23 +320,40 @@ impl WriterLock {
             .truncate(false)
             .open(&path)
             .map_err(io_err(&path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                let holder = match pid.trim() {
-                    "" => String::new(),
-                    p => format!(" (pid {p})"),
-                };
-                return Err(StoreError::Locked { path, holder });
+        // A lock that this process took but no live writer here holds is
+        // on its way out: the writer was dropped while a child process was
+        // being spawned, and the child holds a copy of every fd (this one
+        // too, and `flock` belongs to the open file) until its exec closes
+        // them. That takes microseconds; it is waited for, two seconds at
+        // most. A live writer in this process is refused at once.
+        let patience = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match file.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) => {
+                    let mut pid = String::new();
+                    let _ = file.seek(std::io::SeekFrom::Start(0));
+                    let _ = file.read_to_string(&mut pid);
+                    let ours =
+                        pid.trim() == std::process::id().to_string() && !held().contains(&path);
+                    if ours && std::time::Instant::now() < patience {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        continue;
+                    }
+                    let holder = match pid.trim() {
+                        "" => String::new(),
+                        p => format!(" (pid {p})"),
+                    };
+                    return Err(StoreError::Locked { path, holder });
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
             }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
         }
         file.set_len(0).map_err(io_err(&path))?;
         file.write_all(std::process::id().to_string().as_bytes())
             .map_err(io_err(&path))?;
-        Ok(Self { _file: file })
+        held().push(path.clone());
+        Ok(Self { _file: file, path })
     }
 }
 
