@@ -254,12 +254,12 @@ impl Snapshot {
         // Bytes are only ever read through bounds-checked slices.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         // Ask for 2 MiB (PMD) mappings before anything reads the pages (the
-        // checksum check reads them all): a file that `write_snapshot` wrote
-        // sits in the page cache in 2 MiB folios, and this lets each one be
-        // mapped by one PMD, so a cold lookup misses the TLB less and opening
-        // faults 512x fewer times. It is only advice: if the kernel refuses
-        // (THP off, an old kernel), the mapping keeps working with 4 KiB pages,
-        // so the error is ignored.
+        // checksum check reads them all). A file `write_snapshot` wrote sits
+        // in the page cache in 2 MiB folios, each mapped by one PMD (fewer TLB
+        // misses per cold lookup, fewer page faults); pages not cached are
+        // read in as 2 MiB folios only with this advice. It is only advice:
+        // if the kernel refuses (THP off, an old kernel), the mapping works
+        // with 4 KiB pages as before, so the error is ignored.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
         Self::from_map(map, path, verify_checksums)
@@ -1040,11 +1040,12 @@ mod tests {
     }
 
     /// Kibibytes of `FilePmdMapped` in /proc/self/smaps over the mappings
-    /// inside `[addr, addr + len)`.
+    /// inside `[addr, addr + len)`, and whether all of them have
+    /// `MADV_HUGEPAGE` (`hg` in `VmFlags`).
     #[cfg(target_os = "linux")]
-    fn file_pmd_mapped_kb(addr: usize, len: usize) -> u64 {
+    fn pmd_mapped_kb(addr: usize, len: usize) -> (u64, bool) {
         let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
-        let (mut inside, mut kb) = (false, 0);
+        let (mut inside, mut kb, mut hg) = (false, 0, true);
         for line in smaps.lines() {
             // A mapping's first line: "start-end perms offset dev inode path".
             let start = line
@@ -1061,9 +1062,11 @@ mod tests {
                     .trim()
                     .parse::<u64>()
                     .unwrap();
+            } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+                hg &= flags.split_whitespace().any(|f| f == "hg");
             }
         }
-        kb
+        (kb, hg)
     }
 
     /// Why this machine cannot PMD-map a file in `dir` at all, if it cannot:
@@ -1091,7 +1094,7 @@ mod tests {
         let _ = map.advise(memmap2::Advice::HugePage);
         let touched: u64 = map.iter().step_by(4096).map(|&b| b as u64).sum();
         assert_eq!(touched, 7 * (2 * HUGE_CHUNK as u64 / 4096));
-        let kb = file_pmd_mapped_kb(map.as_ptr() as usize, map.len());
+        let (kb, _) = pmd_mapped_kb(map.as_ptr() as usize, map.len());
         (kb == 0).then(|| {
             format!(
                 "a file in {} written in 2 MiB writes and mapped with MADV_HUGEPAGE \
@@ -1105,7 +1108,10 @@ mod tests {
     /// least in part, mapped with 2 MiB pages, wherever the machine can do
     /// that at all (checked first with a probe file; else the test says why
     /// it checks nothing). Fails if the writer stops writing 2 MiB-aligned
-    /// 2 MiB pieces or `open` stops advising `MADV_HUGEPAGE`.
+    /// 2 MiB pieces (then the page cache holds smaller folios), or if `open`
+    /// stops advising `MADV_HUGEPAGE` (checked apart: folios already cached
+    /// at 2 MiB get PMDs without it; the advice decides the folio size when
+    /// an evicted file is read back in).
     #[cfg(target_os = "linux")]
     #[test]
     fn snapshot_is_mapped_with_2mib_pages_where_the_machine_can() {
@@ -1128,7 +1134,8 @@ mod tests {
         assert!(fs::metadata(&path).unwrap().len() > 4 * HUGE_CHUNK as u64);
         // The checksum check reads every page of the mapping.
         let snap = Snapshot::open(&path, true).unwrap();
-        let kb = file_pmd_mapped_kb(snap.map.as_ptr() as usize, snap.map.len());
+        let (kb, hg) = pmd_mapped_kb(snap.map.as_ptr() as usize, snap.map.len());
+        assert!(hg, "Snapshot::open did not advise MADV_HUGEPAGE");
         assert!(
             kb >= HUGE_CHUNK as u64 / 1024,
             "snapshot of {} bytes has {kb} kB PMD-mapped though a probe file got PMDs",
