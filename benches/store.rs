@@ -278,9 +278,13 @@ fn fixture_link<'a>(code: &'a Code, target: &'a str, i: usize) -> LinkRef<'a> {
     }
 }
 
+/// `BENCH_ROOT`, or `$ULOAD_BENCH_ROOT` when set (A/B runs of two builds
+/// keep their fixtures apart: a file's page-cache state depends on how it
+/// was written).
 fn bench_root() -> PathBuf {
-    let root = PathBuf::from(BENCH_ROOT);
-    fs::create_dir_all(&root).expect("create /var/tmp/uload-bench");
+    let root = std::env::var_os("ULOAD_BENCH_ROOT")
+        .map_or_else(|| PathBuf::from(BENCH_ROOT), PathBuf::from);
+    fs::create_dir_all(&root).expect("create the bench root");
     root
 }
 
