@@ -103,7 +103,12 @@
 //! (127 MB and 1.25 GB) are built once into `/var/tmp/uload-bench/` and reused
 //! by later runs when their header (sequence, link count) and a few sample
 //! records match; delete that directory to rebuild. The 1M-record log for the
-//! replay benches is kept there too.
+//! replay benches is kept there too. `ULOAD_BENCH_ROOT=<dir>` puts them
+//! elsewhere. A cached fixture keeps the page-cache folios it was written
+//! with (2 MiB since snapshots are written in 2 MiB pieces; smaller if an
+//! older build wrote it) until it is evicted, and that decides whether its
+//! mapping gets 2 MiB pages: compare builds each with its own directory
+//! (`docs/benchmarks.md`, "Snapshots on 2 MiB pages").
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -278,9 +283,13 @@ fn fixture_link<'a>(code: &'a Code, target: &'a str, i: usize) -> LinkRef<'a> {
     }
 }
 
+/// `BENCH_ROOT`, or `$ULOAD_BENCH_ROOT` when set (A/B runs of two builds
+/// keep their fixtures apart: a file's page-cache state depends on how it
+/// was written).
 fn bench_root() -> PathBuf {
-    let root = PathBuf::from(BENCH_ROOT);
-    fs::create_dir_all(&root).expect("create /var/tmp/uload-bench");
+    let root = std::env::var_os("ULOAD_BENCH_ROOT")
+        .map_or_else(|| PathBuf::from(BENCH_ROOT), PathBuf::from);
+    fs::create_dir_all(&root).expect("create the bench root");
     root
 }
 
