@@ -18,6 +18,11 @@
 //! only) goes to Pingora's own HTTP/2 loop once its client preface has come
 //! within `edge.client_header_timeout_ms` (`tls::h2_preface`); its idle limit
 //! is `edge.keepalive_timeout_ms` (`h2_idle_timeout`).
+//!
+//! A kept-alive cleartext connection whose request the fast path answered
+//! moves on to a redirect loop ([`super::redirect_loop`]), which applies the
+//! same two limits and gives the connection back here for any request the
+//! fast path does not answer ([`ClientLimits::serve`] with the bytes read).
 
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
