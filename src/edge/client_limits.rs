@@ -22,7 +22,7 @@
 //! A kept-alive cleartext connection whose request the fast path answered
 //! moves on to a redirect loop ([`super::redirect_loop`]), which applies the
 //! same two limits and gives the connection back here for any request the
-//! fast path does not answer ([`ClientLimits::serve`] with the bytes read).
+//! fast path does not answer (`ClientLimits::serve` with the bytes read).
 
 use std::future::Future;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -40,7 +40,7 @@ use super::fast_path::RedirectFastPath;
 
 /// Gives a connection back to Pingora: `head` holds every byte read from it
 /// that has not been answered (a whole request header, or more than
-/// [`MAX_HEAD`] bytes without one).
+/// `MAX_HEAD` bytes without one).
 pub trait HandBack: Send + Sync {
     fn hand_back(&self, fd: OwnedFd, head: BytesMut, runtime: &tokio::runtime::Handle);
 }
