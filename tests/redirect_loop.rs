@@ -60,7 +60,13 @@ fn ask(conn: &mut Conn, method: &str, path: &str) -> Answer {
 
 fn ask_with(conn: &mut Conn, method: &str, path: &str, extra: &[(&str, &str)]) -> Answer {
     conn.send(&Conn::head(method, path, extra, b"")).unwrap();
-    match conn.read_answer(method == "HEAD") {
+    answer(conn, method == "HEAD", &format!("{method} {path}"))
+}
+
+/// The next answer on `conn`, whole: status, headers but `date` (names in
+/// lower case, sorted), body. `what` names the request if there is none.
+fn answer(conn: &mut Conn, head_request: bool, what: &str) -> Answer {
+    match conn.read_answer(head_request) {
         Reply::Whole(r) => {
             let mut headers: Vec<(String, String)> = r
                 .headers
@@ -71,36 +77,26 @@ fn ask_with(conn: &mut Conn, method: &str, path: &str, extra: &[(&str, &str)]) -
             headers.sort();
             (r.status, headers, r.body)
         }
-        other => panic!("{method} {path}: {other:?}"),
+        other => panic!("{}: {other:?}", &what[..what.len().min(40)]),
     }
 }
 
-trait ReadWhole {
-    /// The next answer, whole: status, headers (names in lower case).
-    fn read_answer_whole(&mut self, what: &str) -> (u16, Vec<(String, String)>, Vec<u8>);
-}
-
-impl ReadWhole for Conn {
-    fn read_answer_whole(&mut self, what: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
-        match self.read_answer(false) {
-            Reply::Whole(r) => (
-                r.status,
-                r.headers
-                    .into_iter()
-                    .map(|(n, v)| (n.to_ascii_lowercase(), v))
-                    .collect(),
-                r.body,
-            ),
-            other => panic!("{}: {other:?}", &what[..what.len().min(40)]),
-        }
-    }
+/// An answer without its `connection` header (a loop's answers say
+/// keep-alive, those compared with them were asked with `close`).
+fn without_connection(mut a: Answer) -> Answer {
+    a.1.retain(|(n, _)| n != "connection");
+    a
 }
 
 /// A kept-alive connection whose first request has been answered, and
 /// which a loop holds (the hand-off is counted).
 fn looped(cluster: &Cluster, path: &str) -> Conn {
+    looped_on(cluster, Conn::open(cluster.edge_addr).unwrap(), path)
+}
+
+/// [`looped`] on a connection the caller made.
+fn looped_on(cluster: &Cluster, mut conn: Conn, path: &str) -> Conn {
     let before = loop_counts(cluster);
-    let mut conn = Conn::open(cluster.edge_addr).unwrap();
     assert_eq!(ask(&mut conn, "GET", path).0 / 100, 3, "{path}");
     // Counted once the answer is out and the socket queued for a loop
     // (the gauge of held connections can meanwhile lose another one).
@@ -134,10 +130,6 @@ fn kept_alive_redirects_are_served_by_a_loop_and_the_rest_goes_back_to_pingora()
     // but for `connection`.
     let mut conn = looped(&cluster, "/lp");
     let counts = loop_counts(&cluster);
-    let without_connection = |mut a: Answer| {
-        a.1.retain(|(n, _)| n != "connection");
-        a
-    };
     let cases = [
         ("GET", "/lp"),
         ("HEAD", "/lp"),
@@ -396,21 +388,6 @@ fn small_window(addr: SocketAddr) -> std::net::TcpStream {
     }
 }
 
-/// [`looped`] over a [`small_window`] connection.
-fn looped_small_window(cluster: &Cluster, path: &str) -> Conn {
-    let before = loop_counts(cluster);
-    let mut conn = Conn::from_stream(small_window(cluster.edge_addr)).unwrap();
-    assert_eq!(ask(&mut conn, "GET", path).0 / 100, 3, "{path}");
-    // Counted once the answer is out and the socket queued for a loop
-    // (the gauge of held connections can meanwhile lose another one).
-    wait_until(
-        Duration::from_secs(10),
-        "the connection handed to a loop",
-        || loop_counts(cluster).1 > before.1,
-    );
-    conn
-}
-
 /// Answers larger than the socket takes (forwarded queries of 900 KB, to a
 /// client with a small window that reads nothing for a while): the loop
 /// keeps the rest of an answer and sends it as the client reads, counted in
@@ -436,7 +413,11 @@ fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
     let waits = || counter("edge_redirect_loop_write_waits_total");
     let answers = || counter("edge_fast_path_answers_total");
     let before = waits();
-    let mut conn = looped_small_window(&cluster, "/lp");
+    let mut conn = looped_on(
+        &cluster,
+        Conn::from_stream(small_window(edge)).unwrap(),
+        "/lp",
+    );
     let handbacks = loop_counts(&cluster).2;
 
     // One request at a time (never two in one read, which would be
@@ -458,7 +439,7 @@ fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
         });
     }
     for path in &sent {
-        let (status, headers, _) = conn.read_answer_whole(path);
+        let (status, headers, _) = answer(&mut conn, false, path);
         assert_eq!(status, 307);
         let want = format!("https://example.com/f?{}", &path["/fq?".len()..]);
         assert!(
@@ -472,10 +453,6 @@ fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
     let mut fresh = Conn::open(edge).unwrap();
     let expected = ask_with(&mut fresh, "GET", path, &[("Connection", "close")]);
     let got = ask(&mut conn, "GET", path);
-    let without_connection = |mut a: Answer| {
-        a.1.retain(|(n, _)| n != "connection");
-        a
-    };
     assert!(
         without_connection(got) == without_connection(expected),
         "loop vs tokio path"
