@@ -268,7 +268,6 @@ struct Slot {
 }
 
 struct Loop {
-    epoll: OwnedFd,
     inbox: Arc<Inbox>,
     stopping: Arc<AtomicBool>,
     slots: Vec<Slot>,
@@ -284,7 +283,7 @@ struct LoopIo {
     keepalive_timeout: Duration,
     read: Box<[u8]>,
     answer: Vec<u8>,
-    epoll: RawFd,
+    epoll: OwnedFd,
     /// The wall clock, read once for the requests of one `epoll_wait`
     /// (µs since the epoch; `None` until a request needs it).
     wall_us: Option<u64>,
@@ -316,9 +315,7 @@ impl Loop {
             libc::EPOLLIN as u32,
             WAKE,
         )?;
-        let raw = epoll.as_raw_fd();
         Ok(Self {
-            epoll,
             inbox,
             stopping,
             slots: Vec::new(),
@@ -330,7 +327,7 @@ impl Loop {
                 keepalive_timeout,
                 read: vec![0u8; READ_BUF].into_boxed_slice(),
                 answer: Vec::with_capacity(1024),
-                epoll: raw,
+                epoll,
                 wall_us: None,
             },
         })
@@ -367,7 +364,7 @@ impl Loop {
             // SAFETY: `events` is a live buffer of EVENTS entries.
             let n = unsafe {
                 libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
+                    self.io.epoll.as_raw_fd(),
                     events.as_mut_ptr(),
                     EVENTS as i32,
                     timeout,
@@ -439,7 +436,7 @@ impl Loop {
         // Edge-triggered: an event for each arrival of data. If the next
         // request is already waiting, adding the socket reports it.
         if let Err(e) = epoll_ctl(
-            self.io.epoll,
+            self.io.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             h.fd.as_raw_fd(),
             READ_EVENTS,
@@ -484,7 +481,7 @@ impl Loop {
             Outcome::HandBack(head) => {
                 if let Some(conn) = self.take(idx) {
                     let _ = epoll_ctl(
-                        self.io.epoll,
+                        self.io.epoll.as_raw_fd(),
                         libc::EPOLL_CTL_DEL,
                         conn.fd.as_raw_fd(),
                         0,
@@ -570,7 +567,7 @@ impl LoopIo {
                 Ok(true) => {
                     conn.deadline = now + self.keepalive_timeout;
                     if epoll_ctl(
-                        self.epoll,
+                        self.epoll.as_raw_fd(),
                         libc::EPOLL_CTL_MOD,
                         conn.fd.as_raw_fd(),
                         READ_EVENTS,
@@ -647,21 +644,17 @@ impl LoopIo {
             }
             conn.close_after = !keepalive || stopping;
             conn.deadline = now + self.keepalive_timeout;
-            match send(conn.fd.as_raw_fd(), &self.answer) {
-                Ok(sent) if sent == self.answer.len() => {}
-                Ok(sent) => {
-                    if !self.wait_writable(conn, sent) {
-                        return Outcome::Close;
-                    }
-                    return Outcome::Keep;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !self.wait_writable(conn, 0) {
-                        return Outcome::Close;
-                    }
-                    return Outcome::Keep;
-                }
+            let sent = match send(conn.fd.as_raw_fd(), &self.answer) {
+                Ok(sent) => sent,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
                 Err(_) => return Outcome::Close,
+            };
+            if sent < self.answer.len() {
+                return if self.wait_writable(conn, sent) {
+                    Outcome::Keep
+                } else {
+                    Outcome::Close
+                };
             }
             if conn.close_after {
                 shutdown_write(conn.fd.as_raw_fd());
@@ -686,7 +679,7 @@ impl LoopIo {
         conn.pending.extend_from_slice(&self.answer[sent..]);
         conn.sent = 0;
         epoll_ctl(
-            self.epoll,
+            self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_MOD,
             conn.fd.as_raw_fd(),
             WRITE_EVENTS,
