@@ -70,22 +70,11 @@ fn active_len(root: &Path) -> u64 {
     std::fs::metadata(segs.last().unwrap()).unwrap().len()
 }
 
-/// Opens the store again. Another test of this binary may be starting a
-/// process: between its fork and exec the child holds a copy of our LOCK
-/// descriptor (and so the `flock`) for a moment. Poll.
+/// Opens the store again (a lock a child process holds for an instant
+/// between its fork and exec is waited for by `Store::open` itself).
 fn reopen(root: &Path) -> Store {
-    let start = Instant::now();
-    loop {
-        match Store::open(root, LogOptions::default()) {
-            Ok(store) => return store,
-            Err(uload::store::StoreError::Locked { .. })
-                if start.elapsed() < Duration::from_secs(30) =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("reopening {}: {e}", root.display()),
-        }
-    }
+    Store::open(root, LogOptions::default())
+        .unwrap_or_else(|e| panic!("reopening {}: {e}", root.display()))
 }
 
 fn os_error(e: &uload::store::StoreError) -> i32 {
