@@ -981,6 +981,14 @@ mod tests {
                 "edge.keepalive_timeout_ms",
             ),
             (
+                "edge:\n  keepalive_timeout_ms: 86400001\n",
+                "edge.keepalive_timeout_ms",
+            ),
+            (
+                "edge:\n  client_header_timeout_ms: 18446744073709551615\n",
+                "edge.client_header_timeout_ms",
+            ),
+            (
                 "admin:\n  api_key_hashes: [\"md5:00\"]\n",
                 "admin.api_key_hashes[0]",
             ),
@@ -1026,6 +1034,26 @@ mod tests {
             [hash_api_key("a-long-enough-secret")]
         );
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn boolean_environment_overrides() {
+        let env = |var: &str, value: &str| [(var.to_owned(), value.to_owned())];
+        let c = Config::from_yaml_str("", "t", &env("ULOAD_EDGE_REDIRECT_LOOP", "0")).unwrap();
+        assert!(!c.edge.redirect_loop && c.edge.fast_path);
+        let c = Config::from_yaml_str("", "t", &env("ULOAD_EDGE_FAST_PATH", "false")).unwrap();
+        assert!(!c.edge.fast_path && c.edge.redirect_loop);
+        for (var, key) in [
+            ("ULOAD_EDGE_REDIRECT_LOOP", "edge.redirect_loop"),
+            ("ULOAD_EDGE_FAST_PATH", "edge.fast_path"),
+        ] {
+            let e = Config::from_yaml_str("", "t", &env(var, "maybe")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(
+                e.problem.contains(var) && e.problem.contains("maybe"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
