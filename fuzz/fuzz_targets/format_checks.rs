@@ -11,6 +11,7 @@
 
 use uload::config::Config;
 use uload::edge::redirect::{Route, location_into, route, split_target};
+use uload::edge::request_head::differs_from_httparse;
 use uload::interchange::{Format, LinkJson, read_links};
 use uload::store::datadir::Manifest;
 use uload::store::frame::{LogOp, decode_frame, encode_frame};
@@ -41,6 +42,11 @@ pub const TARGETS: &[&str] = &[
 /// target is one of [`TARGETS`].
 pub fn check_request(data: &[u8]) {
     check_route(data);
+    // The whole input as a request head: what the fast path's parser takes,
+    // httparse (Pingora's parser) reads the same way.
+    if let Some(difference) = differs_from_httparse(data) {
+        panic!("{difference}");
+    }
     let (target, request) = match data.iter().position(|&b| b == 0) {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (TARGETS[data.len() % TARGETS.len()].as_bytes(), data),

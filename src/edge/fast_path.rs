@@ -7,8 +7,9 @@
 //!
 //! It answers only when all of these hold (otherwise [`RedirectFastPath::answer`]
 //! returns `None` and Pingora serves the request):
-//! - the header parses strictly (httparse), is HTTP/1.1, and nothing follows
-//!   it in the buffer (no body, no pipelined request);
+//! - the header is a plain HTTP/1.1 head as [`super::request_head`] reads
+//!   it (a strict subset of what httparse and Pingora read), and nothing
+//!   follows it in the buffer (no body, no pipelined request);
 //! - the method is GET or HEAD, with no `Content-Length`,
 //!   `Transfer-Encoding`, `Expect` or `Upgrade` header;
 //! - the path is a short code (`route()` says `Redirect`).
@@ -28,10 +29,11 @@ use super::access_log::{AccessLog, AccessRecord, timestamp};
 use super::metrics::{EdgeMetrics, LimitKind, RedirectResult};
 use super::rate_limit::{EdgeRateLimits, client_ip};
 use super::redirect::{Miss, Route, cache_control, location_into, resolve, route, split_target};
+use super::request_head::{RequestHead, request_line};
 use crate::config::{EdgeConfig, IpNet};
 use crate::metrics::{MethodLabel, RouteLabel};
 use crate::ratelimit::Decision;
-use crate::store::view::HotTable;
+use crate::store::view::{HotTable, TableView};
 
 /// What the fast path needs; every field is shared with the proxy.
 pub struct RedirectFastPath {
@@ -43,9 +45,6 @@ pub struct RedirectFastPath {
     pub client_ip_header: String,
     pub access_log: Option<Arc<AccessLog>>,
 }
-
-/// Most header lines looked at; a request with more goes to Pingora.
-const MAX_HEADERS: usize = 32;
 
 impl RedirectFastPath {
     /// Answers the request in `head` into `out` (cleared first) when it is a
@@ -72,34 +71,38 @@ impl RedirectFastPath {
         now_us: Option<u64>,
         out: &mut Vec<u8>,
     ) -> Option<bool> {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
-            Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-            _ => return None,
-        }
-        if req.version != Some(1) {
+        let RequestHead {
+            head_only,
+            target,
+            headers,
+        } = request_line(head)?;
+        let (path, query) = split_target(target);
+        let Route::Redirect(code) = route(path) else {
             return None;
-        }
-        let (method, head_only) = match req.method? {
-            "GET" => (MethodLabel::Get, false),
-            "HEAD" => (MethodLabel::Head, true),
-            _ => return None,
+        };
+        // The code's index slot is on its way from memory while the header
+        // lines are read.
+        let view = self.table.load();
+        view.prefetch(code);
+        let method = if head_only {
+            MethodLabel::Head
+        } else {
+            MethodLabel::Get
         };
         let mut keepalive = true;
         let mut forwarded = None;
         let mut user_agent = None;
-        for h in req.headers.iter() {
-            let name = h.name;
-            if name.eq_ignore_ascii_case("content-length")
-                || name.eq_ignore_ascii_case("transfer-encoding")
-                || name.eq_ignore_ascii_case("expect")
-                || name.eq_ignore_ascii_case("upgrade")
+        for h in headers {
+            let (name, value) = h?;
+            if name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
             {
                 return None;
             }
-            if name.eq_ignore_ascii_case("connection") {
-                for token in h.value.split(|&b| b == b',') {
+            if name.eq_ignore_ascii_case(b"connection") {
+                for token in value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
                         keepalive = false;
@@ -107,18 +110,13 @@ impl RedirectFastPath {
                         return None;
                     }
                 }
-            } else if name.eq_ignore_ascii_case(&self.client_ip_header) {
-                forwarded = Some(h.value);
-            } else if name.eq_ignore_ascii_case("user-agent") {
+            } else if name.eq_ignore_ascii_case(self.client_ip_header.as_bytes()) {
+                forwarded = Some(value);
+            } else if name.eq_ignore_ascii_case(b"user-agent") {
                 // Checked as text only if the access log wants it.
-                user_agent = Some(h.value);
+                user_agent = Some(value);
             }
         }
-        let target = req.path?.as_bytes();
-        let (path, query) = split_target(target);
-        let Route::Redirect(code) = route(path) else {
-            return None;
-        };
 
         let peer = peer.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let client = if self.trusted_proxies.is_empty() {
@@ -153,7 +151,7 @@ impl RedirectFastPath {
                 body = Some(text);
                 (429, RouteLabel::RateLimited)
             }
-            None => self.redirect(out, code, query, client, now_us, &mut body),
+            None => self.redirect(view, out, code, query, client, now_us, &mut body),
         };
         out.extend_from_slice(b"Date: ");
         out.extend_from_slice(&cached_date(now / 1000));
@@ -206,8 +204,10 @@ impl RedirectFastPath {
 
     /// The redirect (or miss) answer's status line and headers, but for
     /// `date` and `connection`; a miss's body goes to `body`.
+    #[allow(clippy::too_many_arguments)]
     fn redirect(
         &self,
+        view: arc_swap::Guard<Arc<TableView>>,
         out: &mut Vec<u8>,
         code: &[u8],
         query: Option<&[u8]>,
@@ -216,7 +216,6 @@ impl RedirectFastPath {
         body: &mut Option<bytes::Bytes>,
     ) -> (u16, RouteLabel) {
         let now = now_us / 1000;
-        let view = self.table.load();
         match resolve(&view, code, now) {
             Ok(link) => {
                 let status = link.status.code();
@@ -348,21 +347,55 @@ fn http_date(secs: u64) -> [u8; 29] {
 }
 
 fn status_line(out: &mut Vec<u8>, status: u16) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(crate::metrics::status_str(status).as_bytes());
-    out.push(b' ');
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    // The statuses this path sends, written out once; any other is built.
+    let line: &[u8] = match status {
+        301 => b"HTTP/1.1 301 Moved Permanently\r\n",
+        302 => b"HTTP/1.1 302 Found\r\n",
+        307 => b"HTTP/1.1 307 Temporary Redirect\r\n",
+        308 => b"HTTP/1.1 308 Permanent Redirect\r\n",
+        404 => b"HTTP/1.1 404 Not Found\r\n",
+        429 => b"HTTP/1.1 429 Too Many Requests\r\n",
+        _ => {
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(crate::metrics::status_str(status).as_bytes());
+            out.push(b' ');
+            let reason = http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("");
+            out.extend_from_slice(reason.as_bytes());
+            out.extend_from_slice(b"\r\n");
+            return;
+        }
+    };
+    out.extend_from_slice(line);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::record::now_ms;
+
+    /// The lines written out are the ones built from the status's number
+    /// and canonical reason (as for any other status).
+    #[test]
+    fn status_lines() {
+        for status in [301, 302, 307, 308, 404, 429] {
+            let mut fast = Vec::new();
+            status_line(&mut fast, status);
+            let reason = http::StatusCode::from_u16(status)
+                .unwrap()
+                .canonical_reason()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8(fast).unwrap(),
+                format!("HTTP/1.1 {status} {reason}\r\n")
+            );
+        }
+        let mut other = Vec::new();
+        status_line(&mut other, 503);
+        assert_eq!(other, b"HTTP/1.1 503 Service Unavailable\r\n");
+    }
 
     #[test]
     fn http_dates() {

@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod redirect;
 pub mod redirect_loop;
+pub mod request_head;
 pub mod tls;
 
 use std::sync::{Arc, Mutex};

@@ -357,6 +357,18 @@ impl Snapshot {
         &self.map[start..start + self.header.index_len as usize]
     }
 
+    /// Starts loading the index slot where a lookup of `code` begins into the
+    /// CPU cache, without waiting for it: a caller that has other work to do
+    /// before [`Self::get`] (reading the rest of a request) overlaps that
+    /// work with the slot's cache miss. Reads nothing, changes nothing.
+    #[inline]
+    pub fn prefetch(&self, code: &[u8]) {
+        let at = ((code_hash(code) & self.mask) as usize) * 8;
+        if let Some(slot) = self.index().get(at..at + 8) {
+            prefetch_line(slot.as_ptr());
+        }
+    }
+
     /// Looks a code up. Allocation-free; a damaged index or record makes the
     /// lookup miss rather than panic.
     #[inline]
@@ -394,6 +406,21 @@ impl Snapshot {
             path: &self.path,
         }
     }
+}
+
+/// A hint to the CPU to bring the cache line of `p` in (x86-64 `prefetcht0`;
+/// nothing elsewhere). It cannot fault, whatever the address.
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it reads nothing the program sees and
+    // does not fault on any address.
+    #[allow(unused_unsafe)]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Smallest piece of a region checksummed on a thread of its own: below

@@ -165,6 +165,15 @@ impl TableView {
         self.snapshot.as_ref()?.get(code)
     }
 
+    /// [`Snapshot::prefetch`] for the snapshot under the overlay: a lookup
+    /// of `code` that comes soon after finds its index slot in cache.
+    #[inline]
+    pub fn prefetch(&self, code: &[u8]) {
+        if let Some(snapshot) = &self.snapshot {
+            snapshot.prefetch(code);
+        }
+    }
+
     /// Sequence of the last record this view includes.
     pub fn seq(&self) -> u64 {
         self.seq
