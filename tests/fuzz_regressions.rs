@@ -333,6 +333,10 @@ fn seed_requests() -> Vec<(String, Vec<u8>)> {
         b"https://x/p#f?g#h\0/c?a=\r\n x\x7f\xff#z",
         b"https://\xe4\xbe\x8b.jp/\0/c?\xe5\x80\xa4=1",
         b"\0/c?a",
+        // Whole request heads, for the fast path's head parser.
+        b"GET /abc1234?x=1 HTTP/1.1\r\nHost: ulo.ad\r\nUser-Agent: curl/8\r\nConnection: close\r\n\r\n",
+        b"HEAD /a HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nX-E:\t \r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: x\r\n y\r\n\r\n",
     ];
     inputs
         .iter()

@@ -353,12 +353,16 @@ impl Loop {
         let _ended = Ended(self.inbox.clone());
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         let tick = self.tick();
-        let mut next_sweep = Instant::now() + tick;
+        // The time of the last wake-up, which the next timeout counts from
+        // (so a wait can end up to one batch's work late; a sweep tick is
+        // at least 10 ms): one clock read per `epoll_wait`, not two.
+        let mut now = Instant::now();
+        let mut next_sweep = now + tick;
         loop {
             let timeout = if self.live == 0 {
                 -1
             } else {
-                let left = next_sweep.saturating_duration_since(Instant::now());
+                let left = next_sweep.saturating_duration_since(now);
                 left.as_millis().min(i32::MAX as u128) as i32 + 1
             };
             // SAFETY: `events` is a live buffer of EVENTS entries.
@@ -380,7 +384,7 @@ impl Loop {
                 tracing::error!("redirect loop: epoll_wait: {e}; closing its connections");
                 return;
             }
-            let now = Instant::now();
+            now = Instant::now();
             self.io.wall_us = None;
             let mut woken = false;
             for ev in &events[..n as usize] {
