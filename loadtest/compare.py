@@ -26,7 +26,11 @@ For each link count N (default 1000000):
  6. RSS and PSS (sum over the server's processes, /proc/<pid>/smaps_rollup)
     after start-up and after the load.
  7. Prints ONE table per N: medians across rounds and each figure's ratio to
-    nginx, then the issue's targets with met / not met. Everything goes to
+    nginx, then the issue's targets with met / not met. The two targets that
+    compare with nginx (CPU per request, p99) are judged on the median of the
+    per-round ratios (each round's edge run over its nginx run, measured back
+    to back, so a machine that is busier for a while moves both), with the
+    ratio of the medians printed beside it. Everything goes to
     WORKDIR/results-N.json and WORKDIR/results-N.md as well.
  8. --perf: one more wrk run per server under `perf record -e cpu-clock -g`
     (--perf-call-graph dwarf: DWARF unwinding, through glibc too),
@@ -678,17 +682,37 @@ def runs_table(runs):
     return "\n".join(lines)
 
 
-def targets(n, summ):
+def paired_ratios(runs, key, a="edge", b="nginx"):
+    """`a`'s figure over `b`'s, round by round (the two runs of a round are
+    back to back, so they share the machine's state), in round order."""
+    by = {(r["tag"].split("-", 1)[0], r["server"]): r[key] for r in runs if r["tag"].startswith("r")}
+    rounds = sorted({t for t, _ in by}, key=lambda t: int(t[1:]))
+    return [by[(t, a)] / by[(t, b)] for t in rounds if (t, a) in by and (t, b) in by and by[(t, b)]]
+
+
+def targets(n, summ, runs=()):
+    """The issue's targets. The two that compare with nginx are judged on the
+    median of the per-round ratios (A and B measured back to back, as the
+    benchmark guide asks), with the ratio of the medians shown beside it."""
     e, ng = summ.get("edge"), summ.get("nginx")
     out = []
     if not e:
         return out
     def line(name, ok, detail):
         out.append(f"- {'MET' if ok else 'NOT MET'}: {name} ({detail})")
+    def paired(key, limit, medians):
+        rs = paired_ratios(runs, key)
+        if not rs:
+            return medians <= limit, f"ratio of the medians {medians:.2f}×"
+        m = statistics.median(rs)
+        return m <= limit, (f"median of the per-round ratios {m:.2f}× (rounds " + ", ".join(f"{x:.2f}" for x in rs)
+                            + f"); ratio of the medians {medians:.2f}×")
     if ng:
-        line("server CPU per redirect ≤ 0.8 × nginx's", e["cpu_us_per_req"] <= 0.8 * ng["cpu_us_per_req"],
-             f"{e['cpu_us_per_req']:.1f} µs vs {ng['cpu_us_per_req']:.1f} µs = {e['cpu_us_per_req'] / ng['cpu_us_per_req']:.2f}×")
-        line("p99 ≤ nginx's", e["p99_ms"] <= ng["p99_ms"], f"{e['p99_ms']:.2f} ms vs {ng['p99_ms']:.2f} ms")
+        ok, how = paired("cpu_us_per_req", 0.8, e["cpu_us_per_req"] / ng["cpu_us_per_req"])
+        line("server CPU per redirect ≤ 0.8 × nginx's", ok,
+             f"{e['cpu_us_per_req']:.1f} µs vs {ng['cpu_us_per_req']:.1f} µs; {how}")
+        ok, how = paired("p99_us", 1.0, e["p99_ms"] / ng["p99_ms"])
+        line("p99 ≤ nginx's", ok, f"{e['p99_ms']:.2f} ms vs {ng['p99_ms']:.2f} ms; {how}")
         if e.get("pss_b_per_link") and ng.get("pss_b_per_link"):
             line("memory per link < ⅓ of nginx's" + ("" if n >= 10_000_000 else f" (target is at 10M; here {n:,})"),
                  e["pss_b_per_link"] < ng["pss_b_per_link"] / 3,
@@ -1030,7 +1054,7 @@ def compare(args, n, uload_bin):
           *[extra[s]["start_failed"] + "." for s in args.servers if extra[s].get("start_failed")],
           "Start-up runs (ms): " + "; ".join(
               f"{LABEL[s]} {', '.join('%.0f' % x for x in extra[s].get('startup_runs_ms', []))}" for s in args.servers),
-          "", "Targets (issue 4):", *targets(n, summ), "", "Every run:", "", runs_table(runs), ""]
+          "", "Targets (issue 4):", *targets(n, summ, runs), "", "Every run:", "", runs_table(runs), ""]
     if syscalls:
         evs = [k.split(":")[-1].replace("sys_enter_", "") for k in SYSCALL_EVENTS]
         md += ["Per request, under load (`perf stat`, one extra run per server):", "",
