@@ -17,11 +17,15 @@
 //! - `edge_request/lookup_spread`: `redirect::resolve` alone on the same
 //!   4,096 codes, the table's share of `fast_path_spread`.
 //!
-//! Results (2026-11-27 01:49 to 01:52 UTC, the 2-vCPU VM of
-//! `docs/benchmarks.md`, commit after `bafdbdd`; criterion's estimate, three
-//! runs, then their median): `fast_path_hot` 526 / 462 / 443 ns → 462 ns;
-//! `fast_path_spread` 507 / 664 / 724 ns → 664 ns; `fast_path_unknown`
-//! 361 / 444 / 412 ns → 412 ns; `lookup_spread` 112 / 127 / 125 ns → 125 ns.
+//! Results (2026-11-27 05:28 to 05:35 UTC, the 2-vCPU VM of
+//! `docs/benchmarks.md`, commit `a34edbb`, the fast path's own head parser;
+//! criterion's estimate, alternated with the build before it, `2d826d3`,
+//! which parsed with httparse; medians of three runs each, eight for
+//! `fast_path_unknown`): `fast_path_hot` 354 ns (before: 536 ns);
+//! `fast_path_spread` 459 ns (528 ns); `fast_path_unknown` 471 ns (448 ns:
+//! within the noise; callgrind counts 1,860 instructions per call against
+//! 2,394); `lookup_spread` (the same code in both) 157 ns (110 ns, noise).
+//! Earlier (01:49 to 01:52 UTC, three runs): 462, 664, 412 and 125 ns.
 
 use std::convert::Infallible;
 use std::hint::black_box;

@@ -766,10 +766,14 @@ mod tests {
             assert_eq!(snap.len(), n as u64);
             assert_eq!(snap.seq(), 77);
             for l in &links {
+                // A prefetch first changes nothing about the answer.
+                snap.prefetch(l.code.as_bytes());
                 assert_eq!(snap.get(l.code.as_bytes()).unwrap().to_link().unwrap(), *l);
             }
-            assert!(snap.get(b"missing").is_none());
-            assert!(snap.get(b"").is_none());
+            for code in [&b"missing"[..], b""] {
+                snap.prefetch(code);
+                assert!(snap.get(code).is_none());
+            }
             let all: Vec<Link> = snap.iter().map(|r| r.unwrap().to_link().unwrap()).collect();
             assert_eq!(all, links);
         }
