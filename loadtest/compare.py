@@ -685,8 +685,12 @@ def runs_table(runs):
 def paired_ratios(runs, key, a="edge", b="nginx"):
     """`a`'s figure over `b`'s, round by round (the two runs of a round are
     back to back, so they share the machine's state), in round order."""
-    by = {(r["tag"].split("-", 1)[0], r["server"]): r[key] for r in runs if r["tag"].startswith("r")}
-    rounds = sorted({t for t, _ in by}, key=lambda t: int(t[1:]))
+    by = {}
+    for r in runs:
+        m = re.match(r"r(\d+)-", r["tag"])  # round runs only: "r3-edge", not warm-ups or profiles
+        if m:
+            by[(int(m.group(1)), r["server"])] = r[key]
+    rounds = sorted({t for t, _ in by})
     return [by[(t, a)] / by[(t, b)] for t in rounds if (t, a) in by and (t, b) in by and by[(t, b)]]
 
 
