@@ -123,6 +123,11 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
         "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         "GET /a/b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         "GET /tmp HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        // Heads outside the fast path's plain shape (src/edge/request_head.rs):
+        // a non-ASCII header value, bare LF line ends, an obs-fold line.
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nX-Name: café\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\nHost: x\nConnection: close\n\n",
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\nConnection: close\r\n\r\n",
     ];
     let mut compared = 0;
     for case in fast_cases {
