@@ -775,13 +775,7 @@ fn check_slow(o: &SlowOutcome) -> Result<(), String> {
 
 #[test]
 fn slow_senders_are_cut_off_and_redirects_keep_working() {
-    let cluster = Cluster::start_custom(
-        &format!(
-            "  client_header_timeout_ms: {HEADER_TIMEOUT_MS}\n  keepalive_timeout_ms: {KEEPALIVE_TIMEOUT_MS}\n"
-        ),
-        "",
-        "",
-    );
+    let cluster = Cluster::with_client_timeouts(HEADER_TIMEOUT_MS, KEEPALIVE_TIMEOUT_MS);
     let edge = cluster.edge_addr;
     let r = api(
         edge,

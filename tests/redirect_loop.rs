@@ -21,13 +21,7 @@ const HEADER_TIMEOUT_MS: u64 = 1_000;
 const KEEPALIVE_TIMEOUT_MS: u64 = 1_500;
 
 fn cluster() -> Cluster {
-    Cluster::start_custom(
-        &format!(
-            "  client_header_timeout_ms: {HEADER_TIMEOUT_MS}\n  keepalive_timeout_ms: {KEEPALIVE_TIMEOUT_MS}\n"
-        ),
-        "",
-        "",
-    )
+    Cluster::with_client_timeouts(HEADER_TIMEOUT_MS, KEEPALIVE_TIMEOUT_MS)
 }
 
 /// (connections held by the loops, hand-offs, hand-backs).
@@ -493,13 +487,7 @@ const PACED_KEEPALIVE_MS: u64 = 2_000;
 /// sleeps, each a second or more away from the limits.)
 #[test]
 fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
-    let cluster = Cluster::start_custom(
-        &format!(
-            "  client_header_timeout_ms: {PACED_HEADER_MS}\n  keepalive_timeout_ms: {PACED_KEEPALIVE_MS}\n"
-        ),
-        "",
-        "",
-    );
+    let cluster = Cluster::with_client_timeouts(PACED_HEADER_MS, PACED_KEEPALIVE_MS);
     let edge = cluster.edge_addr;
     create(edge, r#"{"url":"https://example.com/lp","code":"lp"}"#);
     wait_until(Duration::from_secs(10), "the link at the edge", || {

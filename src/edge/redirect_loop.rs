@@ -570,15 +570,7 @@ impl LoopIo {
                 }
                 Ok(true) => {
                     conn.deadline = now + self.keepalive_timeout;
-                    if epoll_ctl(
-                        self.epoll.as_raw_fd(),
-                        libc::EPOLL_CTL_MOD,
-                        conn.fd.as_raw_fd(),
-                        READ_EVENTS,
-                        conn.token,
-                    )
-                    .is_err()
-                    {
+                    if !self.watch(conn, READ_EVENTS) {
                         return Outcome::Close;
                     }
                     // A request may have come while the answer waited: read.
@@ -682,11 +674,17 @@ impl LoopIo {
         conn.pending.clear();
         conn.pending.extend_from_slice(&self.answer[sent..]);
         conn.sent = 0;
+        self.watch(conn, WRITE_EVENTS)
+    }
+
+    /// Changes the events the loop's epoll set reports for `conn`; false
+    /// when the socket cannot be watched.
+    fn watch(&self, conn: &Conn, events: u32) -> bool {
         epoll_ctl(
             self.epoll.as_raw_fd(),
             libc::EPOLL_CTL_MOD,
             conn.fd.as_raw_fd(),
-            WRITE_EVENTS,
+            events,
             conn.token,
         )
         .is_ok()

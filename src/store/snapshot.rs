@@ -1025,26 +1025,27 @@ mod tests {
         }
     }
 
+    /// 60,000 links with 120-byte targets, about 10 MB of records, in code
+    /// order (the codes are fixed-width numbers).
+    fn ten_mb_of_links() -> Vec<Link> {
+        (0..60_000)
+            .map(|i| {
+                Link::new(
+                    &format!("k{i:07}"),
+                    &format!("https://example.com/{}/{i}", "p".repeat(100)),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
     /// A damaged byte is found by the parallel check wherever it is, in the
     /// records or the index, in any piece: a corrupt snapshot is refused.
     #[test]
     fn corrupt_large_snapshot_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         // About 10 MB of records: split across threads on any machine with 2+ CPUs.
-        let links: Vec<Link> = {
-            let mut v: Vec<Link> = (0..60_000)
-                .map(|i| {
-                    Link::new(
-                        &format!("k{i:07}"),
-                        &format!("https://example.com/{}/{i}", "p".repeat(100)),
-                    )
-                    .unwrap()
-                })
-                .collect();
-            v.sort_by(|a, b| a.code.cmp(&b.code));
-            v
-        };
-        let path = write(dir.path(), &links);
+        let path = write(dir.path(), &ten_mb_of_links());
         let good = fs::read(&path).unwrap();
         let h = SnapshotHeader::decode(&good, good.len() as u64).unwrap();
         assert!(h.records_len as usize > 2 * CRC_CHUNK_MIN);
@@ -1152,16 +1153,7 @@ mod tests {
             return;
         }
         // About 10 MB: at least four whole 2 MiB-aligned pieces.
-        let links: Vec<Link> = (0..60_000)
-            .map(|i| {
-                Link::new(
-                    &format!("k{i:07}"),
-                    &format!("https://example.com/{}/{i}", "p".repeat(100)),
-                )
-                .unwrap()
-            })
-            .collect();
-        let path = write(dir.path(), &links);
+        let path = write(dir.path(), &ten_mb_of_links());
         assert!(fs::metadata(&path).unwrap().len() > 4 * HUGE_CHUNK as u64);
         // The checksum check reads every page of the mapping.
         let snap = Snapshot::open(&path, true).unwrap();

@@ -203,6 +203,17 @@ impl Cluster {
         Self::start_custom("", admin_extra, "")
     }
 
+    /// Like `start`, with the edge's client header and keep-alive timeouts.
+    pub fn with_client_timeouts(header_ms: u64, keepalive_ms: u64) -> Self {
+        Self::start_custom(
+            &format!(
+                "  client_header_timeout_ms: {header_ms}\n  keepalive_timeout_ms: {keepalive_ms}\n"
+            ),
+            "",
+            "",
+        )
+    }
+
     /// Like `start_with`, plus lines for the `edge:` section and whole
     /// top-level sections appended to the config (e.g.
     /// `"rate_limit:\n  client_burst: 5\n"`). The rate-limit state lives in
