@@ -1,0 +1,85 @@
+"""Unit tests of compare.py's statistics and verdicts (no servers started).
+
+Run: python3 -m unittest discover -s loadtest -p 'test_*.py'
+"""
+
+import math
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402
+
+
+def rounds(edge_cpu, nginx_cpu):
+    """Round runs as compare.py records them (only the keys targets() reads)."""
+    runs = []
+    for i, (e, n) in enumerate(zip(edge_cpu, nginx_cpu), 1):
+        for server, cpu in (("edge", e), ("nginx", n)):
+            runs.append({"tag": f"r{i}-{server}", "server": server, "cpu_us_per_req": cpu, "p99_us": 400.0})
+    return runs
+
+
+def summary(runs):
+    out = {}
+    for server in ("edge", "nginx"):
+        cpu = sorted(r["cpu_us_per_req"] for r in runs if r["server"] == server)
+        out[server] = {"cpu_us_per_req": cpu[len(cpu) // 2], "p99_ms": 0.4, "known_non_3xx": 0, "socket_errors": 0}
+    return out
+
+
+def cpu_verdict(edge_cpu, nginx_cpu):
+    runs = rounds(edge_cpu, nginx_cpu)
+    lines = compare.targets(1_000_000, summary(runs), runs)
+    return next(l for l in lines if "server CPU per redirect" in l)
+
+
+class MedianInterval(unittest.TestCase):
+    def test_order_statistics_and_coverage(self):
+        # n = 24: x(7) and x(18), coverage 1 - 2 P(B(24, 1/2) <= 6) = 0.9773
+        xs = [i / 100 for i in range(24, 0, -1)]
+        low, high, coverage = compare.median_interval(xs)
+        self.assertEqual((low, high), (0.07, 0.18))
+        self.assertAlmostEqual(coverage, 1 - 2 * sum(math.comb(24, i) for i in range(7)) / 2**24)
+        self.assertGreaterEqual(coverage, 0.95)
+        # k = 8 would fall under 95%
+        self.assertLess(1 - 2 * sum(math.comb(24, i) for i in range(8)) / 2**24, 0.95)
+
+    def test_few_values_give_the_extremes(self):
+        low, high, coverage = compare.median_interval([0.9, 0.7, 0.8, 0.75, 0.85])
+        self.assertEqual((low, high), (0.7, 0.9))
+        self.assertAlmostEqual(coverage, 1 - 2 / 32)
+
+    def test_seven_values(self):
+        # n = 7: only (x(1), x(7)) reaches 95% (98.4%); (x(2), x(6)) covers 87.5%
+        low, high, coverage = compare.median_interval([5, 1, 4, 2, 7, 3, 6])
+        self.assertEqual((low, high), (1, 7))
+        self.assertAlmostEqual(coverage, 1 - 2 / 128)
+
+
+class Verdicts(unittest.TestCase):
+    def test_met_robustly(self):
+        v = cpu_verdict([7.0] * 7, [10.0, 10.2, 9.8, 10.1, 9.9, 10.0, 10.3])
+        self.assertTrue(v.startswith("- MET:"), v)
+        self.assertIn(", robustly", v)
+
+    def test_met_but_the_interval_crosses(self):
+        # per-round ratios 0.70 .. 0.85, median 0.78
+        v = cpu_verdict([7.0, 7.2, 7.8, 8.0, 8.2, 8.5, 7.5], [10.0] * 7)
+        self.assertTrue(v.startswith("- MET:"), v)
+        self.assertIn("not robustly", v)
+
+    def test_not_met_robustly(self):
+        v = cpu_verdict([9.0] * 7, [10.0] * 7)
+        self.assertTrue(v.startswith("- NOT MET:"), v)
+        self.assertIn(", robustly", v)
+
+    def test_pairs_by_round_not_by_order(self):
+        runs = rounds([7.0, 9.0], [10.0, 9.0])
+        runs.reverse()
+        self.assertEqual(compare.paired_ratios(runs, "cpu_us_per_req"), [0.7, 1.0])
+
+
+if __name__ == "__main__":
+    unittest.main()
