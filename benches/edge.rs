@@ -117,7 +117,7 @@ fn edge_benches(c: &mut Criterion) {
         (request("nope123"), "HTTP/1.1 404 "),
     ] {
         assert_eq!(
-            fast.answer(&req, peer, Instant::now(), &mut out),
+            fast.answer(&req, peer, Instant::now(), false, &mut out),
             Some(true)
         );
         assert!(
@@ -130,7 +130,7 @@ fn edge_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("edge_request");
     let hot = request(&code(7));
     g.bench_function("fast_path_hot", |b| {
-        b.iter(|| fast.answer(black_box(&hot), peer, Instant::now(), &mut out))
+        b.iter(|| fast.answer(black_box(&hot), peer, Instant::now(), false, &mut out))
     });
     let mut i = 0;
     g.bench_function("fast_path_spread", |b| {
@@ -140,13 +140,14 @@ fn edge_benches(c: &mut Criterion) {
                 black_box(&spread_requests[i]),
                 peer,
                 Instant::now(),
+                false,
                 &mut out,
             )
         })
     });
     let unknown = request("nope123");
     g.bench_function("fast_path_unknown", |b| {
-        b.iter(|| fast.answer(black_box(&unknown), peer, Instant::now(), &mut out))
+        b.iter(|| fast.answer(black_box(&unknown), peer, Instant::now(), false, &mut out))
     });
     let view = table.load_full();
     let now = now_ms();

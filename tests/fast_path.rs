@@ -70,6 +70,37 @@ fn slow_edge(cluster: &Cluster) -> (Edge, SocketAddr) {
     (edge, addr)
 }
 
+/// An edge with the fast path and one without (see [`slow_edge`]), a
+/// client limit of one request a second after a burst of `burst`, the
+/// loopback a trusted proxy (so `X-Forwarded-For` names the client), and
+/// the link `/tmp` served by both.
+fn limited_edges(burst: u32) -> (Cluster, Edge, SocketAddr) {
+    let cluster = Cluster::start_custom(
+        "",
+        "",
+        &format!(
+            "rate_limit:\n  client_requests_per_second: 1\n  client_burst: {burst}\n  trusted_proxies: [\"127.0.0.1\"]\n"
+        ),
+    );
+    let body = r#"{"url":"https://example.com/t","code":"tmp"}"#;
+    assert_eq!(
+        api(cluster.admin_addr, "POST", "/api/links", body).status,
+        201
+    );
+    let (slow, slow_addr) = slow_edge(&cluster);
+    // Each poll as its own client, so that waiting charges no one twice.
+    let mut poll = 0;
+    for addr in [cluster.edge_addr, slow_addr] {
+        wait_until(Duration::from_secs(10), "the link at both edges", || {
+            poll += 1;
+            let ip = format!("198.51.100.{}", poll % 250 + 1);
+            let r = common::request(addr, "GET", "/tmp", &[("X-Forwarded-For", &ip)], b"");
+            r.is_ok_and(|r| r.status == 302)
+        });
+    }
+    (cluster, slow, slow_addr)
+}
+
 #[test]
 fn the_fast_path_answers_exactly_what_pingora_answers() {
     let cluster = Cluster::start();
@@ -129,7 +160,32 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
         "GET /tmp HTTP/1.1\nHost: x\nConnection: close\n\n",
         "GET /tmp HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\nConnection: close\r\n\r\n",
     ];
+    // Plain-looking heads that Pingora reads otherwise than the fast path
+    // would (it answers 400, drops a fragment, reads only the first
+    // `Connection` line): left to Pingora, so the same whole answer.
+    let long_target = format!(
+        "GET /tmp?{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let outside_cases: Vec<&str> = vec![
+        "GET /fwd?a=1#x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /fwd?#x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /tmp?a=<b> HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /fwd?q=\"x\" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: user@x\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+        &long_target,
+    ];
     let mut compared = 0;
+    for case in &outside_cases {
+        let a = without_date(&raw(edge, case.as_bytes()));
+        let b = without_date(&raw(slow_addr, case.as_bytes()));
+        let shown: String = case.chars().take(80).collect();
+        assert_eq!(a, b, "different answers to {shown:?}");
+        assert!(a.starts_with("HTTP/1.1 "), "{shown:?}: {a}");
+        compared += 1;
+    }
     for case in fast_cases {
         let a = without_date(&raw(edge, case.as_bytes()));
         let b = without_date(&raw(slow_addr, case.as_bytes()));
@@ -163,28 +219,8 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
 /// to the same (shared, memory-mapped) limiter state.
 #[test]
 fn a_client_over_its_limit_gets_the_same_429_from_both_paths() {
-    let cluster = Cluster::start_custom(
-        "",
-        "",
-        "rate_limit:\n  client_requests_per_second: 1\n  client_burst: 5\n  trusted_proxies: [\"127.0.0.1\"]\n",
-    );
+    let (cluster, _slow, slow_addr) = limited_edges(5);
     let edge = cluster.edge_addr;
-    let body = r#"{"url":"https://example.com/t","code":"tmp"}"#;
-    assert_eq!(
-        api(cluster.admin_addr, "POST", "/api/links", body).status,
-        201
-    );
-    let (_slow, slow_addr) = slow_edge(&cluster);
-    // Each poll as its own client, so that waiting charges no one twice.
-    let mut poll = 0;
-    for addr in [edge, slow_addr] {
-        wait_until(Duration::from_secs(10), "the link at both edges", || {
-            poll += 1;
-            let ip = format!("198.51.100.{}", poll % 250 + 1);
-            let r = common::request(addr, "GET", "/tmp", &[("X-Forwarded-For", &ip)], b"");
-            r.is_ok_and(|r| r.status == 302)
-        });
-    }
 
     let fast_before = metric(
         &cluster.metrics(cluster.edge_metrics_addr),
@@ -239,4 +275,43 @@ fn a_client_over_its_limit_gets_the_same_429_from_both_paths() {
         fast_answers,
         "the fast path answered the fast edge's redirects and 429s"
     );
+}
+
+/// Two client-address lines from a trusted proxy are one list (the proxy's
+/// own line last): both paths charge the client the last line names, not
+/// the one the first line (which a client can forge) names.
+#[test]
+fn several_client_address_lines_are_one_list() {
+    let (cluster, _slow, slow_addr) = limited_edges(1);
+    let edge = cluster.edge_addr;
+    let status = |addr, lines: &[String]| {
+        let mut req = "GET /tmp HTTP/1.1\r\nHost: x\r\n".to_string();
+        for l in lines {
+            req.push_str(&format!("X-Forwarded-For: {l}\r\n"));
+        }
+        req.push_str("Connection: close\r\n\r\n");
+        let r = without_date(&raw(addr, req.as_bytes()));
+        r.get(9..12).unwrap_or_default().to_owned()
+    };
+    // Per edge and attempt, two fresh clients: the forged line's and the
+    // proxy's. A second-long stall between the requests refills a bucket
+    // (both then get 302), so an attempt can be inconclusive, never wrong.
+    for (n, addr) in [edge, slow_addr].into_iter().enumerate() {
+        let mut seen = Vec::new();
+        let found = (0..20).any(|attempt| {
+            let forged = format!("203.0.113.{}", n * 100 + attempt * 2 + 1);
+            let real = format!("203.0.113.{}", n * 100 + attempt * 2 + 2);
+            let both = status(addr, &[forged.clone(), real.clone()]);
+            let (real_alone, forged_alone) = (
+                status(addr, std::slice::from_ref(&real)),
+                status(addr, std::slice::from_ref(&forged)),
+            );
+            seen.push(format!("{both} {real_alone} {forged_alone}"));
+            both == "302" && real_alone == "429" && forged_alone == "302"
+        });
+        assert!(
+            found,
+            "edge {n}: the last line's client was never the one charged: {seen:?}"
+        );
+    }
 }

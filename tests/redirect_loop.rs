@@ -382,16 +382,17 @@ fn small_window(addr: SocketAddr) -> std::net::TcpStream {
     }
 }
 
-/// Answers larger than the socket takes (forwarded queries of 900 KB, to a
-/// client with a small window that reads nothing for a while): the loop
-/// keeps the rest of an answer and sends it as the client reads, counted in
+/// Answers larger than the socket takes (forwarded queries of 8,000 bytes,
+/// near the fast path's 8 KiB target limit, to a client with a small window
+/// that reads nothing for a while): the loop keeps the rest of an answer
+/// and sends it as the client reads, counted in
 /// `edge_redirect_loop_write_waits_total`; every answer arrives whole and
 /// in order, and is what the tokio path sends. Then a header longer than
 /// one read (20 KiB), answered by the loop itself, and HTTP/1.0, which goes
 /// back to Pingora.
 #[test]
 fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
-    // The default limits (60 s keep-alive): reading 900 KB answers takes
+    // The default limits (60 s keep-alive): reading the answers takes
     // this debug-built client a while.
     let cluster = Cluster::start();
     let edge = cluster.edge_addr;
@@ -420,11 +421,11 @@ fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
     let mut sent = Vec::new();
     while waits() == before {
         assert!(
-            sent.len() < 40,
-            "{} answers of 900 KB all went out at once",
+            sent.len() < 200,
+            "{} answers of 8 KB all went out at once",
             sent.len()
         );
-        let path = format!("/fq?n={}&q={}", sent.len(), "x".repeat(900_000));
+        let path = format!("/fq?n={}&q={}", sent.len(), "x".repeat(8_000));
         let answered = answers();
         conn.send(&Conn::head("GET", &path, &[], b"")).unwrap();
         sent.push(path);
@@ -522,7 +523,8 @@ fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
 }
 
 /// On SIGTERM a loop closes its idle connections at once, while the edge
-/// is still in its grace period.
+/// is still in its grace period, and answers a request it has begun to
+/// read, with `Connection: close`, before closing its connection.
 #[test]
 fn a_loop_closes_idle_connections_on_shutdown() {
     let mut cluster = cluster();
@@ -532,12 +534,25 @@ fn a_loop_closes_idle_connections_on_shutdown() {
         get(edge, "/lp").status == 302
     });
     let mut idle: Vec<Conn> = (0..4).map(|_| looped(&cluster, "/lp")).collect();
+    // One in the middle of a request: kept, answered, then closed.
+    let mut busy = looped(&cluster, "/lp");
+    busy.send(b"GET /lp HTTP/1.1\r\nHost: x\r\n").unwrap();
     let mut process = cluster.edge.take().expect("the edge");
     signal(process.id(), "TERM");
     for c in &mut idle {
         let end = c.idle_end(Duration::from_secs(10));
         assert!(matches!(end, IdleEnd::Closed), "at shutdown: {end:?}");
     }
+    busy.send(b"\r\n").unwrap();
+    let (status, headers, _) = answer(&mut busy, false, "the request finished after SIGTERM");
+    assert_eq!(status, 302);
+    // As Pingora's answers during a shutdown: the connection is not kept.
+    assert!(
+        headers.contains(&("connection".to_owned(), "close".to_owned())),
+        "{headers:?}"
+    );
+    let end = busy.idle_end(Duration::from_secs(10));
+    assert!(matches!(end, IdleEnd::Closed), "after its answer: {end:?}");
     assert!(
         process.try_wait().unwrap().is_none(),
         "the edge had already exited: the closes were not the loop's"

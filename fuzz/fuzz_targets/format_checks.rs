@@ -10,8 +10,8 @@
 //! the disk. See `docs/fuzzing.md`.
 
 use uload::config::Config;
+use uload::edge::fast_path::differs_from_pingora;
 use uload::edge::redirect::{Route, location_into, route, split_target};
-use uload::edge::request_head::differs_from_httparse;
 use uload::interchange::{Format, LinkJson, read_links};
 use uload::store::datadir::Manifest;
 use uload::store::frame::{LogOp, decode_frame, encode_frame};
@@ -42,9 +42,9 @@ pub const TARGETS: &[&str] = &[
 /// target is one of [`TARGETS`].
 pub fn check_request(data: &[u8]) {
     check_route(data);
-    // The whole input as a request head: what the fast path's parser takes,
-    // httparse (Pingora's parser) reads the same way.
-    if let Some(difference) = differs_from_httparse(data) {
+    // The whole input as a request head: what the fast path takes, Pingora
+    // (and httparse, its parser) reads the same way.
+    if let Some(difference) = differs_from_pingora(data) {
         panic!("{difference}");
     }
     let (target, request) = match data.iter().position(|&b| b == 0) {

@@ -134,26 +134,35 @@ pub(super) struct HeaderScan {
     start: Option<usize>,
     /// Bytes already looked at.
     scanned: usize,
+    /// Bytes looked at over all calls, for the test that each call's work
+    /// is bounded by what came since the last one.
+    #[cfg(test)]
+    looked_at: usize,
 }
 
 impl HeaderScan {
     /// True when `buf` (which only ever grows) holds a whole header.
     pub(super) fn complete(&mut self, buf: &[u8]) -> bool {
-        // The usual case, a request that came whole in one read, ends with
-        // an empty line after a request line: no byte-by-byte scan. (When
-        // this says yes, the scan below would too.)
-        if (buf.ends_with(b"\r\n\r\n") || buf.ends_with(b"\n\n"))
-            && buf.iter().any(|&b| b != b'\r' && b != b'\n')
+        // The usual case, a request that came whole in one read, starts with
+        // its request line and ends with an empty line: no byte-by-byte
+        // scan. (When this says yes, the scan below would too. It looks at
+        // the first byte, not for any byte that is not CR or LF: a buffer of
+        // empty lines, which a client can grow two bytes at a time, must not
+        // be looked through on every read.)
+        let tail = self.look(&buf[buf.len().saturating_sub(4)..]);
+        if (tail.ends_with(b"\r\n\r\n") || tail.ends_with(b"\n\n"))
+            && self
+                .look(&buf[..buf.len().min(1)])
+                .first()
+                .is_some_and(|&b| b != b'\r' && b != b'\n')
         {
             return true;
         }
         let start = match self.start {
             Some(start) => start,
             None => {
-                let skip = buf[self.scanned..]
-                    .iter()
-                    .position(|&b| b != b'\r' && b != b'\n');
-                let Some(skip) = skip else {
+                let new = self.look(&buf[self.scanned..]);
+                let Some(skip) = new.iter().position(|&b| b != b'\r' && b != b'\n') else {
                     self.scanned = buf.len();
                     return false;
                 };
@@ -164,14 +173,26 @@ impl HeaderScan {
         // An end (`\n\n` or `\n\r\n`) may straddle the previous read.
         let from = self.scanned.saturating_sub(2).max(start);
         self.scanned = buf.len();
-        (from..buf.len()).any(|i| {
-            buf[i] == b'\n'
-                && match buf.get(i + 1) {
+        let new = self.look(&buf[from..]);
+        (0..new.len()).any(|i| {
+            new[i] == b'\n'
+                && match new.get(i + 1) {
                     Some(b'\n') => true,
-                    Some(b'\r') => buf.get(i + 2) == Some(&b'\n'),
+                    Some(b'\r') => new.get(i + 2) == Some(&b'\n'),
                     _ => false,
                 }
         })
+    }
+
+    /// The bytes `complete` looks at, every one of them through here (so
+    /// that a test can count them).
+    #[inline(always)]
+    fn look<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        #[cfg(test)]
+        {
+            self.looked_at += bytes.len();
+        }
+        bytes
     }
 }
 
@@ -406,9 +427,11 @@ where
                 }
             }
             let started = Instant::now();
+            let closing = *shutdown.borrow();
             if let Some(fast) = fast
                 && settings.is_none()
-                && let Some(keepalive) = fast.answer(&buf, peer, started.into_std(), &mut answer)
+                && let Some(keepalive) =
+                    fast.answer(&buf, peer, started.into_std(), closing, &mut answer)
             {
                 if stream.write_all(&answer).await.is_err() || stream.flush().await.is_err() {
                     return None;
@@ -591,6 +614,36 @@ mod tests {
         let bytewise = (0..=buf.len()).any(|n| scan.complete(&buf[..n]));
         assert_eq!(bytewise, whole);
         whole
+    }
+
+    /// Each call looks at what came since the last one (and a few bytes
+    /// more), whatever the buffer holds: a header grown two bytes at a time
+    /// costs its length, not its length squared.
+    #[test]
+    fn each_byte_is_looked_at_about_once() {
+        let request = &b"GET /abc HTTP/1.1\r\nHost: x\r\n"[..];
+        for (prefix, piece) in [
+            (&b""[..], &b"\r\n"[..]),
+            (b"\r\n", b"X-A: b\r\n"),
+            (request, b"X-A: b\r\n"),
+            (request, b"X"),
+        ] {
+            let mut buf = prefix.to_vec();
+            let mut scan = HeaderScan::default();
+            let calls = 4000;
+            for _ in 0..calls {
+                buf.extend_from_slice(piece);
+                assert!(!scan.complete(&buf));
+            }
+            assert!(
+                scan.looked_at <= buf.len() + 8 * calls,
+                "{} bytes looked at in {calls} calls for {} bytes ({:?} then {:?}s)",
+                scan.looked_at,
+                buf.len(),
+                prefix.escape_ascii().to_string(),
+                piece.escape_ascii().to_string(),
+            );
+        }
     }
 
     #[test]

@@ -8,11 +8,19 @@
 //! It answers only when all of these hold (otherwise [`RedirectFastPath::answer`]
 //! returns `None` and Pingora serves the request):
 //! - the header is a plain HTTP/1.1 head as [`super::request_head`] reads
-//!   it (a strict subset of what httparse and Pingora read), and nothing
-//!   follows it in the buffer (no body, no pipelined request);
+//!   it (a subset of what httparse reads, with a target Pingora's URI
+//!   parser takes as it is), and nothing follows it in the buffer (no body,
+//!   no pipelined request);
 //! - the method is GET or HEAD, with no `Content-Length`,
 //!   `Transfer-Encoding`, `Expect` or `Upgrade` header;
-//! - the path is a short code (`route()` says `Redirect`).
+//! - the path is a short code (`route()` says `Redirect`);
+//! - no header that Pingora would refuse or read otherwise: one `Host` at
+//!   most and without `@`, one `Connection` line at most, one line of the
+//!   client-address header at most ([`FastRequest::read`]).
+//!
+//! [`differs_from_pingora`] runs Pingora's own request reading on the same
+//! bytes and compares (a proptest here, the `request_path` fuzz target):
+//! every head the fast path takes, Pingora takes and reads the same way.
 //!
 //! The answer — the redirect, the 404 (or fallback 302) of a miss, or the
 //! 429 of a client over its rate limit — is byte for byte what the Pingora
@@ -46,18 +54,116 @@ pub struct RedirectFastPath {
     pub access_log: Option<Arc<AccessLog>>,
 }
 
+/// What the fast path reads from a request head it answers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FastRequest<'a> {
+    /// `HEAD` (true) or `GET`.
+    pub head_only: bool,
+    /// The target's path, `/` and the code.
+    pub path: &'a [u8],
+    pub code: &'a [u8],
+    /// What follows the first `?` of the target, if there is one.
+    pub query: Option<&'a [u8]>,
+    /// Whether the connection stays open after the answer.
+    pub keepalive: bool,
+    /// The client-address header's value (its only line).
+    pub forwarded: Option<&'a [u8]>,
+    /// The first `User-Agent` line's value.
+    pub user_agent: Option<&'a [u8]>,
+}
+
+impl<'a> FastRequest<'a> {
+    /// Reads `head` (a whole request head, nothing after it) when the fast
+    /// path answers it, calling `routed` with the code as soon as the request
+    /// line is read; `None` leaves the request to Pingora. Besides what
+    /// [`request_line`] refuses, that is a request with a body or an upgrade
+    /// (`Content-Length`, `Transfer-Encoding`, `Expect`, `Upgrade`,
+    /// `Connection: upgrade`), a second `Host` line or one holding `@`
+    /// (Pingora answers those 400), and a second `Connection` or
+    /// client-address (`client_ip_header`) line (Pingora reads only the
+    /// first of those or joins them: it decides). `differs_from_pingora`
+    /// checks the rest against Pingora's own reading.
+    pub fn read(
+        head: &'a [u8],
+        client_ip_header: &[u8],
+        routed: impl FnOnce(&[u8]),
+    ) -> Option<Self> {
+        let RequestHead {
+            head_only,
+            target,
+            headers,
+        } = request_line(head)?;
+        let (path, query) = split_target(target);
+        let Route::Redirect(code) = route(path) else {
+            return None;
+        };
+        routed(code);
+        let mut request = FastRequest {
+            head_only,
+            path,
+            code,
+            query,
+            keepalive: true,
+            forwarded: None,
+            user_agent: None,
+        };
+        let (mut host, mut connection) = (false, false);
+        for h in headers {
+            let (name, value) = h?;
+            if name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"expect")
+                || name.eq_ignore_ascii_case(b"upgrade")
+            {
+                return None;
+            }
+            if name.eq_ignore_ascii_case(b"host") {
+                if host || value.contains(&b'@') {
+                    return None;
+                }
+                host = true;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                if connection {
+                    return None;
+                }
+                connection = true;
+                for token in value.split(|&b| b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        request.keepalive = false;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        return None;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(client_ip_header) {
+                if request.forwarded.is_some() {
+                    return None;
+                }
+                request.forwarded = Some(value);
+            } else if name.eq_ignore_ascii_case(b"user-agent") && request.user_agent.is_none() {
+                // Checked as text only if the access log wants it.
+                request.user_agent = Some(value);
+            }
+        }
+        Some(request)
+    }
+}
+
 impl RedirectFastPath {
     /// Answers the request in `head` into `out` (cleared first) when it is a
     /// plain redirect request; returns whether the connection stays open.
     /// `None`: not for the fast path; nothing was charged or counted.
+    /// `closing`: the edge is shutting down, so the answer says
+    /// `Connection: close` whatever the request asked (as Pingora's does).
     pub fn answer(
         &self,
         head: &[u8],
         peer: Option<IpAddr>,
         started: Instant,
+        closing: bool,
         out: &mut Vec<u8>,
     ) -> Option<bool> {
-        self.answer_at(head, peer, started, None, out)
+        self.answer_at(head, peer, started, None, closing, out)
     }
 
     /// [`Self::answer`] with the wall clock (µs since the epoch, as
@@ -69,54 +175,33 @@ impl RedirectFastPath {
         peer: Option<IpAddr>,
         started: Instant,
         now_us: Option<u64>,
+        closing: bool,
         out: &mut Vec<u8>,
     ) -> Option<bool> {
-        let RequestHead {
-            head_only,
-            target,
-            headers,
-        } = request_line(head)?;
-        let (path, query) = split_target(target);
-        let Route::Redirect(code) = route(path) else {
-            return None;
-        };
         // The code's index slot is on its way from memory while the header
         // lines are read.
-        let view = self.table.load();
-        view.prefetch(code);
+        let mut view = None;
+        let request = FastRequest::read(head, self.client_ip_header.as_bytes(), |code| {
+            let loaded = self.table.load();
+            loaded.prefetch(code);
+            view = Some(loaded);
+        })?;
+        let view = view?; // loaded whenever the request was read
+        let FastRequest {
+            head_only,
+            path,
+            code,
+            query,
+            keepalive,
+            forwarded,
+            user_agent,
+        } = request;
+        let keepalive = keepalive && !closing;
         let method = if head_only {
             MethodLabel::Head
         } else {
             MethodLabel::Get
         };
-        let mut keepalive = true;
-        let mut forwarded = None;
-        let mut user_agent = None;
-        for h in headers {
-            let (name, value) = h?;
-            if name.eq_ignore_ascii_case(b"content-length")
-                || name.eq_ignore_ascii_case(b"transfer-encoding")
-                || name.eq_ignore_ascii_case(b"expect")
-                || name.eq_ignore_ascii_case(b"upgrade")
-            {
-                return None;
-            }
-            if name.eq_ignore_ascii_case(b"connection") {
-                for token in value.split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        keepalive = false;
-                    } else if token.eq_ignore_ascii_case(b"upgrade") {
-                        return None;
-                    }
-                }
-            } else if name.eq_ignore_ascii_case(self.client_ip_header.as_bytes()) {
-                forwarded = Some(value);
-            } else if name.eq_ignore_ascii_case(b"user-agent") {
-                // Checked as text only if the access log wants it.
-                user_agent = Some(value);
-            }
-        }
 
         let peer = peer.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
         let client = if self.trusted_proxies.is_empty() {
@@ -275,6 +360,65 @@ impl RedirectFastPath {
     }
 }
 
+/// For tests and fuzzing: when the fast path reads `head` (with
+/// `X-Forwarded-For` as the client-address header), how Pingora's own reading
+/// of the same bytes differs from it: the head refused, or read with another
+/// method, version, path, query, keep-alive, client-address value (all its
+/// lines, joined, as the Pingora path reads it) or first `User-Agent`; or
+/// how httparse reads it differently. `None` when they agree or when the fast
+/// path does not take `head`.
+#[doc(hidden)]
+pub fn differs_from_pingora(head: &[u8]) -> Option<String> {
+    use pingora::protocols::http::v1::server::HttpSession;
+    thread_local! {
+        static RUNTIME: Option<tokio::runtime::Runtime> =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
+    }
+    let fast = FastRequest::read(head, b"x-forwarded-for", |_| {})?;
+    if let Some(difference) = super::request_head::differs_from_httparse(head) {
+        return Some(difference);
+    }
+    let shown = || head.escape_ascii().to_string();
+    let stream: pingora::protocols::Stream = Box::new(std::io::Cursor::new(head.to_vec()));
+    let mut session = HttpSession::new(stream);
+    let read = RUNTIME.with(|rt| rt.as_ref().map(|rt| rt.block_on(session.read_request())));
+    match read {
+        Some(Ok(Some(n))) if n == head.len() => {}
+        other => return Some(format!("Pingora reads {other:?} of {}", shown())),
+    }
+    let req = session.req_header();
+    let lines: Vec<&[u8]> = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    let theirs = (
+        req.method.as_str(),
+        req.version,
+        req.uri.path().as_bytes(),
+        req.uri.query().map(str::as_bytes),
+        session.will_keepalive(),
+        (!lines.is_empty()).then(|| lines.join(&b", "[..])),
+        req.headers.get("user-agent").map(|v| v.as_bytes()),
+    );
+    let ours = (
+        if fast.head_only { "HEAD" } else { "GET" },
+        http::Version::HTTP_11,
+        fast.path,
+        fast.query,
+        fast.keepalive,
+        fast.forwarded.map(<[u8]>::to_vec),
+        fast.user_agent,
+    );
+    (theirs != ours).then(|| {
+        format!(
+            "Pingora reads {theirs:?}, the fast path {ours:?}, in {}",
+            shown()
+        )
+    })
+}
+
 fn push_u64(out: &mut Vec<u8>, v: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -375,6 +519,143 @@ fn status_line(out: &mut Vec<u8>, status: u16) {
 mod tests {
     use super::*;
     use crate::store::record::now_ms;
+    use proptest::prelude::*;
+
+    fn read(head: &[u8]) -> Option<FastRequest<'_>> {
+        FastRequest::read(head, b"x-forwarded-for", |_| {})
+    }
+
+    fn agrees(head: &[u8]) {
+        if let Some(difference) = differs_from_pingora(head) {
+            panic!("{difference}");
+        }
+    }
+
+    #[test]
+    fn plain_requests_are_read_as_pingora_reads_them() {
+        let taken: &[&[u8]] = &[
+            b"GET /abc HTTP/1.1\r\nHost: ulo.ad\r\n\r\n",
+            b"HEAD /abc?x=1&y=%20 HTTP/1.1\r\nHost: ulo.ad\r\nConnection: close\r\n\r\n",
+            b"GET /abc? HTTP/1.1\r\nConnection: Keep-Alive\r\nUser-Agent: a\r\nUser-Agent: b\r\n\r\n",
+            b"GET /a-b_C HTTP/1.1\r\nConnection: foo, close\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n\r\n",
+            b"GET /abc?a={}|^`[]\\ HTTP/1.1\r\nHost: ulo.ad:8080\r\n\r\n",
+        ];
+        for head in taken {
+            assert!(read(head).is_some(), "{}", head.escape_ascii());
+            agrees(head);
+        }
+        let r = read(taken[2]).unwrap();
+        assert_eq!(
+            (r.code, r.query, r.keepalive, r.user_agent),
+            (&b"abc"[..], Some(&b""[..]), true, Some(&b"a"[..]))
+        );
+        let r = read(taken[3]).unwrap();
+        assert!(!r.keepalive);
+        assert_eq!(r.forwarded, Some(&b"10.0.0.1, 10.0.0.2"[..]));
+    }
+
+    /// Heads Pingora answers with a 400, or reads in a way the fast path
+    /// would not: left to Pingora.
+    #[test]
+    fn what_pingora_reads_otherwise_is_left_to_it() {
+        let long = format!(
+            "GET /abc?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+            "a".repeat(70_000)
+        );
+        let refused: &[&[u8]] = &[
+            b"GET /abc?a=<b> HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /abc?q=\"x\" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /abc?a=1#x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /abc#x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nHost: user@x\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /api HTTP/1.1\r\n\r\n",
+            b"GET /health HTTP/1.1\r\n\r\n",
+            long.as_bytes(),
+        ];
+        for head in refused {
+            assert!(read(head).is_none(), "{}", head.escape_ascii());
+        }
+    }
+
+    /// Pieces of heads: targets with the bytes a URI parser may refuse or
+    /// cut, and header lines that Pingora validates, reads only the first
+    /// of, or joins.
+    fn head() -> impl Strategy<Value = Vec<u8>> {
+        let query_byte = prop_oneof![
+            6 => b'a'..=b'z',
+            4 => prop::sample::select(&b"\"#<>%?&=/{}|^`[]\\@!$'()*+,;: \t"[..]),
+            1 => any::<u8>(),
+        ];
+        let target = (
+            prop::sample::select(&["/abc", "/A-b_9", "/api", "/a/b", "/"][..]),
+            prop::option::of(prop::collection::vec(query_byte, 0..12)),
+        )
+            .prop_map(|(path, query)| match query {
+                Some(q) => [path.as_bytes(), b"?", &q].concat(),
+                None => path.as_bytes().to_vec(),
+            });
+        let line = prop::sample::select(
+            &[
+                "Host: ulo.ad",
+                "Host: ulo.ad:8080",
+                "host: a@b",
+                "Host: ",
+                "Connection: close",
+                "Connection: Close",
+                "connection: keep-alive",
+                "Connection: keep-alive, close",
+                "Connection: foo,  close ,bar",
+                "Connection: closed",
+                "Connection: upgrade",
+                "Connection: ",
+                "X-Forwarded-For: 203.0.113.9",
+                "x-forwarded-for: 10.0.0.1, 203.0.113.9",
+                "X-Forwarded-For: ",
+                "User-Agent: curl/8",
+                "user-agent: k6/1 (+https://k6.io/)",
+                "Content-Length: 0",
+                "Transfer-Encoding: chunked",
+                "Expect: 100-continue",
+                "Upgrade: h2c",
+                "Accept: */*",
+                "X-E:\t v \t",
+            ][..],
+        );
+        (
+            prop::sample::select(&["GET ", "HEAD "][..]),
+            target,
+            prop::collection::vec(line, 0..6),
+        )
+            .prop_map(|(method, target, lines)| {
+                let mut head = [method.as_bytes(), &target, b" HTTP/1.1\r\n"].concat();
+                for l in lines {
+                    head.extend_from_slice(l.as_bytes());
+                    head.extend_from_slice(b"\r\n");
+                }
+                head.extend_from_slice(b"\r\n");
+                head
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Every head the fast path takes, Pingora takes too and reads the
+        /// same way (and so does httparse).
+        #[test]
+        fn takes_only_what_pingora_reads_the_same(head in head()) {
+            if let Some(difference) = differs_from_pingora(&head) {
+                panic!("{difference}");
+            }
+        }
+    }
 
     /// The lines written out are the ones built from the status's number
     /// and canonical reason (as for any other status).

@@ -363,12 +363,27 @@ impl EdgeProxy {
         if self.trusted_proxies.is_empty() {
             return peer;
         }
-        let header = session
+        // Several lines of the header are one list, in order (RFC 9110,
+        // 5.3): a proxy that adds a line of its own leaves the client's
+        // (which the client may have forged) before it.
+        let mut lines = session
             .req_header()
             .headers
-            .get(self.client_ip_header.as_str())
+            .get_all(self.client_ip_header.as_str())
+            .iter()
             .map(|v| v.as_bytes());
-        client_ip(peer, header, &self.trusted_proxies)
+        let first = lines.next();
+        match lines.next() {
+            None => client_ip(peer, first, &self.trusted_proxies),
+            Some(second) => {
+                let mut list = first.unwrap_or_default().to_vec();
+                for line in std::iter::once(second).chain(lines) {
+                    list.extend_from_slice(b", ");
+                    list.extend_from_slice(line);
+                }
+                client_ip(peer, Some(&list), &self.trusted_proxies)
+            }
+        }
     }
 
     /// `tls.redirect_http`: a 308 to the same path and query on `https://`

@@ -101,9 +101,15 @@ impl Inbox {
         })
     }
 
-    fn push(&self, h: Option<Handoff>) {
+    /// Queues `h` (or only wakes the loop) unless the loop has ended: then
+    /// `h` comes back. `alive` is checked under the queue's lock, which the
+    /// loop takes to clear it, so nothing is queued after its last drain.
+    fn push(&self, h: Option<Handoff>) -> Option<Handoff> {
         let wake = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.alive.load(Ordering::SeqCst) {
+                return h;
+            }
             if let Some(h) = h {
                 q.0.push(h);
             }
@@ -111,6 +117,19 @@ impl Inbox {
         };
         if wake {
             self.signal();
+        }
+        None
+    }
+
+    /// The loop has ended: no more hand-offs; those queued go back to
+    /// Pingora.
+    fn close(&self) {
+        {
+            let _q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            self.alive.store(false, Ordering::SeqCst);
+        }
+        for h in self.take() {
+            h.give_back(BytesMut::new());
         }
     }
 
@@ -172,16 +191,17 @@ impl RedirectLoops {
             return;
         };
         let first = self.next.fetch_add(1, Ordering::Relaxed);
-        let running = (0..inboxes.len())
-            .map(|k| &inboxes[(first + k) % inboxes.len()])
-            .find(|i| i.alive.load(Ordering::Relaxed));
-        match running {
-            Some(inbox) => {
-                self.fast.metrics.redirect_loop_handoffs.inc();
-                inbox.push(Some(h));
+        let mut h = h;
+        for k in 0..inboxes.len() {
+            match inboxes[(first + k) % inboxes.len()].push(Some(h)) {
+                None => {
+                    self.fast.metrics.redirect_loop_handoffs.inc();
+                    return;
+                }
+                Some(back) => h = back,
             }
-            None => h.give_back(BytesMut::new()),
         }
+        h.give_back(BytesMut::new());
     }
 
     fn start(&self, watch: &pingora::server::ShutdownWatch) -> Option<Vec<Arc<Inbox>>> {
@@ -219,7 +239,8 @@ impl RedirectLoops {
             super::client_limits::shutdown_signal(watch).await;
             stopping.store(true, Ordering::SeqCst);
             for inbox in &wake {
-                inbox.push(None);
+                // An ended loop has nothing to stop.
+                let _ = inbox.push(None);
             }
         });
         Some(inboxes)
@@ -342,12 +363,12 @@ impl Loop {
 
     fn run(mut self) {
         // However the thread ends, its inbox stops taking connections and
-        // the ones queued are closed.
+        // the ones queued go back to Pingora (those it held are closed when
+        // the loop is dropped).
         struct Ended(Arc<Inbox>);
         impl Drop for Ended {
             fn drop(&mut self) {
-                self.0.alive.store(false, Ordering::SeqCst);
-                drop(self.0.take());
+                self.0.close();
             }
         }
         let _ended = Ended(self.inbox.clone());
@@ -422,10 +443,9 @@ impl Loop {
         }
     }
 
+    /// Takes a connection into the loop (also while shutting down: the
+    /// sweep that follows answers a request already waiting, then closes).
     fn register(&mut self, h: Handoff) {
-        if self.stopping.load(Ordering::SeqCst) {
-            return; // dropping `h` closes the connection
-        }
         let idx = match self.free.pop() {
             Some(i) => i as usize,
             None => {
@@ -479,6 +499,11 @@ impl Loop {
             }) if *g == generation => self.io.serve(conn, flags, now, stopping),
             _ => return,
         };
+        self.settle(idx, outcome);
+    }
+
+    /// Does what serving a connection came to.
+    fn settle(&mut self, idx: usize, outcome: Outcome) {
         match outcome {
             Outcome::Keep => {}
             Outcome::Close => self.remove(idx),
@@ -499,15 +524,31 @@ impl Loop {
     }
 
     /// Cuts connections whose deadline has passed (a partial header gets
-    /// its 408 first) and, when shutting down, idle ones.
+    /// its 408 first) and, when shutting down, idle ones: a request already
+    /// waiting in an idle one's socket (not among this batch's events, or
+    /// sent just now) is read and answered first, with `Connection: close`,
+    /// rather than met with a reset.
     fn sweep(&mut self, now: Instant) {
         let stopping = self.stopping.load(Ordering::SeqCst);
         for idx in 0..self.slots.len() {
+            let Some(conn) = self.slots[idx].conn.as_mut() else {
+                continue;
+            };
+            let idle = |c: &Conn| c.head.is_empty() && c.pending.is_empty();
+            if stopping && idle(conn) && now < conn.deadline {
+                match self.io.serve(conn, 0, now, true) {
+                    Outcome::Keep if !idle(conn) => continue, // still busy
+                    Outcome::Keep => {}
+                    outcome => {
+                        self.settle(idx, outcome);
+                        continue;
+                    }
+                }
+            }
             let Some(conn) = &self.slots[idx].conn else {
                 continue;
             };
-            let idle = conn.head.is_empty() && conn.pending.is_empty();
-            if now < conn.deadline && !(stopping && idle) {
+            if now < conn.deadline && !(stopping && idle(conn)) {
                 continue;
             }
             if !conn.head.is_empty() && conn.pending.is_empty() {
@@ -547,6 +588,15 @@ impl Loop {
     /// Closes a connection (closing its only fd takes it out of the epoll set).
     fn remove(&mut self, idx: usize) {
         drop(self.take(idx));
+    }
+}
+
+impl Drop for Loop {
+    /// Only when the thread ends (it should not): its connections close with
+    /// it, and leave the gauge.
+    fn drop(&mut self) {
+        let live = i64::try_from(self.live).unwrap_or(i64::MAX);
+        self.io.fast.metrics.redirect_loop_connections.sub(live);
     }
 }
 
@@ -622,9 +672,14 @@ impl LoopIo {
                 &conn.head
             };
             let clock = *self.wall_us.get_or_insert_with(crate::ratelimit::now_us);
-            let answered = self
-                .fast
-                .answer_at(head, conn.peer, now, Some(clock), &mut self.answer);
+            let answered = self.fast.answer_at(
+                head,
+                conn.peer,
+                now,
+                Some(clock),
+                stopping,
+                &mut self.answer,
+            );
             let Some(keepalive) = answered else {
                 let rest = if conn.head.is_empty() {
                     BytesMut::from(data)

@@ -9,7 +9,10 @@
 //! request means. It is stricter than httparse where being lenient would
 //! cost a redirect's time for requests no client sends:
 //! - request line exactly `GET` or `HEAD`, one space, an origin-form target
-//!   of visible ASCII (`!` to `~`), one space, `HTTP/1.1`, CRLF;
+//!   of at most [`MAX_TARGET`] bytes that Pingora's URI parser (the `http`
+//!   crate's) takes as they are: visible ASCII but `"`, `#`, `<` and `>`
+//!   (Pingora answers 400 to the first three and drops a `#` fragment), one
+//!   space, `HTTP/1.1`, CRLF;
 //! - header lines `name: value` CRLF, the name a token (RFC 9110 `tchar`),
 //!   optional spaces and tabs around the value, the value of tabs, spaces and
 //!   visible ASCII (no obs-text, no obs-fold, no bare LF or CR);
@@ -22,6 +25,10 @@
 
 /// Most header lines looked at; a request with more goes to Pingora.
 pub const MAX_HEADERS: usize = 32;
+
+/// The longest request target taken (Pingora's URI parser takes up to
+/// 65,534 bytes; a short link's request is far shorter).
+pub const MAX_TARGET: usize = 8 * 1024;
 
 /// A request line the fast path can answer, and its header lines still to
 /// be read.
@@ -44,7 +51,7 @@ pub fn request_line(head: &[u8]) -> Option<RequestHead<'_>> {
     };
     let len = span(rest, TARGET);
     let (target, rest) = rest.split_at(len);
-    if target.first() != Some(&b'/') {
+    if target.first() != Some(&b'/') || target.len() > MAX_TARGET {
         return None;
     }
     let rest = rest.strip_prefix(b" HTTP/1.1\r\n")?;
@@ -109,8 +116,9 @@ const TARGET: u8 = 2;
 const VALUE: u8 = 4;
 
 /// The class bits of each byte: RFC 9110 `tchar` (what a header name is made
-/// of), a request target byte here (visible ASCII), a header value byte here
-/// (tab, space, visible ASCII).
+/// of), a request target byte here (visible ASCII but `"`, `#`, `<`, `>`:
+/// what the `http` crate takes in a query, so in a code's path too), a
+/// header value byte here (tab, space, visible ASCII).
 static CLASS: [u8; 256] = {
     let mut class = [0u8; 256];
     let mut b = 0;
@@ -129,7 +137,10 @@ static CLASS: [u8; 256] = {
             i += 1;
         }
         if c >= b'!' && c <= b'~' {
-            bits |= TARGET | VALUE;
+            bits |= VALUE;
+            if c != b'"' && c != b'#' && c != b'<' && c != b'>' {
+                bits |= TARGET;
+            }
         }
         if c == b' ' || c == b'\t' {
             bits |= VALUE;
@@ -220,7 +231,15 @@ mod tests {
             let visible = (0x21..=0x7e).contains(&b);
             let class = CLASS[b as usize];
             assert_eq!(class & TCHAR != 0, tchar, "{b:#x}");
-            assert_eq!(class & TARGET != 0, visible, "{b:#x}");
+            // The http crate's query bytes (0x21, 0x24-0x3B, 0x3D, 0x3F-0x7E).
+            let query =
+                b == 0x21 || (0x24..=0x3b).contains(&b) || b == 0x3d || (0x3f..=0x7e).contains(&b);
+            assert_eq!(class & TARGET != 0, query, "{b:#x}");
+            if query {
+                let target = [b"/a?".as_slice(), &[b]].concat();
+                let uri = http::Uri::try_from(target.as_slice()).unwrap();
+                assert_eq!(uri.path_and_query().unwrap().as_str().as_bytes(), target);
+            }
             assert_eq!(
                 class & VALUE != 0,
                 visible || b == b' ' || b == b'\t',
@@ -277,6 +296,9 @@ mod tests {
             b"GET * HTTP/1.1\r\n\r\n",                    // not origin-form
             b"GET http://x/a HTTP/1.1\r\n\r\n",           // absolute form
             b"GET /a\xff HTTP/1.1\r\n\r\n",               // non-ASCII target
+            b"GET /a?b#c HTTP/1.1\r\n\r\n",               // fragment
+            b"GET /a?\"b\" HTTP/1.1\r\n\r\n",             // not in a URI
+            b"GET /a?<b> HTTP/1.1\r\n\r\n",               // not in a URI
             b"GET /a HTTP/1.0\r\n\r\n",                   // version
             b"GET /a HTTP/1.1\n\n",                       // bare LF
             b"GET /a HTTP/1.1\r\nHost: x\n\r\n",          // bare LF
@@ -300,6 +322,9 @@ mod tests {
         let most = with_lines(MAX_HEADERS);
         assert!(parse(&most).is_some());
         check(&most);
+        let target = |n: usize| format!("GET /a?{} HTTP/1.1\r\n\r\n", "b".repeat(n - 3));
+        assert!(parse(target(MAX_TARGET).as_bytes()).is_some());
+        assert!(parse(target(MAX_TARGET + 1).as_bytes()).is_none());
     }
 
     /// Bytes for a piece of a line: mostly letters, sometimes any byte, often
