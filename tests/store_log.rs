@@ -481,3 +481,43 @@ fn a_follower_waits_quietly_for_a_data_dir_to_appear() {
         0
     );
 }
+
+/// A segment whose creation failed after its rename (the directory fsync,
+/// or reopening the file, failed) is created again under the same name by
+/// the next batch. A tail that had already moved to the first, bare file
+/// must read the one the name now holds, not wait on the old file forever.
+#[test]
+fn a_tail_reads_a_segment_created_again_under_its_name() {
+    use uload::store::log::{encode_segment_header, segment_file_name};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small_segments()).unwrap();
+    let log_dir = dir.path().join("log");
+    // Fill the segment so that the next batch starts a new one.
+    let mut last = 0;
+    while fs::metadata(last_segment(dir.path())).unwrap().len() < 300 {
+        last = store.append(&[put(&format!("c{last}"))]).unwrap();
+    }
+    let mut tail = LogTail::new(&log_dir, 0);
+    let mut seen = Vec::new();
+    assert_eq!(
+        tail.poll(|seq, _| seen.push(seq)).unwrap(),
+        TailStatus::CaughtUp
+    );
+    assert_eq!(seen, (1..=last).collect::<Vec<_>>());
+    // What the failed attempt left: the next segment's name, a bare header.
+    let next = log_dir.join(segment_file_name(last + 1));
+    fs::write(&next, encode_segment_header(last + 1)).unwrap();
+    assert_eq!(
+        tail.poll(|seq, _| seen.push(seq)).unwrap(),
+        TailStatus::CaughtUp
+    );
+    // The next batch creates the segment again, over that file.
+    store.append(&[put("x")]).unwrap();
+    store.append(&[put("y")]).unwrap();
+    assert_eq!(last_segment(dir.path()), next);
+    assert_eq!(
+        tail.poll(|seq, _| seen.push(seq)).unwrap(),
+        TailStatus::CaughtUp
+    );
+    assert_eq!(seen, (1..=last + 2).collect::<Vec<_>>());
+}

@@ -349,9 +349,15 @@ impl WriterLock {
                 Err(fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
             }
         }
+        // At offset 0 whatever the loop above read (`write_all` would write
+        // after NUL bytes where a wait had read a pid).
         file.set_len(0).map_err(io_err(&path))?;
-        file.write_all(std::process::id().to_string().as_bytes())
-            .map_err(io_err(&path))?;
+        std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            std::process::id().to_string().as_bytes(),
+            0,
+        )
+        .map_err(io_err(&path))?;
         held().push(path.clone());
         Ok(Self { _file: file, path })
     }
@@ -506,7 +512,15 @@ impl Store {
                     // Out of space or read-only: give the new snapshot's space
                     // back, unless the manifest already names it (the rename
                     // happened and only the directory fsync failed).
-                    if !matches!(self.dir.read_manifest(), Ok(Some(m)) if m == manifest) {
+                    // When the manifest cannot be read, the file stays: a
+                    // snapshot too many costs space, one the manifest names
+                    // and that is gone stops every reader.
+                    let named = match self.dir.read_manifest() {
+                        Ok(Some(m)) => m == manifest,
+                        Ok(None) => false,
+                        Err(_) => true,
+                    };
+                    if !named {
                         let _ = fs::remove_file(&path);
                     }
                     return Err(e);

@@ -503,6 +503,19 @@ fn check_segment_order(
     }
 }
 
+/// Whether `path` now names another file than `file` (opened from it). A
+/// name that names nothing is not "another file": whether its records were
+/// compacted away is for the directory listing to say.
+fn replaced(file: &File, path: &Path) -> Result<bool, LogError> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata().map_err(io_err(path))?;
+    match fs::metadata(path) {
+        Ok(now) => Ok((now.dev(), now.ino()) != (open.dev(), open.ino())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Options of the log writer.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
@@ -1448,6 +1461,14 @@ impl LogTail {
                 // before it starts the next, which begins at our next record.
                 let next = self.dir.join(segment_file_name(self.last_seq + 1));
                 if next != path && next.exists() {
+                    self.current = None;
+                    self.last_frame = None;
+                    continue;
+                }
+                // The name may hold another file by now: a segment whose
+                // creation failed after its rename is created again, over
+                // the bare file we may have opened. Read the new one.
+                if replaced(file, &path)? {
                     self.current = None;
                     self.last_frame = None;
                     continue;
