@@ -274,6 +274,26 @@ impl LimiterTable {
         }
     }
 
+    /// Charges `tokens` more requests to `client` without asking: each moves
+    /// its next allowed time on by one interval, so that later requests wait
+    /// for them (a bulk write counts each link it created; the request
+    /// itself was checked and charged by [`Self::check`]).
+    pub fn charge(&self, kind: u8, client: &[u8], limit: Limit, now: u64, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let tat = self.find(key_of(kind, client), now);
+        let add = limit.interval_us.saturating_mul(tokens);
+        let mut seen = tat.load(Ordering::Acquire);
+        loop {
+            let next = seen.max(now).saturating_add(add);
+            match tat.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return,
+                Err(actual) => seen = actual,
+            }
+        }
+    }
+
     /// Writes the table's pages to disk (the kernel does so anyway; this is
     /// for a clean shutdown before a machine is powered off).
     pub fn flush(&self) {

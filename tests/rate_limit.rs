@@ -140,7 +140,15 @@ fn api_key_writes_are_limited_across_a_restart() {
         assert!(created < 20, "no 429 after {created} writes");
     };
     assert!(created >= 5, "the burst is honoured: {created}");
-    assert_eq!(refused.json()["error"]["code"], "rate_limited");
+    // The API's error body, as every other refusal has it.
+    assert_eq!(
+        refused.json(),
+        serde_json::json!({"error": {
+            "code": "rate_limited",
+            "message": "too many writes with this API key; retry later",
+            "field": null,
+        }})
+    );
     assert_eq!(refused.header("ratelimit-limit"), Some("5"));
     assert!(refused.header("retry-after").is_some());
     // Reads are not limited.
@@ -163,4 +171,42 @@ fn api_key_writes_are_limited_across_a_restart() {
         "still limited after a restart: {after:?}"
     );
     println!("writes allowed {created} then 429; after restart {allowed_after}/10 allowed");
+}
+
+/// A bulk request counts each link it creates against the key's write
+/// limit: the request is let in with one write left, and the writes after
+/// it wait for all of its links (it used to cost one write, whatever it
+/// created).
+#[test]
+fn a_bulk_create_counts_each_link() {
+    let cluster = Cluster::start_custom(
+        "",
+        "",
+        "rate_limit:\n  api_key_writes_per_second: 1\n  api_key_write_burst: 3\n",
+    );
+    let links: Vec<String> = (0..30)
+        .map(|i| format!(r#"{{"url":"https://example.com/{i}","code":"b{i}"}}"#))
+        .collect();
+    let body = format!(r#"{{"links":[{}]}}"#, links.join(","));
+    let r = api(cluster.admin_addr, "POST", "/api/links/bulk", &body);
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let created = r.json()["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|item| item["status"] == 201)
+        .count();
+    assert_eq!(created, 30);
+    // 30 writes at one a second: the next write waits for most of them.
+    let single = api(
+        cluster.admin_addr,
+        "POST",
+        "/api/links",
+        r#"{"url":"https://example.com/s","code":"s1"}"#,
+    );
+    assert_eq!(single.status, 429);
+    let wait: u64 = single.header("retry-after").unwrap().parse().unwrap();
+    assert!(wait >= 20, "Retry-After {wait} s after 30 writes at 1/s");
+    let again = api(cluster.admin_addr, "POST", "/api/links/bulk", &body);
+    assert_eq!(again.status, 429);
 }

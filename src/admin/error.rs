@@ -79,6 +79,8 @@ pub enum ErrorCode {
     /// The data dir is out of space (ENOSPC, EDQUOT, EFBIG); nothing was
     /// acknowledged; writes work again once space is freed.
     InsufficientStorage,
+    /// Too many writes with this API key for now (`Retry-After` says when).
+    RateLimited,
     /// A bug: something that should not happen did.
     Internal,
 }
@@ -111,6 +113,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::StorageError => "storage_error",
             Self::InsufficientStorage => "insufficient_storage",
+            Self::RateLimited => "rate_limited",
             Self::Internal => "internal",
         }
     }
@@ -140,6 +143,7 @@ impl ErrorCode {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Unavailable | Self::StorageError => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -3,9 +3,10 @@
 //! in `<rate_limit.state_dir>/admin-ratelimit.bin`, so a restart of the admin
 //! does not hand a runaway client a fresh burst ([`crate::ratelimit`]).
 
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
 
+use super::error::{ApiError, ErrorCode};
 use crate::config::RateLimitConfig;
 use crate::ratelimit::{Decision, Limit, LimiterError, LimiterTable};
 
@@ -46,18 +47,28 @@ impl WriteLimit {
         );
         Some(d)
     }
+
+    /// Charges `writes` more writes to `key_id` (a bulk request's links
+    /// beyond the first; the request was checked as one).
+    pub fn charge(&self, key_id: u64, writes: u64, now_us: u64) {
+        self.table.charge(
+            KIND_API_KEY_WRITES,
+            &key_id.to_le_bytes(),
+            self.limit,
+            now_us,
+            writes,
+        );
+    }
 }
 
 /// The 429 for a refused write: the stable JSON error, `Retry-After` and
 /// the `RateLimit-*` fields.
 pub fn too_many_requests(d: &Decision) -> Response {
-    let body = serde_json::json!({
-        "error": {
-            "code": "rate_limited",
-            "message": "too many writes with this API key; retry later",
-        }
-    });
-    let mut resp = (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+    let mut resp = ApiError::new(
+        ErrorCode::RateLimited,
+        "too many writes with this API key; retry later",
+    )
+    .into_response();
     let h = resp.headers_mut();
     for (name, value) in [
         ("retry-after", d.retry_after_secs),

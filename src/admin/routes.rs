@@ -259,6 +259,12 @@ async fn bulk(
         .collect();
     let created = ops.len();
     state.commit(reservation, ops).await?;
+    // Each link created is a write for the key's limit (the request was
+    // checked, and charged, as one).
+    if let Some(limit) = state.write_limit() {
+        let more = created.saturating_sub(1) as u64;
+        limit.charge(caller.key_id, more, crate::ratelimit::now_us());
+    }
     let results: Vec<Value> = claimed
         .iter()
         .enumerate()
