@@ -970,6 +970,50 @@ async fn every_refusal_has_a_json_error_and_changes_nothing() {
             "method_not_allowed",
             None,
         ),
+        // Without a key, the key is asked for first: which methods a route
+        // takes is not told.
+        (
+            "PUT",
+            "/api/links/exists",
+            None,
+            json_ct,
+            Some("{}"),
+            401,
+            "unauthorized",
+            None,
+        ),
+        (
+            "DELETE",
+            "/api/links",
+            Some("wrong-key-0123456789"),
+            None,
+            None,
+            401,
+            "unauthorized",
+            None,
+        ),
+        (
+            "OPTIONS",
+            "/api/links/exists",
+            None,
+            None,
+            None,
+            401,
+            "unauthorized",
+            None,
+        ),
+        // /api/health needs no key for its GET, nor to be told it has no
+        // other method.
+        (
+            "POST",
+            "/api/health",
+            None,
+            None,
+            None,
+            405,
+            "method_not_allowed",
+            None,
+        ),
     ];
     for (method, path, key, ct, body, status, code, field) in cases {
         let r = admin.send(method, path, key, ct, body).await;

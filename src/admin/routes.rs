@@ -328,6 +328,18 @@ fn method_not_allowed_error() -> ApiError {
 }
 
 /// A known route with an unsupported method.
-pub async fn method_not_allowed() -> ApiError {
+/// A method a route does not take. Every route but `/api/health` needs a
+/// key, and the key is asked for first: without one the answer is 401, so
+/// that no route's methods are told to a caller without a key.
+pub async fn method_not_allowed(
+    State(state): State<AdminState>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> ApiError {
+    if uri.path() != "/api/health"
+        && super::auth::authenticate(&headers, state.key_hashes()).is_none()
+    {
+        return ApiError::unauthorized();
+    }
     method_not_allowed_error()
 }
