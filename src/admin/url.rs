@@ -95,11 +95,7 @@ fn check_authority(authority: &str) -> Result<(), ApiError> {
         let (addr, after) = v6
             .split_once(']')
             .ok_or_else(|| invalid("an IPv6 host must end with ]"))?;
-        if addr.is_empty()
-            || !addr
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-        {
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(invalid("is not a valid IPv6 address in brackets"));
         }
         match after {
@@ -151,6 +147,21 @@ fn check_host(host: &str) -> Result<(), ApiError> {
             "the host must be a domain name (letters, digits, '-', '_', dots), an IPv4 address or an IPv6 address in brackets",
         ));
     }
+    // A host whose last label is a number is an IPv4 address to a browser
+    // (the WHATWG URL standard), which also reads `0x7f.1`, `2130706433` and
+    // `0177.0.0.1` as addresses: only the four-decimal form is taken, so
+    // that a stored URL shows the host it goes to.
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let numeric = last.bytes().all(|b| b.is_ascii_digit())
+        || last
+            .strip_prefix("0x")
+            .or_else(|| last.strip_prefix("0X"))
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+    if numeric && name.parse::<std::net::Ipv4Addr>().is_err() {
+        return Err(invalid(
+            "a host ending in a number must be an IPv4 address of four decimal numbers from 0 to 255, without leading zeros",
+        ));
+    }
     Ok(())
 }
 
@@ -169,6 +180,12 @@ mod tests {
             ("http://xn--80ak6aa92e.com/", "http://xn--80ak6aa92e.com/"),
             ("http://127.0.0.1:8080/x", "http://127.0.0.1:8080/x"),
             ("http://[::1]:8080/x", "http://[::1]:8080/x"),
+            ("http://[::ffff:1.2.3.4]/", "http://[::ffff:1.2.3.4]/"),
+            ("http://1.2.3.4./", "http://1.2.3.4./"),
+            ("http://0.0.0.0/", "http://0.0.0.0/"),
+            ("https://123.example.com/", "https://123.example.com/"),
+            ("https://0x7f.example/", "https://0x7f.example/"),
+            ("https://example.1a/", "https://example.1a/"),
             ("https://example.com./", "https://example.com./"),
             (
                 "https://example.com/café?q=é#ü",
@@ -201,6 +218,20 @@ mod tests {
             "https://[::1/",
             "https://[fe80::1%25eth0]/",
             "https://[::1]x/",
+            // Numbers a browser reads as IPv4 addresses in other forms, or
+            // that no URL parser takes.
+            "http://0x7f.1/",
+            "http://0x7F000001/",
+            "http://2130706433/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://1.2.3.4.5/",
+            "http://256.1.1.1/",
+            "https://example.123/",
+            "https://example.0x1f/",
+            "http://[1.2.3.4]/",
+            "http://[:::]/",
+            "http://[1::2::3]/",
         ] {
             let e = normalize_target(bad).unwrap_err();
             assert_eq!(
