@@ -1076,13 +1076,20 @@ impl LinkLog {
         let failure = Failure::new(&active.path, stage, e);
         if let Some(file) = active.file.take()
             && wrote
-            && let Err(te) = file.set_len(active.durable_len)
         {
-            tracing::warn!(
-                path = %active.path.display(),
-                error = %te,
-                "link log: cannot cut the failed batch off yet; the next append retries"
-            );
+            // The cut is synced at once (a crash before the next append's
+            // recovery must not bring the refused batch back as whole
+            // frames); when the disk refuses even that, recovery retries.
+            if let Err(te) = file
+                .set_len(active.durable_len)
+                .and_then(|()| file.sync_data())
+            {
+                tracing::warn!(
+                    path = %active.path.display(),
+                    error = %te,
+                    "link log: cannot cut the failed batch off yet; the next append retries"
+                );
+            }
         }
         active.needs_recovery = true;
         failure
