@@ -895,6 +895,10 @@ fn writes_refused(
         (health["status"].as_str(), health["error"].as_str()),
         (Some("degraded"), Some(code))
     );
+    // The route needs no key: the probe's reason shows no server path.
+    if let Some(reason) = health["write_probe"].as_str() {
+        assert!(!reason.contains('/'), "{reason}");
+    }
 }
 
 /// Creates links until compaction has run again (the manifest moves past

@@ -327,7 +327,6 @@ fn method_not_allowed_error() -> ApiError {
     )
 }
 
-/// A known route with an unsupported method.
 /// A method a route does not take. Every route but `/api/health` needs a
 /// key, and the key is asked for first: without one the answer is 401, so
 /// that no route's methods are told to a caller without a key.
