@@ -521,3 +521,36 @@ fn a_tail_reads_a_segment_created_again_under_its_name() {
     );
     assert_eq!(seen, (1..=last + 2).collect::<Vec<_>>());
 }
+
+/// A compaction labels its snapshot with the last acknowledged sequence, so
+/// it must find every record up to it: a log cut short behind the writer's
+/// back is refused (the snapshot would silently lack the cut records).
+#[test]
+fn a_compaction_refuses_a_log_shorter_than_what_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), LogOptions::default()).unwrap();
+    for i in 0..5 {
+        store.append(&[put(&format!("c{i}"))]).unwrap();
+    }
+    let segment = last_segment(dir.path());
+    let len = fs::metadata(&segment).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let err = store.compact().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Log(LogError::Short {
+                last: 4,
+                durable: 5,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    assert_eq!(DataDir::new(dir.path()).read_manifest().unwrap(), None);
+}

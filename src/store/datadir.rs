@@ -476,6 +476,16 @@ impl Store {
             // segment buffers: no copy of any link is made.
             let records: Vec<(u64, LogOpRef<'_>)> =
                 log.records().take_while(|(seq, _)| *seq <= upto).collect();
+            // A snapshot is labelled `upto`: it must hold every record to it.
+            let last = records.last().map_or(base_seq, |(seq, _)| *seq);
+            if upto > base_seq && last < upto {
+                return Err(LogError::Short {
+                    path: self.dir.log_dir(),
+                    last,
+                    durable: upto,
+                }
+                .into());
+            }
             report.records = records.len() as u64;
             // Records come in sequence order and the sort keeps ties in that
             // order, so the last of each run of equal codes is the newest.

@@ -68,6 +68,16 @@ pub enum LogError {
         expected: u64,
         found: u64,
     },
+    /// The log read back ends before records the writer acknowledged: its
+    /// files were changed outside the writer.
+    #[error(
+        "{path}: the log ends at sequence {last}, but the writer acknowledged up to {durable}: records are missing"
+    )]
+    Short {
+        path: PathBuf,
+        last: u64,
+        durable: u64,
+    },
     #[error("invalid record: {0}")]
     Invalid(#[from] RecordError),
     #[error("the log writer failed earlier and refuses further appends: {0}")]
