@@ -705,6 +705,14 @@ impl Config {
                     "must be at least 16 characters".into(),
                 ));
             }
+            // A presented key is read without surrounding whitespace: a
+            // configured one with some could never be matched.
+            if a.api_key.trim() != a.api_key {
+                return Err(err(
+                    "admin.api_key",
+                    "must not begin or end with whitespace".into(),
+                ));
+            }
             api_key_hashes.push(hash_api_key(&a.api_key));
         }
         if !(4..=64).contains(&a.code_length) {
@@ -993,6 +1001,10 @@ mod tests {
                 "admin.api_key_hashes[0]",
             ),
             ("admin:\n  api_key: short\n", "admin.api_key"),
+            (
+                "admin:\n  api_key: \"0123456789abcdef \"\n",
+                "admin.api_key",
+            ),
             ("public_base_url: javascript:x\n", "public_base_url"),
             (
                 "edge:\n  not_found_url: \"https://x/\\r\\n\"\n",

@@ -183,7 +183,7 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
     let ms = u64::try_from(t.timestamp_millis())
         .ok()
         .filter(|&ms| ms > 0)
-        .ok_or_else(|| format!("{text:?} is before 1970"))?;
+        .ok_or_else(|| format!("{text:?} is not after 1970-01-01T00:00:00Z"))?;
     if ms > MAX_TIME_MS {
         return Err(format!("{text:?} is after 9999-12-31T23:59:59.999Z"));
     }
