@@ -513,12 +513,12 @@ fn check_segment_order(
     }
 }
 
-/// Whether `path` now names another file than `file` (opened from it). A
-/// name that names nothing is not "another file": whether its records were
-/// compacted away is for the directory listing to say.
-fn replaced(file: &File, path: &Path) -> Result<bool, LogError> {
+/// Whether `path` now names another file than the one opened from it
+/// (whose metadata is `open`). A name that names nothing is not "another
+/// file": whether its records were compacted away is for the directory
+/// listing to say.
+fn replaced(open: &fs::Metadata, path: &Path) -> Result<bool, LogError> {
     use std::os::unix::fs::MetadataExt;
-    let open = file.metadata().map_err(io_err(path))?;
     match fs::metadata(path) {
         Ok(now) => Ok((now.dev(), now.ino()) != (open.dev(), open.ino())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -1471,7 +1471,9 @@ impl LogTail {
                 Ok(file.metadata().map_err(io_err(&path))?.len() != read_end)
             };
             if pos == self.buf.len() {
-                if grew()? {
+                // One `fstat` for both questions: grown, and replaced.
+                let open = file.metadata().map_err(io_err(&path))?;
+                if open.len() != read_end {
                     continue;
                 }
                 // Clean end of a complete read. The writer finishes a segment
@@ -1485,7 +1487,7 @@ impl LogTail {
                 // The name may hold another file by now: a segment whose
                 // creation failed after its rename is created again, over
                 // the bare file we may have opened. Read the new one.
-                if replaced(file, &path)? {
+                if replaced(&open, &path)? {
                     self.current = None;
                     self.last_frame = None;
                     continue;
