@@ -174,6 +174,9 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
         "GET /fwd?q=\"x\" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         "GET /tmp HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
         "GET /tmp HTTP/1.1\r\nHost: user@x\r\nConnection: close\r\n\r\n",
+        // No Host: a 400 (RFC 9112, 3.2) from the Pingora path.
+        "GET /tmp HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /tmp HTTP/1.1\r\nX-Host: x\r\n\r\n",
         "GET /tmp HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
         &long_target,
     ];
@@ -184,6 +187,10 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
         let shown: String = case.chars().take(80).collect();
         assert_eq!(a, b, "different answers to {shown:?}");
         assert!(a.starts_with("HTTP/1.1 "), "{shown:?}: {a}");
+        if !case.contains("Host:") {
+            assert!(a.starts_with("HTTP/1.1 400 "), "{shown:?}: {a}");
+            assert!(a.contains(r#""code":"bad_request""#), "{shown:?}: {a}");
+        }
         compared += 1;
     }
     for case in fast_cases {

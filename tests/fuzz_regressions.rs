@@ -335,10 +335,11 @@ fn seed_requests() -> Vec<(String, Vec<u8>)> {
         b"\0/c?a",
         // Whole request heads, for the fast path's head parser.
         b"GET /abc1234?x=1 HTTP/1.1\r\nHost: ulo.ad\r\nUser-Agent: curl/8\r\nConnection: close\r\n\r\n",
-        b"HEAD /a HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nX-E:\t \r\n\r\n",
+        b"HEAD /a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.1\r\nX-E:\t \r\n\r\n",
         b"GET /abc HTTP/1.1\r\nHost: a\r\nhost: b@c\r\n\r\n",
-        b"GET /abc?q=%22 HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
-        b"GET /abc HTTP/1.1\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n",
+        b"GET /abc?q=%22 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
+        b"GET /abc HTTP/1.1\r\nhost: x\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n",
+        b"GET /abc HTTP/1.1\r\nUser-Agent: no-host\r\n\r\n",
         b"GET /a HTTP/1.1\r\nHost: x\r\n y\r\n\r\n",
     ];
     inputs

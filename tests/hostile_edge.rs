@@ -309,6 +309,20 @@ fn cases() -> Vec<Case> {
             "CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\n\r\n",
             Reject,
         ),
+        // RFC 9112, 3.2: an HTTP/1.1 request must name its host; HTTP/1.0
+        // need not.
+        case(
+            "request line",
+            "HTTP/1.1 without Host",
+            format!("GET /{CODE} HTTP/1.1\r\nConnection: close\r\n\r\n"),
+            Reject,
+        ),
+        case(
+            "request line",
+            "HTTP/1.0 without Host",
+            format!("GET /{CODE} HTTP/1.0\r\n\r\n"),
+            Redirect,
+        ),
         case(
             "request line",
             "header line without a colon",

@@ -16,7 +16,9 @@
 //! - the path is a short code (`route()` says `Redirect`);
 //! - no header that Pingora would refuse or read otherwise: one `Host` at
 //!   most and without `@`, one `Connection` line at most, one line of the
-//!   client-address header at most ([`FastRequest::read`]).
+//!   client-address header at most ([`FastRequest::read`]);
+//! - a `Host` line (RFC 9112, 3.2: an HTTP/1.1 request without one gets a
+//!   400, which the Pingora path answers).
 //!
 //! [`differs_from_pingora`] runs Pingora's own request reading on the same
 //! bytes and compares (a proptest here, the `request_path` fuzz target):
@@ -78,8 +80,8 @@ impl<'a> FastRequest<'a> {
     /// line is read; `None` leaves the request to Pingora. Besides what
     /// [`request_line`] refuses, that is a request with a body or an upgrade
     /// (`Content-Length`, `Transfer-Encoding`, `Expect`, `Upgrade`,
-    /// `Connection: upgrade`), a second `Host` line or one holding `@`
-    /// (Pingora answers those 400), and a second `Connection` or
+    /// `Connection: upgrade`), no `Host` line, a second one or one holding
+    /// `@` (all answered 400 there), and a second `Connection` or
     /// client-address (`client_ip_header`) line (Pingora reads only the
     /// first of those or joins them: it decides). `differs_from_pingora`
     /// checks the rest against Pingora's own reading.
@@ -145,7 +147,7 @@ impl<'a> FastRequest<'a> {
                 request.user_agent = Some(value);
             }
         }
-        Some(request)
+        host.then_some(request)
     }
 }
 
@@ -578,8 +580,8 @@ mod tests {
         let taken: &[&[u8]] = &[
             b"GET /abc HTTP/1.1\r\nHost: ulo.ad\r\n\r\n",
             b"HEAD /abc?x=1&y=%20 HTTP/1.1\r\nHost: ulo.ad\r\nConnection: close\r\n\r\n",
-            b"GET /abc? HTTP/1.1\r\nConnection: Keep-Alive\r\nUser-Agent: a\r\nUser-Agent: b\r\n\r\n",
-            b"GET /a-b_C HTTP/1.1\r\nConnection: foo, close\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n\r\n",
+            b"GET /abc? HTTP/1.1\r\nConnection: Keep-Alive\r\nUser-Agent: a\r\nUser-Agent: b\r\nHost: x\r\n\r\n",
+            b"GET /a-b_C HTTP/1.1\r\nhost: x\r\nConnection: foo, close\r\nX-Forwarded-For: 10.0.0.1, 10.0.0.2\r\n\r\n",
             b"GET /abc?a={}|^`[]\\ HTTP/1.1\r\nHost: ulo.ad:8080\r\n\r\n",
         ];
         for head in taken {
@@ -610,6 +612,8 @@ mod tests {
             b"GET /abc?a=1#x HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /abc#x HTTP/1.1\r\nHost: x\r\n\r\n",
             b"GET /abc HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\n\r\n",
+            b"GET /abc HTTP/1.1\r\nUser-Agent: a\r\nX-Host: a\r\n\r\n",
             b"GET /abc HTTP/1.1\r\nHost: user@x\r\n\r\n",
             b"GET /abc HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n",
             b"GET /abc HTTP/1.1\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n",

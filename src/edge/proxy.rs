@@ -79,6 +79,25 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut EdgeCtx) -> Result<bool> {
         let tls = super::tls::mark_downstream(session);
         let req = session.req_header();
+        // RFC 9112, 3.2: an HTTP/1.1 request without `Host` gets a 400, as
+        // nginx and HAProxy give it (Pingora itself lets it through). HTTP/2
+        // names the host in `:authority`; HTTP/1.0 need not name one.
+        if req.version == ::http::Version::HTTP_11
+            && !req.headers.contains_key(::http::header::HOST)
+        {
+            let head = req.method == ::http::Method::HEAD;
+            session.set_keepalive(None);
+            let body = error_body("bad_request", "an HTTP/1.1 request needs a Host header");
+            respond(
+                session,
+                400,
+                &[("content-type", b"application/json")],
+                body,
+                head,
+            )
+            .await?;
+            return Ok(true);
+        }
         let path = req.uri.path().as_bytes();
         let head = req.method == ::http::Method::HEAD;
         let read_only = head || req.method == ::http::Method::GET;
