@@ -199,7 +199,9 @@ impl LimiterTable {
         let start = key as usize;
         let mut free = None;
         let mut least: Option<(usize, u64)> = None;
-        for i in start..start + PROBE {
+        // Wrapping: `slot` masks the index, and a key near `u64::MAX` must
+        // probe round the end of the table like any other.
+        for i in (0..PROBE).map(|n| start.wrapping_add(n)) {
             let (k, tat) = self.slot(i);
             let seen = k.load(Ordering::Acquire);
             if seen == key {
@@ -478,6 +480,24 @@ mod tests {
         );
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file is left");
+    }
+
+    /// A key whose probe window runs past `usize::MAX` wraps round the
+    /// table like any other (the range `key..key + PROBE` overflowed: a
+    /// panic in a debug build; in a release build an empty probe, so the
+    /// client's slot was reset to a full bucket on every request).
+    #[test]
+    fn keys_at_the_top_of_the_hash_range_are_limited() {
+        let (_d, t) = table();
+        let now = 1_000_000_000;
+        for key in [u64::MAX, u64::MAX - 3, u64::MAX - PROBE as u64 + 1] {
+            t.find(key, now).store(now + 42, Ordering::Relaxed);
+            assert_eq!(
+                t.find(key, now).load(Ordering::Relaxed),
+                now + 42,
+                "key {key:#x} keeps its slot"
+            );
+        }
     }
 
     #[test]
