@@ -71,6 +71,9 @@ pub struct Limit {
     pub interval_us: u64,
     /// Requests allowed at once (at least 1).
     pub burst: u64,
+    /// Requests [`LimiterTable::charge`] may put on a client beyond an
+    /// empty bucket (0 unless set by [`Limit::with_max_debt`]).
+    pub max_debt: u64,
 }
 
 impl Limit {
@@ -84,7 +87,26 @@ impl Limit {
         Self {
             interval_us: (window_ms.saturating_mul(1_000) / count.max(1)).max(1),
             burst: burst.max(1),
+            max_debt: 0,
         }
+    }
+
+    /// The same limit, with up to `tokens` requests charged beyond an empty
+    /// bucket (a bulk request's links) kept as a debt.
+    pub fn with_max_debt(self, tokens: u64) -> Self {
+        Self {
+            max_debt: tokens,
+            ..self
+        }
+    }
+
+    /// How far ahead of now a TAT can be: a full burst plus the debt. One
+    /// further ahead was written under a clock since stepped back (or is
+    /// garbage), and is read as this far ahead: an empty bucket, not a ban
+    /// until the wall clock catches up with it.
+    fn horizon_us(&self) -> u64 {
+        self.interval_us
+            .saturating_mul(self.burst.saturating_add(self.max_debt))
     }
 
     /// Requests per second at the sustained rate (to the nearest whole).
@@ -242,8 +264,21 @@ impl LimiterTable {
         let tat = self.find(key, now);
         let t = limit.interval_us;
         let window = t.saturating_mul(limit.burst);
+        let horizon = now.saturating_add(limit.horizon_us());
         let mut seen = tat.load(Ordering::Acquire);
         loop {
+            if seen > horizon {
+                // Out of reach of this clock (see `Limit::horizon_us`): put
+                // back to an empty bucket, so that it refills from now on.
+                match tat.compare_exchange_weak(seen, horizon, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => seen = horizon,
+                    Err(actual) => {
+                        seen = actual;
+                        continue;
+                    }
+                }
+            }
             let next = seen.max(now).saturating_add(t);
             if next - now > window {
                 // Full: the next request fits once `next - window` has passed.
@@ -286,9 +321,10 @@ impl LimiterTable {
         }
         let tat = self.find(key_of(kind, client), now);
         let add = limit.interval_us.saturating_mul(tokens);
+        let horizon = now.saturating_add(limit.horizon_us());
         let mut seen = tat.load(Ordering::Acquire);
         loop {
-            let next = seen.max(now).saturating_add(add);
+            let next = seen.min(horizon).max(now).saturating_add(add).min(horizon);
             match tat.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(actual) => seen = actual,
@@ -498,6 +534,63 @@ mod tests {
                 "key {key:#x} keeps its slot"
             );
         }
+    }
+
+    /// A TAT further ahead than the limit can put one (the wall clock was
+    /// stepped back after it was written, or the file holds garbage) counts
+    /// as an empty bucket, not as a ban until that time comes round again.
+    #[test]
+    fn a_clock_stepped_back_does_not_ban_for_the_step() {
+        let (_d, t) = table();
+        let limit = Limit::per_second(10, 3); // 100 ms per request
+        let now = 1_000_000_000_000;
+        let hour = 3_600_000_000;
+        // One request while the clock is an hour ahead...
+        assert!(t.check(1, b"a", limit, now + hour).allowed);
+        // ...then the clock is put right.
+        let d = t.check(1, b"a", limit, now);
+        assert!(d.retry_after_secs <= 1, "{d:?}");
+        assert!(d.reset_secs <= 1, "{d:?}");
+        assert!(t.check(1, b"a", limit, now + 300_000).allowed);
+        // The same for a charged debt: bounded by what `charge` may add.
+        let limit = Limit::per_second(10, 3).with_max_debt(5);
+        t.charge(1, b"b", limit, now + hour, 5);
+        let d = t.check(1, b"b", limit, now);
+        assert!(!d.allowed);
+        assert!(d.retry_after_secs <= 1, "{d:?}");
+        // A legitimate debt is kept: 5 charged beyond a full burst wait 0.5 s.
+        for _ in 0..3 {
+            assert!(t.check(1, b"c", limit, now).allowed);
+        }
+        t.charge(1, b"c", limit, now, 5);
+        assert!(!t.check(1, b"c", limit, now + 500_000).allowed);
+        assert!(t.check(1, b"c", limit, now + 600_000).allowed);
+    }
+
+    /// A state file with a valid header whose slot holds a TAT at the end
+    /// of time: the client is limited for a moment, not for ever.
+    #[test]
+    fn a_garbage_tat_in_the_file_is_not_a_ban_for_ever() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rl.bin");
+        let limit = Limit::per_second(10, 3);
+        let now = 1_000_000_000_000;
+        {
+            let t = LimiterTable::open(&path, 64).unwrap();
+            assert!(t.check(1, b"a", limit, now).allowed);
+        }
+        // Damage every TAT in the file.
+        let mut bytes = std::fs::read(&path).unwrap();
+        for slot in bytes[HEADER_LEN..].chunks_mut(SLOT_LEN) {
+            if slot[..8] != [0; 8] {
+                slot[8..].copy_from_slice(&u64::MAX.to_le_bytes());
+            }
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let t = LimiterTable::open(&path, 64).unwrap();
+        let d = t.check(1, b"a", limit, now);
+        assert!(d.retry_after_secs <= 1, "{d:?}");
+        assert!(t.check(1, b"a", limit, now + 300_000).allowed);
     }
 
     #[test]

@@ -20,11 +20,14 @@ pub struct WriteLimit {
 }
 
 impl WriteLimit {
-    /// `None` when no write limit is configured.
-    pub fn open(config: &RateLimitConfig) -> Result<Option<Self>, LimiterError> {
+    /// `None` when no write limit is configured. `max_bulk` is the most
+    /// links one bulk request creates: all but one of them may be charged
+    /// beyond an empty bucket ([`Self::charge`]).
+    pub fn open(config: &RateLimitConfig, max_bulk: usize) -> Result<Option<Self>, LimiterError> {
         let Some(limit) = config.api_key_writes else {
             return Ok(None);
         };
+        let limit = limit.with_max_debt((max_bulk as u64).saturating_sub(1));
         let table =
             LimiterTable::open(&config.state_dir.join("admin-ratelimit.bin"), config.slots)?;
         Ok(Some(Self { table, limit }))

@@ -220,7 +220,8 @@ impl AdminState {
         store
             .log()
             .observe_fsync(move |d| fsync.observe(d.as_secs_f64()));
-        let write_limit = super::limits::WriteLimit::open(&config.rate_limit)?;
+        let write_limit =
+            super::limits::WriteLimit::open(&config.rate_limit, config.admin.max_bulk)?;
         let backup = Arc::<super::backup_task::BackupStatus>::default();
         if config.backup.dir.is_some() {
             backup
