@@ -175,8 +175,14 @@ impl LimiterTable {
             && &header[0..8] == MAGIC
             && header[8..12] == VERSION.to_le_bytes()
             && header[12..16] == (slots as u32).to_le_bytes();
+        // Every block of the file is allocated before it is mapped: a page
+        // of a sparse file first written through the map on a full file
+        // system is a SIGBUS, the end of the process (`fresh_table`
+        // allocates its file before renaming it into place). Without the
+        // space the table lives in memory only, as losing limiter state is
+        // harmless and refusing to start over it would not be.
         let file = if valid {
-            file
+            allocate(&file, want).map(|()| file)
         } else {
             if len > 0 {
                 tracing::warn!(path = %path.display(), "rate-limit state unusable (other format or size); starting empty");
@@ -185,14 +191,25 @@ impl LimiterTable {
             // process of an earlier version may have the old one mapped (the
             // old edge during a graceful upgrade), and cutting a mapped file
             // short kills its reader with SIGBUS.
-            fresh_table(path, want, slots).map_err(err)?
+            fresh_table(path, want, slots)
         };
-        // SAFETY: the file is only ever accessed through this mapping's
-        // atomics (by this process and by uload processes sharing it during
-        // an upgrade); a foreign writer could make the counts wrong but not
-        // unsound, since every slot is read as plain integers. Files of
-        // another format or size are replaced by rename, never truncated.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
+        let map = match file {
+            // SAFETY: the file is only ever accessed through this mapping's
+            // atomics (by this process and by uload processes sharing it
+            // during an upgrade); a foreign writer could make the counts
+            // wrong but not unsound, since every slot is read as plain
+            // integers. Files of another format or size are replaced by
+            // rename, never truncated.
+            Ok(file) => unsafe { MmapMut::map_mut(&file) }.map_err(err)?,
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "rate-limit state cannot be written to disk; kept in memory only, lost at exit"
+                );
+                MmapMut::map_anon(want as usize).map_err(err)?
+            }
+        };
         Ok(Self {
             map,
             mask: slots - 1,
@@ -341,6 +358,34 @@ impl LimiterTable {
     }
 }
 
+/// Gives `file` disk blocks for its first `len` bytes (a no-op where they
+/// are already there). A file system without `fallocate` is left as it is.
+fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+        loop {
+            // SAFETY: a valid, open descriptor; mode 0 only allocates (never
+            // changes the contents or shrinks the file).
+            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => return Ok(()),
+                _ => return Err(e),
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, len);
+        Ok(())
+    }
+}
+
 /// The 64-bit key of `client` in limiter `kind`: the store's fixed hash (the
 /// same on every build, so a restarted process finds its clients), never 0.
 /// An empty table of `slots` slots at `path`: written under a temporary
@@ -358,6 +403,7 @@ fn fresh_table(path: &Path, len: u64, slots: usize) -> std::io::Result<std::fs::
             .truncate(true)
             .open(&tmp)?;
         file.set_len(len)?;
+        allocate(&file, len)?;
         let mut header = [0u8; HEADER_LEN];
         header[0..8].copy_from_slice(MAGIC);
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());

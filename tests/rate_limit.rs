@@ -210,3 +210,116 @@ fn a_bulk_create_counts_each_link() {
     let again = api(cluster.admin_addr, "POST", "/api/links/bulk", &body);
     assert_eq!(again.status, 429);
 }
+
+/// The state file is given its disk space when it is created: its pages are
+/// written through a shared mapping, and a page of a sparse file that needs
+/// a block on a full file system is a SIGBUS, which ends the edge. Here the
+/// state dir is a small tmpfs, filled up once the edge runs; then requests
+/// from many client addresses (so many slots, on many pages) all get their
+/// answer, and the edge is still running. Needs `mount` (root): without it
+/// the test prints "skipped".
+#[test]
+fn a_full_disk_under_the_limiter_state_does_not_kill_the_edge() {
+    use std::io::Write;
+    let mut cluster = Cluster::start_custom(
+        "",
+        "",
+        "rate_limit:\n  slots: 65536\n  client_requests_per_second: 1000\n  client_burst: 1000\n  trusted_proxies: [\"127.0.0.1\"]\n",
+    );
+    cluster.kill_edge();
+    let state = cluster.path().join("state");
+    let Some(_mount) = Tmpfs::mount(&state, 4 << 20) else {
+        println!("a full disk under the limiter state: skipped: mount not permitted");
+        return;
+    };
+    cluster.start_edge();
+    let bin = state.join("edge-ratelimit.bin");
+    assert_eq!(std::fs::metadata(&bin).unwrap().len(), 64 + 65536 * 16);
+    // Fill the file system.
+    let mut filler = std::fs::File::create(state.join("filler")).unwrap();
+    let fill = |filler: &mut std::fs::File| {
+        for chunk in [64 * 1024, 4096, 1] {
+            let buf = vec![1u8; chunk];
+            while filler.write_all(&buf).is_ok() {}
+        }
+    };
+    fill(&mut filler);
+    // 1 MiB of slots: 2,000 clients land on nearly every one of its pages.
+    for i in 0..2_000u32 {
+        let ip = format!("198.18.{}.{}", i / 250, i % 250 + 1);
+        let r = request(
+            cluster.edge_addr,
+            "GET",
+            "/no-such-code",
+            &[("X-Forwarded-For", ip.as_str())],
+            b"",
+        );
+        if r.is_err() {
+            // How the edge ended, if it did.
+            let mut status = None;
+            let edge = cluster.edge.as_mut().unwrap();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                wait_until(Duration::from_secs(5), "the edge's end", || {
+                    status = edge.try_wait().unwrap();
+                    status.is_some()
+                })
+            }));
+            panic!("client {i} ({ip}): {r:?}; the edge: {status:?}");
+        }
+    }
+    assert!(cluster.edge.as_mut().unwrap().try_wait().unwrap().is_none());
+    // With the file gone and the disk still full, the edge starts (its
+    // limits kept in memory), and says so.
+    cluster.kill_edge();
+    std::fs::remove_file(&bin).unwrap();
+    fill(&mut filler);
+    cluster.start_edge();
+    assert_eq!(
+        get_as(&cluster, "198.51.100.1", "/no-such-code").status,
+        404
+    );
+    assert!(
+        cluster
+            .log("edge")
+            .contains("rate-limit state cannot be written to disk"),
+        "{}",
+        cluster.log("edge")
+    );
+    cluster.kill_edge();
+}
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: u64) -> Option<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        std::fs::create_dir_all(at).unwrap();
+        let path = std::ffi::CString::new(at.as_os_str().as_bytes()).unwrap();
+        let opts = std::ffi::CString::new(format!("size={size},mode=0755")).unwrap();
+        // SAFETY: valid NUL-terminated strings.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                path.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then(|| Self(at.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.0.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        unsafe {
+            if libc::umount2(path.as_ptr(), 0) != 0 {
+                libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
