@@ -323,3 +323,29 @@ impl Drop for Tmpfs {
         }
     }
 }
+
+/// An IPv6 client is one /64: a host picks any address in its /64 at will
+/// (privacy addresses change on their own), so counting each address on
+/// its own let a scanner send every request from a fresh one and never be
+/// barred. Addresses of other /64s are other clients.
+#[test]
+fn an_ipv6_client_rotating_addresses_in_its_64_is_one_client() {
+    let cluster = Cluster::start_custom(
+        "",
+        "",
+        "rate_limit:\n  client_misses_per_minute: 1\n  client_miss_burst: 5\n  trusted_proxies: [\"127.0.0.1\"]\n",
+    );
+    let statuses: Vec<u16> = (0..8)
+        .map(|i| {
+            get_as(
+                &cluster,
+                &format!("2001:db8:1:2::{:x}", i + 1),
+                &format!("/scan{i}"),
+            )
+            .status
+        })
+        .collect();
+    assert_eq!(statuses, [404, 404, 404, 404, 404, 429, 429, 429]);
+    // Another /64 (even of the same /48) is someone else.
+    assert_eq!(get_as(&cluster, "2001:db8:1:3::1", "/scan9").status, 404);
+}

@@ -9,6 +9,8 @@
 //!   over it gets 429 for *every* short code, known ones included, so that
 //!   scanning cannot tell a live code from a dead one.
 //!
+//! An IPv6 client is its /64 (see [`client_key`]).
+//!
 //! The client address is the peer's, unless the peer is a configured
 //! trusted proxy: then it is the rightmost address in the configured header
 //! that is not itself a trusted proxy.
@@ -30,8 +32,10 @@ pub struct EdgeRateLimits {
     misses: Option<Limit>,
 }
 
-/// A client address as limiter key bytes (IPv4 as its 4 bytes, so that
-/// `::ffff:a.b.c.d` and `a.b.c.d` are one client).
+/// A client address as limiter key bytes: IPv4 as its 4 bytes, so that
+/// `::ffff:a.b.c.d` and `a.b.c.d` are one client; IPv6 as its /64 (8
+/// bytes), since a host picks any address of its /64 at will, and counting
+/// each address on its own would let it start afresh with every request.
 pub fn client_key(ip: IpAddr, buf: &mut [u8; 16]) -> &[u8] {
     match ip {
         IpAddr::V4(v4) => {
@@ -44,8 +48,8 @@ pub fn client_key(ip: IpAddr, buf: &mut [u8; 16]) -> &[u8] {
                 &buf[..4]
             }
             None => {
-                buf.copy_from_slice(&v6.octets());
-                &buf[..]
+                buf[..8].copy_from_slice(&v6.octets()[..8]);
+                &buf[..8]
             }
         },
     }
@@ -191,5 +195,22 @@ mod tests {
         assert!(!IpNet::parse("192.0.3.0/24").unwrap().contains(v4));
         assert!(IpNet::parse("0.0.0.0/0").unwrap().contains(v4));
         assert!(IpNet::parse("10.0.0.0/33").is_none());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64() {
+        let key = |s: &str| {
+            let mut buf = [0u8; 16];
+            client_key(s.parse().unwrap(), &mut buf).to_vec()
+        };
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:aaaa:bbbb:cccc:dddd")
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        // Not the key of any IPv4 client.
+        assert_ne!(key("::1"), key("0.0.0.0"));
+        assert_eq!(key("::ffff:192.0.2.1"), key("192.0.2.1"));
+        assert_ne!(key("::ffff:192.0.2.1"), key("::ffff:192.0.2.2"));
     }
 }
