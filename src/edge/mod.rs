@@ -103,6 +103,9 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         "link table loaded from {}",
         config.data_dir.display()
     );
+    // So is the rate-limit state (a state dir it cannot write, a directory
+    // where the file should be).
+    let limits = rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new);
     if !options.upgrade {
         check_bindable(config)?;
     }
@@ -151,7 +154,6 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
     );
     let edge_config = Arc::new(config.edge.clone());
-    let limits = rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new);
     let access_log = match &config.access_log.path {
         Some(path) => Some(Arc::new(
             access_log::AccessLog::open(
