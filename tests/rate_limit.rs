@@ -363,45 +363,7 @@ fn an_upgrade_that_cannot_open_the_limiter_state_leaves_the_old_edge_serving() {
     let bin = cluster.path().join("state/edge-ratelimit.bin");
     std::fs::remove_file(&bin).unwrap();
     std::fs::create_dir(&bin).unwrap();
-    let mut new = std::process::Command::new(env!("CARGO_BIN_EXE_uload"))
-        .args(["edge", "-u", "--config"])
-        .arg(&cluster.config)
-        .env_remove("ULOAD_API_KEY")
-        .env_remove("ULOAD_DATA_DIR")
-        .env("ULOAD_STATE_DIR", cluster.path().join("state"))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // As an operator would: hand over once the new edge waits for the
-    // sockets, not if it has already failed.
-    let sock = cluster.path().join("upgrade.sock");
-    let mut exited = None;
-    wait_until(
-        Duration::from_secs(30),
-        "the new edge on the upgrade socket, or its exit",
-        || {
-            exited = new.try_wait().unwrap();
-            exited.is_some() || sock.exists()
-        },
-    );
-    if exited.is_none() {
-        let old = cluster.edge.as_ref().unwrap().id();
-        let quit = std::process::Command::new("kill")
-            .args(["-QUIT", &old.to_string()])
-            .status()
-            .unwrap();
-        assert!(quit.success());
-        cluster.edge.as_mut().unwrap().wait().unwrap();
-        wait_until(Duration::from_secs(30), "the new edge's exit", || {
-            exited = new.try_wait().unwrap();
-            exited.is_some()
-        });
-    }
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut new.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!exited.unwrap().success());
+    let stderr = cluster.failed_upgrade();
     assert!(stderr.contains("edge-ratelimit.bin"), "{stderr}");
     let health = request(cluster.edge_addr, "GET", "/health", &[], b"");
     assert!(

@@ -90,3 +90,22 @@ fn upgrade_hands_over_without_failed_requests() {
     new.kill().unwrap();
     new.wait().unwrap();
 }
+
+/// A new edge started with `-u` that cannot open its access log fails
+/// before it takes the running edge's sockets: the running edge keeps
+/// serving. (It opened the log after taking them: both edges gone.)
+#[test]
+fn an_upgrade_that_cannot_open_the_access_log_leaves_the_old_edge_serving() {
+    let mut cluster = Cluster::start();
+    // The old edge keeps its open file; the new one finds a directory.
+    let log = cluster.path().join("access.log");
+    std::fs::remove_file(&log).unwrap();
+    std::fs::create_dir(&log).unwrap();
+    let stderr = cluster.failed_upgrade();
+    assert!(stderr.contains("access.log"), "{stderr}");
+    let health = request(cluster.edge_addr, "GET", "/health", &[], b"");
+    assert!(
+        health.as_ref().is_ok_and(|r| r.status == 200),
+        "the edge after a failed upgrade: {health:?}; new edge: {stderr}"
+    );
+}

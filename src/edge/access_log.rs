@@ -41,15 +41,14 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Opens `path` for append and starts the writer thread.
-    pub fn open(path: &Path, buffer_lines: usize, dropped: IntCounter) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+    /// Starts the writer thread on a file opened by [`open_file`] (the edge
+    /// opens it before taking a running edge's sockets, and starts the
+    /// thread after Pingora's start-up, which may fork into a daemon).
+    pub fn start(
+        file: std::fs::File,
+        buffer_lines: usize,
+        dropped: IntCounter,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(buffer_lines.max(1));
         std::thread::Builder::new()
             .name("access-log".into())
@@ -69,6 +68,18 @@ impl AccessLog {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
+}
+
+/// Opens (creates) the access log at `path` for appending, and its
+/// directory if need be.
+pub fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 fn write_lines(file: std::fs::File, rx: Receiver<Vec<u8>>) {
@@ -114,7 +125,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("logs/access.log");
         let dropped = IntCounter::new("d", "d").unwrap();
-        let log = AccessLog::open(&path, 16, dropped.clone()).unwrap();
+        let log = AccessLog::start(open_file(&path).unwrap(), 16, dropped.clone()).unwrap();
         let ts = timestamp(1_795_726_533_120);
         log.log(&AccessRecord {
             ts: &ts,

@@ -106,6 +106,14 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     // So is the rate-limit state (a state dir it cannot write, a directory
     // where the file should be).
     let limits = rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new);
+    // And the access log's file (its writer thread starts after Pingora's
+    // start-up, which may fork into a daemon).
+    let access_log_file = match &config.access_log.path {
+        Some(path) => {
+            Some(access_log::open_file(path).map_err(|e| EdgeError::AccessLog(path.clone(), e))?)
+        }
+        None => None,
+    };
     if !options.upgrade {
         check_bindable(config)?;
     }
@@ -154,16 +162,16 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
     );
     let edge_config = Arc::new(config.edge.clone());
-    let access_log = match &config.access_log.path {
-        Some(path) => Some(Arc::new(
-            access_log::AccessLog::open(
-                path,
+    let access_log = match (access_log_file, &config.access_log.path) {
+        (Some(file), Some(path)) => Some(Arc::new(
+            access_log::AccessLog::start(
+                file,
                 config.access_log.buffer_lines,
                 metrics.access_log_dropped.clone(),
             )
             .map_err(|e| EdgeError::AccessLog(path.clone(), e))?,
         )),
-        None => None,
+        _ => None,
     };
     // Plain redirects skip Pingora's request machinery (fast_path.rs),
     // unless plain HTTP must be sent on to HTTPS.

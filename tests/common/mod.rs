@@ -308,6 +308,58 @@ impl Cluster {
         });
     }
 
+    /// An upgrade (`uload edge -u`) expected to fail: the new edge is
+    /// started on this cluster's config and, once it waits on the upgrade
+    /// socket (not if it has already failed), the running edge is told to
+    /// hand over (SIGQUIT), as an operator would. Asserts that the new edge
+    /// exited with an error; returns its stderr. A failure it checks before
+    /// taking the sockets leaves the running edge serving; one after leaves
+    /// no edge at all.
+    pub fn failed_upgrade(&mut self) -> String {
+        let mut new = Command::new(env!("CARGO_BIN_EXE_uload"))
+            .args(["edge", "-u", "--config"])
+            .arg(&self.config)
+            .env_remove("ULOAD_API_KEY")
+            .env_remove("ULOAD_DATA_DIR")
+            .env("ULOAD_STATE_DIR", self.path().join("state"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let sock = self.path().join("upgrade.sock");
+        let mut exited = None;
+        wait_until(
+            Duration::from_secs(30),
+            "the new edge on the upgrade socket, or its exit",
+            || {
+                exited = new.try_wait().unwrap();
+                exited.is_some() || sock.exists()
+            },
+        );
+        if exited.is_none() {
+            let old = self.edge.as_ref().unwrap().id();
+            let quit = Command::new("kill")
+                .args(["-QUIT", &old.to_string()])
+                .status()
+                .unwrap();
+            assert!(quit.success());
+            self.edge.as_mut().unwrap().wait().unwrap();
+            wait_until(Duration::from_secs(30), "the new edge's exit", || {
+                exited = new.try_wait().unwrap();
+                exited.is_some()
+            });
+        }
+        let mut stderr = String::new();
+        new.stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(!exited.unwrap().success(), "the new edge: {stderr}");
+        stderr
+    }
+
     /// Waits until the edge's health check sees the admin and /api answers.
     pub fn wait_api_ready(&self) {
         let addr = self.edge_addr;
