@@ -312,9 +312,9 @@ impl Cluster {
     /// started on this cluster's config and, once it waits on the upgrade
     /// socket (not if it has already failed), the running edge is told to
     /// hand over (SIGQUIT), as an operator would. Asserts that the new edge
-    /// exited with an error; returns its stderr. A failure it checks before
-    /// taking the sockets leaves the running edge serving; one after leaves
-    /// no edge at all.
+    /// exited with an error and that the running edge still serves (a
+    /// failure found before taking the sockets leaves it serving; one found
+    /// after leaves no edge at all); returns the new edge's stderr.
     pub fn failed_upgrade(&mut self) -> String {
         let mut new = Command::new(env!("CARGO_BIN_EXE_uload"))
             .args(["edge", "-u", "--config"])
@@ -357,6 +357,11 @@ impl Cluster {
             .read_to_string(&mut stderr)
             .unwrap();
         assert!(!exited.unwrap().success(), "the new edge: {stderr}");
+        let health = request(self.edge_addr, "GET", "/health", &[], b"");
+        assert!(
+            health.as_ref().is_ok_and(|r| r.status == 200),
+            "the edge after a failed upgrade: {health:?}; new edge: {stderr}"
+        );
         stderr
     }
 
