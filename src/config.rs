@@ -397,7 +397,21 @@ impl IpNet {
             128
         };
         let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Self { addr, prefix })
+        if prefix > max {
+            return None;
+        }
+        // An IPv4 network written IPv4-mapped (`::ffff:10.0.0.0/104`) is
+        // that IPv4 network: `contains` reads a mapped peer as IPv4.
+        if let std::net::IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            return Some(Self {
+                addr: std::net::IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
+        Some(Self { addr, prefix })
     }
 
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {

@@ -195,6 +195,14 @@ mod tests {
         assert!(!IpNet::parse("192.0.3.0/24").unwrap().contains(v4));
         assert!(IpNet::parse("0.0.0.0/0").unwrap().contains(v4));
         assert!(IpNet::parse("10.0.0.0/33").is_none());
+        // A network written IPv4-mapped is the IPv4 network, whichever way
+        // the peer's address comes.
+        let mapped = IpNet::parse("::ffff:10.1.0.0/112").unwrap();
+        for peer in ["10.1.2.3", "::ffff:10.1.2.3"] {
+            assert!(mapped.contains(peer.parse().unwrap()), "{peer}");
+        }
+        assert!(!mapped.contains("10.2.0.1".parse().unwrap()));
+        assert!(IpNet::parse("::ffff:192.0.2.1").unwrap().contains(v4));
     }
 
     #[test]
