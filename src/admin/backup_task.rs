@@ -274,20 +274,30 @@ impl Job {
 
     /// `interval` after the newest complete backup in `dir` (now when there
     /// is none); also reports that backup's time as the last success.
+    /// Backups dated after now (taken while the clock was ahead) are passed
+    /// over: counting from them would put the next backup off until then.
     fn first_due(&self) -> Instant {
+        let now = now_ms();
         let newest = match backup::list_backups(&self.dir) {
-            Ok(list) => list.into_iter().rev().find(|b| b.complete),
+            Ok(list) => list
+                .into_iter()
+                .rev()
+                .filter(|b| b.complete)
+                .map(|b| {
+                    let taken_ms = BackupManifest::read(&b.path)
+                        .map(|m| m.created_ms)
+                        .unwrap_or(b.taken_ms);
+                    (b, taken_ms)
+                })
+                .find(|(_, taken_ms)| *taken_ms <= now),
             Err(e) => {
                 tracing::warn!(error = %e, "admin: cannot list the backup dir");
                 None
             }
         };
-        let Some(newest) = newest else {
+        let Some((newest, taken_ms)) = newest else {
             return Instant::now();
         };
-        let taken_ms = BackupManifest::read(&newest.path)
-            .map(|m| m.created_ms)
-            .unwrap_or(newest.taken_ms);
         self.status
             .last_success_ms
             .store(taken_ms, Ordering::Relaxed);
@@ -336,6 +346,70 @@ mod tests {
         assert!(text.contains("backup_last_duration_seconds 1.5"), "{text}");
         assert!(text.contains("backup_failures_total 2"), "{text}");
         assert_eq!(status.last_seq(), 42);
+    }
+
+    /// A complete backup dated in the future (taken while the clock was
+    /// ahead, or copied from a machine whose clock was) must not put the
+    /// next scheduled backup off until that date plus the interval: the
+    /// scheduler takes one as if there were none, and goes on from the
+    /// newest backup not after now.
+    #[test]
+    fn a_backup_dated_in_the_future_does_not_stop_scheduled_backups() {
+        let data = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(data.path(), Default::default()).unwrap();
+        let link = crate::store::Link::new("abc", "https://example.com/").unwrap();
+        store.append(&[crate::store::LogOp::Put(link)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let seal = |ms: u64| {
+            let p = dir.path().join(backup::backup_dir_name(ms, 0));
+            std::fs::create_dir(&p).unwrap();
+            let m = BackupManifest {
+                created_ms: ms,
+                snapshot: None,
+                seq: 0,
+                links: 0,
+                files: vec![],
+            };
+            std::fs::write(p.join(backup::BACKUP_FILE), m.encode()).unwrap();
+        };
+        let year_2100 = 4_102_444_800_000;
+        seal(year_2100);
+        let interval = Duration::from_secs(3600);
+        let job = |status: Arc<BackupStatus>| Job {
+            data_dir: data.path().to_owned(),
+            dir: dir.path().to_owned(),
+            interval,
+            keep: Duration::from_secs(86_400),
+            status,
+            stop: Arc::new((Mutex::new(false), Condvar::new())),
+        };
+        // Only the future one: a backup is due now.
+        let due = job(Arc::default()).first_due();
+        assert!(due <= Instant::now(), "due in {:?}", due - Instant::now());
+        // With one ten minutes old besides: due an interval after that one.
+        seal(now_ms() - 600_000);
+        let status = Arc::new(BackupStatus::default());
+        let due = job(status.clone()).first_due();
+        let now = Instant::now();
+        assert!(due > now && due < now + interval, "due in {:?}", due - now);
+        assert!(status.last_success_timestamp_seconds() < now_ms() as f64 / 1000.0);
+        // And the task itself takes a backup at once with only the future
+        // one in the dir.
+        std::fs::remove_dir_all(backup::list_backups(dir.path()).unwrap()[0].path.clone()).unwrap();
+        let config = BackupConfig {
+            dir: Some(dir.path().to_owned()),
+            interval,
+            keep: Duration::from_secs(86_400),
+        };
+        let status = Arc::new(BackupStatus::default());
+        let task = BackupTask::start(data.path(), &config, status.clone()).unwrap();
+        let start = Instant::now();
+        while status.successes() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "no backup");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        task.stop(Duration::from_secs(30));
+        assert_eq!(status.last_seq(), 1);
     }
 
     #[test]
