@@ -1368,16 +1368,17 @@ pub struct PruneReport {
 }
 
 /// Removes the scheduled backups in `dir` taken more than `keep` before
-/// `now_ms`, complete or not, but never the newest complete one; and
-/// leftover `.partial-*` directories (backups a crash interrupted; the
-/// caller must not be writing one). Only names this module writes are
-/// touched.
+/// `now_ms`, complete or not, but never the newest complete one (taken at
+/// or before `now_ms`: one dated later, taken while the clock was ahead, is
+/// not the newest, and is not old either); and leftover `.partial-*`
+/// directories (backups a crash interrupted; the caller must not be writing
+/// one). Only names this module writes are touched.
 pub fn prune_backups(dir: &Path, keep: Duration, now_ms: u64) -> Result<PruneReport, BackupError> {
     let backups = list_backups(dir)?;
     let newest = backups
         .iter()
         .rev()
-        .find(|b| b.complete)
+        .find(|b| b.complete && b.taken_ms <= now_ms)
         .map(|b| b.path.clone());
     let cutoff = now_ms.saturating_sub(keep.as_millis().min(u128::from(u64::MAX)) as u64);
     let mut report = PruneReport {
@@ -1666,6 +1667,40 @@ mod tests {
         assert!(verify_backup(&dest).is_ok());
         let r = restore(&dest, &out.path().join("r")).unwrap();
         assert_eq!((r.seq, r.links), (0, 0));
+    }
+
+    /// A complete backup dated after `now` (the clock was ahead when it was
+    /// taken) is not "the newest": with `keep_days: 0` ("keep only the
+    /// newest") the backup just taken must survive its own prune.
+    #[test]
+    fn prune_never_removes_the_newest_backup_for_one_dated_in_the_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = 1_800_000_000_000u64;
+        let seal = |ms: u64, seq: u64| {
+            let p = dir.path().join(backup_dir_name(ms, seq));
+            fs::create_dir(&p).unwrap();
+            let m = BackupManifest {
+                created_ms: ms,
+                snapshot: None,
+                seq: 0,
+                links: 0,
+                files: vec![],
+            };
+            fs::write(p.join(BACKUP_FILE), m.encode()).unwrap();
+            p
+        };
+        let future = seal(now + 30 * 86_400_000, 5);
+        let older = seal(now - 7_200_000, 6);
+        let just_taken = seal(now - 1_000, 7);
+        let r = prune_backups(dir.path(), Duration::ZERO, now).unwrap();
+        assert!(
+            just_taken.exists(),
+            "the backup just taken was pruned: {r:?}"
+        );
+        assert_eq!(r.newest.as_ref(), Some(&just_taken));
+        assert!(!older.exists());
+        // Not taken more than keep_days ago: it stays.
+        assert!(future.exists());
     }
 
     #[test]
