@@ -83,6 +83,10 @@ pub enum BackupError {
     Incomplete { path: PathBuf },
     #[error("{path}: invalid backup manifest: {reason}")]
     Manifest { path: PathBuf, reason: String },
+    #[error(
+        "{path}: left by an interrupted restore (or one still running); delete it and run the restore again"
+    )]
+    Interrupted { path: PathBuf },
     #[error("{path}: listed in BACKUP but missing")]
     Missing { path: PathBuf },
     #[error("{path}: not listed in BACKUP")]
@@ -1156,25 +1160,33 @@ pub struct RestoreReport {
 /// directory) as a data dir, fsyncs it, and loads it as the admin would.
 /// A backup that fails verification is refused
 /// ([`BackupError::Verification`] holds the report) and `dest` is not touched.
+///
+/// The files are written into `.<dest name>.restore-partial` beside `dest`
+/// (created exclusively: a leftover is [`BackupError::Interrupted`]), which
+/// is checked and then renamed to `dest` (replacing it when it is an empty
+/// directory). So `dest` never holds part of a restore: a crash or a
+/// failure leaves it as it was, where a data dir with part of the files
+/// loads without the links of the others (or as an empty table).
 pub fn restore(src: &Path, dest: &Path) -> Result<RestoreReport, BackupError> {
     let started = Instant::now();
     // Refuse a used destination before the (long) verification.
-    match fs::symlink_metadata(dest) {
+    let dest_permissions = match fs::symlink_metadata(dest) {
         Ok(m) if !m.is_dir() => {
             return Err(BackupError::NotADirectory {
                 path: dest.to_owned(),
             });
         }
-        Ok(_) => {
+        Ok(m) => {
             if fs::read_dir(dest).map_err(io_err(dest))?.next().is_some() {
                 return Err(BackupError::NotEmpty {
                     path: dest.to_owned(),
                 });
             }
+            Some(m.permissions())
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(io_err(dest)(e)),
-    }
+    };
     let verify = verify_backup(src);
     let verify_time = started.elapsed();
     let Some(manifest) = verify.manifest.clone().filter(|_| verify.is_ok()) else {
@@ -1183,33 +1195,39 @@ pub fn restore(src: &Path, dest: &Path) -> Result<RestoreReport, BackupError> {
             report: Box::new(verify),
         });
     };
-    let created = prepare_empty_dir(dest)?;
-    let copy_started = Instant::now();
-    let copied = restore_files(src, dest, &manifest);
-    let copied = match copied {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = clear_dir(dest);
-            if created {
-                let _ = fs::remove_dir(dest);
+    let (staging, target) = restore_staging(dest)?;
+    match fs::create_dir(&staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(BackupError::Interrupted { path: staging });
+        }
+        Err(e) => return Err(io_err(&staging)(e)),
+    }
+    let restored = restore_into(src, &staging, &manifest).and_then(|done| {
+        if let Some(p) = dest_permissions {
+            fs::set_permissions(&staging, p).map_err(io_err(&staging))?;
+        }
+        // Replaces `target` when it is an empty directory; refused when it is not.
+        fs::rename(&staging, &target).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) {
+                BackupError::NotEmpty {
+                    path: dest.to_owned(),
+                }
+            } else {
+                io_err(&target)(e)
             }
+        })?;
+        Ok(done)
+    });
+    let (copied, view, copy_time, load_time) = match restored {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
             return Err(e);
         }
     };
-    let copy_time = copy_started.elapsed();
-    let load_started = Instant::now();
-    let view = DataDir::new(dest).load_view(true)?;
-    if view.seq() != manifest.seq || view.len() != manifest.links {
-        return Err(BackupError::Inconsistent {
-            path: dest.to_owned(),
-            reason: format!(
-                "the restored data dir loads at sequence {} with {} links, BACKUP says {} with {}",
-                view.seq(),
-                view.len(),
-                manifest.seq,
-                manifest.links
-            ),
-        });
+    if let Some(parent) = target.parent() {
+        sync_dir(parent).map_err(io_err(parent))?;
     }
     Ok(RestoreReport {
         verify,
@@ -1219,9 +1237,72 @@ pub fn restore(src: &Path, dest: &Path) -> Result<RestoreReport, BackupError> {
         bytes_copied: copied,
         verify_time,
         copy_time,
-        load_time: load_started.elapsed(),
+        load_time,
         elapsed: started.elapsed(),
     })
+}
+
+/// Where a restore into `dest` writes before renaming it into place:
+/// `.<name>.restore-partial` in `dest`'s parent (created if missing), so on
+/// the same file system. Returns it and `dest` as an absolute path.
+fn restore_staging(dest: &Path) -> Result<(PathBuf, PathBuf), BackupError> {
+    let target = match fs::canonicalize(dest) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = dest
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            let parent = fs::canonicalize(parent).map_err(io_err(parent))?;
+            match dest.file_name() {
+                Some(name) => parent.join(name),
+                None => {
+                    return Err(BackupError::NotADirectory {
+                        path: dest.to_owned(),
+                    });
+                }
+            }
+        }
+        Err(e) => return Err(io_err(dest)(e)),
+    };
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Err(BackupError::NotADirectory {
+            path: dest.to_owned(),
+        });
+    };
+    let mut staging = std::ffi::OsString::from(".");
+    staging.push(name);
+    staging.push(".restore-partial");
+    Ok((parent.join(staging), target))
+}
+
+/// Copies the backup into the empty directory `dir` and loads it as the
+/// admin would, checking that it reaches S with the stated link count.
+/// Returns the bytes copied, the view, and the copy and load times.
+fn restore_into(
+    src: &Path,
+    dir: &Path,
+    manifest: &BackupManifest,
+) -> Result<(u64, TableView, Duration, Duration), BackupError> {
+    let copy_started = Instant::now();
+    let copied = restore_files(src, dir, manifest)?;
+    let copy_time = copy_started.elapsed();
+    let load_started = Instant::now();
+    let view = DataDir::new(dir).load_view(true)?;
+    if view.seq() != manifest.seq || view.len() != manifest.links {
+        return Err(BackupError::Inconsistent {
+            path: dir.to_owned(),
+            reason: format!(
+                "the restored data dir loads at sequence {} with {} links, BACKUP says {} with {}",
+                view.seq(),
+                view.len(),
+                manifest.seq,
+                manifest.links
+            ),
+        });
+    }
+    Ok((copied, view, copy_time, load_started.elapsed()))
 }
 
 /// Copies the listed files (checking each against `BACKUP` again as it is
@@ -1515,6 +1596,18 @@ mod tests {
         let restored = out.path().join("restored");
         let r = restore(&dest, &restored).unwrap();
         assert_eq!((r.seq, r.links), (71, 69));
+        // Into an empty directory that exists: it is replaced, keeping its mode.
+        use std::os::unix::fs::PermissionsExt;
+        let empty = out.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        fs::set_permissions(&empty, fs::Permissions::from_mode(0o750)).unwrap();
+        let r = restore(&dest, &empty).unwrap();
+        assert_eq!((r.seq, r.links), (71, 69));
+        let mode = fs::metadata(&empty).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750);
+        let view = DataDir::new(&empty).load_view(true).unwrap();
+        assert_eq!((view.seq(), view.len()), (71, 69));
+        assert!(!out.path().join(".empty.restore-partial").exists());
         // A second backup into the same directory is refused.
         assert!(matches!(
             backup(data.path(), &dest, &BackupOptions::default()),
