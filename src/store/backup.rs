@@ -618,11 +618,17 @@ fn backup_once(
     let mut hard_linked = false;
     if let Some(m) = &manifest {
         let src = dir.snapshot_dir().join(&m.snapshot);
-        let file = open_source(&src)?;
+        let mut file = open_source(&src)?;
         let dst = snap_dir.join(&m.snapshot);
         if opts.hard_link {
             match fs::hard_link(&src, &dst) {
-                Ok(()) => hard_linked = true,
+                // What is checksummed is the file linked, even if the name
+                // came to hold another (a snapshot rewritten under its name)
+                // between the open and the link.
+                Ok(()) => {
+                    hard_linked = true;
+                    file = open_source(&dst)?;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "backup: cannot hard-link the snapshot; copying it")
                 }
