@@ -89,6 +89,8 @@ pub enum BackupError {
     Interrupted { path: PathBuf },
     #[error("{path}: listed in BACKUP but missing")]
     Missing { path: PathBuf },
+    #[error("{path}: not a regular file (a backup holds only regular files)")]
+    NotAFile { path: PathBuf },
     #[error("{path}: not listed in BACKUP")]
     Unlisted { path: PathBuf },
     #[error("{path}: {found} bytes, BACKUP says {expected}")]
@@ -1045,15 +1047,18 @@ pub fn verify_backup(src: &Path) -> VerifyReport {
     };
     for f in &manifest.files {
         let path = src.join(&f.name);
-        let measured = File::open(&path)
-            .map_err(|e| {
-                if e.kind() == io::ErrorKind::NotFound {
-                    BackupError::Missing { path: path.clone() }
-                } else {
-                    io_err(&path)(e)
-                }
-            })
-            .and_then(|file| checksum_file(&file, &path));
+        // Not followed or read: a symlink (whose target a restore would
+        // copy, or /dev/zero, which never ends) or another special file.
+        let measured = match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(BackupError::Missing { path: path.clone() })
+            }
+            Err(e) => Err(io_err(&path)(e)),
+            Ok(m) if !m.file_type().is_file() => Err(BackupError::NotAFile { path: path.clone() }),
+            Ok(_) => File::open(&path)
+                .map_err(io_err(&path))
+                .and_then(|file| checksum_file(&file, &path)),
+        };
         let (len, crc, problem) = match measured {
             Ok((len, crc)) if len != f.len => (
                 len,
@@ -1614,6 +1619,28 @@ mod tests {
         let view = DataDir::new(&empty).load_view(true).unwrap();
         assert_eq!((view.seq(), view.len()), (71, 69));
         assert!(!out.path().join(".empty.restore-partial").exists());
+        // A listed file made a symlink, even to a file of the same bytes,
+        // is refused, not followed.
+        let seg = fs::read_dir(dest.join("log"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let aside = out.path().join("aside");
+        fs::rename(&seg, &aside).unwrap();
+        std::os::unix::fs::symlink(&aside, &seg).unwrap();
+        let v = verify_backup(&dest);
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| matches!(p, BackupError::NotAFile { path } if *path == seg)),
+            "{}",
+            v.to_text()
+        );
+        fs::remove_file(&seg).unwrap();
+        fs::rename(&aside, &seg).unwrap();
+        assert!(verify_backup(&dest).is_ok());
         // A second backup into the same directory is refused.
         assert!(matches!(
             backup(data.path(), &dest, &BackupOptions::default()),
