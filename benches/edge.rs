@@ -37,6 +37,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use pingora::lb::LoadBalancer;
 use pingora::lb::selection::RoundRobin;
 use uload::config::Config;
+use uload::edge::clicks::ClickTable;
 use uload::edge::fast_path::RedirectFastPath;
 use uload::edge::metrics::EdgeMetrics;
 use uload::edge::redirect::resolve;
@@ -90,6 +91,9 @@ fn edge_benches(c: &mut Criterion) {
         config: Arc::new(config.edge),
         metrics: Arc::new(metrics),
         limits: None,
+        clicks: Arc::new(
+            ClickTable::open(&dir.path().join("clicks.bin"), 64).expect("click table"),
+        ),
         trusted_proxies: Vec::new(),
         client_ip_header: config.rate_limit.client_ip_header.clone(),
         access_log: None,
@@ -154,7 +158,7 @@ fn edge_benches(c: &mut Criterion) {
     g.bench_function("lookup_spread", |b| {
         b.iter(|| {
             i = (i + 1) & 4095;
-            resolve(&view, black_box(spread[i].as_bytes()), now).is_ok()
+            resolve(&view, black_box(spread[i].as_bytes()), now, None).is_ok()
         })
     });
     g.finish();

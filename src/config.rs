@@ -248,6 +248,9 @@ pub struct RawEdge {
     /// How long a kept-alive client connection may sit idle between two
     /// requests, in milliseconds, before the edge closes it.
     pub keepalive_timeout_ms: u64,
+    /// How many links with a click budget (`max_clicks`) the edge can count
+    /// clicks for (the click table in `rate_limit.state_dir`, 16 bytes each).
+    pub click_slots: usize,
     /// Pingora's own server conf (threads, pid file, upgrade socket, grace
     /// periods), relative to this file's directory.
     pub pingora_conf: PathBuf,
@@ -323,6 +326,7 @@ impl Default for RawEdge {
             redirect_loop: true,
             client_header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
+            click_slots: 1 << 18,
             pingora_conf: PathBuf::from("pingora.yaml"),
         }
     }
@@ -430,6 +434,9 @@ impl IpNet {
     }
 }
 
+/// The most `edge.click_slots` (a 1 GiB click table).
+const MAX_CLICK_SLOTS: usize = 1 << 26;
+
 /// Validated `edge:` settings.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -454,6 +461,8 @@ pub struct EdgeConfig {
     pub client_header_timeout: Duration,
     /// Idle limit between requests on a kept-alive connection.
     pub keepalive_timeout: Duration,
+    /// `edge.click_slots`.
+    pub click_slots: usize,
     /// Absolute path, or `None` when the file does not exist (Pingora defaults).
     pub pingora_conf: Option<PathBuf>,
 }
@@ -704,6 +713,15 @@ impl Config {
                 "edge.keepalive_timeout_ms",
                 positive("edge.keepalive_timeout_ms", e.keepalive_timeout_ms)?,
             )?),
+            click_slots: match e.click_slots {
+                64..=MAX_CLICK_SLOTS => e.click_slots,
+                _ => {
+                    return Err(err(
+                        "edge.click_slots",
+                        format!("must be between 64 and {MAX_CLICK_SLOTS}"),
+                    ));
+                }
+            },
             pingora_conf: Some(e.pingora_conf.clone()),
         };
         let a = &raw.admin;
@@ -1006,6 +1024,8 @@ mod tests {
                 "edge:\n  keepalive_timeout_ms: 86400001\n",
                 "edge.keepalive_timeout_ms",
             ),
+            ("edge:\n  click_slots: 0\n", "edge.click_slots"),
+            ("edge:\n  click_slots: 67108865\n", "edge.click_slots"),
             (
                 "edge:\n  client_header_timeout_ms: 18446744073709551615\n",
                 "edge.client_header_timeout_ms",

@@ -13,5 +13,6 @@ pub mod edge;
 pub mod interchange;
 pub mod metrics;
 pub mod ratelimit;
+pub mod state_file;
 pub mod store;
 pub mod sys;

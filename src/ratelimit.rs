@@ -7,17 +7,10 @@
 //! is a hash, a short probe and a compare-and-swap on a `u64`; nothing
 //! allocates and nothing locks.
 //!
-//! File layout (little-endian; `docs/operations.md` has the operator's view):
-//!
-//! | offset | size | field |
-//! | --- | --- | --- |
-//! | 0 | 8 | magic `ULOADRL1` |
-//! | 8 | 4 | format version (2; version 1 kept TATs in milliseconds) |
-//! | 12 | 4 | slot count (a power of two) |
-//! | 16 | 48 | zero |
-//! | 64 | 16 × slots | slots: key (u64, 0 = empty), TAT in µs since the Unix epoch (u64) |
-//!
-//! A file that does not match (other magic, version or size) is replaced by
+//! The file is a [`crate::state_file`] table (magic `ULOADRL1`, format
+//! version 2; version 1 kept TATs in milliseconds; `docs/operations.md` has
+//! the operator's view) whose slots are a key (u64, 0 = empty) and a TAT in
+//! µs since the Unix epoch (u64). A file that does not match is replaced by
 //! an empty table with a warning: losing limiter state is harmless, refusing
 //! to start over it would not be.
 //!
@@ -33,18 +26,17 @@
 //! assert!(d.allowed);
 //! ```
 
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::MmapMut;
-
+use crate::state_file::{Format, SlotFile, StateError};
 use crate::store::hash::code_hash;
 
-const MAGIC: &[u8; 8] = b"ULOADRL1";
-const VERSION: u32 = 2;
-const HEADER_LEN: usize = 64;
-const SLOT_LEN: usize = 16;
+const FORMAT: Format = Format {
+    what: "rate-limit state",
+    magic: b"ULOADRL1",
+    version: 2,
+};
 /// Slots probed for a key before the least-limited one is evicted.
 const PROBE: usize = 8;
 
@@ -53,15 +45,6 @@ pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
-/// Errors opening a limiter table.
-#[derive(Debug, thiserror::Error)]
-#[error("rate-limit state {path}: {source}")]
-pub struct LimiterError {
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
 }
 
 /// A limit: `burst` requests at once, refilled at one per `interval_us`.
@@ -130,106 +113,18 @@ pub struct Decision {
 }
 
 /// The shared, persisted table. Cloning is not offered; share it in an `Arc`.
+#[derive(Debug)]
 pub struct LimiterTable {
-    map: MmapMut,
-    mask: usize,
-    path: PathBuf,
-}
-
-impl std::fmt::Debug for LimiterTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LimiterTable")
-            .field("path", &self.path)
-            .field("slots", &(self.mask + 1))
-            .finish()
-    }
+    slots: SlotFile,
 }
 
 impl LimiterTable {
     /// Maps `path`, creating it (and its directory) with `slots` slots
     /// (rounded up to a power of two, at least 64) when missing or unusable.
-    pub fn open(path: &Path, slots: usize) -> Result<Self, LimiterError> {
-        let err = |source| LimiterError {
-            path: path.to_owned(),
-            source,
-        };
-        let slots = slots.clamp(64, 1 << 26).next_power_of_two();
-        let want = (HEADER_LEN + slots * SLOT_LEN) as u64;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(err)?;
-        let len = file.metadata().map_err(err)?.len();
-        let mut header = [0u8; HEADER_LEN];
-        if len == want {
-            use std::os::unix::fs::FileExt;
-            file.read_exact_at(&mut header, 0).map_err(err)?;
-        }
-        let valid = len == want
-            && &header[0..8] == MAGIC
-            && header[8..12] == VERSION.to_le_bytes()
-            && header[12..16] == (slots as u32).to_le_bytes();
-        // Every block of the file is allocated before it is mapped: a page
-        // of a sparse file first written through the map on a full file
-        // system is a SIGBUS, the end of the process (`fresh_table`
-        // allocates its file before renaming it into place). Without the
-        // space the table lives in memory only, as losing limiter state is
-        // harmless and refusing to start over it would not be.
-        let file = if valid {
-            allocate(&file, want).map(|()| file)
-        } else {
-            if len > 0 {
-                tracing::warn!(path = %path.display(), "rate-limit state unusable (other format or size); starting empty");
-            }
-            // A new file renamed into place, never the old one rewritten: a
-            // process of an earlier version may have the old one mapped (the
-            // old edge during a graceful upgrade), and cutting a mapped file
-            // short kills its reader with SIGBUS.
-            fresh_table(path, want, slots)
-        };
-        let map = match file {
-            // SAFETY: the file is only ever accessed through this mapping's
-            // atomics (by this process and by uload processes sharing it
-            // during an upgrade); a foreign writer could make the counts
-            // wrong but not unsound, since every slot is read as plain
-            // integers. Files of another format or size are replaced by
-            // rename, never truncated.
-            Ok(file) => unsafe { MmapMut::map_mut(&file) }.map_err(err)?,
-            Err(e) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    error = %e,
-                    "rate-limit state cannot be written to disk; kept in memory only, lost at exit"
-                );
-                MmapMut::map_anon(want as usize).map_err(err)?
-            }
-        };
+    pub fn open(path: &Path, slots: usize) -> Result<Self, StateError> {
         Ok(Self {
-            map,
-            mask: slots - 1,
-            path: path.to_owned(),
+            slots: SlotFile::open(path, &FORMAT, slots)?,
         })
-    }
-
-    fn slot(&self, i: usize) -> (&AtomicU64, &AtomicU64) {
-        let at = HEADER_LEN + (i & self.mask) * SLOT_LEN;
-        let bytes = &self.map[at..at + SLOT_LEN];
-        let ptr = bytes.as_ptr();
-        // SAFETY: the map is page-aligned, HEADER_LEN and SLOT_LEN are
-        // multiples of 8, so both words are 8-aligned and inside the map,
-        // which lives as long as `self`. AtomicU64 has u64's layout.
-        unsafe {
-            (
-                &*(ptr as *const AtomicU64),
-                &*(ptr.add(8) as *const AtomicU64),
-            )
-        }
     }
 
     /// The slot holding `key`, claiming one (empty, expired, or the least
@@ -241,7 +136,7 @@ impl LimiterTable {
         // Wrapping: `slot` masks the index, and a key near `u64::MAX` must
         // probe round the end of the table like any other.
         for i in (0..PROBE).map(|n| start.wrapping_add(n)) {
-            let (k, tat) = self.slot(i);
+            let (k, tat) = self.slots.slot(i);
             let seen = k.load(Ordering::Acquire);
             if seen == key {
                 return tat;
@@ -255,7 +150,7 @@ impl LimiterTable {
         }
         let victim = free.map(|i| (i, 0)).or(least);
         let (i, _) = victim.unwrap_or((start, 0));
-        let (k, tat) = self.slot(i);
+        let (k, tat) = self.slots.slot(i);
         // A new client starts with a full bucket. Two processes claiming the
         // same slot at once may share it for a moment: a limiter may be off
         // by a request, never unsafe.
@@ -352,72 +247,12 @@ impl LimiterTable {
     /// Writes the table's pages to disk (the kernel does so anyway; this is
     /// for a clean shutdown before a machine is powered off).
     pub fn flush(&self) {
-        if let Err(e) = self.map.flush_async() {
-            tracing::warn!(path = %self.path.display(), error = %e, "flushing rate-limit state");
-        }
-    }
-}
-
-/// Gives `file` disk blocks for its first `len` bytes (a no-op where they
-/// are already there). A file system without `fallocate` is left as it is.
-fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
-        loop {
-            // SAFETY: a valid, open descriptor; mode 0 only allocates (never
-            // changes the contents or shrinks the file).
-            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
-                return Ok(());
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP) => return Ok(()),
-                _ => return Err(e),
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (file, len);
-        Ok(())
+        self.slots.flush();
     }
 }
 
 /// The 64-bit key of `client` in limiter `kind`: the store's fixed hash (the
 /// same on every build, so a restarted process finds its clients), never 0.
-/// An empty table of `slots` slots at `path`: written under a temporary
-/// name and renamed over whatever was there.
-fn fresh_table(path: &Path, len: u64, slots: usize) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::FileExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let written = (|| {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        file.set_len(len)?;
-        allocate(&file, len)?;
-        let mut header = [0u8; HEADER_LEN];
-        header[0..8].copy_from_slice(MAGIC);
-        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        header[12..16].copy_from_slice(&(slots as u32).to_le_bytes());
-        file.write_all_at(&header, 0)?;
-        std::fs::rename(&tmp, path)?;
-        Ok(file)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
-}
-
 fn key_of(kind: u8, client: &[u8]) -> u64 {
     let mut buf = [0u8; 80];
     let n = client.len().min(buf.len() - 1);
@@ -558,7 +393,7 @@ mod tests {
         );
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
-            (HEADER_LEN + 128 * SLOT_LEN) as u64
+            (crate::state_file::LAYOUT.0 + 128 * crate::state_file::LAYOUT.1) as u64
         );
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file is left");
@@ -627,7 +462,8 @@ mod tests {
         }
         // Damage every TAT in the file.
         let mut bytes = std::fs::read(&path).unwrap();
-        for slot in bytes[HEADER_LEN..].chunks_mut(SLOT_LEN) {
+        let (header_len, slot_len) = crate::state_file::LAYOUT;
+        for slot in bytes[header_len..].chunks_mut(slot_len) {
             if slot[..8] != [0; 8] {
                 slot[8..].copy_from_slice(&u64::MAX.to_le_bytes());
             }

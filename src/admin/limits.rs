@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, ErrorCode};
 use crate::config::RateLimitConfig;
-use crate::ratelimit::{Decision, Limit, LimiterError, LimiterTable};
+use crate::ratelimit::{Decision, Limit, LimiterTable};
+use crate::state_file::StateError;
 
 const KIND_API_KEY_WRITES: u8 = 3;
 
@@ -23,7 +24,7 @@ impl WriteLimit {
     /// `None` when no write limit is configured. `max_bulk` is the most
     /// links one bulk request creates: all but one of them may be charged
     /// beyond an empty bucket ([`Self::charge`]).
-    pub fn open(config: &RateLimitConfig, max_bulk: usize) -> Result<Option<Self>, LimiterError> {
+    pub fn open(config: &RateLimitConfig, max_bulk: usize) -> Result<Option<Self>, StateError> {
         let Some(limit) = config.api_key_writes else {
             return Ok(None);
         };

@@ -72,7 +72,7 @@ pub enum AdminError {
     #[error("registering metrics: {0}")]
     Metrics(prometheus::Error),
     #[error(transparent)]
-    RateLimitState(#[from] crate::ratelimit::LimiterError),
+    RateLimitState(#[from] crate::state_file::StateError),
     #[error("starting the admin's runtime: {0}")]
     Runtime(std::io::Error),
     #[error("serving the admin API: {0}")]

@@ -51,6 +51,7 @@ pub struct RedirectFastPath {
     pub config: Arc<EdgeConfig>,
     pub metrics: Arc<EdgeMetrics>,
     pub limits: Option<Arc<EdgeRateLimits>>,
+    pub clicks: Arc<super::clicks::ClickTable>,
     pub trusted_proxies: Vec<IpNet>,
     pub client_ip_header: String,
     pub access_log: Option<Arc<AccessLog>>,
@@ -238,7 +239,7 @@ impl RedirectFastPath {
                 body = Some(text);
                 (429, RouteLabel::RateLimited)
             }
-            None => self.redirect(view, out, code, query, client, now_us, &mut body),
+            None => self.redirect(view, out, code, query, head_only, client, now_us, &mut body),
         };
         out.extend_from_slice(b"Date: ");
         out.extend_from_slice(&cached_date(now / 1000));
@@ -298,12 +299,13 @@ impl RedirectFastPath {
         out: &mut Vec<u8>,
         code: &[u8],
         query: Option<&[u8]>,
+        head_only: bool,
         client: IpAddr,
         now_us: u64,
         body: &mut Option<bytes::Bytes>,
     ) -> (u16, RouteLabel) {
         let now = now_us / 1000;
-        match resolve(&view, code, now) {
+        match resolve(&view, code, now, Some((&self.clicks, !head_only))) {
             Ok(link) => {
                 let status = link.status.code();
                 status_line(out, status);
@@ -319,9 +321,14 @@ impl RedirectFastPath {
                 }
                 out.extend_from_slice(b"\r\nCache-Control: ");
                 out.extend_from_slice(
-                    cache_control(link.status, link.expires_at_ms, now)
-                        .value()
-                        .as_bytes(),
+                    cache_control(
+                        link.status,
+                        link.expires_at_ms,
+                        link.max_clicks.is_some(),
+                        now,
+                    )
+                    .value()
+                    .as_bytes(),
                 );
                 out.extend_from_slice(b"\r\nContent-Length: 0\r\n");
                 drop(view);

@@ -34,6 +34,8 @@ pub enum RedirectResult {
     Expired,
     Disabled,
     RateLimited,
+    /// A link whose click budget is spent.
+    Exhausted,
 }
 
 /// The edge's rate limits (`rate_limit_decisions_total{limit,decision}`).
@@ -49,6 +51,7 @@ impl From<Miss> for RedirectResult {
             Miss::Unknown => Self::NotFound,
             Miss::Disabled => Self::Disabled,
             Miss::Expired => Self::Expired,
+            Miss::Exhausted => Self::Exhausted,
         }
     }
 }
@@ -96,7 +99,7 @@ impl ProxyErrorKind {
 pub struct EdgeMetrics {
     pub registry: Registry,
     pub http: HttpMetrics,
-    redirects: [IntCounter; 5],
+    redirects: [IntCounter; 6],
     /// `[ClientRequests|ClientMisses][allowed|limited]`.
     limits: [[IntCounter; 2]; 2],
     proxy_errors: [IntCounter; 6],
@@ -139,6 +142,7 @@ impl EdgeMetrics {
             redirects_vec.get_metric_with_label_values(&["expired"])?,
             redirects_vec.get_metric_with_label_values(&["disabled"])?,
             redirects_vec.get_metric_with_label_values(&["rate_limited"])?,
+            redirects_vec.get_metric_with_label_values(&["exhausted"])?,
         ];
         let limits_vec = IntCounterVec::new(
             Opts::new(

@@ -12,6 +12,7 @@
 //! `curl -i 127.0.0.1:8080/health`.
 
 pub mod access_log;
+pub mod clicks;
 pub mod client_limits;
 pub mod fast_path;
 pub mod follower_service;
@@ -47,7 +48,7 @@ pub enum EdgeError {
     #[error("access log {0}: {1}")]
     AccessLog(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
-    RateLimitState(#[from] crate::ratelimit::LimiterError),
+    RateLimitState(#[from] crate::state_file::StateError),
     #[error("{0} {1}: {2}")]
     Listen(&'static str, std::net::SocketAddr, std::io::Error),
     #[error("pingora: {0}")]
@@ -106,6 +107,11 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     // So is the rate-limit state (a state dir it cannot write, a directory
     // where the file should be).
     let limits = rate_limit::EdgeRateLimits::open(&config.rate_limit)?.map(Arc::new);
+    // And the click counts (shared with a running edge during an upgrade).
+    let clicks = Arc::new(clicks::ClickTable::open(
+        &config.rate_limit.state_dir.join("edge-clicks.bin"),
+        config.edge.click_slots,
+    )?);
     // And the access log's file (its writer thread starts after Pingora's
     // start-up, which may fork into a daemon).
     let access_log_file = match &config.access_log.path {
@@ -161,6 +167,10 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         EdgeMetrics::new(table.clone(), stats.clone(), admins.clone())
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
     );
+    metrics
+        .registry
+        .register(Box::new(clicks.full_counter()))
+        .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?;
     let edge_config = Arc::new(config.edge.clone());
     let access_log = match (access_log_file, &config.access_log.path) {
         (Some(file), Some(path)) => Some(Arc::new(
@@ -182,6 +192,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             config: edge_config.clone(),
             metrics: metrics.clone(),
             limits: limits.clone(),
+            clicks: clicks.clone(),
             trusted_proxies: config.rate_limit.trusted_proxies.clone(),
             client_ip_header: config.rate_limit.client_ip_header.clone(),
             access_log: access_log.clone(),
@@ -200,6 +211,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         },
         metrics: metrics.clone(),
         limits,
+        clicks,
         trusted_proxies: config.rate_limit.trusted_proxies.clone(),
         client_ip_header: config.rate_limit.client_ip_header.clone(),
         tls: config.tls.clone().map(Arc::new),

@@ -38,6 +38,8 @@ pub struct EdgeProxy {
     pub metrics: Arc<EdgeMetrics>,
     /// Per-client limits; `None` when none is configured.
     pub limits: Option<Arc<EdgeRateLimits>>,
+    /// Click counts of links with a budget.
+    pub clicks: Arc<super::clicks::ClickTable>,
     /// Peers whose client-address header is believed.
     pub trusted_proxies: Vec<IpNet>,
     /// That header (lower case).
@@ -175,7 +177,7 @@ impl ProxyHttp for EdgeProxy {
             Route::Redirect(code) => {
                 let now = now_ms();
                 let view = self.table.load();
-                let resp = match resolve(&view, code, now) {
+                let resp = match resolve(&view, code, now, Some((&self.clicks, !head))) {
                     Ok(link) => {
                         let query = if link.forwards_query() {
                             session.req_header().uri.query().filter(|q| !q.is_empty())
@@ -192,7 +194,9 @@ impl ProxyHttp for EdgeProxy {
                             }
                             None => link.target,
                         };
-                        let cache = cache_control(link.status, link.expires_at_ms, now).value();
+                        let budgeted = link.max_clicks.is_some();
+                        let cache =
+                            cache_control(link.status, link.expires_at_ms, budgeted, now).value();
                         // Built while the view is held; the view is released
                         // before any await.
                         Ok(response_header(
@@ -547,11 +551,12 @@ pub(super) fn too_many_body() -> Bytes {
 /// thousands of instructions, and one request in twenty may be for an
 /// unknown code); the fast path sends the same.
 pub(super) fn not_found_body(miss: Miss) -> Bytes {
-    static BODIES: LazyLock<[Bytes; 3]> = LazyLock::new(|| {
+    static BODIES: LazyLock<[Bytes; 4]> = LazyLock::new(|| {
         [
             "no such short link",
             "this short link is disabled",
             "this short link has expired",
+            "this short link has been followed as many times as it may be",
         ]
         .map(|message| error_body("not_found", message))
     });
@@ -559,6 +564,7 @@ pub(super) fn not_found_body(miss: Miss) -> Bytes {
         Miss::Unknown => 0,
         Miss::Disabled => 1,
         Miss::Expired => 2,
+        Miss::Exhausted => 3,
     };
     BODIES[i].clone()
 }

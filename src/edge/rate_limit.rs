@@ -18,7 +18,8 @@
 use std::net::IpAddr;
 
 use crate::config::{IpNet, RateLimitConfig};
-use crate::ratelimit::{Decision, Limit, LimiterError, LimiterTable};
+use crate::ratelimit::{Decision, Limit, LimiterTable};
+use crate::state_file::StateError;
 
 /// Limiter namespaces in the shared table.
 const KIND_REQUESTS: u8 = 1;
@@ -57,7 +58,7 @@ pub fn client_key(ip: IpAddr, buf: &mut [u8; 16]) -> &[u8] {
 
 impl EdgeRateLimits {
     /// Opens the persisted table; `None` when no edge limit is configured.
-    pub fn open(config: &RateLimitConfig) -> Result<Option<Self>, LimiterError> {
+    pub fn open(config: &RateLimitConfig) -> Result<Option<Self>, StateError> {
         if config.client_requests.is_none() && config.client_misses.is_none() {
             return Ok(None);
         }

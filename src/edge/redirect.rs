@@ -3,6 +3,7 @@
 //! query string is merged with the request's. `proxy.rs` turns the decision
 //! into a Pingora response; tests and fuzz targets call these directly.
 
+use super::clicks::{Click, ClickTable, click_key};
 use crate::store::record::{LinkRef, MAX_CODE_LEN, RedirectStatus, is_code_byte};
 use crate::store::view::TableView;
 
@@ -57,16 +58,33 @@ pub enum Miss {
     Unknown,
     Disabled,
     Expired,
+    /// Its click budget (`max_clicks`) is spent.
+    Exhausted,
 }
 
-/// The answer to a code: the link to redirect to, or why not.
-pub fn resolve<'a>(view: &'a TableView, code: &[u8], now_ms: u64) -> Result<LinkRef<'a>, Miss> {
+/// The answer to a code: the link to redirect to, or why not. `clicks`:
+/// the edge's click counts and whether this request spends a click (a GET)
+/// or only looks (a HEAD), see [`super::clicks`]; `None` counts nothing and
+/// leaves every budget whole (benchmarks, tests).
+#[inline]
+pub fn resolve<'a>(
+    view: &'a TableView,
+    code: &[u8],
+    now_ms: u64,
+    clicks: Option<(&ClickTable, bool)>,
+) -> Result<LinkRef<'a>, Miss> {
     let link = view.get(code).ok_or(Miss::Unknown)?;
     if link.is_disabled() {
         return Err(Miss::Disabled);
     }
     if link.is_expired_at(now_ms) {
         return Err(Miss::Expired);
+    }
+    if let (Some(budget), Some((table, take))) = (link.max_clicks, clicks) {
+        let key = click_key(code, link.created_at_ms);
+        if table.click(key, budget, take) != Click::Allowed {
+            return Err(Miss::Exhausted);
+        }
     }
     Ok(link)
 }
@@ -108,12 +126,17 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// `Cache-Control` for a redirect. Permanent redirects may be cached for an
 /// hour (never past the link's expiry); temporary ones are not cached, so
-/// that edits, deletes and click limits take effect at once.
+/// that edits and deletes take effect at once; nor is a link with a click
+/// budget (`budgeted`), whose every click must reach the edge to be counted.
 pub fn cache_control(
     status: RedirectStatus,
     expires_at_ms: Option<u64>,
+    budgeted: bool,
     now_ms: u64,
 ) -> CacheControl {
+    if budgeted {
+        return CacheControl::NoStore;
+    }
     match status {
         RedirectStatus::MovedPermanently | RedirectStatus::PermanentRedirect => {
             let max = match expires_at_ms {
@@ -214,16 +237,21 @@ mod tests {
     fn cache_control_per_status() {
         use RedirectStatus::*;
         assert_eq!(
-            cache_control(MovedPermanently, None, 0),
+            cache_control(MovedPermanently, None, false, 0),
             CacheControl::Public(3600)
         );
         assert_eq!(
-            cache_control(PermanentRedirect, Some(60_000), 0),
+            cache_control(PermanentRedirect, Some(60_000), false, 0),
             CacheControl::Public(60)
         );
-        assert_eq!(cache_control(Found, None, 0), CacheControl::NoStore);
+        assert_eq!(cache_control(Found, None, false, 0), CacheControl::NoStore);
+        // A link with a click budget: never cached, whatever its status.
         assert_eq!(
-            cache_control(TemporaryRedirect, None, 0),
+            cache_control(MovedPermanently, None, true, 0),
+            CacheControl::NoStore
+        );
+        assert_eq!(
+            cache_control(TemporaryRedirect, None, false, 0),
             CacheControl::NoStore
         );
         assert_eq!(CacheControl::Public(60).value(), "public, max-age=60");

@@ -1,0 +1,235 @@
+//! Small tables of state that must survive a restart and be shared, live,
+//! by the old and the new process during a graceful upgrade: a file of
+//! 16-byte slots (two `u64`s each) used in place through a shared memory
+//! map, every word read and written as an atomic. The rate limits
+//! ([`crate::ratelimit`]) and the edge's click counts
+//! ([`crate::edge::clicks`]) keep theirs this way.
+//!
+//! File layout (little-endian):
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic (one per kind of table) |
+//! | 8 | 4 | format version |
+//! | 12 | 4 | slot count (a power of two) |
+//! | 16 | 48 | zero |
+//! | 64 | 16 × slots | slots: two `u64`s each, meaning up to the table |
+//!
+//! A file that does not match (other magic, version or size) is replaced by
+//! an empty table with a warning, by a new file renamed into place, never by
+//! rewriting the old one: a process of an earlier version may have it mapped
+//! (the old edge during an upgrade), and cutting a mapped file short kills
+//! its reader with SIGBUS. For the same reason every block of the file is
+//! allocated before it is mapped: a page of a sparse file first written
+//! through the map on a full file system is a SIGBUS. Without the space, the
+//! table lives in memory only, with a warning.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+use memmap2::MmapMut;
+
+const HEADER_LEN: usize = 64;
+const SLOT_LEN: usize = 16;
+
+/// What a kind of table is called (in messages) and how its file starts.
+#[derive(Debug)]
+pub struct Format {
+    /// For messages: "rate-limit state", "click counts".
+    pub what: &'static str,
+    pub magic: &'static [u8; 8],
+    pub version: u32,
+}
+
+/// Errors opening a state file.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path}: {source}")]
+pub struct StateError {
+    pub what: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// A mapped table of slots. Cloning is not offered; share it in an `Arc`.
+pub struct SlotFile {
+    map: MmapMut,
+    mask: usize,
+    path: PathBuf,
+    what: &'static str,
+}
+
+impl std::fmt::Debug for SlotFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotFile")
+            .field("what", &self.what)
+            .field("path", &self.path)
+            .field("slots", &(self.mask + 1))
+            .finish()
+    }
+}
+
+impl SlotFile {
+    /// Maps `path`, creating it (and its directory) with `slots` slots
+    /// (rounded up to a power of two, at least 64) when missing or unusable.
+    pub fn open(path: &Path, format: &Format, slots: usize) -> Result<Self, StateError> {
+        let err = |source| StateError {
+            what: format.what,
+            path: path.to_owned(),
+            source,
+        };
+        let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+        let want = (HEADER_LEN + slots * SLOT_LEN) as u64;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        let header = header(format, slots);
+        let mut found = [0u8; HEADER_LEN];
+        if len == want {
+            use std::os::unix::fs::FileExt;
+            file.read_exact_at(&mut found, 0).map_err(err)?;
+        }
+        let file = if len == want && found[..16] == header[..16] {
+            allocate(&file, want).map(|()| file)
+        } else {
+            if len > 0 {
+                tracing::warn!(path = %path.display(), "{} unusable (other format or size); starting empty", format.what);
+            }
+            fresh_file(path, want, &header)
+        };
+        let map = match file {
+            // SAFETY: the file is only ever accessed through this mapping's
+            // atomics (by this process and by uload processes sharing it
+            // during an upgrade); a foreign writer could make the values
+            // wrong but not unsound, since every slot is read as plain
+            // integers. Files of another format or size are replaced by
+            // rename, never truncated.
+            Ok(file) => unsafe { MmapMut::map_mut(&file) }.map_err(err)?,
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "{} cannot be written to disk; kept in memory only, lost at exit",
+                    format.what
+                );
+                MmapMut::map_anon(want as usize).map_err(err)?
+            }
+        };
+        Ok(Self {
+            map,
+            mask: slots - 1,
+            path: path.to_owned(),
+            what: format.what,
+        })
+    }
+
+    /// Number of slots (a power of two).
+    pub fn len(&self) -> usize {
+        self.mask + 1
+    }
+
+    /// Never: a table has at least 64 slots.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Slot `i` (taken modulo the slot count): its two words.
+    #[inline]
+    pub fn slot(&self, i: usize) -> (&AtomicU64, &AtomicU64) {
+        let at = HEADER_LEN + (i & self.mask) * SLOT_LEN;
+        let bytes = &self.map[at..at + SLOT_LEN];
+        let ptr = bytes.as_ptr();
+        // SAFETY: the map is page-aligned, HEADER_LEN and SLOT_LEN are
+        // multiples of 8, so both words are 8-aligned and inside the map,
+        // which lives as long as `self`. AtomicU64 has u64's layout.
+        unsafe {
+            (
+                &*(ptr as *const AtomicU64),
+                &*(ptr.add(8) as *const AtomicU64),
+            )
+        }
+    }
+
+    /// Writes the table's pages to disk (the kernel does so anyway; this is
+    /// for a clean shutdown before a machine is powered off).
+    pub fn flush(&self) {
+        if let Err(e) = self.map.flush_async() {
+            tracing::warn!(path = %self.path.display(), error = %e, "flushing {}", self.what);
+        }
+    }
+}
+
+fn header(format: &Format, slots: usize) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[0..8].copy_from_slice(format.magic);
+    header[8..12].copy_from_slice(&format.version.to_le_bytes());
+    header[12..16].copy_from_slice(&(slots as u32).to_le_bytes());
+    header
+}
+
+/// Gives `file` disk blocks for its first `len` bytes (a no-op where they
+/// are already there). A file system without `fallocate` is left as it is.
+fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+        loop {
+            // SAFETY: a valid, open descriptor; mode 0 only allocates (never
+            // changes the contents or shrinks the file).
+            if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) => return Ok(()),
+                _ => return Err(e),
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, len);
+        Ok(())
+    }
+}
+
+/// An empty table of `len` bytes starting with `header` at `path`: written
+/// under a temporary name and renamed over whatever was there.
+fn fresh_file(path: &Path, len: u64, header: &[u8]) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.set_len(len)?;
+        allocate(&file, len)?;
+        file.write_all_at(header, 0)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// For tests: the byte offset of the slots and the size of one.
+#[doc(hidden)]
+pub const LAYOUT: (usize, usize) = (HEADER_LEN, SLOT_LEN);
