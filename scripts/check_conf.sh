@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks every shipped configuration file with the tool that reads it:
 #   conf/uload.yaml          -> uload check-config (the real binary)
-#   conf/prometheus/*.yml    -> promtool check rules / check config
+#   conf/prometheus/*.yml    -> promtool check rules / check config, and
+#                               promtool test rules tests/prometheus/alerts_test.yml
 #   conf/systemd/*.service   -> systemd-analyze verify (where systemd is installed)
 #   conf/grafana/*.json      -> parsed as JSON; every metric it graphs must be
 #                               one the edge or admin exports (docs/operations.md)
@@ -33,6 +34,8 @@ if [ -z "$promtool" ]; then
 fi
 echo "check-conf: promtool check rules/config"
 "$promtool" check rules conf/prometheus/alerts.yml || fail=1
+# What each alert does with given series (when it fires, when it must not).
+"$promtool" test rules tests/prometheus/alerts_test.yml || fail=1
 "$promtool" check config conf/prometheus/prometheus.yml || fail=1
 
 if command -v systemd-analyze >/dev/null 2>&1; then
