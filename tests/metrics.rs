@@ -220,3 +220,328 @@ fn admin_metrics_follow_the_writes() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["writable"], true);
 }
+
+/// A metric selector in a PromQL expression: its name and its label
+/// matchers `(label, op, value)`.
+#[derive(Debug)]
+struct Selector {
+    name: String,
+    matchers: Vec<(String, String, String)>,
+}
+
+/// The selectors and the grouping labels (`by`, `on`, ...) of a PromQL
+/// expression, read by a small tokenizer: enough for the expressions this
+/// repository ships, and it panics on what it does not understand rather
+/// than skip it.
+fn promql(expr: &str) -> (Vec<Selector>, Vec<String>) {
+    let b = expr.as_bytes();
+    let ident = |i: usize| {
+        let mut j = i;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b':') {
+            j += 1;
+        }
+        (expr[i..j].to_string(), j)
+    };
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    let string = |i: usize| -> (String, usize) {
+        assert_eq!(b[i], b'"', "a string expected at {i} in {expr}");
+        let end = i + 1 + expr[i + 1..].find('"').expect("an unterminated string");
+        (expr[i + 1..end].to_string(), end + 1)
+    };
+    let (mut selectors, mut grouping) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_digit() || c == b'.' {
+            // A number or a duration (`5m`, `0.99`).
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                i += 1;
+            }
+        } else if c == b'[' {
+            i += expr[i..].find(']').expect("an unterminated range") + 1;
+        } else if c == b'{' {
+            panic!("a selector without a metric name in {expr}");
+        } else if c == b'"' {
+            i += 1 + expr[i + 1..].find('"').expect("an unterminated string") + 1;
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            let (word, end) = ident(i);
+            let next = skip_ws(end);
+            let paren = b.get(next) == Some(&b'(');
+            match word.as_str() {
+                "by" | "without" | "on" | "ignoring" | "group_left" | "group_right" => {
+                    i = end;
+                    if paren {
+                        let close = next + expr[next..].find(')').unwrap();
+                        grouping.extend(
+                            expr[next + 1..close]
+                                .split(',')
+                                .map(|l| l.trim().to_string())
+                                .filter(|l| !l.is_empty()),
+                        );
+                        i = close + 1;
+                    }
+                }
+                "and" | "or" | "unless" | "offset" | "bool" => i = end,
+                // Aggregations (`sum by (x) (...)` puts the grouping first).
+                "sum" | "min" | "max" | "avg" | "count" | "group" | "stddev" | "stdvar"
+                | "topk" | "bottomk" | "quantile" | "count_values" => i = end,
+                _ if paren => i = end, // a function
+                _ => {
+                    let mut sel = Selector {
+                        name: word,
+                        matchers: Vec::new(),
+                    };
+                    i = end;
+                    if b.get(next) == Some(&b'{') {
+                        i = skip_ws(next + 1);
+                        while b[i] != b'}' {
+                            let (label, end) = ident(i);
+                            let op_start = skip_ws(end);
+                            let op_end = op_start
+                                + b[op_start..]
+                                    .iter()
+                                    .take_while(|c| matches!(c, b'=' | b'!' | b'~'))
+                                    .count();
+                            let op = expr[op_start..op_end].to_string();
+                            let (value, end) = string(skip_ws(op_end));
+                            sel.matchers.push((label, op, value));
+                            i = skip_ws(end);
+                            if b[i] == b',' {
+                                i = skip_ws(i + 1);
+                            }
+                        }
+                        i += 1;
+                    }
+                    selectors.push(sel);
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    (selectors, grouping)
+}
+
+/// Series name -> label -> values seen, from a Prometheus text exposition.
+type Exposed = std::collections::BTreeMap<
+    String,
+    std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+>;
+
+fn exposed(text: &str) -> Exposed {
+    let mut out = Exposed::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, _) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let entry = out.entry(name.to_string()).or_default();
+        for pair in labels
+            .trim_end_matches('}')
+            .split("\",")
+            .filter(|p| !p.is_empty())
+        {
+            let (label, value) = pair.split_once("=\"").unwrap();
+            entry
+                .entry(label.to_string())
+                .or_default()
+                .insert(value.trim_end_matches('"').to_string());
+        }
+    }
+    out
+}
+
+/// Every metric, label and label value that `conf/prometheus/alerts.yml`
+/// and `conf/grafana/uload-edge.json` query is one the real edge or admin
+/// (the process the query's `job` names) exports, and the scrape config's
+/// jobs are the ones they name: a misspelt name or label is an alert that
+/// can never fire or a panel that never shows data, which nothing else
+/// would notice.
+#[test]
+fn alerts_and_dashboard_query_only_what_is_exported() {
+    use std::collections::BTreeSet;
+    let backups = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_custom(
+        "",
+        "",
+        &format!("backup:\n  dir: {}\n", backups.path().display()),
+    );
+    let edge = cluster.edge_addr;
+    // Traffic that brings the lazily made series (a redirect's latency, a
+    // write's fsync, a scheduled backup) into the expositions.
+    let body = r#"{"url":"https://example.com/","code":"names","status":308}"#;
+    assert_eq!(api(edge, "POST", "/api/links", body).status, 201);
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/names").status == 308
+    });
+    assert_eq!(get(edge, "/absent").status, 404);
+    wait_until(
+        Duration::from_secs(30),
+        "the first scheduled backup",
+        || {
+            metric(
+                &cluster.metrics(cluster.admin_metrics_addr),
+                "backup_last_success_timestamp_seconds",
+            ) > 0.0
+        },
+    );
+    let jobs = [
+        (
+            "uload-edge",
+            exposed(&cluster.metrics(cluster.edge_metrics_addr)),
+        ),
+        (
+            "uload-admin",
+            exposed(&cluster.metrics(cluster.admin_metrics_addr)),
+        ),
+    ];
+    let routes: BTreeSet<&str> = uload::metrics::RouteLabel::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+
+    // The scrape config names exactly these jobs.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let scrape: serde_yaml::Value =
+        serde_yaml::from_str(&read("conf/prometheus/prometheus.yml")).unwrap();
+    let scraped: BTreeSet<&str> = scrape["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(scraped, jobs.iter().map(|j| j.0).collect());
+
+    // (where, expression, labels used in its legend or annotations)
+    let mut queries: Vec<(String, String, Vec<String>)> = Vec::new();
+    let braces = |text: &str, open: &str, close: &str| -> Vec<String> {
+        text.split(open)
+            .skip(1)
+            .filter_map(|t| t.split(close).next())
+            .map(|t| t.trim().to_string())
+            .collect()
+    };
+    let alerts: serde_yaml::Value =
+        serde_yaml::from_str(&read("conf/prometheus/alerts.yml")).unwrap();
+    for group in alerts["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            let name = rule["alert"].as_str().unwrap();
+            let annotations = serde_yaml::to_string(&rule["annotations"]).unwrap();
+            let labels = braces(&annotations, "$labels.", " ");
+            queries.push((
+                format!("alert {name}"),
+                rule["expr"].as_str().unwrap().to_string(),
+                labels,
+            ));
+        }
+    }
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("conf/grafana/uload-edge.json")).unwrap();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let legend = t["legendFormat"].as_str().unwrap_or("");
+            queries.push((
+                format!("panel {:?}", panel["title"].as_str().unwrap()),
+                t["expr"].as_str().unwrap().to_string(),
+                braces(legend, "{{", "}}"),
+            ));
+        }
+    }
+    for var in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"]["query"].as_str() {
+            // label_values(<selector>, <label>)
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .unwrap();
+            let (selector, label) = inner.rsplit_once(',').unwrap();
+            queries.push((
+                format!("variable {}", var["name"]),
+                selector.to_string(),
+                vec![label.trim().to_string()],
+            ));
+        }
+    }
+
+    let mut bad = Vec::new();
+    for (place, expr, used) in &queries {
+        let (selectors, grouping) = promql(expr);
+        assert!(!selectors.is_empty(), "{place}: no metric in {expr}");
+        // Labels every series has once scraped.
+        let mut known: BTreeSet<String> = ["instance", "job"].map(String::from).into();
+        for sel in &selectors {
+            let job = sel.matchers.iter().find(|m| m.0 == "job");
+            let in_jobs: Vec<&Exposed> = match job.map(|m| (m.1.as_str(), m.2.as_str())) {
+                Some(("=", j)) => jobs.iter().filter(|x| x.0 == j).map(|x| &x.1).collect(),
+                Some(("=~", "uload-.*")) => jobs.iter().map(|x| &x.1).collect(),
+                other => {
+                    bad.push(format!(
+                        "{place}: {} has no usable job matcher: {other:?}",
+                        sel.name
+                    ));
+                    continue;
+                }
+            };
+            if in_jobs.is_empty() {
+                bad.push(format!(
+                    "{place}: {} asks for an unscraped job {job:?}",
+                    sel.name
+                ));
+            }
+            if sel.name == "up" {
+                continue; // made by Prometheus for each target
+            }
+            for e in in_jobs {
+                let Some(labels) = e.get(&sel.name) else {
+                    bad.push(format!("{place}: {} is not exported by {job:?}", sel.name));
+                    continue;
+                };
+                known.extend(labels.keys().cloned());
+                for (label, op, value) in &sel.matchers {
+                    if label == "job" || label == "instance" {
+                        continue;
+                    }
+                    let Some(values) = labels.get(label) else {
+                        bad.push(format!("{place}: {} has no label {label}", sel.name));
+                        continue;
+                    };
+                    // Plain names (alternatives of a regex too) must be
+                    // values the code gives the label.
+                    if !value
+                        .bytes()
+                        .all(|c| c.is_ascii_lowercase() || c == b'_' || c == b'|')
+                    {
+                        continue;
+                    }
+                    for v in value.split('|') {
+                        let given = if label == "route" {
+                            routes.contains(v)
+                        } else {
+                            values.contains(v)
+                        };
+                        if !given {
+                            bad.push(format!("{place}: {}{{{label}{op}{value:?}}}: {v} is never a value of {label}", sel.name));
+                        }
+                    }
+                }
+            }
+        }
+        for label in grouping.iter().chain(used) {
+            if !known.contains(label) {
+                bad.push(format!("{place}: label {label} is on none of its series"));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    println!(
+        "{} queries checked against the real expositions",
+        queries.len()
+    );
+}
