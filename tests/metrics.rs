@@ -545,3 +545,177 @@ fn alerts_and_dashboard_query_only_what_is_exported() {
         queries.len()
     );
 }
+
+/// Sends `requests` (method, path) on one kept-alive connection as client
+/// `ip` (the test is the trusted proxy in front); returns the statuses.
+fn keepalive(edge: std::net::SocketAddr, ip: &str, requests: &[(&str, &str)]) -> Vec<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(edge).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut statuses = Vec::new();
+    let mut buf: Vec<u8> = Vec::new();
+    for (method, path) in requests {
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: {edge}\r\nX-Forwarded-For: {ip}\r\n\r\n"
+        )
+        .unwrap();
+        let end = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before an answer to {method} {path}");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let length = if *method == "HEAD" { 0 } else { length };
+        while buf.len() < end + length {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed in the body of {method} {path}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        statuses.push(head[9..12].parse().unwrap());
+        buf.drain(..end + length);
+    }
+    statuses
+}
+
+/// The same traffic counts the same whether the redirect fast path and
+/// loops answer it or Pingora does (`edge.fast_path: false`): every
+/// request, short-code answer and rate-limit decision series moves by the
+/// same amount on both. (The miss limit refills one a minute: nothing
+/// refills while the few requests are sent.)
+#[test]
+fn fast_path_and_pingora_count_alike() {
+    let limits = "rate_limit:\n  client_requests_per_second: 1\n  client_burst: 100\n  client_misses_per_minute: 1\n  client_miss_burst: 3\n  trusted_proxies: [\"127.0.0.1\"]\n";
+    let counted = |edge_extra: &str| -> std::collections::BTreeMap<String, f64> {
+        let cluster = Cluster::start_custom(edge_extra, "", limits);
+        let edge = cluster.edge_addr;
+        for (code, extra) in [
+            ("live", ""),
+            ("off", r#","disabled":true"#),
+            ("old", r#","expires_at":"2001-01-01T00:00:00Z""#),
+        ] {
+            let body = format!(
+                r#"{{"url":"https://example.com/{code}","code":"{code}","status":308{extra}}}"#
+            );
+            assert_eq!(api(edge, "POST", "/api/links", &body).status, 201, "{code}");
+        }
+        wait_until(Duration::from_secs(10), "links at the edge", || {
+            keepalive(edge, "198.51.100.200", &[("GET", "/old")]) == [404]
+        });
+        // Pingora records a request once its response is written, a moment
+        // after the client has it (the short-code answer is counted
+        // before): wait until the polls above are all recorded.
+        let settled = |text: &str| {
+            let sum = |prefix: &str| -> f64 {
+                exposed_values(text)
+                    .iter()
+                    .filter(|(s, _)| {
+                        s.starts_with(prefix)
+                            && !s.contains("route=\"api\"")
+                            && !s.contains("route=\"health\"")
+                    })
+                    .map(|(_, v)| v)
+                    .sum()
+            };
+            sum("http_requests_total{") == sum("link_redirects_total{")
+        };
+        wait_until(Duration::from_secs(10), "the polls recorded", || {
+            settled(&cluster.metrics(cluster.edge_metrics_addr))
+        });
+        let before = exposed_values(&cluster.metrics(cluster.edge_metrics_addr));
+        let mut sent = 0;
+        // A client within its limits, on one connection.
+        let a = [
+            ("GET", "/live"),
+            ("GET", "/live"),
+            ("HEAD", "/live"),
+            ("GET", "/off"),
+            ("GET", "/old"),
+            ("GET", "/live?q=1"),
+            ("HEAD", "/nope"),
+        ];
+        assert_eq!(
+            keepalive(edge, "198.51.100.1", &a),
+            [308, 308, 308, 404, 404, 308, 404]
+        );
+        sent += a.len();
+        // A scanner: three misses, then every code is refused.
+        let b = [
+            ("GET", "/s0"),
+            ("GET", "/s1"),
+            ("GET", "/s2"),
+            ("GET", "/s3"),
+            ("GET", "/live"),
+            ("HEAD", "/live"),
+        ];
+        assert_eq!(
+            keepalive(edge, "198.51.100.2", &b),
+            [404, 404, 404, 429, 429, 429]
+        );
+        sent += b.len();
+        let total = |text: &str| -> f64 {
+            exposed_values(text)
+                .iter()
+                .filter(|(s, _)| s.starts_with("http_requests_total{"))
+                .map(|(s, v)| v - before.get(s).copied().unwrap_or(0.0))
+                .sum()
+        };
+        wait_until(Duration::from_secs(10), "every request recorded", || {
+            total(&cluster.metrics(cluster.edge_metrics_addr)) >= sent as f64
+        });
+        let after = exposed_values(&cluster.metrics(cluster.edge_metrics_addr));
+        // The comparison means something only if the fast path and a
+        // redirect loop did answer in the one and never in the other.
+        let moved = |s: &str| after[s] - before[s];
+        let fast_on = edge_extra.is_empty();
+        assert_eq!(
+            moved("edge_fast_path_answers_total") >= sent as f64,
+            fast_on,
+            "fast path answers"
+        );
+        assert_eq!(
+            moved("edge_redirect_loop_handoffs_total") >= 2.0,
+            fast_on,
+            "hand-offs"
+        );
+        after
+            .iter()
+            .filter(|(s, _)| {
+                [
+                    "http_requests_total{",
+                    "http_request_duration_seconds_count{",
+                    "link_redirects_total{",
+                    "rate_limit_decisions_total{",
+                ]
+                .iter()
+                .any(|p| s.starts_with(p))
+            })
+            .map(|(s, v)| (s.clone(), v - before.get(s).copied().unwrap_or(0.0)))
+            .filter(|(_, d)| *d != 0.0)
+            .collect()
+    };
+    let fast = counted("");
+    let pingora = counted("  fast_path: false\n");
+    assert_eq!(fast, pingora, "fast path (left) and Pingora (right)");
+    println!("{} series moved alike: {pingora:?}", pingora.len());
+}
+
+/// Series (name and labels, as exposed) -> value.
+fn exposed_values(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            Some((s.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
