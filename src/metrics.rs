@@ -230,6 +230,7 @@ fn is_hot(route: RouteLabel, status: u16) -> bool {
         (RouteLabel::Redirect, 301 | 302 | 307 | 308)
             | (RouteLabel::NotFound, 404 | 302)
             | (RouteLabel::Health, 200)
+            | (RouteLabel::RateLimited, 429)
     )
 }
 
@@ -290,12 +291,14 @@ mod tests {
         m.record(MethodLabel::Head, RouteLabel::NotFound, 404, ms);
         m.record(MethodLabel::Post, RouteLabel::Api, 201, ms);
         m.record(MethodLabel::Get, RouteLabel::Api, 200, ms);
+        m.record(MethodLabel::Get, RouteLabel::RateLimited, 429, ms);
         let t = text(&registry);
         for line in [
             r#"http_requests_total{method="GET",route="redirect",status_code="301"} 2"#,
             r#"http_requests_total{method="HEAD",route="not_found",status_code="404"} 1"#,
             r#"http_requests_total{method="POST",route="api",status_code="201"} 1"#,
             r#"http_requests_total{method="GET",route="api",status_code="200"} 1"#,
+            r#"http_requests_total{method="GET",route="rate_limited",status_code="429"} 1"#,
             r#"http_request_duration_seconds_count{method="GET",route="redirect"} 2"#,
             r#"http_request_duration_seconds_bucket{method="GET",route="redirect",le="0.0005"} 2"#,
             r#"http_request_duration_seconds_bucket{method="GET",route="redirect",le="0.00025"} 0"#,
