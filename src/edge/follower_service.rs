@@ -7,7 +7,7 @@
 //! (or fails) it polls every `interval`, as before.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::Instant;
 
 use crate::store::LogFollower;
+use crate::store::follower::FollowerStats;
 use crate::sys::DirWatch;
 
 /// With change notifications on, the follower still polls this often, in
@@ -28,6 +29,8 @@ pub const SAFETY_POLL: Duration = Duration::from_millis(500);
 /// shutdown.
 pub struct FollowerService {
     pub follower: Mutex<LogFollower>,
+    /// The follower's counters, where a stop is reported.
+    pub stats: Arc<FollowerStats>,
     pub interval: Duration,
     /// Directories whose changes wake the follower; empty: poll every
     /// `interval`.
@@ -75,9 +78,17 @@ impl BackgroundService for FollowerService {
             // checksum. It runs on this service's own runtime thread, so
             // blocking here never delays a request (readers use the ArcSwap).
             let polled = Instant::now();
-            let polled_ok = self.follower.lock().map(|mut f| f.poll_once()).is_ok();
+            // A poll that panics (a bug) may leave the follower's working
+            // view half changed: it stops, and says so (readiness fails
+            // after `follower_stall`), rather than going on from there or
+            // dying unseen with its task.
+            let polled_ok = self.follower.lock().is_ok_and(|mut f| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.poll_once())).is_ok()
+            });
             if !polled_ok {
-                tracing::error!("log follower state poisoned; stopping the follower");
+                let why = "the log follower stopped: a poll panicked; serving the last view";
+                tracing::error!("{why}");
+                self.stats.stopped(why);
                 return;
             }
             let next = polled + self.interval;
@@ -120,5 +131,47 @@ impl BackgroundService for FollowerService {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A follower whose state a panic left poisoned stops and is reported
+    /// stuck, with the reason (readiness fails after the stall time).
+    #[test]
+    fn a_stopped_follower_is_reported_stuck() {
+        let dir = tempfile::tempdir().unwrap();
+        let follower = LogFollower::open(dir.path()).unwrap();
+        let stats = follower.stats();
+        let service = Arc::new(FollowerService {
+            follower: Mutex::new(follower),
+            stats: stats.clone(),
+            interval: Duration::from_millis(1),
+            watch_dirs: Vec::new(),
+        });
+        let poisoner = service.clone();
+        let _ = std::thread::spawn(move || {
+            let _held = poisoner.follower.lock().unwrap();
+            panic!("poison the follower's lock");
+        })
+        .join();
+        assert!(service.follower.is_poisoned());
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Returns by itself (a running follower would wait for shutdown).
+        runtime.block_on(service.start(rx));
+        assert_ne!(
+            stats
+                .stuck_since_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        let why = stats.last_error.lock().unwrap().clone().unwrap_or_default();
+        assert!(why.contains("stopped"), "{why}");
     }
 }

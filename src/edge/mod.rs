@@ -155,6 +155,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         "log follower".into(),
         Arc::new(FollowerService {
             follower: Mutex::new(follower),
+            stats: stats.clone(),
             interval: config.edge.follow_interval,
             watch_dirs: {
                 let dir = crate::store::datadir::DataDir::new(&config.data_dir);

@@ -80,6 +80,19 @@ pub struct FollowerStats {
 }
 
 impl FollowerStats {
+    /// The follower has stopped for good (`why`): from now on it counts as
+    /// stuck, which readiness reports once `edge.follower_stall_secs` have
+    /// passed, while the edge serves the last view it published.
+    pub fn stopped(&self, why: &str) {
+        let _ = self.stuck_since_ms.compare_exchange(
+            0,
+            now_ms().max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_owned());
+    }
+
     fn refuse(&self, error: String) {
         // Logged before counted: whoever sees the count can find the line.
         tracing::error!(%error, "link store: refused a file; still serving the current view");
