@@ -8,17 +8,17 @@
 //! - JSON lines: one object per line with the same fields (`code` and `url`
 //!   required). This is the export format, so an export re-imports as is.
 //!
-//! Times are RFC 3339 (`2026-11-26T18:00:00.000Z`). Every refusal names the
-//! line and the field.
+//! Times are RFC 3339 (`2026-11-26T18:00:00.000Z`). A row is held to the
+//! same rules as `POST /api/links`: reserved codes (`api`, `health`, ...)
+//! are refused, and the URL must meet the admin's policy (`admin::url`) and
+//! is stored in its normal form. Every refusal names the line and the field.
 
 use std::io::{self, BufRead};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::record::{
-    Link, LinkRef, RecordError, RedirectStatus, flags_of, validate_code, validate_target,
-};
+use crate::store::record::{Link, LinkRef, RecordError, RedirectStatus, flags_of, validate_code};
 
 /// Input formats `uload import` understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +128,18 @@ impl LinkJson {
                 (field, text)
             }
         };
+        // The rules of `POST /api/links`: a code the edge routes itself is
+        // refused, and the URL meets the admin's policy and is stored in its
+        // normal form (non-ASCII path, query and fragment percent-encoded),
+        // as the API would store it.
+        if crate::admin::is_reserved(&self.code) {
+            return Err((
+                "code",
+                format!("{:?} is reserved for the edge's own routes", self.code),
+            ));
+        }
         validate_code(self.code.as_bytes()).map_err(rec("code"))?;
-        validate_target(&self.url).map_err(rec("url"))?;
+        let target = crate::admin::normalize_target(&self.url).map_err(|e| ("url", e.message))?;
         let status = match self.status {
             Some(s) => RedirectStatus::from_code(s).map_err(rec("status"))?,
             None => RedirectStatus::default(),
@@ -151,7 +161,7 @@ impl LinkJson {
         let flags = flags_of(self.disabled, self.forward_query);
         Ok(Link {
             code: self.code,
-            target: self.url,
+            target,
             status,
             flags,
             created_at_ms,
@@ -546,6 +556,52 @@ mod tests {
         let e = parse_time("9999-12-31T23:59:59-23:59").unwrap_err();
         assert!(e.contains("after 9999"), "{e}");
         assert!(parse_time("1970-01-01T00:00:00Z").is_err());
+    }
+
+    /// An imported row meets the rules of `POST /api/links`: a reserved code
+    /// (which the edge routes itself) or a URL the admin's policy refuses
+    /// (credentials, an invisible or bidirectional character, a non-ASCII
+    /// host, a backslash in the authority, a bad port) is a refused row.
+    #[test]
+    fn imported_rows_meet_the_api_rules() {
+        let rows = read(
+            Format::Tsv,
+            "api\thttps://a.example/\n\
+             Health\thttps://a.example/\n\
+             creds\thttps://bank.example@evil.example/\n\
+             bidi\thttps://example.com/\u{202E}gpj.exe\n\
+             homograph\thttps://\u{430}pple.com/\n\
+             slash\thttps://evil.example\\.good.example/\n\
+             port\thttps://example.com:99999/\n",
+        );
+        assert_eq!(
+            refusals(&rows),
+            [
+                (1, "code".into()),
+                (2, "code".into()),
+                (3, "url".into()),
+                (4, "url".into()),
+                (5, "url".into()),
+                (6, "url".into()),
+                (7, "url".into()),
+            ]
+        );
+        let e = rows[0].as_ref().unwrap_err();
+        assert!(e.message.contains("reserved"), "{e}");
+        let rows = read(
+            Format::JsonLines,
+            "{\"code\":\"metrics\",\"url\":\"https://x.example/\"}\n",
+        );
+        assert_eq!(refusals(&rows), [(1, "code".into())]);
+    }
+
+    /// A non-ASCII path or query is stored percent-encoded, as the API
+    /// stores it, so the `Location` header stays ASCII.
+    #[test]
+    fn imported_urls_are_normalised_as_the_api_does() {
+        let rows = read(Format::Tsv, "p\thttps://example.com/\u{30d1}?q=\u{5024}\n");
+        let link = rows[0].as_ref().unwrap();
+        assert_eq!(link.target, "https://example.com/%E3%83%91?q=%E5%80%A4");
     }
 
     #[test]

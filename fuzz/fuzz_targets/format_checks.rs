@@ -9,6 +9,7 @@
 //! assertion is a property the code promises for any input. No check touches
 //! the disk. See `docs/fuzzing.md`.
 
+use uload::admin::{is_reserved, normalize_target};
 use uload::config::Config;
 use uload::edge::fast_path::differs_from_pingora;
 use uload::edge::redirect::{Route, location_into, route, split_target};
@@ -239,7 +240,10 @@ const NOW_MS: u64 = 1_764_000_000_000;
 ///   `validate_target`, `Link::validate`), survives a log frame round trip,
 ///   and its export line (`uload export`'s `LinkJson::from_link` as JSON)
 ///   re-imports as exactly the same link: "an export re-imports as is".
-/// - A TSV row's link is its two columns, with the defaults.
+/// - An accepted link is one `POST /api/links` would take: its code is not
+///   reserved, and its target is in the admin's normal form.
+/// - A TSV row's link is its two columns (the URL normalised), with the
+///   defaults.
 pub fn check_import(format: Format, data: &[u8]) {
     let mut rows = Vec::new();
     read_links(data, format, NOW_MS, |line, row| rows.push((line, row)))
@@ -290,7 +294,10 @@ pub fn check_import(format: Format, data: &[u8]) {
                 let mut want = Link::new(&link.code, &link.target).unwrap();
                 want.created_at_ms = NOW_MS;
                 assert_eq!(*link, want);
-                assert_eq!(text, format!("{}\t{}", link.code, link.target));
+                // The URL column in the admin's normal form.
+                let (code, url) = text.split_once('\t').unwrap();
+                assert_eq!(code, link.code);
+                assert_eq!(normalize_target(url).ok().as_ref(), Some(&link.target));
             }
         }
     }
@@ -317,6 +324,12 @@ pub fn check_imported_link(link: &Link) {
     validate_code(link.code.as_bytes()).expect("an imported code is valid");
     validate_target(&link.target).expect("an imported target is valid");
     link.validate().expect("an imported link is valid");
+    assert!(!is_reserved(&link.code), "imported a reserved code");
+    assert_eq!(
+        normalize_target(&link.target).as_ref().ok(),
+        Some(&link.target),
+        "an imported target is one the API stores as is"
+    );
     RedirectStatus::from_code(link.status.code()).expect("a redirect status");
     let op = LogOp::Put(link.clone());
     let mut frame = Vec::new();
