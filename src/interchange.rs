@@ -298,8 +298,9 @@ fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
     })
 }
 
-/// Calls `visit` with each line's number and text (without its line ending),
-/// or a refusal for a line that is not UTF-8.
+/// Calls `visit` with each line's number and text (without its line ending,
+/// nor a byte order mark at the start of the file), or a refusal for a line
+/// that is not UTF-8.
 fn read_lines(
     mut input: impl BufRead,
     mut visit: impl FnMut(u64, Result<&str, RowError>),
@@ -315,7 +316,13 @@ fn read_lines(
         while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
             buf.pop();
         }
-        let text = std::str::from_utf8(&buf)
+        // A UTF-8 byte order mark (as Windows editors write) is not part of
+        // the first line; the CSV reader skips it too.
+        let bytes = match line {
+            1 => buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf),
+            _ => &buf,
+        };
+        let text = std::str::from_utf8(bytes)
             .map_err(|e| row_error(line, "row", format!("not valid UTF-8 ({e})")));
         visit(line, text);
     }

@@ -76,3 +76,39 @@ fn import_refuses_rows_the_api_refuses() {
         [("good".to_owned(), "https://example.com/ok".to_owned())]
     );
 }
+
+/// A file that starts with a UTF-8 byte order mark (as Windows editors and
+/// spreadsheet exports write them) imports like one without: the CSV reader
+/// already skips it, TSV and JSON lines must too, instead of refusing line 1
+/// for a code that starts with byte 0xef or for not being JSON.
+#[test]
+fn a_byte_order_mark_does_not_cost_the_first_row() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        (
+            "links.tsv",
+            "\u{feff}first\thttps://example.com/1\r\nsecond\thttps://example.com/2\r\n",
+        ),
+        (
+            "links.jsonl",
+            "\u{feff}{\"code\":\"first\",\"url\":\"https://example.com/1\"}\r\n\
+             {\"code\":\"second\",\"url\":\"https://example.com/2\"}\r\n",
+        ),
+        (
+            "links.csv",
+            "\u{feff}code,url\r\nfirst,https://example.com/1\r\nsecond,https://example.com/2\r\n",
+        ),
+    ] {
+        let file = dir.path().join(name);
+        fs::write(&file, text).unwrap();
+        let data = dir.path().join(format!("data-{name}"));
+        let out = import(&file, &data);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let codes: Vec<String> = exported(&data).into_iter().map(|(c, _)| c).collect();
+        assert_eq!(codes, ["first", "second"], "{name}");
+    }
+}

@@ -304,18 +304,22 @@ pub fn check_import(format: Format, data: &[u8]) {
 }
 
 /// The file's lines as `read_links` sees them: split at `\n`, without
-/// trailing `\r`s; a final `\n` does not start another line.
+/// trailing `\r`s; a final `\n` does not start another line; a UTF-8 byte
+/// order mark at the start of the file is not part of the first line.
 fn file_lines(data: &[u8]) -> Vec<&[u8]> {
     if data.is_empty() {
         return Vec::new();
     }
     let body = data.strip_suffix(b"\n").unwrap_or(data);
-    body.split(|&b| b == b'\n')
+    let mut lines: Vec<&[u8]> = body
+        .split(|&b| b == b'\n')
         .map(|l| {
             let end = l.iter().rposition(|&b| b != b'\r').map_or(0, |i| i + 1);
             &l[..end]
         })
-        .collect()
+        .collect();
+    lines[0] = lines[0].strip_prefix(b"\xEF\xBB\xBF").unwrap_or(lines[0]);
+    lines
 }
 
 /// An imported link is one the store takes, and what `uload export` writes
