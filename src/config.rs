@@ -765,6 +765,36 @@ impl Config {
             )?,
         };
         let tls = tls(&raw.tls, edge.listen, &err)?;
+        let metrics_listen = optional_addr("metrics.listen", &raw.metrics.listen)?;
+        let admin_metrics_listen =
+            optional_addr("metrics.admin_listen", &raw.metrics.admin_listen)?;
+        // The listeners one process binds must not share a socket: each one
+        // binds on its own (so the edge's bind check passes), and then
+        // Pingora serves both services on one socket, each taking some of
+        // the connections (and the process aborts at shutdown, closing the
+        // socket twice); the admin fails to bind its metrics.
+        let edge_sockets = [
+            Some(("edge.listen", edge.listen)),
+            tls.as_ref().map(|t| ("tls.listen", t.listen)),
+        ];
+        let clashes = [
+            (metrics_listen, "metrics.listen", &edge_sockets[..]),
+            (
+                admin_metrics_listen,
+                "metrics.admin_listen",
+                &[Some(("admin.listen", admin.listen))][..],
+            ),
+        ];
+        for (addr, key, others) in clashes {
+            let Some(addr) = addr else { continue };
+            if let Some((other, at)) = others.iter().flatten().find(|(_, a)| same_socket(addr, *a))
+            {
+                return Err(err(
+                    key,
+                    format!("{addr} is also {other} ({at}); each listener needs its own port"),
+                ));
+            }
+        }
         Ok(Self {
             source: file.to_owned(),
             tls,
@@ -772,8 +802,8 @@ impl Config {
             public_base_url: base,
             edge,
             admin,
-            metrics_listen: optional_addr("metrics.listen", &raw.metrics.listen)?,
-            admin_metrics_listen: optional_addr("metrics.admin_listen", &raw.metrics.admin_listen)?,
+            metrics_listen,
+            admin_metrics_listen,
             rate_limit: rate_limit(&raw.rate_limit, &err)?,
             backup: BackupConfig {
                 dir: Some(raw.backup.dir.trim())
@@ -891,11 +921,7 @@ fn tls(
             format!("{listen:?} is not an address like 0.0.0.0:8443"),
         )
     })?;
-    if listen.port() == edge_listen.port()
-        && (listen.ip() == edge_listen.ip()
-            || listen.ip().is_unspecified()
-            || edge_listen.ip().is_unspecified())
-    {
+    if same_socket(listen, edge_listen) {
         return Err(err(
             "tls.listen",
             format!("{listen} is also edge.listen ({edge_listen}); HTTPS needs its own port"),
@@ -931,6 +957,16 @@ fn tls(
         hsts,
     }))
 }
+
+/// Whether two listen addresses take the same socket: the same port (not
+/// 0, which picks a free one each time), on the same address or with either
+/// on the wildcard address.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// SHA-256 of an API key, as stored and compared.
 pub fn hash_api_key(key: &str) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
@@ -1043,6 +1079,16 @@ mod tests {
             (
                 "edge:\n  not_found_url: \"https://x/\\r\\n\"\n",
                 "edge.not_found_url",
+            ),
+            ("metrics:\n  listen: 127.0.0.1:8080\n", "metrics.listen"),
+            ("metrics:\n  listen: 0.0.0.0:8080\n", "metrics.listen"),
+            (
+                "tls:\n  listen: 127.0.0.1:8443\n  cert_path: c\n  key_path: k\nmetrics:\n  listen: 127.0.0.1:8443\n",
+                "metrics.listen",
+            ),
+            (
+                "metrics:\n  admin_listen: 127.0.0.1:8081\n",
+                "metrics.admin_listen",
             ),
         ];
         for (text, key) in cases {

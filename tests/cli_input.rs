@@ -112,3 +112,62 @@ fn a_byte_order_mark_does_not_cost_the_first_row() {
         assert_eq!(codes, ["first", "second"], "{name}");
     }
 }
+
+/// `uload check-config` on one file: (exit status, stdout + stderr).
+fn check_config(file: &Path, env: &[(&str, &std::ffi::OsStr)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+    cmd.arg("check-config").arg(file);
+    for (var, _) in uload::config::ENV_OVERRIDES {
+        cmd.env_remove(var);
+    }
+    for (var, value) in env {
+        cmd.env(var, value);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Two listeners of one process on the same address: the edge binds
+/// `edge.listen`, `tls.listen` and `metrics.listen`, the admin
+/// `admin.listen` and `metrics.admin_listen`. Each address on its own can be
+/// bound, so only the configuration shows the clash; the second bind fails
+/// once the server runs. check-config must say so, naming the key.
+#[test]
+fn check_config_refuses_listeners_that_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        (
+            "edge:\n  listen: 127.0.0.1:18080\nmetrics:\n  listen: 127.0.0.1:18080\n",
+            "metrics.listen",
+        ),
+        (
+            "edge:\n  listen: 0.0.0.0:18080\nmetrics:\n  listen: 127.0.0.1:18080\n",
+            "metrics.listen",
+        ),
+        (
+            "admin:\n  listen: 127.0.0.1:18081\nmetrics:\n  admin_listen: 127.0.0.1:18081\n",
+            "metrics.admin_listen",
+        ),
+    ] {
+        let file = dir.path().join("uload.yaml");
+        fs::write(&file, text).unwrap();
+        let (status, out) = check_config(&file, &[]);
+        assert_eq!(status, Some(1), "{text}: {out}");
+        let want = format!("{}: {key}: ", file.display());
+        assert!(out.contains(&want), "{text}: no {want:?} in {out}");
+    }
+    let file = dir.path().join("ok.yaml");
+    fs::write(
+        &file,
+        "edge:\n  listen: 127.0.0.1:18080\nadmin:\n  listen: 127.0.0.1:18081\n\
+         metrics:\n  listen: 127.0.0.1:19090\n  admin_listen: 127.0.0.1:19091\n",
+    )
+    .unwrap();
+    let (status, out) = check_config(&file, &[]);
+    assert_eq!(status, Some(0), "{out}");
+}
