@@ -526,10 +526,23 @@ fn env_bool(var: &str, value: &str) -> Result<bool, String> {
 impl Config {
     /// Reads `path` (if given) and applies the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: Vec<(String, String)> = ENV_OVERRIDES
-            .iter()
-            .filter_map(|(var, _)| std::env::var(var).ok().map(|v| ((*var).to_owned(), v)))
-            .collect();
+        // A variable that is set but not UTF-8 is an error: skipping it would
+        // leave the file's value in force while the operator believes the
+        // override applies (a data dir, a listen address).
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (var, key) in ENV_OVERRIDES {
+            match std::env::var(var) {
+                Ok(value) => env.push(((*var).to_owned(), value)),
+                Err(std::env::VarError::NotPresent) => {}
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(ConfigError {
+                        file: path.map_or_else(|| "defaults".into(), |p| p.display().to_string()),
+                        key: (*key).to_owned(),
+                        problem: format!("{var} is set but is not valid UTF-8"),
+                    });
+                }
+            }
+        }
         match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| ConfigError {

@@ -171,3 +171,25 @@ fn check_config_refuses_listeners_that_collide() {
     let (status, out) = check_config(&file, &[]);
     assert_eq!(status, Some(0), "{out}");
 }
+
+/// An override that is not UTF-8 is an error naming the variable, not
+/// silently ignored (which left the file's value, e.g. its data dir, in
+/// force while the operator believed the variable applied).
+#[test]
+fn check_config_refuses_an_override_that_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("uload.yaml");
+    fs::write(&file, "edge:\n  listen: 127.0.0.1:18080\n").unwrap();
+    let (status, out) = check_config(&file, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    for var in ["ULOAD_EDGE_LISTEN", "ULOAD_DATA_DIR"] {
+        let value = std::ffi::OsStr::from_bytes(b"/srv/uload-\xff");
+        let (status, out) = check_config(&file, &[(var, value)]);
+        assert_eq!(status, Some(1), "{var}: {out}");
+        assert!(
+            out.contains(&file.display().to_string()) && out.contains(var),
+            "{var}: {out}"
+        );
+    }
+}
