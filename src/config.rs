@@ -514,6 +514,9 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("ULOAD_ACCESS_LOG", "access_log.path"),
 ];
 
+/// The longest duration in seconds a key takes: 100 years.
+const MAX_SECS: u64 = 100 * 365 * 86_400;
+
 /// A boolean from the environment: `true`/`1` or `false`/`0`.
 fn env_bool(var: &str, value: &str) -> Result<bool, String> {
     match value.trim() {
@@ -657,6 +660,19 @@ impl Config {
                 Ok(ms)
             }
         };
+        // Durations in seconds are added to instants (the backup task adds
+        // `backup.interval` after each backup) and compared in milliseconds
+        // as u64 (`follower_stall`): a century fits both.
+        let at_most_a_century = |key: &str, secs: u64| {
+            if secs > MAX_SECS {
+                Err(err(
+                    key,
+                    format!("{secs} s is more than 100 years ({MAX_SECS})"),
+                ))
+            } else {
+                Ok(secs)
+            }
+        };
         if raw.data_dir.as_os_str().is_empty() {
             return Err(err("data_dir", "must not be empty".into()));
         }
@@ -714,9 +730,9 @@ impl Config {
             retry_after_secs: positive("edge.retry_after_secs", e.retry_after_secs)?,
             fast_path: e.fast_path,
             redirect_loop: e.redirect_loop,
-            follower_stall: Duration::from_secs(positive(
+            follower_stall: Duration::from_secs(at_most_a_century(
                 "edge.follower_stall_secs",
-                e.follower_stall_secs,
+                positive("edge.follower_stall_secs", e.follower_stall_secs)?,
             )?),
             client_header_timeout: Duration::from_millis(at_most_a_day(
                 "edge.client_header_timeout_ms",
@@ -822,9 +838,9 @@ impl Config {
                 dir: Some(raw.backup.dir.trim())
                     .filter(|d| !d.is_empty())
                     .map(PathBuf::from),
-                interval: Duration::from_secs(positive(
+                interval: Duration::from_secs(at_most_a_century(
                     "backup.interval_secs",
-                    raw.backup.interval_secs,
+                    positive("backup.interval_secs", raw.backup.interval_secs)?,
                 )?),
                 keep: Duration::from_secs(raw.backup.keep_days.saturating_mul(86_400)),
             },
@@ -1041,6 +1057,44 @@ mod tests {
         let e = parse("backup:\n  interval_secs: 0\n").unwrap_err();
         assert_eq!(e.key, "backup.interval_secs");
         assert!(parse("backup:\n  every: 1\n").is_err());
+    }
+
+    /// Durations in seconds are refused past a century: the backup task
+    /// adds `backup.interval` to an `Instant` after each backup (which
+    /// panics past `i64::MAX` seconds), and the readiness check compares
+    /// `follower_stall` in milliseconds as a `u64` (which wrapped: 2^64/1000
+    /// seconds and a bit became 384 ms, so a follower stalled for a moment
+    /// made `/health/ready` answer 503).
+    #[test]
+    fn durations_past_a_century_are_refused() {
+        for (text, key) in [
+            (
+                "backup:\n  interval_secs: 18446744073709551615\n",
+                "backup.interval_secs",
+            ),
+            (
+                "edge:\n  follower_stall_secs: 18446744073709552\n",
+                "edge.follower_stall_secs",
+            ),
+        ] {
+            match parse(text) {
+                Ok(c) => panic!(
+                    "{text}: accepted; backup.interval + now: {:?}, follower_stall in ms as u64: {}",
+                    std::time::Instant::now().checked_add(c.backup.interval),
+                    c.edge.follower_stall.as_millis() as u64
+                ),
+                Err(e) => assert_eq!(e.key, key, "{e}"),
+            }
+        }
+        let c = parse(
+            "backup:\n  interval_secs: 3153600000\nedge:\n  follower_stall_secs: 3153600000\n",
+        )
+        .unwrap();
+        assert!(
+            std::time::Instant::now()
+                .checked_add(c.backup.interval)
+                .is_some()
+        );
     }
 
     #[test]
