@@ -584,10 +584,22 @@ impl Config {
         file: &str,
         env: &[(String, String)],
     ) -> Result<Self, ConfigError> {
-        let err = |key: &str, problem: String| ConfigError {
-            file: file.to_owned(),
-            key: key.to_owned(),
-            problem,
+        // A key an environment variable set is reported with the variable:
+        // the file's own value may be fine.
+        let err = |key: &str, problem: String| {
+            let var = ENV_OVERRIDES
+                .iter()
+                .find(|(var, k)| *k == key && env.iter().any(|(v, _)| v == var))
+                .map(|(var, _)| *var);
+            let problem = match var {
+                Some(var) if !problem.contains(var) => format!("{problem} (set by {var})"),
+                _ => problem,
+            };
+            ConfigError {
+                file: file.to_owned(),
+                key: key.to_owned(),
+                problem,
+            }
         };
         let mut raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
@@ -1193,6 +1205,37 @@ mod tests {
             [hash_api_key("a-long-enough-secret")]
         );
         assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    /// A bad value that came from the environment is reported with the
+    /// variable that set it: the file's own value for that key may be
+    /// fine, and "conf/uload.yaml: edge.listen: ..." alone sends the
+    /// operator to the wrong place.
+    #[test]
+    fn errors_in_overrides_name_the_variable() {
+        for (var, value, key) in [
+            ("ULOAD_EDGE_LISTEN", "nowhere", "edge.listen"),
+            ("ULOAD_ADMIN_LISTEN", "nowhere", "admin.listen"),
+            ("ULOAD_METRICS_LISTEN", "nowhere", "metrics.listen"),
+            ("ULOAD_ADMIN_UPSTREAMS", " , ", "edge.admin_upstreams"),
+            (
+                "ULOAD_ADMIN_UPSTREAMS",
+                "127.0.0.1:1,x",
+                "edge.admin_upstreams",
+            ),
+            ("ULOAD_API_KEY", "short", "admin.api_key"),
+            ("ULOAD_DATA_DIR", "", "data_dir"),
+            ("ULOAD_PUBLIC_BASE_URL", "javascript:x", "public_base_url"),
+        ] {
+            let env = [(var.to_owned(), value.to_owned())];
+            let e = Config::from_yaml_str("edge:\n  listen: 127.0.0.1:9\n", "t.yaml", &env)
+                .unwrap_err();
+            assert_eq!((e.file.as_str(), e.key.as_str()), ("t.yaml", key), "{e}");
+            assert!(e.to_string().contains(var), "{var}={value:?}: {e}");
+        }
+        // A bad value in the file names no variable.
+        let e = parse("edge:\n  listen: nowhere\n").unwrap_err();
+        assert!(!e.to_string().contains("ULOAD_"), "{e}");
     }
 
     #[test]
