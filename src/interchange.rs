@@ -333,7 +333,10 @@ fn read_csv(
     now_ms: u64,
     mut visit: impl FnMut(u64, Result<Link, RowError>),
 ) -> io::Result<()> {
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(input);
+    let lines = LineTracker::default();
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(lines.wrap(input));
     let headers = match reader.headers() {
         Ok(h) => h.clone(),
         Err(e) => {
@@ -383,18 +386,88 @@ fn read_csv(
                 if let csv::ErrorKind::Io(_) = e.kind() {
                     return Err(e.into());
                 }
-                let line = e.position().map_or(0, |p| p.line());
+                let line = e.position().map_or(0, |p| lines.line_at(p.byte()));
                 visit(line, Err(row_error(line, "row", e.to_string())));
                 continue;
             }
         };
-        let line = record.position().map_or(0, |p| p.line());
+        let line = record.position().map_or(0, |p| lines.line_at(p.byte()));
         visit(
             line,
             csv_row(&headers, &record, now_ms).map_err(|(f, m)| row_error(line, f, m)),
         );
     }
     Ok(())
+}
+
+/// The line each CSV record starts on. The csv crate's own line count is
+/// taken where the previous record ended: before the `\n` of a CRLF and
+/// before any blank lines, so after a CRLF line or a blank line it named an
+/// earlier line. Its byte offset is right, so this counts lines in the bytes
+/// as they pass to the reader and keeps, for the bytes read ahead, where each
+/// line's content starts: a record starts at the first such place at or
+/// after its offset (only `\r` and `\n` lie between).
+#[derive(Debug, Clone, Default)]
+struct LineTracker(std::rc::Rc<std::cell::RefCell<LineTrack>>);
+
+#[derive(Debug, Default)]
+struct LineTrack {
+    /// Bytes read so far.
+    offset: u64,
+    /// `\n`s read so far.
+    newlines: u64,
+    /// Whether the last byte read was `\r` or `\n` (or none was read).
+    after_break: bool,
+    /// (offset, 1-based line) of each content start read ahead.
+    starts: std::collections::VecDeque<(u64, u64)>,
+    /// The line of the last start passed over.
+    last_line: u64,
+}
+
+struct Tracked<R> {
+    inner: R,
+    track: LineTracker,
+}
+
+impl LineTracker {
+    fn wrap<R: io::Read>(&self, inner: R) -> Tracked<R> {
+        self.0.borrow_mut().after_break = true;
+        Tracked {
+            inner,
+            track: self.clone(),
+        }
+    }
+
+    /// The line of the record whose position is `byte`.
+    fn line_at(&self, byte: u64) -> u64 {
+        let mut t = self.0.borrow_mut();
+        while let Some(&(offset, line)) = t.starts.front() {
+            if offset >= byte {
+                return line;
+            }
+            t.last_line = line;
+            t.starts.pop_front();
+        }
+        t.last_line.max(1)
+    }
+}
+
+impl<R: io::Read> io::Read for Tracked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut t = self.track.0.borrow_mut();
+        for &b in buf.get(..n).unwrap_or_default() {
+            let line_break = b == b'\n' || b == b'\r';
+            if !line_break && t.after_break {
+                let start = (t.offset, t.newlines + 1);
+                t.starts.push_back(start);
+            }
+            t.newlines += u64::from(b == b'\n');
+            t.after_break = line_break;
+            t.offset += 1;
+        }
+        Ok(n)
+    }
 }
 
 fn csv_row(

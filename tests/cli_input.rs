@@ -193,3 +193,32 @@ fn check_config_refuses_an_override_that_is_not_utf8() {
         );
     }
 }
+
+/// Refusals in a CSV file name the line the row is on, whatever the line
+/// endings (CRLF, as spreadsheets write), blank lines, or a quoted field
+/// holding a line break before it.
+#[test]
+fn csv_refusals_name_the_right_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        (
+            "lf.csv",
+            "code,url\n\nok,https://a.example/\n\nbad x,https://b.example/\n",
+        ),
+        (
+            "crlf.csv",
+            "code,url\r\n\r\nok,https://a.example/\r\n\r\nbad x,https://b.example/\r\n",
+        ),
+        (
+            "quoted.csv",
+            "code,url\r\nok,\"https://a.example/\r\n\"\r\n\r\nbad x,https://b.example/",
+        ),
+    ] {
+        let file = dir.path().join(name);
+        fs::write(&file, text).unwrap();
+        let out = import(&file, &dir.path().join(format!("data-{name}")));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = format!("{}: line 5: code: ", file.display());
+        assert!(stderr.contains(&want), "{name}: no {want:?} in {stderr}");
+    }
+}

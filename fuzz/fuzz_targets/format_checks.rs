@@ -234,7 +234,7 @@ const NOW_MS: u64 = 1_764_000_000_000;
 ///   and every row it reports is either a link or a refusal carrying the
 ///   same line number, between 1 and the file's line count (1 for an empty
 ///   file, whose missing CSV header is refused on line 1); CSV rows come in
-///   file order, TSV and JSON-lines rows are exactly the lines that are not
+///   file order, each on a line that is not blank, TSV and JSON-lines rows are exactly the lines that are not
 ///   skipped (blank, or a `#` comment in TSV), one each, in order.
 /// - An accepted link is one the store accepts (`validate_code`,
 ///   `validate_target`, `Link::validate`), survives a log frame round trip,
@@ -274,10 +274,23 @@ pub fn check_import(format: Format, data: &[u8]) {
         Format::Csv => unreachable!(),
     };
     match format {
-        Format::Csv => assert!(
-            visited.windows(2).all(|w| w[0] <= w[1]),
-            "rows out of order: {visited:?}"
-        ),
+        Format::Csv => {
+            assert!(
+                visited.windows(2).all(|w| w[0] <= w[1]),
+                "rows out of order: {visited:?}"
+            );
+            // A row is named by the line it starts on, which is never blank
+            // (CRLF and blank lines once made it an earlier one).
+            for (line, row) in &rows {
+                if row.as_ref().is_err_and(|e| e.field == "header") {
+                    continue;
+                }
+                assert!(
+                    lines.get(*line as usize - 1).is_none_or(|l| !l.is_empty()),
+                    "a row on blank line {line}: {row:?}"
+                );
+            }
+        }
         Format::Tsv | Format::JsonLines => {
             let want: Vec<u64> = (1..)
                 .zip(&lines)
