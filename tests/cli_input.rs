@@ -222,3 +222,58 @@ fn csv_refusals_name_the_right_line() {
         assert!(stderr.contains(&want), "{name}: no {want:?} in {stderr}");
     }
 }
+
+/// `uload export -o FILE` that cannot finish (here: the file size limit, as
+/// a full disk would) fails, and leaves FILE as it was: the last whole
+/// export, never part of a new one that looks like a smaller export.
+#[test]
+fn an_export_that_cannot_finish_leaves_the_last_one_whole() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("links.tsv");
+    let rows: String = (0..2000)
+        .map(|i| format!("code{i}\thttps://example.com/landing/{i}\n"))
+        .collect();
+    fs::write(&tsv, rows).unwrap();
+    let data = dir.path().join("data");
+    assert!(import(&tsv, &data).status.success());
+    let out = dir.path().join("links.jsonl");
+    let args = [
+        "export",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    assert!(uload(&args).status.success());
+    let whole = fs::read(&out).unwrap();
+    assert_eq!(whole.iter().filter(|&&b| b == b'\n').count(), 2000);
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+    cmd.args(args).env_remove("ULOAD_DATA_DIR");
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork
+    // and exec. SIGXFSZ ignored: a write past the limit fails with EFBIG.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let lim = libc::rlimit {
+                rlim_cur: 16 * 1024,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let failed = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert!(stderr.contains("links.jsonl"), "{stderr}");
+    assert!(fs::read(&out).unwrap() == whole, "the last export was cut");
+    let names: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+}
