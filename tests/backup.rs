@@ -513,7 +513,6 @@ fn scheduled_backups_are_taken_and_old_ones_pruned() {
 /// says what the crash left behind, and once that is deleted it succeeds.
 #[test]
 fn a_restore_killed_mid_copy_leaves_no_partial_data_dir() {
-    use std::os::unix::process::CommandExt;
     let data = tempfile::tempdir().unwrap();
     small_data_dir(data.path());
     let out = tempfile::tempdir().unwrap();
@@ -533,22 +532,8 @@ fn a_restore_killed_mid_copy_leaves_no_partial_data_dir() {
         .arg(&dest)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
-    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork
-    // and exec. SIGXFSZ back to its default action (this test process
-    // ignores it since it opened a store, and exec keeps an ignored signal).
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
-            let lim = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Killed by SIGXFSZ at the limit.
+    common::limit_file_size(&mut cmd, limit, libc::SIG_DFL);
     let o = cmd.output().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(o.status.signal(), Some(libc::SIGXFSZ), "{}", text(&o));

@@ -3,6 +3,8 @@
 //! names the file, the line and the field; `uload check-config` refuses what
 //! the servers could not use, naming the file, the key (and the variable).
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -228,7 +230,6 @@ fn csv_refusals_name_the_right_line() {
 /// export, never part of a new one that looks like a smaller export.
 #[test]
 fn an_export_that_cannot_finish_leaves_the_last_one_whole() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let tsv = dir.path().join("links.tsv");
     let rows: String = (0..2000)
@@ -251,21 +252,8 @@ fn an_export_that_cannot_finish_leaves_the_last_one_whole() {
 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
     cmd.args(args).env_remove("ULOAD_DATA_DIR");
-    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork
-    // and exec. SIGXFSZ ignored: a write past the limit fails with EFBIG.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let lim = libc::rlimit {
-                rlim_cur: 16 * 1024,
-                rlim_max: libc::RLIM_INFINITY,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A write past 16 KiB fails with EFBIG, as on a full disk.
+    common::limit_file_size(&mut cmd, 16 * 1024, libc::SIG_IGN);
     let failed = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "{stderr}");

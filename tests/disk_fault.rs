@@ -26,7 +26,6 @@ use std::ffi::CString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -648,20 +647,8 @@ impl Procs {
         let mut cmd = self.command("admin");
         cmd.stderr(Stdio::piped());
         if let Some(limit) = fsize_limit {
-            // SAFETY: only async-signal-safe calls (setrlimit) between fork
-            // and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: libc::RLIM_INFINITY,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            // Writes past the limit fail with EFBIG, as on a full disk.
+            common::limit_file_size(&mut cmd, limit, libc::SIG_IGN);
         }
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();

@@ -16,10 +16,9 @@ fn result(r: &str) -> String {
     format!(r#"link_redirects_total{{result="{r}"}}"#)
 }
 
-#[test]
-fn counters_move_by_exactly_the_traffic_sent() {
-    let cluster = Cluster::start();
-    let edge = cluster.edge_addr;
+/// Three links with status 308: `live`, `off` (disabled) and `old`
+/// (expired).
+fn create_live_disabled_expired(edge: std::net::SocketAddr) {
     for (code, extra) in [
         ("live", ""),
         ("off", r#","disabled":true"#),
@@ -30,6 +29,13 @@ fn counters_move_by_exactly_the_traffic_sent() {
         );
         assert_eq!(api(edge, "POST", "/api/links", &body).status, 201, "{code}");
     }
+}
+
+#[test]
+fn counters_move_by_exactly_the_traffic_sent() {
+    let cluster = Cluster::start();
+    let edge = cluster.edge_addr;
+    create_live_disabled_expired(edge);
     wait_until(Duration::from_secs(10), "links at the edge", || {
         get(edge, "/live").status == 308
     });
@@ -598,16 +604,7 @@ fn fast_path_and_pingora_count_alike() {
     let counted = |edge_extra: &str| -> std::collections::BTreeMap<String, f64> {
         let cluster = Cluster::start_custom(edge_extra, "", limits);
         let edge = cluster.edge_addr;
-        for (code, extra) in [
-            ("live", ""),
-            ("off", r#","disabled":true"#),
-            ("old", r#","expires_at":"2001-01-01T00:00:00Z""#),
-        ] {
-            let body = format!(
-                r#"{{"url":"https://example.com/{code}","code":"{code}","status":308{extra}}}"#
-            );
-            assert_eq!(api(edge, "POST", "/api/links", &body).status, 201, "{code}");
-        }
+        create_live_disabled_expired(edge);
         wait_until(Duration::from_secs(10), "links at the edge", || {
             keepalive(edge, "198.51.100.200", &[("GET", "/old")]) == [404]
         });

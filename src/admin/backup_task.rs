@@ -331,6 +331,15 @@ impl Job {
 mod tests {
     use super::*;
 
+    /// A data dir holding one link (`abc`), and its store (the writer).
+    fn data_with_one_link() -> (tempfile::TempDir, crate::store::Store) {
+        let data = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(data.path(), Default::default()).unwrap();
+        let link = crate::store::Link::new("abc", "https://example.com/").unwrap();
+        store.append(&[crate::store::LogOp::Put(link)]).unwrap();
+        (data, store)
+    }
+
     #[test]
     fn status_is_exposed_to_prometheus() {
         let status = Arc::new(BackupStatus::default());
@@ -355,23 +364,9 @@ mod tests {
     /// newest backup not after now.
     #[test]
     fn a_backup_dated_in_the_future_does_not_stop_scheduled_backups() {
-        let data = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(data.path(), Default::default()).unwrap();
-        let link = crate::store::Link::new("abc", "https://example.com/").unwrap();
-        store.append(&[crate::store::LogOp::Put(link)]).unwrap();
+        let (data, _store) = data_with_one_link();
         let dir = tempfile::tempdir().unwrap();
-        let seal = |ms: u64| {
-            let p = dir.path().join(backup::backup_dir_name(ms, 0));
-            std::fs::create_dir(&p).unwrap();
-            let m = BackupManifest {
-                created_ms: ms,
-                snapshot: None,
-                seq: 0,
-                links: 0,
-                files: vec![],
-            };
-            std::fs::write(p.join(backup::BACKUP_FILE), m.encode()).unwrap();
-        };
+        let seal = |ms: u64| backup::seal_empty_backup(dir.path(), ms, 0);
         let year_2100 = 4_102_444_800_000;
         seal(year_2100);
         let interval = Duration::from_secs(3600);
@@ -414,10 +409,7 @@ mod tests {
 
     #[test]
     fn scheduler_backs_up_prunes_and_stops() {
-        let data = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(data.path(), Default::default()).unwrap();
-        let link = crate::store::Link::new("abc", "https://example.com/").unwrap();
-        store.append(&[crate::store::LogOp::Put(link)]).unwrap();
+        let (data, _store) = data_with_one_link();
         let dir = tempfile::tempdir().unwrap();
         let old = dir
             .path()

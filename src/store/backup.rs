@@ -1502,6 +1502,23 @@ pub fn prune_backups(dir: &Path, keep: Duration, now_ms: u64) -> Result<PruneRep
     Ok(report)
 }
 
+/// For tests: an empty, complete backup (a `BACKUP` file and nothing else)
+/// named for `created_ms` and `seq` in `dir`; its path.
+#[cfg(test)]
+pub(crate) fn seal_empty_backup(dir: &Path, created_ms: u64, seq: u64) -> PathBuf {
+    let p = dir.join(backup_dir_name(created_ms, seq));
+    fs::create_dir(&p).unwrap();
+    let m = BackupManifest {
+        created_ms,
+        snapshot: None,
+        seq: 0,
+        links: 0,
+        files: vec![],
+    };
+    fs::write(p.join(BACKUP_FILE), m.encode()).unwrap();
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1802,19 +1819,7 @@ mod tests {
     fn prune_never_removes_the_newest_backup_for_one_dated_in_the_future() {
         let dir = tempfile::tempdir().unwrap();
         let now = 1_800_000_000_000u64;
-        let seal = |ms: u64, seq: u64| {
-            let p = dir.path().join(backup_dir_name(ms, seq));
-            fs::create_dir(&p).unwrap();
-            let m = BackupManifest {
-                created_ms: ms,
-                snapshot: None,
-                seq: 0,
-                links: 0,
-                files: vec![],
-            };
-            fs::write(p.join(BACKUP_FILE), m.encode()).unwrap();
-            p
-        };
+        let seal = |ms: u64, seq: u64| seal_empty_backup(dir.path(), ms, seq);
         let future = seal(now + 30 * 86_400_000, 5);
         let older = seal(now - 7_200_000, 6);
         let just_taken = seal(now - 1_000, 7);
@@ -1835,18 +1840,11 @@ mod tests {
         let day = 86_400_000u64;
         let now = 100 * day;
         let make = |ms: u64, complete: bool| {
+            if complete {
+                return seal_empty_backup(dir.path(), ms, 1);
+            }
             let p = dir.path().join(backup_dir_name(ms, 1));
             fs::create_dir(&p).unwrap();
-            if complete {
-                let m = BackupManifest {
-                    created_ms: ms,
-                    snapshot: None,
-                    seq: 0,
-                    links: 0,
-                    files: vec![],
-                };
-                fs::write(p.join(BACKUP_FILE), m.encode()).unwrap();
-            }
             p
         };
         let old_complete = make(now - 30 * day, true);

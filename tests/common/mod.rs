@@ -32,6 +32,30 @@ impl Response {
     }
 }
 
+/// Runs `cmd` with a soft `RLIMIT_FSIZE` of `limit` bytes (the hard limit
+/// stays unlimited) and SIGXFSZ set to `sigxfsz`: `libc::SIG_DFL` kills
+/// the process at the limit (an interruption at a known point),
+/// `libc::SIG_IGN` makes the write past it fail with EFBIG (a full disk).
+pub fn limit_file_size(cmd: &mut Command, limit: u64, sigxfsz: libc::sighandler_t) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork
+    // and exec. The signal is set either way: exec keeps an ignored signal,
+    // and a test process that opened a store ignores SIGXFSZ.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, sigxfsz);
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Sends one request (`Connection: close`) and reads the whole response.
 pub fn request(
     addr: SocketAddr,
