@@ -132,16 +132,6 @@ impl SlotFile {
         })
     }
 
-    /// Number of slots (a power of two).
-    pub fn len(&self) -> usize {
-        self.mask + 1
-    }
-
-    /// Never: a table has at least 64 slots.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     /// Slot `i` (taken modulo the slot count): its two words.
     #[inline]
     pub fn slot(&self, i: usize) -> (&AtomicU64, &AtomicU64) {
