@@ -268,8 +268,21 @@ fn row_error(line: u64, field: &str, message: String) -> RowError {
 /// Parses one JSON-lines object, naming the field at fault in any error
 /// (serde's own messages do not say which field had the wrong type).
 fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| ("row".to_owned(), format!("not JSON: {e}")))?;
+    // Read as the admin reads a body: a key given twice is refused (which
+    // of the two would win differs between JSON parsers).
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde::Deserialize::deserialize(&mut de)
+        .and_then(|crate::admin::StrictValue(v)| de.end().map(|()| v))
+        .map_err(|e| {
+            let message = e.to_string();
+            match message
+                .strip_prefix("duplicate field `")
+                .and_then(|rest| rest.split_once('`'))
+            {
+                Some((key, _)) => (key.to_owned(), "given twice".to_owned()),
+                None => ("row".to_owned(), format!("not JSON: {message}")),
+            }
+        })?;
     let serde_json::Value::Object(object) = value else {
         return Err(("row".into(), "not a JSON object".into()));
     };
@@ -365,6 +378,19 @@ fn read_csv(
             )),
         );
         return Ok(());
+    }
+    for (i, name) in headers.iter().enumerate() {
+        if headers.iter().skip(i + 1).any(|h| h.trim() == name.trim()) {
+            visit(
+                1,
+                Err(row_error(
+                    1,
+                    "header",
+                    format!("column {:?} appears twice", name.trim()),
+                )),
+            );
+            return Ok(());
+        }
     }
     for required in ["code", "url"] {
         if !headers.iter().any(|h| h.trim() == required) {
@@ -598,6 +624,29 @@ mod tests {
         assert_eq!(e[0].as_ref().unwrap_err().field, "header");
         let e = read(Format::Csv, "code\na\n");
         assert!(e[0].as_ref().unwrap_err().message.contains("url"));
+        // A column given twice: which value would count is anyone's guess.
+        let e = read(Format::Csv, "code,url, url\na,https://x/,https://y/\n");
+        assert_eq!(e.len(), 1);
+        let e = e[0].as_ref().unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (1, "header"));
+        assert_eq!(e.message, "column \"url\" appears twice");
+    }
+
+    #[test]
+    fn json_lines_refuse_a_key_given_twice() {
+        let rows = read(
+            Format::JsonLines,
+            "{\"code\":\"a\",\"url\":\"https://x/\",\"url\":\"https://y/\"}\n{\"code\":\"b\",\"url\":\"https://x/\"} trailing\n{\"code\":\"c\",\"url\":\"https://x/\"}\n",
+        );
+        let e = rows[0].as_ref().unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str(), e.message.as_str()),
+            (1, "url", "given twice")
+        );
+        let e = rows[1].as_ref().unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (2, "row"));
+        assert!(e.message.starts_with("not JSON"), "{e}");
+        assert_eq!(rows[2].as_ref().unwrap().code, "c");
     }
 
     #[test]

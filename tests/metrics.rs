@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, api, get, metric, request, wait_until};
+use common::{Cluster, api, free_port, get, metric, request, wait_until};
 
 fn series(method: &str, route: &str, status: u16) -> String {
     format!(r#"http_requests_total{{method="{method}",route="{route}",status_code="{status}"}}"#)
@@ -373,10 +373,26 @@ fn exposed(text: &str) -> Exposed {
 fn alerts_and_dashboard_query_only_what_is_exported() {
     use std::collections::BTreeSet;
     let backups = tempfile::tempdir().unwrap();
+    // An HTTPS listener too, for the certificate's series.
+    let certs = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
     let cluster = Cluster::start_custom(
         "",
         "",
-        &format!("backup:\n  dir: {}\n", backups.path().display()),
+        &format!(
+            "backup:\n  dir: {}\ntls:\n  listen: 127.0.0.1:{}\n  cert_path: {}\n  key_path: {}\n",
+            backups.path().display(),
+            free_port(),
+            cert_path.display(),
+            key_path.display(),
+        ),
     );
     let edge = cluster.edge_addr;
     // Traffic that brings the lazily made series (a redirect's latency, a

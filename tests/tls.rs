@@ -3,8 +3,10 @@
 //! here, at test time (rcgen), and rustls clients for HTTP/1.1 and HTTP/2
 //! (the `h2` crate). Covers redirects and HSTS over both protocols, the
 //! plain-HTTP → HTTPS 308 (health checks excepted), `x-forwarded-proto`,
-//! certificate reload on SIGHUP and on a graceful upgrade, and refusing to
-//! start with a bad certificate or key.
+//! certificate reload on SIGHUP and on a graceful upgrade, refusing to
+//! start with a bad certificate or key, and certificates outside their
+//! validity period (served at start-up, refused by a reload and by
+//! `check-config`, their `notAfter` exported).
 
 mod common;
 
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{KEY, Response, free_port, request, wait_until};
+use common::{KEY, Response, free_port, metric, request, wait_until};
 use pingora::tls::{
     CertificateDer, ClientConfig, ClientTlsStream, RootCertStore, ServerName, TlsConnector,
 };
@@ -37,8 +39,18 @@ struct Cert {
 }
 
 fn make_cert(serial: u64, name: &str) -> Cert {
+    make_cert_valid(serial, name, None)
+}
+
+/// Like [`make_cert`], valid from 1 January of the first year to 1 January
+/// of the second (rcgen's default: 1975 to 4096).
+fn make_cert_valid(serial: u64, name: &str, years: Option<(i32, i32)>) -> Cert {
     let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
     params.serial_number = Some(rcgen::SerialNumber::from(serial));
+    if let Some((from, to)) = years {
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(to, 1, 1);
+    }
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
@@ -730,6 +742,116 @@ fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     // Same process all along.
     let child = &mut edge.edge.as_mut().unwrap().0;
     assert!(child.try_wait().unwrap().is_none(), "the edge exited");
+}
+
+/// 2021-01-01 and 2099-01-01 in Unix seconds.
+const Y2021: f64 = 1_609_459_200.0;
+const Y2099: f64 = 4_070_908_800.0;
+
+#[test]
+fn a_certificate_outside_its_validity_is_refused_by_reload_and_check_config_but_served_at_start() {
+    let good = make_cert_valid(40, "uload test good", Some((2025, 2099)));
+    let expired = make_cert_valid(41, "uload test expired", Some((2020, 2021)));
+    let future = make_cert_valid(42, "uload test future", Some((2099, 2100)));
+    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut edge = Edge::start(
+        &good,
+        "",
+        &format!("metrics:\n  listen: {metrics_addr}\n"),
+        None,
+    );
+    for c in [&expired, &future] {
+        edge.roots.add(CertificateDer::from(c.der.clone())).unwrap();
+    }
+    let scrape = || {
+        let r = request(metrics_addr, "GET", "/metrics", &[], b"").unwrap();
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body).unwrap()
+    };
+    let not_after = "tls_certificate_not_after_timestamp_seconds";
+    let failures = "tls_certificate_reload_failures_total";
+    let text = scrape();
+    assert_eq!(metric(&text, not_after), Y2099, "{text}");
+    assert!(text.contains(&format!("{failures} 0")), "{text}");
+    let rt = runtime();
+
+    // Expired, then not valid yet: each reload is refused and counted, the
+    // good certificate stays, and the log says why.
+    for (n, (cert, why)) in [
+        (&expired, "expired at 2021-01-01T00:00:00.000Z"),
+        (&future, "not valid before 2099-01-01T00:00:00.000Z"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        install(edge.dir.path(), &cert.cert_pem, &cert.key_pem);
+        edge.signal("-HUP", edge.edge_pid());
+        wait_until(Duration::from_secs(30), "the refused reload logged", || {
+            edge.log("edge")
+                .matches("certificate reload failed")
+                .count()
+                == n + 1
+        });
+        assert!(edge.log("edge").contains(why), "{}", edge.log("edge"));
+        let text = scrape();
+        assert_eq!(metric(&text, failures), (n + 1) as f64, "{text}");
+        assert_eq!(metric(&text, not_after), Y2099, "{text}");
+        rt.block_on(async {
+            let s = connect(edge.https, &edge.roots, &[b"http/1.1"]).await;
+            assert_eq!(
+                leaf(&s),
+                good.der,
+                "a certificate outside its validity was served"
+            );
+        });
+    }
+
+    // `check-config` refuses the expired certificate, naming key and file.
+    install(edge.dir.path(), &expired.cert_pem, &expired.key_pem);
+    let out = Command::new(env!("CARGO_BIN_EXE_uload"))
+        .arg("check-config")
+        .arg(&edge.config)
+        .env("ULOAD_STATE_DIR", edge.dir.path().join("state"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check-config passed an expired certificate"
+    );
+    assert!(
+        stderr.contains("tls.cert_path")
+            && stderr.contains("cert.pem")
+            && stderr.contains("expired at 2021"),
+        "{stderr}"
+    );
+
+    // An edge (re)started with it still starts and serves redirects over
+    // plain HTTP, says so in its log, and exports the notAfter for the
+    // alert; a verifying client refuses the certificate itself.
+    rt.block_on(create_link(&edge, "x", "https://example.com/x"));
+    edge.edge.take();
+    edge.edge = Some(edge.spawn(&["edge"], "edge-new"));
+    let plain = edge.plain;
+    wait_until(Duration::from_secs(30), "edge /health", || {
+        request(plain, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    let r = request(plain, "GET", "/x", &[], b"").unwrap();
+    assert_eq!(
+        (r.status, r.header("location")),
+        (302, Some("https://example.com/x"))
+    );
+    assert!(
+        edge.log("edge-new").contains("outside its validity period"),
+        "{}",
+        edge.log("edge-new")
+    );
+    assert_eq!(metric(&scrape(), not_after), Y2021);
+    let refused = rt.block_on(try_connect(edge.https, &edge.roots, &[b"http/1.1"]));
+    let Err(e) = refused else {
+        panic!("a client accepted an expired certificate");
+    };
+    assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
 }
 
 #[test]

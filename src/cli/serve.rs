@@ -148,8 +148,11 @@ pub fn check_config(args: CheckConfigArgs) -> Result<(), CliError> {
                     continue;
                 }
                 // The certificate and key the HTTPS listener would serve.
+                // An expired one too: the edge would serve it (see
+                // `edge/tls.rs`), but a deployment should not go on.
                 if let Some(tls) = &config.tls
                     && let Err(e) = crate::edge::tls::CertStore::open(tls, &config.source)
+                        .and_then(|c| c.validity_problem().map_or(Ok(()), Err))
                 {
                     eprintln!("{e}");
                     failed += 1;

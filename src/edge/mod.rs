@@ -76,8 +76,12 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         Some(t) => Some(Arc::new(tls::CertStore::open(t, &config.source)?)),
         None => None,
     };
-    if certs.is_some() {
+    if let Some(store) = &certs {
         tls::ignore_hangup();
+        if let Some(e) = store.validity_problem() {
+            // Served all the same: see `tls.rs`.
+            tracing::error!("tls: serving a certificate outside its validity period: {e}");
+        }
     }
     let pingora_err = |e: Box<pingora::Error>| EdgeError::Pingora(e.to_string());
     let conf = match &config.edge.pingora_conf {
@@ -168,10 +172,13 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         EdgeMetrics::new(table.clone(), stats.clone(), admins.clone())
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?,
     );
-    metrics
-        .registry
-        .register(Box::new(clicks.full_counter()))
-        .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?;
+    let cert_metrics = certs.iter().flat_map(|c| c.metrics());
+    for collector in std::iter::once(Box::new(clicks.full_counter()) as _).chain(cert_metrics) {
+        metrics
+            .registry
+            .register(collector)
+            .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?;
+    }
     let edge_config = Arc::new(config.edge.clone());
     let access_log = match (access_log_file, &config.access_log.path) {
         (Some(file), Some(path)) => Some(Arc::new(

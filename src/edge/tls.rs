@@ -8,8 +8,18 @@
 //!   after the swap get the new certificate; connections already open keep
 //!   the session they negotiated and are not touched. A file that cannot be
 //!   read or does not parse, or a key that does not match the certificate,
-//!   is logged and the previous certificate stays. A graceful upgrade
-//!   (`uload edge -u`) also reads the files afresh, in the new process.
+//!   is logged and the previous certificate stays. So is a certificate
+//!   outside its validity period (expired, or not valid yet): serving it
+//!   would fail every handshake that the current one still passes. A graceful
+//!   upgrade (`uload edge -u`) also reads the files afresh, in the new
+//!   process.
+//! - At start-up an expired certificate is served, with an error in the log:
+//!   refusing to start would take the plain-HTTP redirects down with it, and
+//!   HTTPS clients refuse it either way. `uload check-config` reports it as
+//!   an error. The leaf's `notAfter` is exported as
+//!   `tls_certificate_not_after_timestamp_seconds` (alerts
+//!   `UloadCertificateExpiresSoon` and `UloadCertificateExpired`), failed
+//!   reloads as `tls_certificate_reload_failures_total`.
 //! - `Strict-Transport-Security` goes on every response written to a TLS
 //!   client ([`HstsBuilder`], a downstream module: redirects, 404s, health,
 //!   429s, proxied `/api` answers and error pages alike), never on plain
@@ -42,6 +52,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora::tls::sign::CertifiedKey;
 use pingora::tls::{ClientHello, CryptoProvider, ResolvesServerCert};
+use prometheus::{IntCounter, IntGauge};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
@@ -51,31 +62,122 @@ use crate::config::{ConfigError, TlsConfig};
 #[derive(Debug)]
 pub struct CertStore {
     current: ArcSwap<CertifiedKey>,
+    /// The served leaf's validity period.
+    validity: std::sync::Mutex<Validity>,
     cert_path: std::path::PathBuf,
     key_path: std::path::PathBuf,
     /// The config file, for error messages.
     source: String,
+    /// `tls_certificate_not_after_timestamp_seconds`.
+    not_after: IntGauge,
+    /// `tls_certificate_reload_failures_total`.
+    reload_failures: IntCounter,
+}
+
+/// When a certificate is valid: `notBefore` and `notAfter`, in seconds
+/// since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl Validity {
+    /// Why a certificate with this validity cannot be served at `now`
+    /// (seconds since the epoch), or `None` when it can.
+    pub fn problem_at(&self, now: i64) -> Option<String> {
+        let date = |s: i64| {
+            u64::try_from(s).map_or_else(
+                |_| format!("{s} s before 1970"),
+                |s| crate::interchange::format_time(s.saturating_mul(1000)),
+            )
+        };
+        if now > self.not_after {
+            Some(format!(
+                "the certificate expired at {}",
+                date(self.not_after)
+            ))
+        } else if now < self.not_before {
+            Some(format!(
+                "the certificate is not valid before {}",
+                date(self.not_before)
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 impl CertStore {
     /// Reads and checks the certificate and key named by `tls`; the error
-    /// names the config file, the key and the file at fault.
+    /// names the config file, the key and the file at fault. A certificate
+    /// outside its validity period is accepted here (see the module's
+    /// documentation); [`CertStore::validity_problem`] says so.
     pub fn open(tls: &TlsConfig, source: &str) -> Result<Self, ConfigError> {
-        let key = load(&tls.cert_path, &tls.key_path, source)?;
+        let (key, validity) = load(&tls.cert_path, &tls.key_path, source)?;
+        let not_after = IntGauge::new(
+            "tls_certificate_not_after_timestamp_seconds",
+            "When the certificate the HTTPS listener serves expires (its notAfter), in Unix seconds.",
+        )
+        .map_err(|e| metric_error(source, e))?;
+        not_after.set(validity.not_after);
+        let reload_failures = IntCounter::new(
+            "tls_certificate_reload_failures_total",
+            "Certificate reloads refused (unreadable or mismatched files, or a certificate outside its validity period); the previous certificate stayed.",
+        )
+        .map_err(|e| metric_error(source, e))?;
         Ok(Self {
             current: ArcSwap::from_pointee(key),
+            validity: std::sync::Mutex::new(validity),
             cert_path: tls.cert_path.clone(),
             key_path: tls.key_path.clone(),
             source: source.to_owned(),
+            not_after,
+            reload_failures,
         })
     }
 
-    /// Re-reads the files and, when they are good, serves them from the
-    /// next handshake on. On error the current certificate stays.
+    /// Re-reads the files and, when they are good and the certificate is
+    /// within its validity period, serves them from the next handshake on.
+    /// On error the current certificate stays.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let key = load(&self.cert_path, &self.key_path, &self.source)?;
+        let loaded =
+            load(&self.cert_path, &self.key_path, &self.source).and_then(|(key, v)| {
+                match v.problem_at(unix_now()) {
+                    None => Ok((key, v)),
+                    Some(problem) => Err(ConfigError {
+                        file: self.source.clone(),
+                        key: "tls.cert_path".into(),
+                        problem: format!("{}: {problem}", self.cert_path.display()),
+                    }),
+                }
+            });
+        let (key, validity) = loaded.inspect_err(|_| self.reload_failures.inc())?;
+        let mut served = self.validity.lock().unwrap_or_else(|p| p.into_inner());
         self.current.store(Arc::new(key));
+        *served = validity;
+        self.not_after.set(validity.not_after);
         Ok(())
+    }
+
+    /// Why the certificate being served should not be (expired, or not
+    /// valid yet), naming the config file, key and file; `None` when it is
+    /// within its validity period.
+    pub fn validity_problem(&self) -> Option<ConfigError> {
+        let validity = *self.validity.lock().unwrap_or_else(|p| p.into_inner());
+        validity.problem_at(unix_now()).map(|problem| ConfigError {
+            file: self.source.clone(),
+            key: "tls.cert_path".into(),
+            problem: format!("{}: {problem}", self.cert_path.display()),
+        })
+    }
+
+    /// The series this store keeps up to date, for the edge's registry.
+    pub fn metrics(&self) -> [Box<dyn prometheus::core::Collector>; 2] {
+        [
+            Box::new(self.not_after.clone()),
+            Box::new(self.reload_failures.clone()),
+        ]
     }
 
     /// SHA-256 of the leaf certificate being served, in hex (for logs).
@@ -100,9 +202,38 @@ fn fingerprint(key: &CertifiedKey) -> String {
         .collect()
 }
 
-/// Reads a PEM certificate chain and its private key, and checks that they
-/// belong together.
-fn load(cert_path: &Path, key_path: &Path, source: &str) -> Result<CertifiedKey, ConfigError> {
+fn metric_error(source: &str, e: prometheus::Error) -> ConfigError {
+    ConfigError {
+        file: source.to_owned(),
+        key: "tls".into(),
+        problem: format!("registering the certificate's metrics: {e}"),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The validity period of a DER certificate.
+fn validity_of(der: &[u8]) -> Result<Validity, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the certificate does not parse as X.509: {e}"))?;
+    let v = cert.validity();
+    Ok(Validity {
+        not_before: v.not_before.timestamp(),
+        not_after: v.not_after.timestamp(),
+    })
+}
+
+/// Reads a PEM certificate chain and its private key, checks that they
+/// belong together, and reads the leaf's validity period.
+fn load(
+    cert_path: &Path,
+    key_path: &Path,
+    source: &str,
+) -> Result<(CertifiedKey, Validity), ConfigError> {
     let err = |key: &str, path: &Path, problem: String| ConfigError {
         file: source.to_owned(),
         key: key.to_owned(),
@@ -141,15 +272,20 @@ fn load(cert_path: &Path, key_path: &Path, source: &str) -> Result<CertifiedKey,
         Ok(None) => return Err(cert_err("no certificate or no key could be read".into())),
         Err(e) => return Err(cert_err(e.to_string())),
     };
+    let leaf = certs
+        .first()
+        .ok_or_else(|| cert_err("no certificate in it".into()))?;
+    let validity = validity_of(leaf.as_ref()).map_err(cert_err)?;
     pingora::tls::install_default_crypto_provider();
     let provider = CryptoProvider::get_default()
         .ok_or_else(|| cert_err("no rustls crypto provider installed".into()))?;
-    CertifiedKey::from_der(certs, key, provider).map_err(|e| {
+    let key = CertifiedKey::from_der(certs, key, provider).map_err(|e| {
         key_err(format!(
             "unusable with the certificate in {}: {e}",
             cert_path.display()
         ))
-    })
+    })?;
+    Ok((key, validity))
 }
 
 /// The TLS settings of the HTTPS listener: certificates from `store`,
