@@ -25,6 +25,8 @@
 //! | `snapshot_get/calibration/code_hash` | 4.9 ns | 3.9 ns | |
 //! | `snapshot_get/calibration/1k/hit_warm` | 43.9 ns | 35.6 ns | all in L1/L2 |
 //! | `snapshot_get/calibration/dram_chase_1GiB` | 359 ns | 304 ns | one dependent DRAM + TLB miss |
+//! | `snapshot_get/calibration/dram_chase_1GiB_2MiB_pages` | 197 ns | 242 ns | one dependent DRAM miss, page walks mostly gone (2026-11-27, 3 runs) |
+//! | `snapshot_get/calibration/dram_random_1GiB_2MiB_pages` | 15.1 ns | 17.5 ns | independent random reads overlapping (same runs) |
 //! | `snapshot_get/1M/hit_cold` | 344 ns | 260 ns | target missed |
 //! | `snapshot_get/1M/hit_cold_serial` | 387 ns | 378 ns | latency, no overlap |
 //! | `snapshot_get/1M/miss_cold` | 85.4 ns | 62.6 ns | |
@@ -67,8 +69,12 @@
 //!   ranks from a continuous Zipf(s = 1) approximation over all codes
 //!   (rank = floor((N + 1)^u)), so the head is hot and the tail cold.
 //! - `snapshot_get/calibration/*`: floors to read those against: the code
-//!   hash alone, `get` on a 1000-link snapshot that stays in cache, and one
-//!   dependent random read in 1 GiB of 4 KiB-page memory (DRAM + TLB miss).
+//!   hash alone, `get` on a 1000-link snapshot that stays in cache, one
+//!   dependent random read in 1 GiB of 4 KiB-page memory (DRAM + TLB miss),
+//!   the same on 2 MiB pages (DRAM alone: the latency floor of any cold
+//!   lookup, whatever the layout), and independent random reads on 2 MiB
+//!   pages (how many misses the memory system overlaps: the throughput
+//!   floor).
 //! - `*_cputime` groups: the lookup benches again, timed by the thread's CPU
 //!   clock instead of the wall clock (see `ThreadCpuTime`).
 //! - `overlay/*`: a `TableView` of the 1M snapshot plus 10k newer puts applied
@@ -543,6 +549,52 @@ fn calibration_benches<Ms: Measurement>(g: &mut BenchmarkGroup<'_, Ms>) {
         b.iter(|| {
             at = chase[at as usize];
             at
+        })
+    });
+    drop(chase);
+    // The same chain in 1 GiB of anonymous memory advised onto 2 MiB pages
+    // (as snapshots are mapped): what one dependent DRAM read costs with
+    // the TLB misses mostly gone, the floor of any cold lookup that must
+    // read one random cache line of a large table. Then independent random
+    // reads of it (the next index does not wait for the last read): the
+    // floor of cold lookups that overlap, as `hit_cold` lets them.
+    let mut huge = memmap2::MmapMut::map_anon(8 << 27).expect("map 1 GiB");
+    let _ = huge.advise(memmap2::Advice::HugePage);
+    // SAFETY: the mapping is page-aligned, 8-byte multiples long, and
+    // zero-filled; any bit pattern is a valid u64.
+    let slots: &mut [u64] =
+        unsafe { std::slice::from_raw_parts_mut(huge.as_mut_ptr().cast(), huge.len() / 8) };
+    for (i, slot) in slots.iter_mut().enumerate() {
+        *slot = (i as u64)
+            .wrapping_mul(0x5851_f42d_4c95_7f2d)
+            .wrapping_add(0x1405_7b7e_f767_814f)
+            & (SLOTS - 1);
+    }
+    let thp_kb = fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("AnonHugePages:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        });
+    eprintln!(
+        "calibration: AnonHugePages {} (2 MiB pages under the 1 GiB chase buffer when about 1048576 kB)",
+        thp_kb.map_or_else(|| "unknown".to_owned(), |kb| format!("{kb} kB"))
+    );
+    let slots = &*slots;
+    let mut at = 0u64;
+    g.bench_function("calibration/dram_chase_1GiB_2MiB_pages", |b| {
+        b.iter(|| {
+            at = slots[at as usize];
+            at
+        })
+    });
+    let mut i = 0u64;
+    g.bench_function("calibration/dram_random_1GiB_2MiB_pages", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            // A fixed odd multiplier scatters consecutive i over the buffer.
+            slots[(i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 37) as usize]
         })
     });
 }

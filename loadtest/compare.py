@@ -61,6 +61,7 @@ Usage: compare.py [--uload PATH] [--rounds 3] [--duration 10] [N ...]
 import argparse
 import atexit
 import collections
+import hashlib
 import http.client
 import json
 import math
@@ -695,6 +696,56 @@ def paired_ratios(runs, key, a="edge", b="nginx"):
     return [by[(t, a)] / by[(t, b)] for t in rounds if (t, a) in by and (t, b) in by and by[(t, b)]]
 
 
+def sha256_of(path):
+    """The SHA-256 of a file in hex (the uload binary a run used), or None."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def pool(results):
+    """Round runs of several results files (dicts as compare.py writes them)
+    as one list, the rounds renumbered so that each file's pairs stay
+    together and none collide. All must be for the same link count, and
+    where the files name the uload binary (`uload_sha256`), the same one."""
+    ns = {r["info"]["n"] for r in results}
+    if len(ns) != 1:
+        raise ValueError(f"results for different link counts: {sorted(ns)}")
+    shas = {r["info"].get("uload_sha256") for r in results} - {None}
+    if len(shas) > 1:
+        raise ValueError(f"results from different uload binaries: {sorted(shas)}")
+    pooled, offset = [], 0
+    for r in results:
+        last = 0
+        for run in r["runs"]:
+            m = re.match(r"r(\d+)-(.*)", run["tag"])
+            if m:
+                last = max(last, int(m.group(1)))
+                pooled.append(dict(run, tag=f"r{offset + int(m.group(1))}-{m.group(2)}"))
+        offset += last
+    return pooled
+
+
+def pool_report(paths):
+    """`--pool`: the per-round verdicts of the two nginx targets for each
+    file and for all of them together."""
+    results = [json.load(open(p)) for p in paths]
+    pooled = pool(results)
+    out = []
+    for name, runs in [(p, res["runs"]) for p, res in zip(paths, results)] + [("pooled", pooled)]:
+        for key, label, limit in (("cpu_us_per_req", "server CPU per redirect ÷ nginx's", 0.8),
+                                  ("p99_us", "p99 ÷ nginx's", 1.0)):
+            rs = paired_ratios(runs, key)
+            if not rs:
+                continue
+            m, low, high, cov, met, robust = verdict(rs, limit)
+            out.append(f"{name}: {label}: {len(rs)} rounds, median {m:.3f}, {cov:.1%} interval {low:.3f} to {high:.3f}: "
+                       f"{'met' if met else 'NOT met'} (target {limit}), {'robustly' if robust else 'not robustly'}")
+    return "\n".join(out) + "\n"
+
+
 def median_interval(xs, level=0.95):
     """A distribution-free confidence interval for the median of `xs`: the
     order statistics x(k) and x(n+1-k) for the largest k whose interval
@@ -710,6 +761,17 @@ def median_interval(xs, level=0.95):
             break
         k, coverage = j, c
     return xs[k - 1], xs[n - k], coverage
+
+
+def verdict(ratios, limit):
+    """Per-round ratios against a target ratio (at most `limit`): their
+    median, its confidence interval (low, high, coverage), whether the
+    median meets the target, and whether the whole interval is on the same
+    side of it (robustly)."""
+    m = statistics.median(ratios)
+    low, high, coverage = median_interval(ratios)
+    met = m <= limit
+    return m, low, high, coverage, met, (high <= limit if met else low > limit)
 
 
 def targets(n, summ, runs=()):
@@ -728,11 +790,9 @@ def targets(n, summ, runs=()):
         rs = paired_ratios(runs, key)
         if not rs:
             return medians <= limit, f"ratio of the medians {medians:.2f}×"
-        m = statistics.median(rs)
-        low, high, coverage = median_interval(rs)
-        clear = high <= limit if m <= limit else low > limit
+        m, low, high, coverage, met, clear = verdict(rs, limit)
         robust = "robustly" if clear else "not robustly: the interval crosses the target"
-        return m <= limit, (f"median of the per-round ratios {m:.2f}×, {coverage:.0%} interval {low:.2f} to {high:.2f}, "
+        return met, (f"median of the per-round ratios {m:.2f}×, {coverage:.0%} interval {low:.2f} to {high:.2f}, "
                             f"{robust} (rounds " + ", ".join(f"{x:.2f}" for x in rs)
                             + f"); ratio of the medians {medians:.2f}×")
     if ng:
@@ -1074,7 +1134,7 @@ def compare(args, n, uload_bin):
         "n": n, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "uload_import_s": round(import_s, 2),
         "wrk": f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency --timeout 2s -s loadtest/redirect_mix.lua",
         "rounds": args.rounds, "loadavg_end": loadavg(), "extra": extra, "perf": perf_reports,
-        "syscalls_per_request": syscalls,
+        "syscalls_per_request": syscalls, "uload_sha256": sha256_of(args.uload),
     }
     md = [f"### {n:,} links", "",
           f"{info['date']}; {args.rounds} rounds of A B C, `{info['wrk']}`; uload import of the links: {import_s:.1f} s.",
@@ -1139,9 +1199,18 @@ def main():
     ap.add_argument("--ratio-to", default="nginx", metavar="SERVER",
                     help="the table's ratio columns are to this server (default nginx; e.g. edge-base)")
     ap.add_argument("--tag", default="", help="suffix for the results files (e.g. an experiment's name)")
+    ap.add_argument("--pool", nargs="+", metavar="RESULTS_JSON",
+                    help="no run: the edge-vs-nginx verdicts (CPU per request, p99) of saved results-N.json files, "
+                         "each and all rounds together (same link count and, where recorded, the same uload binary)")
     args = ap.parse_args()
     if args.shares:
         print(perf_shares(args.shares), end="")
+        return
+    if args.pool:
+        try:
+            print(pool_report(args.pool), end="")
+        except (OSError, ValueError, KeyError) as e:
+            sys.exit(f"compare.py --pool: {e}")
         return
     args.servers = [s for s in args.servers.split(",") if s]
     for s in args.servers:

@@ -81,5 +81,35 @@ class Verdicts(unittest.TestCase):
         self.assertEqual(compare.paired_ratios(runs, "cpu_us_per_req"), [0.7, 1.0])
 
 
+class Pool(unittest.TestCase):
+    def results(self, edge_cpu, nginx_cpu, n=1_000_000, sha="a"):
+        return {"info": {"n": n, "uload_sha256": sha}, "runs": rounds(edge_cpu, nginx_cpu)}
+
+    def test_rounds_of_several_files_stay_paired(self):
+        a = self.results([7.0, 8.0], [10.0, 10.0])
+        b = self.results([9.0, 6.0, 7.5], [10.0, 10.0, 10.0])
+        pooled = compare.pool([a, b])
+        self.assertEqual(sorted(compare.paired_ratios(pooled, "cpu_us_per_req")), [0.6, 0.7, 0.75, 0.8, 0.9])
+        self.assertEqual(len({r["tag"] for r in pooled}), 10)
+
+    def test_more_rounds_can_settle_a_verdict(self):
+        # Each file alone: median 0.76 with an interval reaching past 0.8;
+        # together the interval is under it.
+        ratios = [0.70, 0.72, 0.73, 0.74, 0.75, 0.76, 0.77, 0.78, 0.79, 0.82, 0.85]
+        one = self.results([r * 10 for r in ratios], [10.0] * len(ratios))
+        m, low, high, cov, met, robust = compare.verdict(compare.paired_ratios(one["runs"], "cpu_us_per_req"), 0.8)
+        self.assertTrue(met)
+        self.assertFalse(robust)
+        pooled = compare.pool([one] * 5)
+        m, low, high, cov, met, robust = compare.verdict(compare.paired_ratios(pooled, "cpu_us_per_req"), 0.8)
+        self.assertTrue(met and robust, (m, low, high, cov))
+
+    def test_refuses_mixed_sizes_or_binaries(self):
+        with self.assertRaises(ValueError):
+            compare.pool([self.results([7.0], [10.0]), self.results([7.0], [10.0], n=10_000_000)])
+        with self.assertRaises(ValueError):
+            compare.pool([self.results([7.0], [10.0]), self.results([7.0], [10.0], sha="b")])
+
+
 if __name__ == "__main__":
     unittest.main()

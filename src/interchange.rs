@@ -1,7 +1,7 @@
 //! Link interchange files: what `uload import` reads and `uload export` writes.
 //!
 //! - TSV: `code<TAB>url` per line; blank lines and lines starting with `#`
-//!   are skipped.
+//!   are skipped. Lines end with LF, CRLF or a lone CR.
 //! - CSV with a header row naming at least `code` and `url`; optional columns
 //!   `status`, `created_at`, `expires_at`, `max_clicks`, `forward_query`,
 //!   `disabled`, `owner_key_id`.
@@ -209,7 +209,9 @@ pub fn read_links(
     mut visit: impl FnMut(u64, Result<Link, RowError>),
 ) -> io::Result<()> {
     match format {
-        Format::Tsv => read_lines(input, |line, text| {
+        // No code or URL holds a raw CR, so a lone one can only end a line;
+        // in JSON lines it may be whitespace inside a row.
+        Format::Tsv => read_lines(input, true, |line, text| {
             let text = match text {
                 Ok(t) => t,
                 Err(e) => return visit(line, Err(e)),
@@ -240,7 +242,7 @@ pub fn read_links(
             };
             visit(line, row);
         }),
-        Format::JsonLines => read_lines(input, |line, text| {
+        Format::JsonLines => read_lines(input, false, |line, text| {
             let text = match text {
                 Ok(t) => t,
                 Err(e) => return visit(line, Err(e)),
@@ -313,9 +315,12 @@ fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
 
 /// Calls `visit` with each line's number and text (without its line ending,
 /// nor a byte order mark at the start of the file), or a refusal for a line
-/// that is not UTF-8.
+/// that is not UTF-8. Lines end with LF or CRLF; with `lone_cr_ends_line`, a
+/// CR alone ends one too (files saved with classic Mac line ends, which the
+/// CSV reader also takes).
 fn read_lines(
     mut input: impl BufRead,
+    lone_cr_ends_line: bool,
     mut visit: impl FnMut(u64, Result<&str, RowError>),
 ) -> io::Result<()> {
     let mut buf = Vec::new();
@@ -325,19 +330,22 @@ fn read_lines(
         if input.read_until(b'\n', &mut buf)? == 0 {
             return Ok(());
         }
-        line += 1;
         while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
             buf.pop();
         }
-        // A UTF-8 byte order mark (as Windows editors write) is not part of
-        // the first line; the CSV reader skips it too.
-        let bytes = match line {
-            1 => buf.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&buf),
-            _ => &buf,
-        };
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| row_error(line, "row", format!("not valid UTF-8 ({e})")));
-        visit(line, text);
+        // `split` yields at least one piece, possibly empty (a blank line).
+        for piece in buf.split(|&b| lone_cr_ends_line && b == b'\r') {
+            line += 1;
+            // A UTF-8 byte order mark (as Windows editors write) is not
+            // part of the first line; the CSV reader skips it too.
+            let bytes = match line {
+                1 => piece.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(piece),
+                _ => piece,
+            };
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| row_error(line, "row", format!("not valid UTF-8 ({e})")));
+            visit(line, text);
+        }
     }
 }
 
@@ -589,6 +597,31 @@ mod tests {
                 (7, "url".into())
             ]
         );
+    }
+
+    #[test]
+    fn tsv_lines_may_end_with_a_lone_cr_and_json_rows_may_hold_one() {
+        let rows = read(
+            Format::Tsv,
+            "a\thttps://x/\rb\thttps://y/\r\rbad code\thttps://z/\r\nc\thttps://w/\n",
+        );
+        let codes: Vec<_> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|l| l.code.as_str()))
+            .collect();
+        assert_eq!(codes, ["a", "b", "c"]);
+        let refused: Vec<_> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| (e.line, e.field.as_str())))
+            .collect();
+        assert_eq!(refused, [(4, "code")]);
+        // In JSON lines a CR between tokens is whitespace, not a line end.
+        let rows = read(
+            Format::JsonLines,
+            "{\"code\":\"a\",\r\"url\":\"https://x/\"}\r\n{\"code\":\"b\",\"url\":\"https://y/\"}\n",
+        );
+        assert!(rows.iter().all(|r| r.is_ok()), "{rows:?}");
+        assert_eq!(rows.len(), 2);
     }
 
     #[test]

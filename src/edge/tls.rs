@@ -141,17 +141,8 @@ impl CertStore {
     /// within its validity period, serves them from the next handshake on.
     /// On error the current certificate stays.
     pub fn reload(&self) -> Result<(), ConfigError> {
-        let loaded =
-            load(&self.cert_path, &self.key_path, &self.source).and_then(|(key, v)| {
-                match v.problem_at(unix_now()) {
-                    None => Ok((key, v)),
-                    Some(problem) => Err(ConfigError {
-                        file: self.source.clone(),
-                        key: "tls.cert_path".into(),
-                        problem: format!("{}: {problem}", self.cert_path.display()),
-                    }),
-                }
-            });
+        let loaded = load(&self.cert_path, &self.key_path, &self.source)
+            .and_then(|(key, v)| self.validity_error(v).map_or(Ok((key, v)), Err));
         let (key, validity) = loaded.inspect_err(|_| self.reload_failures.inc())?;
         let mut served = self.validity.lock().unwrap_or_else(|p| p.into_inner());
         self.current.store(Arc::new(key));
@@ -164,7 +155,13 @@ impl CertStore {
     /// valid yet), naming the config file, key and file; `None` when it is
     /// within its validity period.
     pub fn validity_problem(&self) -> Option<ConfigError> {
-        let validity = *self.validity.lock().unwrap_or_else(|p| p.into_inner());
+        let served = *self.validity.lock().unwrap_or_else(|p| p.into_inner());
+        self.validity_error(served)
+    }
+
+    /// The error naming this store's certificate file when `validity` does
+    /// not cover the present.
+    fn validity_error(&self, validity: Validity) -> Option<ConfigError> {
         validity.problem_at(unix_now()).map(|problem| ConfigError {
             file: self.source.clone(),
             key: "tls.cert_path".into(),
