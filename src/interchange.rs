@@ -114,9 +114,9 @@ impl LinkJson {
         }
     }
 
-    /// Validates every field and builds the link; `now_ms` is the creation
-    /// time when none is given.
-    pub fn into_link(self, now_ms: u64) -> Result<Link, (&'static str, String)> {
+    /// Validates every field and builds the link, with `defaults` for the
+    /// creation time and status when the row gives none.
+    pub fn into_link(self, defaults: RowDefaults) -> Result<Link, (&'static str, String)> {
         // RecordError's text starts with the field name; the caller adds it.
         let rec = |field: &'static str| {
             move |e: RecordError| {
@@ -142,11 +142,11 @@ impl LinkJson {
         let target = crate::admin::normalize_target(&self.url).map_err(|e| ("url", e.message))?;
         let status = match self.status {
             Some(s) => RedirectStatus::from_code(s).map_err(rec("status"))?,
-            None => RedirectStatus::default(),
+            None => defaults.status,
         };
         let created_at_ms = match &self.created_at {
             Some(t) => parse_time(t).map_err(|m| ("created_at", m))?,
-            None => now_ms,
+            None => defaults.now_ms,
         };
         let expires_at_ms = match &self.expires_at {
             Some(t) => Some(parse_time(t).map_err(|m| ("expires_at", m))?),
@@ -200,12 +200,32 @@ pub fn parse_time(text: &str) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// What a row that leaves them out gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowDefaults {
+    /// Creation time, in milliseconds since the epoch.
+    pub now_ms: u64,
+    /// Redirect status (`uload import --default-status`; the API's is
+    /// `edge.default_status`).
+    pub status: RedirectStatus,
+}
+
+impl RowDefaults {
+    /// Created at `now_ms`, with the status a link gets by default (302).
+    pub fn at(now_ms: u64) -> Self {
+        Self {
+            now_ms,
+            status: RedirectStatus::default(),
+        }
+    }
+}
+
 /// Reads links from `input`, calling `visit` with each row's 1-based line
 /// number and either the link or why it was refused. I/O errors end the read.
 pub fn read_links(
     input: impl BufRead,
     format: Format,
-    now_ms: u64,
+    defaults: RowDefaults,
     mut visit: impl FnMut(u64, Result<Link, RowError>),
 ) -> io::Result<()> {
     match format {
@@ -227,7 +247,7 @@ pub fn read_links(
                     url: url.to_owned(),
                     ..Default::default()
                 }
-                .into_link(now_ms)
+                .into_link(defaults)
                 .map_err(|(field, message)| row_error(line, field, message)),
                 (None, _) => Err(row_error(
                     line,
@@ -252,10 +272,13 @@ pub fn read_links(
             }
             let row = parse_json_line(text)
                 .map_err(|(f, m)| row_error(line, &f, m))
-                .and_then(|j| j.into_link(now_ms).map_err(|(f, m)| row_error(line, f, m)));
+                .and_then(|j| {
+                    j.into_link(defaults)
+                        .map_err(|(f, m)| row_error(line, f, m))
+                });
             visit(line, row);
         }),
-        Format::Csv => read_csv(input, now_ms, visit),
+        Format::Csv => read_csv(input, defaults, visit),
     }
 }
 
@@ -351,7 +374,7 @@ fn read_lines(
 
 fn read_csv(
     input: impl BufRead,
-    now_ms: u64,
+    defaults: RowDefaults,
     mut visit: impl FnMut(u64, Result<Link, RowError>),
 ) -> io::Result<()> {
     let lines = LineTracker::default();
@@ -428,7 +451,7 @@ fn read_csv(
         let line = record.position().map_or(0, |p| lines.line_at(p.byte()));
         visit(
             line,
-            csv_row(&headers, &record, now_ms).map_err(|(f, m)| row_error(line, f, m)),
+            csv_row(&headers, &record, defaults).map_err(|(f, m)| row_error(line, f, m)),
         );
     }
     Ok(())
@@ -507,7 +530,7 @@ impl<R: io::Read> io::Read for Tracked<R> {
 fn csv_row(
     headers: &csv::StringRecord,
     record: &csv::StringRecord,
-    now_ms: u64,
+    defaults: RowDefaults,
 ) -> Result<Link, (&'static str, String)> {
     if record.len() != headers.len() {
         return Err((
@@ -552,7 +575,7 @@ fn csv_row(
             _ => {}
         }
     }
-    j.into_link(now_ms)
+    j.into_link(defaults)
 }
 
 #[cfg(test)]
@@ -561,7 +584,10 @@ mod tests {
 
     fn read(format: Format, text: &str) -> Vec<Result<Link, RowError>> {
         let mut out = Vec::new();
-        read_links(text.as_bytes(), format, 1_000, |_, r| out.push(r)).unwrap();
+        read_links(text.as_bytes(), format, RowDefaults::at(1_000), |_, r| {
+            out.push(r)
+        })
+        .unwrap();
         out
     }
 
@@ -769,9 +795,12 @@ mod tests {
     #[test]
     fn invalid_utf8_is_a_refused_row() {
         let mut out = Vec::new();
-        read_links(&b"a\thttps://x/\xff\n"[..], Format::Tsv, 0, |_, r| {
-            out.push(r)
-        })
+        read_links(
+            &b"a\thttps://x/\xff\n"[..],
+            Format::Tsv,
+            RowDefaults::at(0),
+            |_, r| out.push(r),
+        )
         .unwrap();
         assert_eq!(out.len(), 1);
         let e = out[0].as_ref().unwrap_err();

@@ -26,15 +26,22 @@ fn import(file: &Path, data: &Path) -> Output {
     ])
 }
 
-/// The codes and URLs `uload export` writes for the data dir, in code order.
-fn exported(data: &Path) -> Vec<(String, String)> {
+/// The links `uload export` writes for the data dir, in code order.
+fn export_lines(data: &Path) -> Vec<serde_json::Value> {
     let out = uload(&["export", "--data-dir", data.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The codes and URLs `uload export` writes for the data dir, in code order.
+fn exported(data: &Path) -> Vec<(String, String)> {
+    export_lines(data)
+        .iter()
+        .map(|v| {
             (
                 v["code"].as_str().unwrap().to_owned(),
                 v["url"].as_str().unwrap().to_owned(),
@@ -77,6 +84,57 @@ fn import_refuses_rows_the_api_refuses() {
         exported(&data),
         [("good".to_owned(), "https://example.com/ok".to_owned())]
     );
+}
+
+/// Rows without a status get `--default-status` (the API gives such links
+/// `edge.default_status`; an import used to give them 302 whatever the
+/// edge's setting); rows with one keep theirs; a status that is not a
+/// redirect is refused before anything is read.
+#[test]
+fn import_default_status_applies_to_rows_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("links.csv");
+    fs::write(
+        &file,
+        "code,url,status\na,https://example.com/a,\nb,https://example.com/b,307\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let (file_arg, data_arg) = (file.to_str().unwrap(), data.to_str().unwrap());
+    let out = uload(&[
+        "import",
+        file_arg,
+        "--data-dir",
+        data_arg,
+        "--default-status",
+        "200",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"200\" is not 301, 302, 307 or 308"),
+        "{stderr}"
+    );
+    assert!(!data.exists(), "a refused command created the data dir");
+    let out = uload(&[
+        "import",
+        file_arg,
+        "--data-dir",
+        data_arg,
+        "--default-status",
+        "301",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let statuses: Vec<(String, u64)> = export_lines(&data)
+        .iter()
+        .map(|v| {
+            (
+                v["code"].as_str().unwrap().to_owned(),
+                v["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses, [("a".to_owned(), 301), ("b".to_owned(), 307)]);
 }
 
 /// A file that starts with a UTF-8 byte order mark (as Windows editors and

@@ -13,7 +13,7 @@ use uload::admin::{is_reserved, normalize_target};
 use uload::config::Config;
 use uload::edge::fast_path::differs_from_pingora;
 use uload::edge::redirect::{Route, location_into, route, split_target};
-use uload::interchange::{Format, LinkJson, read_links};
+use uload::interchange::{Format, LinkJson, RowDefaults, read_links};
 use uload::store::datadir::Manifest;
 use uload::store::frame::{LogOp, decode_frame, encode_frame};
 use uload::store::record::{Link, RedirectStatus, validate_code, validate_target};
@@ -246,8 +246,10 @@ const NOW_MS: u64 = 1_764_000_000_000;
 ///   defaults.
 pub fn check_import(format: Format, data: &[u8]) {
     let mut rows = Vec::new();
-    read_links(data, format, NOW_MS, |line, row| rows.push((line, row)))
-        .expect("reading from memory cannot fail");
+    read_links(data, format, RowDefaults::at(NOW_MS), |line, row| {
+        rows.push((line, row))
+    })
+    .expect("reading from memory cannot fail");
     let lines = file_lines(data, format == Format::Tsv);
     let last_line = lines.len().max(1) as u64;
     for (line, row) in &rows {
@@ -363,7 +365,7 @@ pub fn check_imported_link(link: &Link) {
     read_links(
         format!("{export}\n").as_bytes(),
         Format::JsonLines,
-        NOW_MS + 1,
+        RowDefaults::at(NOW_MS + 1),
         |line, row| back.push((line, row)),
     )
     .unwrap();

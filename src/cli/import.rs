@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{CliError, DataDirArg};
-use crate::interchange::{Format, RowError, read_links};
-use crate::store::record::{Link, now_ms, order_by_code};
+use crate::interchange::{Format, RowDefaults, RowError, read_links};
+use crate::store::record::{Link, RedirectStatus, now_ms, order_by_code};
 use crate::store::{LogOp, Store};
 
 /// Links appended per log append (and so per fsync).
@@ -38,6 +38,18 @@ pub struct ImportArgs {
     /// Import nothing if any row is refused.
     #[arg(long)]
     strict: bool,
+    /// Redirect status of rows that give none: 301, 302, 307 or 308 (set it
+    /// to the edge's `edge.default_status`, which the API gives links
+    /// created without one).
+    #[arg(long, default_value = "302", value_parser = parse_status)]
+    default_status: RedirectStatus,
+}
+
+fn parse_status(text: &str) -> Result<RedirectStatus, String> {
+    text.parse::<u16>()
+        .ok()
+        .and_then(|n| RedirectStatus::from_code(n).ok())
+        .ok_or_else(|| format!("{text:?} is not 301, 302, 307 or 308"))
 }
 
 pub fn run(args: ImportArgs) -> Result<(), CliError> {
@@ -62,7 +74,10 @@ pub fn run(args: ImportArgs) -> Result<(), CliError> {
     read_links(
         BufReader::with_capacity(1 << 20, input),
         format,
-        now_ms(),
+        RowDefaults {
+            now_ms: now_ms(),
+            status: args.default_status,
+        },
         |line, row| match row {
             Err(e) => refused.push(e),
             Ok(link) => {
