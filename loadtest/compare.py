@@ -708,14 +708,23 @@ def sha256_of(path):
 def pool(results):
     """Round runs of several results files (dicts as compare.py writes them)
     as one list, the rounds renumbered so that each file's pairs stay
-    together and none collide. All must be for the same link count, and
-    where the files name the uload binary (`uload_sha256`), the same one."""
-    ns = {r["info"]["n"] for r in results}
-    if len(ns) != 1:
-        raise ValueError(f"results for different link counts: {sorted(ns)}")
-    shas = {r["info"].get("uload_sha256") for r in results} - {None}
-    if len(shas) > 1:
-        raise ValueError(f"results from different uload binaries: {sorted(shas)}")
+    together and none collide. Refused (ValueError): files for different
+    link counts or wrk settings, files from different uload binaries
+    (`uload_sha256`; every file must record it or none), and the same runs
+    given twice (which would only look like more rounds)."""
+    def one(key, what):
+        values = {json.dumps(r["info"].get(key)) for r in results}
+        if len(values) > 1:
+            raise ValueError(f"results with different {what}: {sorted(values)}")
+    one("n", "link counts")
+    one("wrk", "wrk settings")
+    one("uload_sha256", "uload binaries (or some without a recorded binary)")
+    seen = set()
+    for r in results:
+        key = json.dumps(r["runs"], sort_keys=True)
+        if key in seen:
+            raise ValueError("the same runs given twice")
+        seen.add(key)
     pooled, offset = [], 0
     for r in results:
         last = 0
@@ -734,6 +743,8 @@ def pool_report(paths):
     results = [json.load(open(p)) for p in paths]
     pooled = pool(results)
     out = []
+    if results[0]["info"].get("uload_sha256") is None:
+        out.append("note: these results do not record their uload binary; pool only runs of the same build")
     for name, runs in [(p, res["runs"]) for p, res in zip(paths, results)] + [("pooled", pooled)]:
         for key, label, limit in (("cpu_us_per_req", "server CPU per redirect ÷ nginx's", 0.8),
                                   ("p99_us", "p99 ÷ nginx's", 1.0)):
@@ -1134,7 +1145,7 @@ def compare(args, n, uload_bin):
         "n": n, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "uload_import_s": round(import_s, 2),
         "wrk": f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency --timeout 2s -s loadtest/redirect_mix.lua",
         "rounds": args.rounds, "loadavg_end": loadavg(), "extra": extra, "perf": perf_reports,
-        "syscalls_per_request": syscalls, "uload_sha256": sha256_of(args.uload),
+        "syscalls_per_request": syscalls, "uload_sha256": args.uload_sha256,
     }
     md = [f"### {n:,} links", "",
           f"{info['date']}; {args.rounds} rounds of A B C, `{info['wrk']}`; uload import of the links: {import_s:.1f} s.",
@@ -1263,6 +1274,8 @@ def main():
         shutil.copy2(args.uload, uload_bin + ".tmp")
         os.replace(uload_bin + ".tmp", uload_bin)
     args.uload_bin = uload_bin
+    # The binary the edges run (the private copy), for --pool's check.
+    args.uload_sha256 = sha256_of(uload_bin) if uload_bin else None
     for name, path in args.edge_bins.items():
         copy = os.path.join(args.workdir, "bin", f"uload-{name}")
         os.makedirs(os.path.dirname(copy), exist_ok=True)

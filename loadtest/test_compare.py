@@ -82,8 +82,8 @@ class Verdicts(unittest.TestCase):
 
 
 class Pool(unittest.TestCase):
-    def results(self, edge_cpu, nginx_cpu, n=1_000_000, sha="a"):
-        return {"info": {"n": n, "uload_sha256": sha}, "runs": rounds(edge_cpu, nginx_cpu)}
+    def results(self, edge_cpu, nginx_cpu, n=1_000_000, sha="a", wrk="wrk -t1 -c32 -d10s"):
+        return {"info": {"n": n, "uload_sha256": sha, "wrk": wrk}, "runs": rounds(edge_cpu, nginx_cpu)}
 
     def test_rounds_of_several_files_stay_paired(self):
         a = self.results([7.0, 8.0], [10.0, 10.0])
@@ -96,13 +96,22 @@ class Pool(unittest.TestCase):
         # Each file alone: median 0.76 with an interval reaching past 0.8;
         # together the interval is under it.
         ratios = [0.70, 0.72, 0.73, 0.74, 0.75, 0.76, 0.77, 0.78, 0.79, 0.82, 0.85]
-        one = self.results([r * 10 for r in ratios], [10.0] * len(ratios))
-        m, low, high, cov, met, robust = compare.verdict(compare.paired_ratios(one["runs"], "cpu_us_per_req"), 0.8)
+        runs = [self.results([r * 10 for r in ratios], [10.0 + k / 100] * len(ratios)) for k in range(5)]
+        m, low, high, cov, met, robust = compare.verdict(compare.paired_ratios(runs[0]["runs"], "cpu_us_per_req"), 0.8)
         self.assertTrue(met)
         self.assertFalse(robust)
-        pooled = compare.pool([one] * 5)
+        pooled = compare.pool(runs)
         m, low, high, cov, met, robust = compare.verdict(compare.paired_ratios(pooled, "cpu_us_per_req"), 0.8)
         self.assertTrue(met and robust, (m, low, high, cov))
+
+    def test_refuses_the_same_runs_twice_or_other_wrk_settings(self):
+        a = self.results([7.0], [10.0])
+        with self.assertRaises(ValueError):
+            compare.pool([a, self.results([7.0], [10.0])])
+        with self.assertRaises(ValueError):
+            compare.pool([a, self.results([8.0], [10.0], wrk="wrk -t1 -c64 -d10s")])
+        with self.assertRaises(ValueError):
+            compare.pool([a, self.results([8.0], [10.0], sha=None)])
 
     def test_refuses_mixed_sizes_or_binaries(self):
         with self.assertRaises(ValueError):

@@ -229,8 +229,8 @@ pub fn read_links(
     mut visit: impl FnMut(u64, Result<Link, RowError>),
 ) -> io::Result<()> {
     match format {
-        // No code or URL holds a raw CR, so a lone one can only end a line;
-        // in JSON lines it may be whitespace inside a row.
+        // A TSV file from a classic Mac tool ends its lines with CRs; in
+        // JSON lines a CR may be whitespace inside a row.
         Format::Tsv => read_lines(input, true, |line, text| {
             let text = match text {
                 Ok(t) => t,
@@ -290,57 +290,25 @@ fn row_error(line: u64, field: &str, message: String) -> RowError {
     }
 }
 
-/// Parses one JSON-lines object, naming the field at fault in any error
-/// (serde's own messages do not say which field had the wrong type).
+/// Parses one JSON-lines object as the admin parses a request body
+/// (`admin::parse_json`): a key given twice is refused (which of the two
+/// would win differs between JSON parsers), and every error names the field
+/// at fault by its path (`status`, `colour`, `status.k`), or `row`.
 fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
-    // Read as the admin reads a body: a key given twice is refused (which
-    // of the two would win differs between JSON parsers).
-    let mut de = serde_json::Deserializer::from_str(text);
-    let value = serde::Deserialize::deserialize(&mut de)
-        .and_then(|crate::admin::StrictValue(v)| de.end().map(|()| v))
-        .map_err(|e| {
-            let message = e.to_string();
-            match message
-                .strip_prefix("duplicate field `")
-                .and_then(|rest| rest.split_once('`'))
-            {
-                Some((key, _)) => (key.to_owned(), "given twice".to_owned()),
-                None => ("row".to_owned(), format!("not JSON: {message}")),
-            }
-        })?;
-    let serde_json::Value::Object(object) = value else {
-        return Err(("row".into(), "not a JSON object".into()));
-    };
-    for (key, value) in &object {
-        let mut probe = serde_json::Map::new();
-        probe.insert("code".into(), "x".into());
-        probe.insert("url".into(), "x".into());
-        probe.insert(key.clone(), value.clone());
-        if let Err(e) = serde_json::from_value::<LinkJson>(serde_json::Value::Object(probe)) {
-            let message = e.to_string();
-            let message = if message.starts_with("unknown field") {
-                format!("unknown field {key:?}")
-            } else {
-                message
-            };
-            return Err((key.clone(), message));
-        }
-    }
-    serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| {
-        let message = e.to_string();
-        let field = ["code", "url"]
-            .into_iter()
-            .find(|f| message.contains(&format!("`{f}`")))
-            .unwrap_or("row");
-        (field.to_owned(), message)
+    crate::admin::parse_json(text.as_bytes()).map_err(|e| {
+        let field = e.field.unwrap_or_else(|| "row".to_owned());
+        // The admin's sentences speak of a request body; here it is a row.
+        (field, e.message.replacen("the body ", "the row ", 1))
     })
 }
 
 /// Calls `visit` with each line's number and text (without its line ending,
 /// nor a byte order mark at the start of the file), or a refusal for a line
 /// that is not UTF-8. Lines end with LF or CRLF; with `lone_cr_ends_line`, a
-/// CR alone ends one too (files saved with classic Mac line ends, which the
-/// CSV reader also takes).
+/// file without a single LF has its lines ended by CRs (classic Mac line
+/// ends, which the CSV reader also takes). In a file with LFs a stray CR
+/// stays in its line, to be refused with it: splitting there would import
+/// the part of a URL before it and shift every later line number.
 fn read_lines(
     mut input: impl BufRead,
     lone_cr_ends_line: bool,
@@ -353,11 +321,13 @@ fn read_lines(
         if input.read_until(b'\n', &mut buf)? == 0 {
             return Ok(());
         }
+        // With no LF in the file, the first read holds all of it.
+        let cr_lines = lone_cr_ends_line && line == 0 && !buf.ends_with(b"\n");
         while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
             buf.pop();
         }
         // `split` yields at least one piece, possibly empty (a blank line).
-        for piece in buf.split(|&b| lone_cr_ends_line && b == b'\r') {
+        for piece in buf.split(|&b| cr_lines && b == b'\r') {
             line += 1;
             // A UTF-8 byte order mark (as Windows editors write) is not
             // part of the first line; the CSV reader skips it too.
@@ -471,8 +441,12 @@ struct LineTracker(std::rc::Rc<std::cell::RefCell<LineTrack>>);
 struct LineTrack {
     /// Bytes read so far.
     offset: u64,
-    /// `\n`s read so far.
+    /// Line breaks read so far: `\n`s, and `\r`s not followed by `\n`
+    /// (classic Mac line ends, which the CSV reader takes as well).
     newlines: u64,
+    /// Whether the last byte read was `\r` (its line break is counted when
+    /// the next byte shows it was not the start of a CRLF).
+    after_cr: bool,
     /// Whether the last byte read was `\r` or `\n` (or none was read).
     after_break: bool,
     /// (offset, 1-based line) of each content start read ahead.
@@ -515,6 +489,8 @@ impl<R: io::Read> io::Read for Tracked<R> {
         let mut t = self.track.0.borrow_mut();
         for &b in buf.get(..n).unwrap_or_default() {
             let line_break = b == b'\n' || b == b'\r';
+            t.newlines += u64::from(t.after_cr && b != b'\n');
+            t.after_cr = b == b'\r';
             if !line_break && t.after_break {
                 let start = (t.offset, t.newlines + 1);
                 t.starts.push_back(start);
@@ -627,9 +603,10 @@ mod tests {
 
     #[test]
     fn tsv_lines_may_end_with_a_lone_cr_and_json_rows_may_hold_one() {
+        // A file without LFs: CRs end its lines.
         let rows = read(
             Format::Tsv,
-            "a\thttps://x/\rb\thttps://y/\r\rbad code\thttps://z/\r\nc\thttps://w/\n",
+            "a\thttps://x/\rb\thttps://y/\r\rbad code\thttps://z/\rc\thttps://w/\r",
         );
         let codes: Vec<_> = rows
             .iter()
@@ -641,6 +618,18 @@ mod tests {
             .filter_map(|r| r.as_ref().err().map(|e| (e.line, e.field.as_str())))
             .collect();
         assert_eq!(refused, [(4, "code")]);
+        // A file with LFs: a stray CR stays in its line, which is refused
+        // whole, and the lines after it keep their numbers.
+        let rows = read(
+            Format::Tsv,
+            "a\thttps://x.example/p\rq\nb\thttps://y.example/\nbad code\thttps://z/\n",
+        );
+        let refused: Vec<_> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| (e.line, e.field.as_str())))
+            .collect();
+        assert_eq!(refused, [(1, "url"), (3, "code")]);
+        assert_eq!(rows[1].as_ref().unwrap().code, "b");
         // In JSON lines a CR between tokens is whitespace, not a line end.
         let rows = read(
             Format::JsonLines,
@@ -700,12 +689,18 @@ mod tests {
         let e = rows[0].as_ref().unwrap_err();
         assert_eq!(
             (e.line, e.field.as_str(), e.message.as_str()),
-            (1, "url", "given twice")
+            (1, "url", "duplicate field `url`")
         );
         let e = rows[1].as_ref().unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (2, "row"));
-        assert!(e.message.starts_with("not JSON"), "{e}");
+        assert!(e.message.starts_with("the row is not valid JSON"), "{e}");
         assert_eq!(rows[2].as_ref().unwrap().code, "c");
+        // A key twice inside a value is named by its path, not as a field.
+        let rows = read(
+            Format::JsonLines,
+            "{\"code\":\"d\",\"url\":\"https://x/\",\"status\":{\"k\":1,\"k\":2}}\n",
+        );
+        assert_eq!(rows[0].as_ref().unwrap_err().field, "status.k");
     }
 
     #[test]

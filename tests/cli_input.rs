@@ -273,6 +273,10 @@ fn csv_refusals_name_the_right_line() {
             "quoted.csv",
             "code,url\r\nok,\"https://a.example/\r\n\"\r\n\r\nbad x,https://b.example/",
         ),
+        (
+            "cr.csv",
+            "code,url\r\rok,https://a.example/\r\rbad x,https://b.example/\r",
+        ),
     ] {
         let file = dir.path().join(name);
         fs::write(&file, text).unwrap();

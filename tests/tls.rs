@@ -770,9 +770,11 @@ fn a_certificate_outside_its_validity_is_refused_by_reload_and_check_config_but_
     };
     let not_after = "tls_certificate_not_after_timestamp_seconds";
     let failures = "tls_certificate_reload_failures_total";
+    let failing = "tls_certificate_reload_failing";
     let text = scrape();
     assert_eq!(metric(&text, not_after), Y2099, "{text}");
     assert!(text.contains(&format!("{failures} 0")), "{text}");
+    assert!(text.contains(&format!("{failing} 0")), "{text}");
     let rt = runtime();
 
     // Expired, then not valid yet: each reload is refused and counted, the
@@ -795,6 +797,7 @@ fn a_certificate_outside_its_validity_is_refused_by_reload_and_check_config_but_
         assert!(edge.log("edge").contains(why), "{}", edge.log("edge"));
         let text = scrape();
         assert_eq!(metric(&text, failures), (n + 1) as f64, "{text}");
+        assert_eq!(metric(&text, failing), 1.0, "{text}");
         assert_eq!(metric(&text, not_after), Y2099, "{text}");
         rt.block_on(async {
             let s = connect(edge.https, &edge.roots, &[b"http/1.1"]).await;
@@ -835,6 +838,9 @@ fn a_certificate_outside_its_validity_is_refused_by_reload_and_check_config_but_
     let plain = edge.plain;
     wait_until(Duration::from_secs(30), "edge /health", || {
         request(plain, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    wait_until(Duration::from_secs(30), "edge /metrics", || {
+        request(metrics_addr, "GET", "/metrics", &[], b"").is_ok_and(|r| r.status == 200)
     });
     let r = request(plain, "GET", "/x", &[], b"").unwrap();
     assert_eq!(

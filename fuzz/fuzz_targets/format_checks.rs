@@ -320,19 +320,20 @@ pub fn check_import(format: Format, data: &[u8]) {
 
 /// The file's lines as `read_links` sees them: split at `\n`, without
 /// trailing `\r`s; a final `\n` does not start another line; with
-/// `lone_cr_ends_line` (TSV), each of those split again at every `\r` left;
-/// a UTF-8 byte order mark at the start of the file is not part of the
-/// first line.
+/// `lone_cr_ends_line` (TSV) and no `\n` in the whole file, split at every
+/// `\r` left instead; a UTF-8 byte order mark at the start of the file is
+/// not part of the first line.
 fn file_lines(data: &[u8], lone_cr_ends_line: bool) -> Vec<&[u8]> {
     if data.is_empty() {
         return Vec::new();
     }
+    let cr_lines = lone_cr_ends_line && !data.contains(&b'\n');
     let body = data.strip_suffix(b"\n").unwrap_or(data);
     let mut lines: Vec<&[u8]> = body
         .split(|&b| b == b'\n')
         .flat_map(|l| {
             let end = l.iter().rposition(|&b| b != b'\r').map_or(0, |i| i + 1);
-            l[..end].split(move |&b| lone_cr_ends_line && b == b'\r')
+            l[..end].split(move |&b| cr_lines && b == b'\r')
         })
         .collect();
     lines[0] = lines[0].strip_prefix(b"\xEF\xBB\xBF").unwrap_or(lines[0]);

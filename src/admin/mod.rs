@@ -46,7 +46,7 @@ use axum::routing::{any, get, post};
 pub use auth::Caller;
 pub use codes::{RESERVED_CODES, is_reserved};
 pub use error::{ApiError, ErrorCode};
-pub use json::StrictValue;
+pub use json::parse_json;
 pub use links::{CreateLink, LinkBody, UpdateLink};
 pub use routes::{DEFAULT_PAGE, MAX_PAGE};
 pub use state::{AdminError, AdminState, WritesHeld};

@@ -18,8 +18,14 @@
 //!   HTTPS clients refuse it either way. `uload check-config` reports it as
 //!   an error. The leaf's `notAfter` is exported as
 //!   `tls_certificate_not_after_timestamp_seconds` (alerts
-//!   `UloadCertificateExpiresSoon` and `UloadCertificateExpired`), failed
-//!   reloads as `tls_certificate_reload_failures_total`.
+//!   `UloadCertificateExpiresSoon` and `UloadCertificateExpiryImminent`);
+//!   refused reloads are counted in `tls_certificate_reload_failures_total`,
+//!   and `tls_certificate_reload_failing` is 1 from a refused reload to the
+//!   next good one (alert `UloadCertificateReloadRefused`).
+//! - A `notBefore` up to [`NOT_BEFORE_SKEW_SECS`] ahead of this machine's
+//!   clock counts as valid: CAs date certificates from the moment of issue
+//!   (some a little before), and a deploy hook's one SIGHUP must not be
+//!   refused because this clock is a few seconds behind the CA's.
 //! - `Strict-Transport-Security` goes on every response written to a TLS
 //!   client ([`HstsBuilder`], a downstream module: redirects, 404s, health,
 //!   429s, proxied `/api` answers and error pages alike), never on plain
@@ -58,6 +64,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::config::{ConfigError, TlsConfig};
 
+/// How far ahead of this machine's clock a certificate's `notBefore` may be
+/// and still be accepted (clock skew between the CA and this machine).
+pub const NOT_BEFORE_SKEW_SECS: i64 = 300;
+
 /// The certificate the TLS listener presents, swappable while it runs.
 #[derive(Debug)]
 pub struct CertStore {
@@ -72,6 +82,8 @@ pub struct CertStore {
     not_after: IntGauge,
     /// `tls_certificate_reload_failures_total`.
     reload_failures: IntCounter,
+    /// `tls_certificate_reload_failing`: whether the last reload was refused.
+    reload_failing: IntGauge,
 }
 
 /// When a certificate is valid: `notBefore` and `notAfter`, in seconds
@@ -97,7 +109,7 @@ impl Validity {
                 "the certificate expired at {}",
                 date(self.not_after)
             ))
-        } else if now < self.not_before {
+        } else if now.saturating_add(NOT_BEFORE_SKEW_SECS) < self.not_before {
             Some(format!(
                 "the certificate is not valid before {}",
                 date(self.not_before)
@@ -126,6 +138,11 @@ impl CertStore {
             "Certificate reloads refused (unreadable or mismatched files, or a certificate outside its validity period); the previous certificate stayed.",
         )
         .map_err(|e| metric_error(source, e))?;
+        let reload_failing = IntGauge::new(
+            "tls_certificate_reload_failing",
+            "1 from a refused certificate reload until a reload succeeds; the previous certificate is being served meanwhile.",
+        )
+        .map_err(|e| metric_error(source, e))?;
         Ok(Self {
             current: ArcSwap::from_pointee(key),
             validity: std::sync::Mutex::new(validity),
@@ -134,6 +151,7 @@ impl CertStore {
             source: source.to_owned(),
             not_after,
             reload_failures,
+            reload_failing,
         })
     }
 
@@ -143,11 +161,15 @@ impl CertStore {
     pub fn reload(&self) -> Result<(), ConfigError> {
         let loaded = load(&self.cert_path, &self.key_path, &self.source)
             .and_then(|(key, v)| self.validity_error(v).map_or(Ok((key, v)), Err));
-        let (key, validity) = loaded.inspect_err(|_| self.reload_failures.inc())?;
+        let (key, validity) = loaded.inspect_err(|_| {
+            self.reload_failures.inc();
+            self.reload_failing.set(1);
+        })?;
         let mut served = self.validity.lock().unwrap_or_else(|p| p.into_inner());
         self.current.store(Arc::new(key));
         *served = validity;
         self.not_after.set(validity.not_after);
+        self.reload_failing.set(0);
         Ok(())
     }
 
@@ -170,10 +192,11 @@ impl CertStore {
     }
 
     /// The series this store keeps up to date, for the edge's registry.
-    pub fn metrics(&self) -> [Box<dyn prometheus::core::Collector>; 2] {
+    pub fn metrics(&self) -> [Box<dyn prometheus::core::Collector>; 3] {
         [
             Box::new(self.not_after.clone()),
             Box::new(self.reload_failures.clone()),
+            Box::new(self.reload_failing.clone()),
         ]
     }
 
@@ -208,9 +231,7 @@ fn metric_error(source: &str, e: prometheus::Error) -> ConfigError {
 }
 
 fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    i64::try_from(crate::store::record::now_ms() / 1000).unwrap_or(i64::MAX)
 }
 
 /// The validity period of a DER certificate.
@@ -648,6 +669,27 @@ mod tests {
         drop(closed);
         let long = Duration::from_secs(60);
         assert!(h2_preface(Box::new(server), long).await.is_none());
+    }
+
+    #[test]
+    fn validity_allows_a_few_minutes_of_clock_skew_before_not_before() {
+        let v = Validity {
+            not_before: 10_000,
+            not_after: 20_000,
+        };
+        assert_eq!(v.problem_at(15_000), None);
+        assert_eq!(v.problem_at(20_000), None);
+        assert_eq!(v.problem_at(10_000 - NOT_BEFORE_SKEW_SECS), None);
+        let early = v.problem_at(10_000 - NOT_BEFORE_SKEW_SECS - 1).unwrap();
+        assert!(
+            early.contains("not valid before 1970-01-01T02:46:40.000Z"),
+            "{early}"
+        );
+        let late = v.problem_at(20_001).unwrap();
+        assert!(
+            late.contains("expired at 1970-01-01T05:33:20.000Z"),
+            "{late}"
+        );
     }
 
     #[test]
