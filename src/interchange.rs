@@ -1,7 +1,8 @@
 //! Link interchange files: what `uload import` reads and `uload export` writes.
 //!
 //! - TSV: `code<TAB>url` per line; blank lines and lines starting with `#`
-//!   are skipped. Lines end with LF, CRLF or a lone CR.
+//!   are skipped. Lines end with LF or CRLF; in a file without a single LF,
+//!   with CR (classic Mac line ends).
 //! - CSV with a header row naming at least `code` and `url`; optional columns
 //!   `status`, `created_at`, `expires_at`, `max_clicks`, `forward_query`,
 //!   `disabled`, `owner_key_id`.
