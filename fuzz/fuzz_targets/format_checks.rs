@@ -250,7 +250,10 @@ pub fn check_import(format: Format, data: &[u8]) {
         rows.push((line, row))
     })
     .expect("reading from memory cannot fail");
-    let lines = file_lines(data, format == Format::Tsv);
+    let lines = match format {
+        Format::Csv => csv_lines(data),
+        _ => file_lines(data, format == Format::Tsv),
+    };
     let last_line = lines.len().max(1) as u64;
     for (line, row) in &rows {
         assert!(
@@ -337,6 +340,32 @@ fn file_lines(data: &[u8], lone_cr_ends_line: bool) -> Vec<&[u8]> {
         })
         .collect();
     lines[0] = lines[0].strip_prefix(b"\xEF\xBB\xBF").unwrap_or(lines[0]);
+    lines
+}
+
+/// The file's lines as the CSV reader numbers them: every line break ends
+/// one, LF, CRLF or a CR alone (the csv crate takes all three as record
+/// terminators); a final break does not start another line; a UTF-8 byte
+/// order mark at the start of the file is not part of the first line.
+fn csv_lines(data: &[u8]) -> Vec<&[u8]> {
+    let mut lines = Vec::new();
+    let (mut start, mut i) = (0, 0);
+    while i < data.len() {
+        if data[i] == b'\n' || data[i] == b'\r' {
+            lines.push(&data[start..i]);
+            if data[i] == b'\r' && data.get(i + 1) == Some(&b'\n') {
+                i += 1;
+            }
+            start = i + 1;
+        }
+        i += 1;
+    }
+    if start < data.len() {
+        lines.push(&data[start..]);
+    }
+    if let Some(first) = lines.first_mut() {
+        *first = first.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(first);
+    }
     lines
 }
 
