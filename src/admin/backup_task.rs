@@ -340,6 +340,15 @@ mod tests {
         (data, store)
     }
 
+    /// Waits (at most 30 s) until the task has made a backup.
+    fn wait_for_a_backup(status: &BackupStatus) {
+        let start = Instant::now();
+        while status.successes() == 0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "no backup");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn status_is_exposed_to_prometheus() {
         let status = Arc::new(BackupStatus::default());
@@ -398,11 +407,7 @@ mod tests {
         };
         let status = Arc::new(BackupStatus::default());
         let task = BackupTask::start(data.path(), &config, status.clone()).unwrap();
-        let start = Instant::now();
-        while status.successes() == 0 {
-            assert!(start.elapsed() < Duration::from_secs(30), "no backup");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_a_backup(&status);
         task.stop(Duration::from_secs(30));
         assert_eq!(status.last_seq(), 1);
     }
@@ -422,11 +427,7 @@ mod tests {
             keep: Duration::from_secs(86_400),
         };
         let task = BackupTask::start(data.path(), &config, status.clone()).unwrap();
-        let start = Instant::now();
-        while status.successes() == 0 {
-            assert!(start.elapsed() < Duration::from_secs(30), "no backup");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_a_backup(&status);
         task.stop(Duration::from_secs(30));
         let list = backup::list_backups(dir.path()).unwrap();
         assert_eq!(list.len(), 1, "{list:?}");
