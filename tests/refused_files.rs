@@ -20,6 +20,14 @@ use uload::store::record::Link;
 use uload::store::snapshot::{SNAPSHOT_HEADER_LEN, SnapshotHeader};
 
 const REFUSED: &str = "link_files_refused_total";
+const LAST_REFUSED: &str = "link_files_last_refused_timestamp_seconds";
+
+fn unix_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64
+}
 
 /// Writes `bytes` to `path` the way a careless operator's copy would land:
 /// complete, then renamed into place.
@@ -75,6 +83,9 @@ fn bad_files_are_refused_and_the_edge_keeps_serving() {
             && health()["table"]["seq"].as_u64() == Some(30)
     });
     let mut served = all_served(&cluster, &codes);
+    let before_faults = unix_secs();
+    let text = cluster.metrics(cluster.edge_metrics_addr);
+    assert_eq!(metric(&text, LAST_REFUSED), 0.0, "nothing refused yet");
 
     let manifest_path = data.join("MANIFEST");
     let good_manifest = std::fs::read(&manifest_path).unwrap();
@@ -200,6 +211,11 @@ fn bad_files_are_refused_and_the_edge_keeps_serving() {
     let refused = metric(&text, REFUSED);
     println!("faults {faults}, refused {refused}, redirects checked {served}, failures 0");
     assert_eq!(refused, faults as f64, "each bad file refused once");
+    let last = metric(&text, LAST_REFUSED);
+    assert!(
+        (before_faults..=unix_secs()).contains(&last),
+        "{LAST_REFUSED} {last}: not the time of a refusal in this test"
+    );
     assert!(metric(&text, "link_snapshot_swaps_total") >= 1.0);
     cluster.kill_edge();
 }

@@ -263,6 +263,7 @@ pub struct TableCollector {
     records_applied: IntCounter,
     swaps: IntCounter,
     refused: IntCounter,
+    last_refused_s: IntGauge,
     upstream_up: IntGaugeVec,
     descs: Vec<Desc>,
 }
@@ -312,6 +313,10 @@ impl TableCollector {
                 "link_files_refused_total",
                 "Snapshots, manifests or log files refused because they failed validation.",
             )?,
+            last_refused_s: gauge(
+                "link_files_last_refused_timestamp_seconds",
+                "When a file was last refused (Unix time; 0: none since start-up).",
+            )?,
             upstream_up: IntGaugeVec::new(
                 Opts::new(
                     "admin_upstream_up",
@@ -331,7 +336,7 @@ impl TableCollector {
         Ok(Self { descs, ..c })
     }
 
-    fn members(&self) -> [&dyn Collector; 10] {
+    fn members(&self) -> [&dyn Collector; 11] {
         [
             &self.links,
             &self.seq,
@@ -342,6 +347,7 @@ impl TableCollector {
             &self.records_applied,
             &self.swaps,
             &self.refused,
+            &self.last_refused_s,
             &self.upstream_up,
         ]
     }
@@ -386,6 +392,8 @@ impl Collector for TableCollector {
         );
         mirror(&self.swaps, f.snapshots_loaded.load(Ordering::Relaxed));
         mirror(&self.refused, f.files_refused.load(Ordering::Relaxed));
+        self.last_refused_s
+            .set(clamp_i64(f.last_refused_ms.load(Ordering::Relaxed) / 1000));
         let backends = self.admins.backends();
         for b in backends.get_backend().iter() {
             self.upstream_up

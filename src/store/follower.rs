@@ -73,6 +73,9 @@ pub struct FollowerStats {
     pub snapshots_loaded: AtomicU64,
     /// Snapshots, manifests or log files refused because they failed validation.
     pub files_refused: AtomicU64,
+    /// When (ms since the epoch) a file was last refused; 0: never since
+    /// start-up. Set before `files_refused` moves.
+    pub last_refused_ms: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// Since when (ms since the epoch) the follower has been unable to read
     /// on in the log; 0 while it is not stuck.
@@ -96,6 +99,8 @@ impl FollowerStats {
     fn refuse(&self, error: String) {
         // Logged before counted: whoever sees the count can find the line.
         tracing::error!(%error, "link store: refused a file; still serving the current view");
+        self.last_refused_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
         self.files_refused.fetch_add(1, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
