@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::datadir::{DataDir, Manifest, StoreError};
-use super::frame::MAX_SEQ;
+use super::frame::seq_at_most_max;
 use super::log::{
     LogError, SegmentEnd, SegmentFile, list_segments, scan_segment, valid_frame_follows,
 };
@@ -262,7 +262,7 @@ impl BackupManifest {
                 }
                 Some(BackupSnapshot {
                     file: file.clone(),
-                    seq: number(seq, "snapshot seq")?,
+                    seq: seq_at_most_max(number(seq, "snapshot seq")?, "snapshot seq")?,
                     links: number(links, "snapshot links")?,
                 })
             }
@@ -276,10 +276,7 @@ impl BackupManifest {
             [x] => number(x, key),
             _ => Err(format!("{key}: expected one number")),
         };
-        let seq = one(field("seq")?, "seq")?;
-        if seq > MAX_SEQ {
-            return Err(format!("seq {seq} is above {MAX_SEQ}"));
-        }
+        let seq = seq_at_most_max(one(field("seq")?, "seq")?, "seq")?;
         let links = one(field("links")?, "links")?;
         let count = one(field("files")?, "files")?;
         let mut files: Vec<BackupFile> = Vec::new();
@@ -1862,5 +1859,80 @@ mod tests {
         let r = prune_backups(dir.path(), Duration::from_millis(7 * day), now).unwrap();
         assert_eq!(r.removed, vec![old_complete.clone()]);
         assert!(recent.exists() && !old_complete.exists());
+    }
+
+    /// A `BACKUP` whose snapshot line states a sequence of u64::MAX (with a
+    /// correct CRC32C: hand-edited, or written by another tool) is reported
+    /// as a problem; it used to overflow `snap_seq + 1` in `check_contents`
+    /// (a panic in a debug build, a wrong answer in a release one).
+    #[test]
+    fn verify_backup_refuses_a_snapshot_seq_above_max_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        fs::create_dir(b.join("snapshots")).unwrap();
+        fs::create_dir(b.join("log")).unwrap();
+        let seg = super::super::log::encode_segment_header(1);
+        fs::write(b.join("log/00000000000000000001.log"), seg).unwrap();
+        let m = BackupManifest {
+            created_ms: 1_700_000_000_000,
+            snapshot: Some(BackupSnapshot {
+                file: "snapshots/00000000000000000001.snap".into(),
+                seq: u64::MAX,
+                links: 0,
+            }),
+            seq: 1,
+            links: 0,
+            files: vec![
+                BackupFile {
+                    name: "MANIFEST".into(),
+                    len: 0,
+                    crc32c: 0,
+                },
+                BackupFile {
+                    name: "snapshots/00000000000000000001.snap".into(),
+                    len: 0,
+                    crc32c: 0,
+                },
+                BackupFile {
+                    name: "log/00000000000000000001.log".into(),
+                    len: seg.len() as u64,
+                    crc32c: crc32c::crc32c(&seg),
+                },
+            ],
+        };
+        fs::write(b.join(BACKUP_FILE), m.encode()).unwrap();
+        let report = verify_backup(b);
+        assert!(!report.is_ok());
+        let problems = format!("{:?}", report.problems);
+        assert!(problems.contains("is above"), "{problems}");
+    }
+
+    /// The same for `backup` of a data dir whose MANIFEST (correct CRC32C)
+    /// states seq u64::MAX: it overflowed `snap_seq + 1` in `backup_once`.
+    #[test]
+    fn backup_refuses_a_manifest_seq_above_max_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        fs::create_dir_all(data.join("log")).unwrap();
+        fs::create_dir_all(data.join("snapshots")).unwrap();
+        fs::write(data.join("snapshots/00000000000000000001.snap"), b"x").unwrap();
+        let m = Manifest {
+            snapshot: "00000000000000000001.snap".into(),
+            seq: u64::MAX,
+            links: 0,
+        };
+        fs::write(data.join("MANIFEST"), m.encode()).unwrap();
+        for first in [1u64, 5] {
+            let seg = super::super::log::encode_segment_header(first);
+            fs::write(
+                data.join("log")
+                    .join(super::super::log::segment_file_name(first)),
+                seg,
+            )
+            .unwrap();
+        }
+        let dest = dir.path().join("b");
+        let err = backup(&data, &dest, &BackupOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("is above"), "{err}");
     }
 }

@@ -19,7 +19,7 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::frame::{LogOp, LogOpRef};
+use super::frame::{LogOp, LogOpRef, seq_at_most_max};
 use super::log::{self, LinkLog, LogError, LogOptions, Recovery};
 use super::record::order_by_code;
 use super::snapshot::{SNAPSHOT_VERSION, Snapshot, SnapshotError, SnapshotInfo, write_snapshot};
@@ -127,7 +127,7 @@ impl Manifest {
             v.parse::<u64>()
                 .map_err(|_| format!("{key} {v:?} is not a number"))
         };
-        let seq = number(field("seq")?, "seq")?;
+        let seq = seq_at_most_max(number(field("seq")?, "seq")?, "seq")?;
         let links = number(field("links")?, "links")?;
         Ok(Self {
             snapshot,
@@ -603,6 +603,7 @@ fn remove_tmp_snapshots(dir: &Path) -> Result<(), StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::frame::MAX_SEQ;
     use super::*;
 
     #[test]
@@ -655,10 +656,25 @@ mod tests {
                 "expected \"seq\"",
             ),
             ("uload-manifest v1\n".to_owned(), "no crc32c"),
+            (
+                resign(&format!(
+                    "uload-manifest v1\nsnapshot a.snap\nseq {}\nlinks 1\n",
+                    MAX_SEQ + 1
+                )),
+                "is above",
+            ),
+            (
+                resign("uload-manifest v1\nsnapshot a.snap\nseq 18446744073709551615\nlinks 1\n"),
+                "is above",
+            ),
         ];
         for (text, want) in cases {
             let err = Manifest::decode(&text).unwrap_err();
             assert!(err.contains(want), "{want}: {err}");
         }
+        let top = resign(&format!(
+            "uload-manifest v1\nsnapshot a.snap\nseq {MAX_SEQ}\nlinks 1\n"
+        ));
+        assert_eq!(Manifest::decode(&top).map(|m| m.seq), Ok(MAX_SEQ));
     }
 }

@@ -17,6 +17,16 @@ pub const MAX_PAYLOAD_LEN: usize = 128 * 1024;
 /// appends), and low enough that `seq + 1` never overflows anywhere.
 pub const MAX_SEQ: u64 = 1 << 62;
 
+/// `seq` if it is at most [`MAX_SEQ`]; otherwise an error naming `key`.
+/// For the sequences read from text files (manifests), so that the readers'
+/// `seq + 1` cannot overflow there either.
+pub fn seq_at_most_max(seq: u64, key: &str) -> Result<u64, String> {
+    if seq > MAX_SEQ {
+        return Err(format!("{key} {seq} is above {MAX_SEQ}"));
+    }
+    Ok(seq)
+}
+
 /// Operation byte of a put.
 pub const OP_PUT: u8 = 1;
 /// Operation byte of a delete.
