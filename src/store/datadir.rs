@@ -23,8 +23,8 @@ use super::frame::{LogOp, LogOpRef, seq_at_most_max};
 use super::log::{self, LinkLog, LogError, LogOptions, Recovery};
 use super::record::order_by_code;
 use super::snapshot::{SNAPSHOT_VERSION, Snapshot, SnapshotError, SnapshotInfo, write_snapshot};
-use super::sync_dir;
 use super::view::{TableView, merge_links};
+use super::{create_dir_durable, sync_dir};
 
 /// First line of a manifest file.
 pub const MANIFEST_MAGIC: &str = "uload-manifest v1";
@@ -404,10 +404,10 @@ impl Store {
     pub fn open(root: &Path, opts: LogOptions) -> Result<Self, StoreError> {
         ignore_file_size_signal();
         let dir = DataDir::new(root);
-        fs::create_dir_all(root).map_err(io_err(root))?;
+        create_dir_durable(root).map_err(io_err(root))?;
         let lock = WriterLock::acquire(&dir)?;
         let snap_dir = dir.snapshot_dir();
-        fs::create_dir_all(&snap_dir).map_err(io_err(&snap_dir))?;
+        create_dir_durable(&snap_dir).map_err(io_err(&snap_dir))?;
         remove_tmp_snapshots(&snap_dir)?;
         let snapshot = dir.open_snapshot(true)?;
         let base_seq = snapshot.as_ref().map_or(0, |s| s.seq());

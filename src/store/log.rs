@@ -32,7 +32,7 @@ use super::frame::{
     FRAME_HEADER_LEN, FrameError, LogOp, LogOpRef, check_frame, decode_frame, encode_frame,
 };
 use super::record::RecordError;
-use super::sync_dir;
+use super::{create_dir_durable, sync_dir};
 
 /// Magic bytes at the start of every segment file.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"ULOADLOG";
@@ -685,7 +685,7 @@ impl LinkLog {
     ///
     /// The caller must hold the data dir's writer lock.
     pub fn open(dir: &Path, base_seq: u64, opts: LogOptions) -> Result<(Self, Recovery), LogError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        create_dir_durable(dir).map_err(io_err(dir))?;
         remove_temp_files(dir)?;
         let segments = list_segments(dir)?;
         let mut recovery = Recovery {
@@ -745,8 +745,12 @@ impl LinkLog {
                     .open(&seg.path)
                     .map_err(io_err(&seg.path))?;
                 // What a previous writer wrote but did not sync (it died
-                // first) is served from now on: make it durable.
+                // first) is served from now on: make it durable, and so is
+                // the segment's name (a writer that died between renaming a
+                // new segment in and fsyncing the directory left it unsynced,
+                // and this writer's appends go into that segment).
                 file.sync_all().map_err(io_err(&seg.path))?;
+                sync_dir(dir).map_err(io_err(dir))?;
                 let len = file.metadata().map_err(io_err(&seg.path))?.len();
                 ActiveSegment {
                     file: Some(file),
