@@ -322,3 +322,43 @@ fn several_client_address_lines_are_one_list() {
         );
     }
 }
+
+/// Behind a trusted proxy, a client that puts a byte that is not
+/// UTF-8 into its own `X-Forwarded-For` (the proxy appends the client's real
+/// address after it) was never charged: the edge read the whole list as
+/// garbage and charged the proxy instead. The client escaped both limits
+/// (request rate and scanning), and every other request that fell back to
+/// the proxy's address paid for it.
+#[test]
+fn a_forwarded_entry_that_is_not_utf8_does_not_shift_the_charge_to_the_proxy() {
+    let (cluster, _slow, _slow_addr) = limited_edges(1);
+    let edge = cluster.edge_addr;
+    let status = |xff: &[u8]| {
+        let mut req = b"GET /tmp HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: ".to_vec();
+        req.extend_from_slice(xff);
+        req.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        let r = without_date(&raw(edge, &req));
+        r.get(9..12).unwrap_or_default().to_owned()
+    };
+    let mut seen = Vec::new();
+    let found = (0..20).any(|attempt| {
+        let real = format!("203.0.113.{}", 150 + attempt);
+        // Three requests as the proxy forwards them: the client's forged
+        // byte, then its real address. Burst 1: at most one gets a 302.
+        let forged: Vec<String> = (0..3)
+            .map(|_| {
+                let mut xff = b"\xff, ".to_vec();
+                xff.extend_from_slice(real.as_bytes());
+                status(&xff)
+            })
+            .collect();
+        // The same client, with a clean header: over its limit by now.
+        let clean = status(real.as_bytes());
+        seen.push(format!("{forged:?} then {clean}"));
+        forged.iter().filter(|s| *s == "429").count() >= 1 && clean == "429"
+    });
+    assert!(
+        found,
+        "the client behind the proxy was never charged for its requests: {seen:?}"
+    );
+}

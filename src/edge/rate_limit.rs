@@ -113,12 +113,18 @@ pub fn client_ip(peer: IpAddr, forwarded: Option<&[u8]>, trusted: &[IpNet]) -> I
     if trusted.is_empty() || !is_trusted(peer) {
         return peer;
     }
-    let Some(list) = forwarded.and_then(|f| std::str::from_utf8(f).ok()) else {
+    let Some(list) = forwarded else {
         return peer;
     };
     let mut leftmost = None;
-    for entry in list.rsplit(',') {
-        let Some(ip) = parse_forwarded_ip(entry.trim()) else {
+    // Entry by entry from the right, as bytes: a byte that is not UTF-8 in
+    // an entry left of the client's (forged by the client) must not spoil
+    // the entries that trusted proxies appended.
+    for entry in list.rsplit(|&b| b == b',') {
+        let Some(ip) = std::str::from_utf8(entry)
+            .ok()
+            .and_then(|e| parse_forwarded_ip(e.trim()))
+        else {
             // Garbage where an address should be: nothing further left can
             // be trusted either.
             break;
@@ -182,6 +188,19 @@ mod tests {
         assert_eq!(
             client_ip(ip("10.1.2.3"), Some(b"1.1.1.1"), &[]),
             ip("10.1.2.3")
+        );
+    }
+
+    /// A client behind a trusted proxy puts one byte that is not
+    /// UTF-8 into its own `X-Forwarded-For`; the proxy appends the real
+    /// address. The client must still be the one charged, not the proxy.
+    #[test]
+    fn a_forged_entry_that_is_not_utf8_does_not_make_the_proxy_the_client() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client_ip(ip("10.1.2.3"), Some(b"\xff, 198.51.100.4"), &trusted),
+            ip("198.51.100.4")
         );
     }
 
