@@ -223,20 +223,64 @@ impl LimiterTable {
         }
     }
 
-    /// Charges `tokens` more requests to `client` without asking: each moves
-    /// its next allowed time on by one interval, so that later requests wait
-    /// for them (a bulk write counts each link it created; the request
-    /// itself was checked and charged by [`Self::check`]).
-    pub fn charge(&self, kind: u8, client: &[u8], limit: Limit, now: u64, tokens: u64) {
+    /// Charges `tokens` more requests to `client` when they fit within the
+    /// limit's debt, atomically; otherwise charges nothing and says when they
+    /// would fit. Each token moves the client's next allowed time on by one
+    /// interval, so that later requests wait for them (a bulk write counts
+    /// each link it creates; the request itself was checked, and charged,
+    /// by [`Self::check`]). Two such charges that overlap cannot both use
+    /// the same debt: the second finds the first's and is refused.
+    pub fn try_charge(
+        &self,
+        kind: u8,
+        client: &[u8],
+        limit: Limit,
+        now: u64,
+        tokens: u64,
+    ) -> Result<(), Decision> {
         if tokens == 0 {
-            return;
+            return Ok(());
         }
         let tat = self.find(key_of(kind, client), now);
         let add = limit.interval_us.saturating_mul(tokens);
         let horizon = now.saturating_add(limit.horizon_us());
         let mut seen = tat.load(Ordering::Acquire);
         loop {
-            let next = seen.min(horizon).max(now).saturating_add(add).min(horizon);
+            // Beyond the horizon: written under a clock since stepped back
+            // (see `Limit::horizon_us`), read as an empty bucket.
+            let from = seen.min(horizon).max(now);
+            let next = from.saturating_add(add);
+            if next > horizon {
+                return Err(Decision {
+                    allowed: false,
+                    limit: limit.burst,
+                    remaining: 0,
+                    reset_secs: (from - now).div_ceil(1_000_000),
+                    retry_after_secs: (next - horizon).div_ceil(1_000_000).max(1),
+                });
+            }
+            match tat.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(actual) => seen = actual,
+            }
+        }
+    }
+
+    /// Gives back `tokens` charged by [`Self::try_charge`] for work that
+    /// was not done after all (a bulk write that failed to save); the next
+    /// allowed time never goes back before `now`.
+    pub fn refund(&self, kind: u8, client: &[u8], limit: Limit, now: u64, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let tat = self.find(key_of(kind, client), now);
+        let sub = limit.interval_us.saturating_mul(tokens);
+        let mut seen = tat.load(Ordering::Acquire);
+        loop {
+            let next = seen.saturating_sub(sub).max(now);
+            if next >= seen {
+                return;
+            }
             match tat.compare_exchange_weak(seen, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return,
                 Err(actual) => seen = actual,
@@ -433,9 +477,9 @@ mod tests {
         assert!(d.retry_after_secs <= 1, "{d:?}");
         assert!(d.reset_secs <= 1, "{d:?}");
         assert!(t.check(1, b"a", limit, now + 300_000).allowed);
-        // The same for a charged debt: bounded by what `charge` may add.
+        // The same for a charged debt: bounded by what `try_charge` may add.
         let limit = Limit::per_second(10, 3).with_max_debt(5);
-        t.charge(1, b"b", limit, now + hour, 5);
+        t.try_charge(1, b"b", limit, now + hour, 5).unwrap();
         let d = t.check(1, b"b", limit, now);
         assert!(!d.allowed);
         assert!(d.retry_after_secs <= 1, "{d:?}");
@@ -443,9 +487,43 @@ mod tests {
         for _ in 0..3 {
             assert!(t.check(1, b"c", limit, now).allowed);
         }
-        t.charge(1, b"c", limit, now, 5);
+        t.try_charge(1, b"c", limit, now, 5).unwrap();
         assert!(!t.check(1, b"c", limit, now + 500_000).allowed);
         assert!(t.check(1, b"c", limit, now + 600_000).allowed);
+    }
+
+    /// A debt is taken whole or not at all, so two bulk writes let in at the
+    /// same time cannot both run one up: the second is refused, charging
+    /// nothing, and told when its links would fit. A refund gives the
+    /// tokens back, never before now.
+    #[test]
+    fn a_debt_is_charged_once_not_once_per_overlapping_request() {
+        let (_d, t) = table();
+        let limit = Limit::per_second(10, 2).with_max_debt(5); // 100 ms each
+        let now = 1_000_000_000_000;
+        // Two requests let in at once (the burst), then each asks for 5 more.
+        assert!(t.check(1, b"k", limit, now).allowed);
+        assert!(t.check(1, b"k", limit, now).allowed);
+        assert_eq!(t.try_charge(1, b"k", limit, now, 5), Ok(()));
+        let refused = t.try_charge(1, b"k", limit, now, 5).unwrap_err();
+        assert!(!refused.allowed);
+        assert_eq!(refused.retry_after_secs, 1, "{refused:?}");
+        // Only the first debt was taken: 2 + 5 tokens, 700 ms.
+        assert!(!t.check(1, b"k", limit, now + 500_000).allowed);
+        assert!(t.check(1, b"k", limit, now + 600_000).allowed);
+        // A refund takes a charge back, and never below now.
+        let (_d, t) = table();
+        assert!(t.check(1, b"r", limit, now).allowed);
+        t.try_charge(1, b"r", limit, now, 5).unwrap();
+        t.refund(1, b"r", limit, now, 5);
+        assert!(t.check(1, b"r", limit, now).allowed);
+        t.refund(1, b"r", limit, now, 50);
+        let d = t.check(1, b"r", limit, now);
+        assert_eq!(
+            (d.allowed, d.remaining),
+            (true, 1),
+            "a full bucket, no more"
+        );
     }
 
     /// A state file with a valid header whose slot holds a TAT at the end

@@ -366,3 +366,111 @@ fn an_upgrade_that_cannot_open_the_limiter_state_leaves_the_old_edge_serving() {
     let stderr = cluster.failed_upgrade();
     assert!(stderr.contains("edge-ratelimit.bin"), "{stderr}");
 }
+
+/// Two bulk requests of one key let in at the same time (its burst is 2)
+/// cannot both run up the debt one bulk may: the links beyond the first are
+/// charged before anything is written, whole or not at all, so one bulk
+/// creates its 20 links and the other gets 429 and creates none. (They were
+/// charged after the write, capped at one bulk's debt: both created their
+/// links and only one's were counted, so N concurrent bulks wrote N times
+/// the key's limit.) In process, with the admin's writer held so that both
+/// are let in before either is written.
+#[test]
+fn overlapping_bulk_requests_cannot_share_one_debt() {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode, header};
+    use tower::ServiceExt;
+
+    const KEY: &str = "bulk-limit-key-0123456789abcdef";
+    const BULK: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "data_dir: {d}/data\npublic_base_url: https://ulo.ad/\nadmin:\n  api_key: {KEY}\n  max_bulk: {BULK}\nrate_limit:\n  state_dir: {d}/state\n  api_key_writes_per_second: 1\n  api_key_write_burst: 2\n",
+        d = dir.path().display()
+    );
+    let config = uload::config::Config::from_yaml_str(&yaml, "test", &[]).unwrap();
+    let state = uload::admin::AdminState::open(&config).unwrap();
+    let app = uload::admin::app(state.clone());
+    let post = |path: &str, body: String| {
+        Request::builder()
+            .method("POST")
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let bulk_body = |prefix: &str| {
+        let items: Vec<String> = (0..BULK)
+            .map(|i| format!(r#"{{"url":"https://example.com/{prefix}{i}","code":"{prefix}{i}"}}"#))
+            .collect();
+        format!(r#"{{"links":[{}]}}"#, items.join(","))
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = state.hold_writes();
+    let a = rt.spawn(app.clone().oneshot(post("/api/links/bulk", bulk_body("a"))));
+    let b = rt.spawn(app.clone().oneshot(post("/api/links/bulk", bulk_body("b"))));
+    // While writes are held, only a refused bulk can be answered. Bounded:
+    // if neither is (both waiting to be written), the writes are let go
+    // and the statuses below tell.
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    while !a.is_finished() && !b.is_finished() && std::time::Instant::now() < give_up {
+        std::thread::yield_now();
+    }
+    drop(held);
+    let mut statuses = Vec::new();
+    let mut created = 0;
+    for task in [a, b] {
+        let res = rt.block_on(task).unwrap().unwrap();
+        statuses.push(res.status());
+        let retry_after = res.headers().get("retry-after").cloned();
+        let bytes = rt
+            .block_on(axum::body::to_bytes(res.into_body(), usize::MAX))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        if statuses.last() == Some(&StatusCode::TOO_MANY_REQUESTS) {
+            assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+            assert!(retry_after.is_some(), "a 429 says when to come back");
+        } else {
+            created += v["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["status"] == 201)
+                .count();
+        }
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS],
+        "one bulk written, one refused"
+    );
+    assert_eq!(created, BULK);
+    assert_eq!(
+        state.view().len(),
+        BULK as u64,
+        "the refused bulk wrote nothing"
+    );
+    // The key now waits for the links that were written.
+    let single = rt
+        .block_on(app.clone().oneshot(post(
+            "/api/links",
+            r#"{"url":"https://example.com/s"}"#.to_owned(),
+        )))
+        .unwrap();
+    assert_eq!(single.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = single.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        wait >= 15,
+        "Retry-After {wait} s after {created} writes at 1/s"
+    );
+}

@@ -53,9 +53,21 @@ impl WriteLimit {
     }
 
     /// Charges `writes` more writes to `key_id` (a bulk request's links
-    /// beyond the first; the request was checked as one).
-    pub fn charge(&self, key_id: u64, writes: u64, now_us: u64) {
-        self.table.charge(
+    /// beyond the first; the request was checked as one), before they are
+    /// written; `Err` when they do not fit, charging nothing.
+    pub fn try_charge(&self, key_id: u64, writes: u64, now_us: u64) -> Result<(), Decision> {
+        self.table.try_charge(
+            KIND_API_KEY_WRITES,
+            &key_id.to_le_bytes(),
+            self.limit,
+            now_us,
+            writes,
+        )
+    }
+
+    /// Gives back what [`Self::try_charge`] charged for writes that failed.
+    pub fn refund(&self, key_id: u64, writes: u64, now_us: u64) {
+        self.table.refund(
             KIND_API_KEY_WRITES,
             &key_id.to_le_bytes(),
             self.limit,

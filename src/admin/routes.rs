@@ -212,7 +212,7 @@ pub async fn post_to_code(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
     req: Request,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     // Any other code, even one that does not decode, takes no POST.
     if !matches!(&path, Ok(Path(code)) if code == "bulk") {
         return Err(method_not_allowed_error());
@@ -226,11 +226,7 @@ pub async fn post_to_code(
 /// Creates every valid link of `req` with ONE append (one fsync); each item
 /// gets its own status. A storage failure fails the whole request (nothing
 /// of it was saved).
-async fn bulk(
-    state: AdminState,
-    caller: Caller,
-    req: BulkRequest,
-) -> Result<Json<Value>, ApiError> {
+async fn bulk(state: AdminState, caller: Caller, req: BulkRequest) -> Result<Response, ApiError> {
     let max = state.settings().max_bulk;
     if req.links.len() > max {
         return Err(ApiError::new(
@@ -258,12 +254,25 @@ async fn bulk(
         .map(|link| LogOp::Put(link.clone()))
         .collect();
     let created = ops.len();
-    state.commit(reservation, ops).await?;
-    // Each link created is a write for the key's limit (the request was
-    // checked, and charged, as one).
-    if let Some(limit) = state.write_limit() {
-        let more = created.saturating_sub(1) as u64;
-        limit.charge(caller.key_id, more, crate::ratelimit::now_us());
+    // Each link it creates is a write for the key's limit. The request was
+    // checked (and charged) as one; the rest are charged here, before
+    // anything is written, and refused whole when they do not fit: when
+    // another bulk request let in at the same time has taken the debt a key
+    // may run up. (Charged after the write, concurrent bulks each created
+    // their links and only one's were counted.)
+    let more = created.saturating_sub(1) as u64;
+    if let Some(limit) = state.write_limit()
+        && let Err(d) = limit.try_charge(caller.key_id, more, crate::ratelimit::now_us())
+    {
+        state.metrics().limit_decision(false);
+        drop(reservation);
+        return Ok(super::limits::too_many_requests(&d));
+    }
+    if let Err(e) = state.commit(reservation, ops).await {
+        if let Some(limit) = state.write_limit() {
+            limit.refund(caller.key_id, more, crate::ratelimit::now_us());
+        }
+        return Err(e);
     }
     let results: Vec<Value> = claimed
         .iter()
@@ -281,7 +290,7 @@ async fn bulk(
         owner = caller.key_id,
         "admin: bulk create"
     );
-    Ok(Json(json!({ "results": results })))
+    Ok(Json(json!({ "results": results })).into_response())
 }
 
 /// `GET /api/health` (no auth): 200 `ok` while writes work; 200 `degraded`
