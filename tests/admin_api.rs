@@ -1024,23 +1024,55 @@ async fn every_refusal_has_a_json_error_and_changes_nothing() {
             (code.to_owned(), field.map(str::to_owned)),
             "{what}"
         );
+        if status == 405 {
+            // With a key (or on /api/health), a 405 says what the route takes.
+            assert!(r.headers.contains_key(header::ALLOW), "{what}");
+        }
         if status == 401 {
             assert!(r.headers.contains_key(header::WWW_AUTHENTICATE), "{what}");
+            // axum's method router adds `Allow` to what a route's
+            // method-not-allowed fallback answers, the 401 included.
+            assert!(
+                !r.headers.contains_key(header::ALLOW),
+                "{what}: a 401 names the route's methods: {:?}",
+                r.headers
+            );
         }
         assert_eq!(admin.counts(), before, "{what} changed the store");
     }
 
-    // A wrong key learns nothing: an existing and a missing link get the
-    // same answer, byte for byte.
-    let mut bodies = Vec::new();
-    for path in ["/api/links/exists", "/api/links/missing", "/api/links"] {
-        for key in [None, Some("wrong-key-0123456789")] {
-            let r = admin.send("GET", path, key, None, None).await;
-            assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-            bodies.push(r.json);
+    // A wrong key learns nothing: an existing and a missing link, a route
+    // and no route, a method a route takes and one it does not, all get the
+    // same answer, headers and body.
+    let mut answers = Vec::new();
+    for path in [
+        "/api/links/exists",
+        "/api/links/missing",
+        "/api/links",
+        "/api/no-such-route",
+    ] {
+        for method in ["GET", "PUT"] {
+            for key in [None, Some("wrong-key-0123456789")] {
+                let r = admin.send(method, path, key, None, None).await;
+                assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+                let mut headers: Vec<String> = r
+                    .headers
+                    .iter()
+                    .map(|(n, v)| format!("{n}: {v:?}"))
+                    .collect();
+                headers.sort();
+                answers.push((format!("{method} {path}"), headers, r.json));
+            }
         }
     }
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+    for (what, headers, body) in &answers {
+        assert_eq!(
+            (headers, body),
+            (&answers[0].1, &answers[0].2),
+            "{what} vs {}",
+            answers[0].0
+        );
+    }
 
     // The existing link is untouched, on disk too.
     let got = admin.call("GET", "/api/links/exists", None).await;

@@ -58,7 +58,7 @@ use crate::config::Config;
 /// API key; bodies above `admin.max_body_bytes` get 413.
 pub fn app(state: AdminState) -> Router {
     let max_body = state.settings().max_body_bytes;
-    Router::new()
+    let api = Router::new()
         .route(
             "/api/links",
             post(routes::create_link).get(routes::list_links),
@@ -83,7 +83,22 @@ pub fn app(state: AdminState) -> Router {
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
-        .with_state(state)
+        .with_state(state);
+    // Around the whole router: a route's method router adds `Allow` after
+    // every layer given to the router itself.
+    Router::new()
+        .fallback_service(api)
+        .layer(middleware::map_response(no_allow_on_401))
+}
+
+/// axum's method router adds `Allow` (the route's methods) to whatever the
+/// method-not-allowed fallback answers, its 401 included: a caller without
+/// a key would learn which routes exist and what they take.
+async fn no_allow_on_401(mut res: Response) -> Response {
+    if res.status() == axum::http::StatusCode::UNAUTHORIZED {
+        res.headers_mut().remove(axum::http::header::ALLOW);
+    }
+    res
 }
 
 /// Logs and counts each request (never its headers: they hold the API key).
