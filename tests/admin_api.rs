@@ -1370,3 +1370,39 @@ async fn serves_http_on_a_real_listener_and_shuts_down_gracefully() {
     assert_eq!(state.view().len(), 0);
     assert_eq!(state.view().seq(), 2);
 }
+
+/// `/api/health` degraded by its write probe alone (no client write has
+/// failed yet) names the error code a write would get, next to the probe's
+/// reason: the probe is there so that a failing disk shows before a
+/// client's write does (`error` was `null` until an append failed).
+#[tokio::test]
+async fn a_failing_write_probe_names_its_error_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AdminState::open(&config(dir.path(), "")).unwrap();
+    // The probe's file cannot be created: a directory holds its name.
+    std::fs::create_dir(dir.path().join("log/.health-probe")).unwrap();
+    let app = app(state);
+    let mut last = Value::Null;
+    // The probe runs in the background: ask until it has answered (bounded).
+    for _ in 0..1_000_000u32 {
+        let res = app
+            .clone()
+            .oneshot(Request::get("/api/health").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        last = serde_json::from_slice(&bytes).unwrap();
+        if last["status"] == "degraded" {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(last["status"], "degraded", "{last}");
+    assert_eq!(last["writable"], false, "{last}");
+    assert!(last["write_probe"].is_string(), "{last}");
+    // Not a full disk: a directory in the way is a storage error.
+    assert_eq!(last["error"], "storage_error", "{last}");
+}

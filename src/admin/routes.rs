@@ -314,12 +314,18 @@ pub async fn health(State(state): State<AdminState>) -> Response {
         (None, Ok(())) => {
             json!({ "status": "ok", "seq": view.seq(), "links": view.len(), "writable": true })
         }
-        (code, probe) => json!({
-            "status": "degraded", "seq": view.seq(), "links": view.len(),
-            "writable": false,
-            "error": code.map(|c| c.as_str()),
-            "write_probe": probe.err(),
-        }),
+        (code, probe) => {
+            let probe = probe.err();
+            // The last append's failure, or else the probe's (a failing
+            // disk shows here before any client's write has failed).
+            let code = code.or(probe.as_ref().map(|p| p.code));
+            json!({
+                "status": "degraded", "seq": view.seq(), "links": view.len(),
+                "writable": false,
+                "error": code.map(|c| c.as_str()),
+                "write_probe": probe.map(|p| p.reason),
+            })
+        }
     };
     (StatusCode::OK, Json(body)).into_response()
 }

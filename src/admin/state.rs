@@ -132,7 +132,7 @@ struct Shared {
     /// The per-API-key write limit, if configured.
     write_limit: Option<super::limits::WriteLimit>,
     /// The last write probe of `/api/health`: when, and what it found.
-    probe: Mutex<Option<(Instant, Result<(), String>)>>,
+    probe: Mutex<Option<(Instant, Result<(), ProbeFailure>)>>,
     /// Set while a write probe runs.
     probing: AtomicBool,
 }
@@ -278,7 +278,7 @@ impl AdminState {
     /// failing disk shows here before a client's write finds it. Probes run
     /// in the background at most once a second; this never waits on one (a
     /// slow fsync must not make a health check time out).
-    pub fn probe_write(&self) -> Result<(), String> {
+    pub fn probe_write(&self) -> Result<(), ProbeFailure> {
         let last = self
             .shared
             .probe
@@ -305,7 +305,7 @@ impl AdminState {
         last.map_or(Ok(()), |(_, result)| result)
     }
 
-    fn write_probe_file(&self) -> Result<(), String> {
+    fn write_probe_file(&self) -> Result<(), ProbeFailure> {
         let path = self.shared.store.log().dir().join(".health-probe");
         let result = (|| -> std::io::Result<()> {
             use std::io::Write;
@@ -321,7 +321,14 @@ impl AdminState {
         })()
         // The system's reason only: `/api/health` needs no key and is
         // reached through the edge, so it does not show the server's paths.
-        .map_err(|e| e.to_string());
+        .map_err(|e| ProbeFailure {
+            code: if super::error::is_out_of_space(&e) {
+                ErrorCode::InsufficientStorage
+            } else {
+                ErrorCode::StorageError
+            },
+            reason: e.to_string(),
+        });
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
         }
@@ -474,6 +481,14 @@ impl AdminState {
             }
         }
     }
+}
+
+/// Why the health check's write probe failed: the error code a write
+/// failing the same way gets, and the system's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub code: ErrorCode,
+    pub reason: String,
 }
 
 /// Keeps the writer thread from starting another batch while alive (see
