@@ -35,11 +35,15 @@ fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::InvalidUrl, message).on("url")
 }
 
-/// Whether `c` is an invisible or direction-changing formatting character
-/// (Unicode general category Cf and the usual fillers and selectors).
+/// Whether `c` is an invisible or direction-changing formatting character:
+/// every character of Unicode general category Cf as of Unicode 15.0
+/// (which added U+13439 to U+1343F), and the usual fillers and selectors.
 fn is_invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{0600}'..='\u{0605}' | '\u{06DD}' | '\u{070F}' | '\u{0890}'..='\u{0891}' | '\u{08E2}'
+        | '\u{110BD}' | '\u{110CD}' | '\u{13430}'..='\u{1343F}' | '\u{1BCA0}'..='\u{1BCA3}'
+        | '\u{1D173}'..='\u{1D17A}'
         | '\u{180B}'..='\u{180F}'
         | '\u{200B}'..='\u{200F}'
         | '\u{202A}'..='\u{202E}'
@@ -247,5 +251,52 @@ mod tests {
             ErrorCode::InvalidUrl,
             "the limit applies to the encoded URL"
         );
+    }
+
+    /// Every character of general category Cf, as Python 3.11's
+    /// `unicodedata` (Unicode 14.0) lists them
+    /// (`[c for c in range(0x110000) if unicodedata.category(chr(c)) == "Cf"]`),
+    /// is refused anywhere in a URL. U+0600, U+06DD, U+070F, U+08E2 and the
+    /// Kaithi, hieroglyph, shorthand and musical ones used to pass.
+    #[test]
+    fn refuses_every_format_character() {
+        let cf: &[(u32, u32)] = &[
+            (0x00AD, 0x00AD),
+            (0x0600, 0x0605),
+            (0x061C, 0x061C),
+            (0x06DD, 0x06DD),
+            (0x070F, 0x070F),
+            (0x0890, 0x0891),
+            (0x08E2, 0x08E2),
+            (0x180E, 0x180E),
+            (0x200B, 0x200F),
+            (0x202A, 0x202E),
+            (0x2060, 0x2064),
+            (0x2066, 0x206F),
+            (0xFEFF, 0xFEFF),
+            (0xFFF9, 0xFFFB),
+            (0x110BD, 0x110BD),
+            (0x110CD, 0x110CD),
+            (0x13430, 0x13438),
+            (0x1BCA0, 0x1BCA3),
+            (0x1D173, 0x1D17A),
+            (0xE0001, 0xE0001),
+            (0xE0020, 0xE007F),
+        ];
+        for &(first, last) in cf {
+            for c in (first..=last).filter_map(char::from_u32) {
+                for url in [
+                    format!("https://example.com/a{c}b"),
+                    format!("https://example.com/?q={c}"),
+                    format!("https://example.com/#{c}"),
+                ] {
+                    assert!(
+                        normalize_target(&url).is_err(),
+                        "U+{:04X} accepted in {url:?}",
+                        c as u32
+                    );
+                }
+            }
+        }
     }
 }
