@@ -80,17 +80,21 @@ impl ClickTable {
     /// clicks: allowed while fewer than `budget` were counted, and counted
     /// when `take` (a GET; a HEAD only looks).
     pub fn click(&self, key: u64, budget: u64, take: bool) -> Click {
-        let Some(count) = self.find(key, take) else {
-            if !take {
-                // Never counted: all of its budget is left.
+        let count = match self.find(key, take) {
+            Slot::Found(count) => count,
+            // Never counted (a HEAD only looks): all of its budget is left.
+            Slot::Absent => {
                 return if budget > 0 {
                     Click::Allowed
                 } else {
                     Click::Spent
                 };
             }
-            self.full.inc();
-            return Click::NoRoom;
+            // A HEAD answers what a GET would: no room to count it.
+            Slot::Full => {
+                self.full.inc();
+                return Click::NoRoom;
+            }
         };
         let mut seen = count.load(Ordering::Acquire);
         loop {
@@ -108,8 +112,7 @@ impl ClickTable {
     }
 
     /// The count of `key`: its slot, claimed (when `claim`) if it has none.
-    /// `None`: not counted yet and not claimed, or no room.
-    fn find(&self, key: u64, claim: bool) -> Option<&std::sync::atomic::AtomicU64> {
+    fn find(&self, key: u64, claim: bool) -> Slot<'_> {
         let start = key as usize;
         for i in (0..PROBE).map(|n| start.wrapping_add(n)) {
             let (k, count) = self.slots.slot(i);
@@ -123,14 +126,23 @@ impl ClickTable {
                 };
             }
             if seen == key {
-                return Some(count);
+                return Slot::Found(count);
             }
             if seen == 0 {
-                return None; // a probe ends at an empty slot
+                return Slot::Absent; // a probe ends at an empty slot
             }
         }
-        None
+        Slot::Full
     }
+}
+
+/// Where a link's count is, as [`ClickTable::find`] found it.
+enum Slot<'a> {
+    Found(&'a std::sync::atomic::AtomicU64),
+    /// Not counted yet, and not claimed (a look only): room is left for it.
+    Absent,
+    /// Not counted, and every slot it may take is another link's.
+    Full,
 }
 
 /// The key of a link's count: its code and creation time (ms since the
@@ -220,9 +232,15 @@ mod tests {
             assert_eq!(t.click(key, 10, true), Click::Allowed);
         }
         let newcomer = 64 * 1000 + 5;
-        assert_eq!(t.click(newcomer, 10, false), Click::Allowed); // a HEAD looks
+        // A HEAD only looks, and answers what a GET would: no room (it got
+        // the redirect, which the GET after it did not).
+        assert_eq!(t.click(newcomer, 10, false), Click::NoRoom);
         assert_eq!(t.click(newcomer, 10, true), Click::NoRoom);
-        assert_eq!(t.full.get(), 1);
+        assert_eq!(t.full.get(), 2);
+        // With room left, a HEAD of a link never clicked has all its budget.
+        let (_d, roomy) = table(64);
+        assert_eq!(roomy.click(newcomer, 10, false), Click::Allowed);
+        assert_eq!(roomy.click(newcomer, 0, false), Click::Spent);
         // The links already counted go on being counted.
         assert_eq!(t.click(7, 10, true), Click::Allowed);
     }
