@@ -323,6 +323,44 @@ fn cases() -> Vec<Case> {
             format!("GET /{CODE} HTTP/1.0\r\n\r\n"),
             Redirect,
         ),
+        // RFC 9112, 3.2: more than one Host, or an invalid one, is a 400
+        // (on either path: the fast path leaves these to Pingora's).
+        case(
+            "request line",
+            "two Host headers",
+            get_known("Host: y\r\n"),
+            Reject,
+        ),
+        case(
+            "request line",
+            "Host with a space",
+            format!("GET /{CODE} HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n"),
+            Reject,
+        ),
+        case(
+            "request line",
+            "Host with a slash",
+            format!("GET /{CODE} HTTP/1.1\r\nHost: x/y\r\nConnection: close\r\n\r\n"),
+            Reject,
+        ),
+        case(
+            "request line",
+            "Host with userinfo",
+            format!("GET /{CODE} HTTP/1.1\r\nHost: a@b\r\nConnection: close\r\n\r\n"),
+            Reject,
+        ),
+        case(
+            "request line",
+            "Host with a port that is not a number",
+            format!("GET /{CODE} HTTP/1.1\r\nHost: x:8o\r\nConnection: close\r\n\r\n"),
+            Reject,
+        ),
+        case(
+            "request line",
+            "Host as an IPv6 literal and port",
+            format!("GET /{CODE} HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n"),
+            Redirect,
+        ),
         case(
             "request line",
             "header line without a colon",

@@ -21,6 +21,7 @@ use super::health::EdgeHealth;
 use super::metrics::{EdgeMetrics, LimitKind, ProxyErrorKind, RedirectResult};
 use super::rate_limit::{EdgeRateLimits, client_ip};
 use super::redirect::{Miss, Route, cache_control, location_into, resolve, route};
+use super::request_head::valid_host;
 use crate::config::EdgeConfig;
 use crate::config::IpNet;
 use crate::metrics::{MethodLabel, RouteLabel};
@@ -81,15 +82,25 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut EdgeCtx) -> Result<bool> {
         let tls = super::tls::mark_downstream(session);
         let req = session.req_header();
-        // RFC 9112, 3.2: an HTTP/1.1 request without `Host` gets a 400, as
-        // nginx and HAProxy give it (Pingora itself lets it through). HTTP/2
-        // names the host in `:authority`; HTTP/1.0 need not name one.
-        if req.version == ::http::Version::HTTP_11
-            && !req.headers.contains_key(::http::header::HOST)
-        {
+        // RFC 9112, 3.2: an HTTP/1.1 request without `Host`, and any request
+        // with more than one or with an invalid one, gets a 400, as nginx and
+        // HAProxy give it (Pingora itself lets them through). HTTP/2 names
+        // the host in `:authority`; HTTP/1.0 need not name one.
+        let mut hosts = req.headers.get_all(::http::header::HOST).iter();
+        let refused = match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => Some("a request may have one Host header, not more"),
+            (Some(host), None) if !valid_host(host.as_bytes()) => {
+                Some("the Host header is not a host name or address (and port)")
+            }
+            (None, _) if req.version == ::http::Version::HTTP_11 => {
+                Some("an HTTP/1.1 request needs a Host header")
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
             let head = req.method == ::http::Method::HEAD;
             session.set_keepalive(None);
-            let body = error_body("bad_request", "an HTTP/1.1 request needs a Host header");
+            let body = error_body("bad_request", why);
             respond(
                 session,
                 400,

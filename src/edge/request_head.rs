@@ -30,6 +30,85 @@ pub const MAX_HEADERS: usize = 32;
 /// 65,534 bytes; a short link's request is far shorter).
 pub const MAX_TARGET: usize = 8 * 1024;
 
+/// Whether `value` is a valid `Host` field value (RFC 9110, 7.2: `uri-host
+/// [ ":" port ]`, RFC 3986's grammar): a registered name of unreserved
+/// characters, sub-delims and percent-escapes (empty included), an IPv4
+/// address (a name by this grammar), or an IP literal in brackets; then,
+/// optionally, `:` and digits. RFC 9112, 3.2: a request whose `Host` is not
+/// valid gets a 400. Nothing is decoded and no name is looked up.
+pub fn valid_host(value: &[u8]) -> bool {
+    if value.first() == Some(&b'[') {
+        return valid_ip_literal_host(value);
+    }
+    // One table look-up a byte: a `Host` is looked at on every redirect.
+    let mut i = 0;
+    while let Some(&b) = value.get(i) {
+        match HOST_BYTE[b as usize] {
+            NAME => i += 1,
+            PERCENT if escape_at(value, i) => i += 3,
+            COLON => return value[i + 1..].iter().all(u8::is_ascii_digit),
+            _ => return false,
+        }
+    }
+    true
+}
+
+const OTHER: u8 = 0;
+const NAME: u8 = 1;
+const PERCENT: u8 = 2;
+const COLON: u8 = 3;
+
+/// What each byte is in a `Host` outside brackets: a byte of a registered
+/// name (unreserved or sub-delims), `%`, `:`, or anything else.
+const HOST_BYTE: [u8; 256] = {
+    let mut t = [OTHER; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() {
+            t[b] = NAME;
+        }
+        b += 1;
+    }
+    let extra = b"-._~!$&'()*+,;=";
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = NAME;
+        i += 1;
+    }
+    t[b'%' as usize] = PERCENT;
+    t[b':' as usize] = COLON;
+    t
+};
+
+/// Whether `s[i]` (a `%`) starts a percent-escape: two hex digits follow.
+fn escape_at(s: &[u8], i: usize) -> bool {
+    let hex = |j: usize| s.get(j).is_some_and(u8::is_ascii_hexdigit);
+    hex(i + 1) && hex(i + 2)
+}
+
+/// `[` IPv6address / IPvFuture (with an RFC 6874 zone) `]` [ `:` port ].
+fn valid_ip_literal_host(value: &[u8]) -> bool {
+    let Some(end) = value.iter().position(|&b| b == b']') else {
+        return false;
+    };
+    let literal = &value[1..end];
+    let mut i = 0;
+    while let Some(&b) = literal.get(i) {
+        match HOST_BYTE[b as usize] {
+            NAME | COLON => i += 1,
+            PERCENT if escape_at(literal, i) => i += 3,
+            _ => return false,
+        }
+    }
+    !literal.is_empty()
+        && match &value[end + 1..] {
+            [] => true,
+            [b':', port @ ..] => port.iter().all(u8::is_ascii_digit),
+            _ => false,
+        }
+}
+
 /// A request line the fast path can answer, and its header lines still to
 /// be read.
 pub struct RequestHead<'a> {
@@ -385,6 +464,49 @@ mod tests {
             let parsed = parse(head.as_bytes());
             prop_assert!(parsed.is_some(), "{:?}", head);
             check(head.as_bytes());
+        }
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            &b""[..],
+            b"ulo.ad",
+            b"ulo.ad:8080",
+            b"ulo.ad:",
+            b"127.0.0.1",
+            b"127.0.0.1:80",
+            b"[::1]",
+            b"[::1]:8443",
+            b"[fe80::1%25eth0]",
+            b"[v1.x]",
+            b"xn--bcher-kva.example",
+            b"a_b~c!$&'()*+,;=",
+            b"%41bc",
+        ] {
+            assert!(valid_host(ok), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &b"a b"[..],
+            b"x/y",
+            b"user@ulo.ad",
+            b"ulo.ad:80:81",
+            b"ulo.ad:8o",
+            b"[::1",
+            b"[]",
+            b"[::1]x",
+            b"[::1]:8a",
+            b"[::1/8]",
+            b"%zz",
+            b"a%4",
+            b"a\\b",
+            b"a?b",
+            b"a#b",
+            b"a\"b",
+            b"\xc3\xa9",
+            b"a\tb",
+        ] {
+            assert!(!valid_host(bad), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }
