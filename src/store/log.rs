@@ -1497,8 +1497,16 @@ impl LogTail {
                     continue;
                 }
                 // A later segment but not ours: our next records were
-                // compacted away.
+                // compacted away, unless the writer wrote a last batch into
+                // ours after the `fstat` above and then started that later
+                // segment (seen through this order: the listing, then the
+                // size again). Then that batch is read first.
                 if self.segment_after_exists()? {
+                    if let Some((file, path, _)) = &self.current
+                        && file.metadata().map_err(io_err(path))?.len() != read_end
+                    {
+                        continue;
+                    }
                     return Ok(TailStatus::NeedSnapshot);
                 }
                 return Ok(TailStatus::CaughtUp);
