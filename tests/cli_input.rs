@@ -327,3 +327,38 @@ fn an_export_that_cannot_finish_leaves_the_last_one_whole() {
         .collect();
     assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
 }
+
+/// An import whose write fails partway (the file size limit, as a full disk
+/// would) exits 1 and says how many links it left in the data dir, and
+/// which sequences: the batches appended before the failure are on disk
+/// and live (it used to print only the I/O error, so a rerun refused every
+/// one of them as "already exists", unexplained).
+#[test]
+fn a_failed_import_says_how_many_links_it_left_in_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let tsv = dir.path().join("links.tsv");
+    let rows: String = (0..30_000)
+        .map(|i| format!("code{i}\thttps://example.com/landing/{i}\n"))
+        .collect();
+    fs::write(&tsv, rows).unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+    cmd.args([
+        "import",
+        tsv.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ])
+    .env_remove("ULOAD_DATA_DIR");
+    // Room in the log for the first batch of 10,000 frames, not the second.
+    common::limit_file_size(&mut cmd, 1_000_000, libc::SIG_IGN);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let left = exported(&data).len();
+    assert_eq!(left, 10_000, "{stderr}");
+    assert!(
+        stderr.contains("the first 10000 of 30000 links (sequences 1..=10000) were written"),
+        "{stderr}"
+    );
+}

@@ -118,12 +118,33 @@ pub fn run(args: ImportArgs) -> Result<(), CliError> {
     }
     let parsed = started.elapsed();
     let first_seq = store.log().durable_seq() + 1;
-    for batch in ops.chunks(BATCH) {
-        store.append(batch)?;
+    for (i, batch) in ops.chunks(BATCH).enumerate() {
+        if let Err(e) = store.append(batch) {
+            // The batches before this one are on disk and live: say so, so
+            // that nobody reruns the import expecting a clean slate.
+            let done = i * BATCH;
+            let kept = if done == 0 {
+                "nothing of this import was written".to_owned()
+            } else {
+                format!(
+                    "the first {done} of {} links (sequences {first_seq}..={}) were written \
+                     before it and are in the data dir; the rest were not",
+                    ops.len(),
+                    store.log().durable_seq()
+                )
+            };
+            return Err(CliError::new(format!("{file_name}: {e}; {kept}")));
+        }
     }
     let last_seq = store.log().durable_seq();
     let appended = started.elapsed();
-    let report = store.compact()?;
+    let report = store.compact().map_err(|e| {
+        CliError::new(format!(
+            "{file_name}: all {} links were written (sequences {first_seq}..={last_seq}) \
+             and are in the data dir, but compacting failed: {e}; `uload compact` retries it",
+            ops.len()
+        ))
+    })?;
     let links = report
         .snapshot
         .as_ref()
