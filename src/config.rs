@@ -252,8 +252,9 @@ pub struct RawEdge {
     /// clicks for (the click table in `rate_limit.state_dir`, 16 bytes each).
     pub click_slots: usize,
     /// Pingora's own server conf (threads, pid file, upgrade socket, grace
-    /// periods), relative to this file's directory.
-    pub pingora_conf: PathBuf,
+    /// periods), relative to this file's directory. Unset: `pingora.yaml`
+    /// there if it exists, else Pingora's defaults; set: it must exist.
+    pub pingora_conf: Option<PathBuf>,
 }
 
 /// The `admin:` section.
@@ -327,7 +328,7 @@ impl Default for RawEdge {
             client_header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
             click_slots: 1 << 18,
-            pingora_conf: PathBuf::from("pingora.yaml"),
+            pingora_conf: None,
         }
     }
 }
@@ -436,6 +437,10 @@ impl IpNet {
 
 /// The most `edge.click_slots` (a 1 GiB click table).
 const MAX_CLICK_SLOTS: usize = 1 << 26;
+/// Most `access_log.buffer_lines`: the queue's slots are allocated when the
+/// edge starts (a few dozen bytes each), so a typo must not ask for more
+/// memory than the machine has.
+const MAX_ACCESS_LOG_BUFFER_LINES: usize = 1 << 22;
 
 /// Validated `edge:` settings.
 #[derive(Debug, Clone)]
@@ -463,8 +468,11 @@ pub struct EdgeConfig {
     pub keepalive_timeout: Duration,
     /// `edge.click_slots`.
     pub click_slots: usize,
-    /// Absolute path, or `None` when the file does not exist (Pingora defaults).
+    /// The Pingora conf to load; `None`: Pingora's defaults (the key was
+    /// not set and no `pingora.yaml` is next to the config file).
     pub pingora_conf: Option<PathBuf>,
+    /// Whether `edge.pingora_conf` was set (then the file must exist).
+    pub pingora_conf_given: bool,
 }
 
 /// Validated `tls:` settings (present only when `tls.listen` is set).
@@ -556,12 +564,24 @@ impl Config {
                 let mut config = Self::from_yaml_str(&text, &p.display().to_string(), &env)?;
                 // Relative paths in the file are relative to the file.
                 let base = p.parent().unwrap_or(Path::new("."));
-                if let Some(conf) = &config.edge.pingora_conf
-                    && conf.is_relative()
-                {
-                    config.edge.pingora_conf = Some(base.join(conf));
+                let conf = base.join(
+                    config
+                        .edge
+                        .pingora_conf
+                        .take()
+                        .unwrap_or_else(|| PathBuf::from("pingora.yaml")),
+                );
+                if conf.exists() {
+                    config.edge.pingora_conf = Some(conf);
+                } else if config.edge.pingora_conf_given {
+                    // Named, but missing: not Pingora's defaults in its place
+                    // (another pid file, upgrade socket and grace periods).
+                    return Err(ConfigError {
+                        file: p.display().to_string(),
+                        key: "edge.pingora_conf".into(),
+                        problem: format!("{}: no such file", conf.display()),
+                    });
                 }
-                config.edge.pingora_conf = config.edge.pingora_conf.filter(|p| p.exists());
                 if let Some(tls) = &mut config.tls {
                     for path in [&mut tls.cert_path, &mut tls.key_path] {
                         if path.is_relative() {
@@ -763,7 +783,8 @@ impl Config {
                     ));
                 }
             },
-            pingora_conf: Some(e.pingora_conf.clone()),
+            pingora_conf: e.pingora_conf.clone(),
+            pingora_conf_given: e.pingora_conf.is_some(),
         };
         let a = &raw.admin;
         let mut api_key_hashes = Vec::new();
@@ -860,10 +881,15 @@ impl Config {
                 path: Some(raw.access_log.path.trim())
                     .filter(|p| !p.is_empty())
                     .map(PathBuf::from),
-                buffer_lines: positive(
-                    "access_log.buffer_lines",
-                    raw.access_log.buffer_lines as u64,
-                )? as usize,
+                buffer_lines: match raw.access_log.buffer_lines {
+                    1..=MAX_ACCESS_LOG_BUFFER_LINES => raw.access_log.buffer_lines,
+                    _ => {
+                        return Err(err(
+                            "access_log.buffer_lines",
+                            format!("must be between 1 and {MAX_ACCESS_LOG_BUFFER_LINES}"),
+                        ));
+                    }
+                },
             },
         })
     }

@@ -362,3 +362,49 @@ fn a_failed_import_says_how_many_links_it_left_in_the_data_dir() {
         "{stderr}"
     );
 }
+
+/// check-config refuses what the edge could not start with, naming file,
+/// key and problem (each passed as "ok" and then the edge panicked, aborted
+/// or ran on settings the operator did not give): a Pingora conf with
+/// `threads: 0` (Pingora panics on it), an `access_log.buffer_lines` whose
+/// queue cannot be allocated, and an `edge.pingora_conf` that names a file
+/// that is not there (the edge ran on Pingora's defaults: another pid file,
+/// upgrade socket and grace periods). Unset, a missing `pingora.yaml` is
+/// still fine: Pingora's defaults, as documented.
+#[test]
+fn check_config_refuses_what_the_edge_cannot_run_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let pingora = dir.path().join("zero-threads.yaml");
+    fs::write(&pingora, "---\nversion: 1\nthreads: 0\n").unwrap();
+    for (text, want) in [
+        (
+            "edge:\n  pingora_conf: zero-threads.yaml\n".to_owned(),
+            format!(
+                "edge.pingora_conf: {}: threads: must be at least 1",
+                pingora.display()
+            ),
+        ),
+        (
+            "access_log:\n  buffer_lines: 100000000000000\n".to_owned(),
+            "access_log.buffer_lines: must be between 1 and 4194304".to_owned(),
+        ),
+        (
+            "edge:\n  pingora_conf: typo.yaml\n".to_owned(),
+            format!(
+                "edge.pingora_conf: {}: no such file",
+                dir.path().join("typo.yaml").display()
+            ),
+        ),
+    ] {
+        let file = dir.path().join("uload.yaml");
+        fs::write(&file, &text).unwrap();
+        let (status, out) = check_config(&file, &[]);
+        assert_eq!(status, Some(1), "{text}: {out}");
+        let want = format!("{}: {want}", file.display());
+        assert!(out.contains(&want), "{text}: no {want:?} in {out}");
+    }
+    let file = dir.path().join("defaults.yaml");
+    fs::write(&file, "access_log:\n  buffer_lines: 4194304\n").unwrap();
+    let (status, out) = check_config(&file, &[]);
+    assert_eq!(status, Some(0), "{out}");
+}

@@ -350,7 +350,7 @@ fn the_client_address_reaches_the_admin() {
     std::fs::write(
         &config,
         format!(
-            "data_dir: {}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{fake_admin}\"]\n  health_check_interval_ms: 100\n  pingora_conf: none.yaml\n",
+            "data_dir: {}\nedge:\n  listen: {edge_addr}\n  admin_upstreams: [\"{fake_admin}\"]\n  health_check_interval_ms: 100\n",
             dir.path().join("data").display()
         ),
     )

@@ -916,7 +916,7 @@ fn a_bad_certificate_or_key_stops_the_edge_and_check_config() {
     std::fs::write(
         &config,
         format!(
-            "data_dir: {}\nedge:\n  listen: 127.0.0.1:{}\n  pingora_conf: none.yaml\ntls:\n  listen: 127.0.0.1:{port}\n  cert_path: cert.pem\n  key_path: key.pem\n",
+            "data_dir: {}\nedge:\n  listen: 127.0.0.1:{}\ntls:\n  listen: 127.0.0.1:{port}\n  cert_path: cert.pem\n  key_path: key.pem\n",
             dir.path().join("data").display(),
             free_port(),
         ),

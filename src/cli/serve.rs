@@ -135,9 +135,7 @@ pub fn check_config(args: CheckConfigArgs) -> Result<(), CliError> {
         match Config::load(Some(file)) {
             Ok(config) => {
                 if let Some(p) = &config.edge.pingora_conf
-                    && let Err(e) = pingora::server::configuration::ServerConf::load_from_yaml(
-                        p.display().to_string(),
-                    )
+                    && let Err(e) = crate::edge::load_pingora_conf(p)
                 {
                     eprintln!(
                         "{}: edge.pingora_conf: {}: {e}",

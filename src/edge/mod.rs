@@ -85,9 +85,9 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     }
     let pingora_err = |e: Box<pingora::Error>| EdgeError::Pingora(e.to_string());
     let conf = match &config.edge.pingora_conf {
-        Some(path) => {
-            ServerConf::load_from_yaml(path.display().to_string()).map_err(pingora_err)?
-        }
+        Some(path) => load_pingora_conf(path).map_err(|e| {
+            EdgeError::Pingora(format!("edge.pingora_conf: {}: {e}", path.display()))
+        })?,
         None => ServerConf::default(),
     };
     let opt = Opt {
@@ -278,4 +278,15 @@ pub fn run(config: &Config, options: &EdgeOptions) -> Result<(), EdgeError> {
     let server = build(config, options)?;
     server.run(RunArgs::default());
     Ok(())
+}
+
+/// Loads Pingora's server conf from `path` and checks what Pingora itself
+/// does not and would panic on (`threads: 0`); `uload check-config` and the
+/// edge both read it through here.
+pub fn load_pingora_conf(path: &std::path::Path) -> Result<ServerConf, String> {
+    let conf = ServerConf::load_from_yaml(path.display().to_string()).map_err(|e| e.to_string())?;
+    if conf.threads == 0 {
+        return Err("threads: must be at least 1".into());
+    }
+    Ok(conf)
 }
