@@ -559,3 +559,115 @@ fn a_loop_closes_idle_connections_on_shutdown() {
     );
     let _ = process.wait();
 }
+
+/// The TCP state (as `/proc/net/tcp` shows it: `01` ESTABLISHED, `04`
+/// FIN_WAIT1, ...) of the edge's side of the connection from `client`.
+fn server_side_state(server: SocketAddr, client: SocketAddr) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |field: &str| u16::from_str_radix(field.rsplit_once(':')?.1, 16).ok();
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (port(f[1])? == server.port() && port(f[2])? == client.port()).then(|| f[3].to_owned())
+    })
+}
+
+/// Sends requests for 8 KB answers one at a time (each once the previous
+/// one was counted, so never pipelined) from a client with a small window
+/// that reads nothing, until an answer is no longer counted within 2 s (the
+/// edge is stuck writing to it); then waits up to ten keep-alive times for
+/// the edge to let the connection go. Returns the requests sent and the
+/// edge's side's TCP state at the end (`01`: still ESTABLISHED).
+fn never_reading_client(cluster: &Cluster, extra_headers: &str) -> (usize, String) {
+    use std::io::Write;
+    use std::time::Instant;
+    let answered = || {
+        let text = cluster.metrics(cluster.edge_metrics_addr);
+        metric(
+            &text,
+            r#"http_requests_total{method="GET",route="redirect",status_code="307"}"#,
+        )
+    };
+    let edge = cluster.edge_addr;
+    let mut stream = small_window(edge);
+    let local = stream.local_addr().unwrap();
+    let mut sent = 0;
+    loop {
+        assert!(sent < 400, "{sent} answers of 8 KB all went out");
+        let before = answered();
+        let req = format!(
+            "GET /fq?n={sent}&q={} HTTP/1.1\r\nHost: x\r\n{extra_headers}\r\n",
+            "x".repeat(8_000)
+        );
+        stream.write_all(req.as_bytes()).unwrap();
+        sent += 1;
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut moved = false;
+        while Instant::now() < until {
+            if answered() > before {
+                moved = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !moved {
+            break;
+        }
+    }
+    let limit = Duration::from_millis(KEEPALIVE_TIMEOUT_MS * 10);
+    let started = Instant::now();
+    let mut state = server_side_state(edge, local).unwrap_or_default();
+    while started.elapsed() < limit && state == "01" {
+        std::thread::sleep(Duration::from_millis(20));
+        state = server_side_state(edge, local).unwrap_or_default();
+    }
+    (sent, state)
+}
+
+fn forwarding_link(edge: SocketAddr) {
+    create(
+        edge,
+        r#"{"url":"https://example.com/f","code":"fq","status":307,"forward_query":true}"#,
+    );
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/fq").status == 307
+    });
+}
+
+/// A client that never reads its answers is let go after the keep-alive
+/// time however its requests are answered: by a loop (which always did),
+/// and on tokio, where every request the fast path leaves to Pingora (here a
+/// redirect with two client-address lines) is answered. Pingora sets no
+/// write timeout, and the edge held such a connection, its task and its
+/// buffers for as long as the client liked (found by review).
+#[test]
+fn a_client_that_never_reads_is_let_go_on_every_path() {
+    let cluster = Cluster::with_client_timeouts(HEADER_TIMEOUT_MS, KEEPALIVE_TIMEOUT_MS);
+    forwarding_link(cluster.edge_addr);
+    let (sent, state) = never_reading_client(&cluster, "");
+    assert_ne!(state, "01", "loop: still ESTABLISHED after {sent} requests");
+    let two_lines = "X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-For: 192.0.2.2\r\n";
+    let (sent, state) = never_reading_client(&cluster, two_lines);
+    assert_ne!(
+        state, "01",
+        "Pingora's path: still ESTABLISHED ten keep-alive times after {sent} requests"
+    );
+}
+
+/// The same with `edge.redirect_loop: false`: the fast path's answers are
+/// written on tokio, and their writes had no time limit either.
+#[test]
+fn a_client_that_never_reads_is_let_go_without_loops() {
+    let cluster = Cluster::start_custom(
+        &format!(
+            "  client_header_timeout_ms: {HEADER_TIMEOUT_MS}\n  keepalive_timeout_ms: {KEEPALIVE_TIMEOUT_MS}\n  redirect_loop: false\n"
+        ),
+        "",
+        "",
+    );
+    forwarding_link(cluster.edge_addr);
+    let (sent, state) = never_reading_client(&cluster, "");
+    assert_ne!(
+        state, "01",
+        "fast path on tokio: still ESTABLISHED ten keep-alive times after {sent} requests"
+    );
+}

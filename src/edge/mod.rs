@@ -227,7 +227,10 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     };
     // Header and keep-alive time limits around Pingora's proxy loop.
     let mut service = client_limits::service(&server.configuration, proxy, &config.edge, fast);
-    service.add_tcp(&config.edge.listen.to_string());
+    service.add_tcp_with_settings(
+        &config.edge.listen.to_string(),
+        client_socket_options(&config.edge),
+    );
     if let (Some(t), Some(store)) = (&config.tls, certs) {
         tracing::info!(
             sha256 = %store.fingerprint(),
@@ -236,7 +239,11 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             t.cert_path.display()
         );
         let settings = tls::settings(store.clone(), t.http2);
-        service.add_tls_with_settings(&t.listen.to_string(), None, settings);
+        service.add_tls_with_settings(
+            &t.listen.to_string(),
+            Some(client_socket_options(&config.edge)),
+            settings,
+        );
         server.add_service(GenBackgroundService::new(
             "tls certificate reload".into(),
             Arc::new(tls::ReloadOnHangup { store }),
@@ -289,4 +296,23 @@ pub fn load_pingora_conf(path: &std::path::Path) -> Result<ServerConf, String> {
         return Err("threads: must be at least 1".into());
     }
     Ok(conf)
+}
+
+/// Socket options of every accepted client connection. `TCP_USER_TIMEOUT`
+/// (through Pingora's keepalive settings) is the keep-alive time: a client
+/// that does not read its answers (its window stays shut) or does not
+/// acknowledge them is cut off by the kernel after that long, whichever
+/// path (fast path, redirect loop, Pingora, TLS) is writing to it; Pingora
+/// sets no time limit on writing a response header. The keepalive probes
+/// themselves start only after the same idle time, by which the edge has
+/// closed an idle connection anyway.
+fn client_socket_options(edge: &crate::config::EdgeConfig) -> pingora::listeners::TcpSocketOptions {
+    let mut options = pingora::listeners::TcpSocketOptions::default();
+    options.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
+        idle: edge.keepalive_timeout,
+        interval: std::time::Duration::from_secs(10),
+        count: 3,
+        user_timeout: edge.keepalive_timeout,
+    });
+    options
 }
