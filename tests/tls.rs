@@ -1045,3 +1045,60 @@ fn a_silent_connection_is_closed_whatever_its_protocol() {
         assert_eq!(h2_req(&send, "GET", "/health").await.status, 200);
     });
 }
+
+/// `edge.client_header_timeout_ms` is the time a client has from connecting
+/// for its first request, and a connection that sent nothing is closed then.
+/// On the HTTPS listener the clock started only after the TLS handshake,
+/// which Pingora bounds at a fixed 60 s: a client that connected and never
+/// sent its ClientHello (or sent part of it) held the connection 60 s
+/// whatever the limit said (found by review). Now its ClientHello must be
+/// whole within the header time (`tls::ClientHelloDeadline`); the test
+/// waits at most 10 s for the close, with a limit of 300 ms.
+#[test]
+fn a_connection_that_never_finishes_its_tls_handshake_is_closed_within_the_header_time() {
+    let cert = make_cert(41, "uload test silent handshake");
+    let edge = Edge::start(
+        &cert,
+        "  client_header_timeout_ms: 300\n  keepalive_timeout_ms: 300\n",
+        "",
+        None,
+    );
+    // The same silence on the plain listener: closed within the limit.
+    let limit = Duration::from_secs(10);
+    for (what, addr, bytes) in [
+        ("plain, nothing sent", edge.plain, &b""[..]),
+        ("TLS, nothing sent", edge.https, &b""[..]),
+        (
+            "TLS, part of a ClientHello",
+            edge.https,
+            &b"\x16\x03\x01\x02\x00\x01"[..],
+        ),
+    ] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(bytes).unwrap();
+        s.set_read_timeout(Some(limit)).unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let end = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break "closed".to_owned(),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break "open".to_owned();
+                }
+                Err(e) => break format!("reset ({e})"),
+            }
+        };
+        assert_ne!(
+            end,
+            "open",
+            "{what}: still open after {:?} (client_header_timeout_ms: 300)",
+            started.elapsed()
+        );
+    }
+}

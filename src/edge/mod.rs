@@ -244,6 +244,11 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             Some(client_socket_options(&config.edge)),
             settings,
         );
+        service
+            .endpoints()
+            .set_pre_tls_callback(Arc::new(tls::ClientHelloDeadline {
+                limit: config.edge.client_header_timeout,
+            }));
         server.add_service(GenBackgroundService::new(
             "tls certificate reload".into(),
             Arc::new(tls::ReloadOnHangup { store }),
@@ -308,11 +313,40 @@ pub fn load_pingora_conf(path: &std::path::Path) -> Result<ServerConf, String> {
 /// closed an idle connection anyway.
 fn client_socket_options(edge: &crate::config::EdgeConfig) -> pingora::listeners::TcpSocketOptions {
     let mut options = pingora::listeners::TcpSocketOptions::default();
-    options.tcp_keepalive = Some(pingora::protocols::TcpKeepalive {
-        idle: edge.keepalive_timeout,
-        interval: std::time::Duration::from_secs(10),
-        count: 3,
-        user_timeout: edge.keepalive_timeout,
-    });
+    options.tcp_keepalive = Some(keepalive(edge.keepalive_timeout));
     options
+}
+
+/// The keepalive settings for a keep-alive time of `idle`, in the kernel's
+/// ranges: `TCP_KEEPIDLE` is whole seconds from 1 to 32767 (0, from a
+/// keep-alive under a second, is EINVAL, and Pingora then drops every
+/// connection it accepts), `TCP_USER_TIMEOUT` milliseconds (at most a day
+/// here, as the config allows).
+fn keepalive(idle: std::time::Duration) -> pingora::protocols::TcpKeepalive {
+    use std::time::Duration;
+    pingora::protocols::TcpKeepalive {
+        idle: Duration::from_secs(idle.as_secs().clamp(1, 32_767)),
+        interval: Duration::from_secs(10),
+        count: 3,
+        user_timeout: idle.clamp(Duration::from_millis(1), Duration::from_secs(86_400)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// Every keep-alive time the config allows (1 ms to a day) gives values
+    /// the kernel takes: a `TCP_KEEPIDLE` of 0 (from 300 ms) made every
+    /// accept fail.
+    #[test]
+    fn keepalive_settings_stay_in_the_kernels_ranges() {
+        for ms in [1, 300, 999, 1_000, 1_500, 60_000, 86_400_000] {
+            let k = super::keepalive(Duration::from_millis(ms));
+            assert!((1..=32_767).contains(&k.idle.as_secs()), "{ms}: {k:?}");
+            assert_eq!(k.idle.subsec_nanos(), 0, "{ms}");
+            assert_eq!(k.user_timeout, Duration::from_millis(ms), "{ms}");
+            assert!(k.user_timeout.as_millis() <= i32::MAX as u128);
+        }
+    }
 }

@@ -320,6 +320,56 @@ pub fn settings(store: Arc<CertStore>, http2: bool) -> TlsSettings {
     settings
 }
 
+/// Bounds the start of a TLS handshake by `edge.client_header_timeout_ms`:
+/// the client's first record (its ClientHello) must arrive whole within it,
+/// or the connection is dropped. Pingora allows a handshake a fixed 60 s and
+/// the edge's header time starts only after it, so a client that connected
+/// to the HTTPS port and sent nothing (or a ClientHello a byte at a time)
+/// held its connection for 60 s whatever the setting. What follows the
+/// ClientHello (the client's answer to the server's flight) keeps Pingora's
+/// 60 s: by then the client has sent a whole ClientHello and had a key
+/// exchange computed for it.
+pub struct ClientHelloDeadline {
+    pub limit: Duration,
+}
+
+/// Largest TLS record (2^14 bytes of plaintext, plus room for the
+/// expansion a record may carry) and its 5-byte header.
+const MAX_TLS_RECORD: usize = 5 + (1 << 14) + 2048;
+
+#[async_trait]
+impl pingora::listeners::PreTlsProcess for ClientHelloDeadline {
+    async fn process(
+        &self,
+        stream: &mut pingora::protocols::l4::stream::Stream,
+    ) -> pingora::Result<()> {
+        use pingora::protocols::Peek;
+        let whole_first_record = async {
+            let mut header = [0u8; 5];
+            stream.try_peek(&mut header).await?;
+            // Not a handshake record: rustls refuses it at once.
+            if header[0] != 0x16 {
+                return Ok(());
+            }
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            let mut record = vec![0u8; (5 + len).min(MAX_TLS_RECORD)];
+            stream.try_peek(&mut record).await.map(|_| ())
+        };
+        match tokio::time::timeout(self.limit, whole_first_record).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(pingora::Error::because(
+                pingora::ErrorType::ReadError,
+                "reading the TLS ClientHello",
+                e,
+            )),
+            Err(_) => Err(pingora::Error::explain(
+                pingora::ErrorType::ReadTimedout,
+                "no whole TLS ClientHello within edge.client_header_timeout_ms",
+            )),
+        }
+    }
+}
+
 /// Whether the request came over TLS (HTTP/1.1 or HTTP/2).
 pub fn is_tls(session: &Session) -> bool {
     session.digest().is_some_and(|d| d.ssl_digest.is_some())
