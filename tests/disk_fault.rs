@@ -1505,3 +1505,71 @@ fn a_read_only_data_dir_gives_503_and_writes_recover() {
     drop(procs);
     drop(mounts);
 }
+
+/// The edge's access log on a disk that fills up in the middle of a long
+/// line (a 100 KB user agent, which Pingora's 1 MiB header limit lets
+/// through): the line is lost and counted in `access_log_dropped_total`,
+/// and nothing of it stays in the file. Before, the part written stayed
+/// without its newline and the next line, once there was room again, was
+/// glued to it: a line that is not JSON (found by review). In process,
+/// on a 256 KiB tmpfs; skipped without `mount`.
+#[test]
+fn an_access_log_on_a_full_disk_never_holds_part_of_a_line() {
+    use uload::edge::access_log::{AccessLog, AccessRecord, open_file, timestamp};
+    let root = tempfile::tempdir().unwrap();
+    let Some(mut mounts) = mounts_or_skip("access log on a full tmpfs", root.path()) else {
+        return;
+    };
+    let at = root.path().join("fs");
+    mounts.tmpfs(&at, 256 * 1024).unwrap();
+    let path = at.join("access.log");
+    let file = open_file(&path).unwrap();
+    // Fill the file system but for 32 KiB.
+    let filler = at.join("filler");
+    let _ = std::fs::File::create(&filler)
+        .unwrap()
+        .write_all(&vec![b'x'; 256 * 1024]);
+    let full = std::fs::metadata(&filler).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len(full - 32 * 1024)
+        .unwrap();
+    let dropped = prometheus::IntCounter::new("d", "d").unwrap();
+    let log = AccessLog::start(file, 16, dropped.clone()).unwrap();
+    let ts = timestamp(1_795_726_533_120);
+    let record = |user_agent| AccessRecord {
+        ts: &ts,
+        client: "203.0.113.7",
+        method: "GET",
+        path: "/abc",
+        status: 302,
+        route: "redirect",
+        duration_us: 41,
+        user_agent: Some(user_agent),
+    };
+    let agent = "a".repeat(100_000);
+    log.log(&record(&agent));
+    common::wait_until(
+        Duration::from_secs(10),
+        "the long line counted as lost",
+        || dropped.get() == 1,
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "part of a line");
+    // Room again: the next request is logged, on a line of its own.
+    std::fs::remove_file(&filler).unwrap();
+    log.log(&record("curl/8"));
+    let mut text = String::new();
+    common::wait_until(Duration::from_secs(10), "the next line written", || {
+        text = std::fs::read_to_string(&path).unwrap();
+        text.ends_with('\n')
+    });
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:.200}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text:.300}");
+    assert_eq!(lines[0]["user_agent"], "curl/8");
+    assert_eq!(dropped.get(), 1);
+}

@@ -1,7 +1,9 @@
 //! The edge's access log: one JSON object per line, written by a background
 //! thread so that a slow disk never delays a response. When the writer falls
 //! behind by more than `access_log.buffer_lines`, lines are dropped and
-//! counted (`access_log_dropped_total`), never waited for.
+//! counted (`access_log_dropped_total`), never waited for; so are the lines
+//! of a batch that could not be written (a full disk), and such a batch
+//! leaves nothing in the file (no part of a line).
 //!
 //! A line: `{"ts":"2026-11-26T21:05:03.120Z","client":"203.0.113.7",
 //! "method":"GET","path":"/abc1234","status":302,"route":"redirect",
@@ -50,9 +52,10 @@ impl AccessLog {
         dropped: IntCounter,
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(buffer_lines.max(1));
+        let lost = dropped.clone();
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || write_lines(file, rx))?;
+            .spawn(move || write_lines(file, rx, lost))?;
         Ok(Self { tx, dropped })
     }
 
@@ -82,29 +85,53 @@ pub fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-fn write_lines(file: std::fs::File, rx: Receiver<Vec<u8>>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
+/// Most bytes of queued lines gathered into one write.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Writes the queued lines in batches, each appended whole or not at all
+/// ([`append_whole`]); the lines of a batch that could not be written are
+/// counted in `lost` (`access_log_dropped_total`).
+fn write_lines(mut file: std::fs::File, rx: Receiver<Vec<u8>>, lost: IntCounter) {
+    let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut failed = false;
     while let Ok(line) = rx.recv() {
-        let mut result = out.write_all(&line);
-        // Drain what is queued, then flush once: lines reach the file within
-        // one batch, and a burst costs one write.
-        while let Ok(line) = rx.try_recv() {
-            result = result.and_then(|()| out.write_all(&line));
+        // Gather what is queued: a burst costs one write, and lines reach
+        // the file within one batch.
+        batch.clear();
+        batch.extend_from_slice(&line);
+        let mut lines = 1;
+        while batch.len() < BATCH_BYTES
+            && let Ok(line) = rx.try_recv()
+        {
+            batch.extend_from_slice(&line);
+            lines += 1;
         }
-        result = result.and_then(|()| out.flush());
-        match (result, failed) {
-            (Err(e), false) => {
-                tracing::error!(error = %e, "access log: write failed; lines are being lost");
-                failed = true;
+        match (append_whole(&mut file, &batch), failed) {
+            (Err(e), was_failing) => {
+                lost.inc_by(lines);
+                if !was_failing {
+                    tracing::error!(error = %e, "access log: write failed; lines are being lost");
+                    failed = true;
+                }
             }
             (Ok(()), true) => {
                 tracing::info!("access log: writing again");
                 failed = false;
             }
-            _ => {}
+            (Ok(()), false) => {}
         }
     }
+}
+
+/// Appends `batch` (whole lines) to `file`, or nothing: a write that fails
+/// partway (a disk that fills in the middle of a long line) is cut back to
+/// where it began, so that the log never holds part of a line for the next
+/// one to be glued to.
+fn append_whole(file: &mut std::fs::File, batch: &[u8]) -> std::io::Result<()> {
+    let before = file.metadata()?.len();
+    file.write_all(batch).inspect_err(|_| {
+        let _ = file.set_len(before);
+    })
 }
 
 /// RFC 3339 UTC with milliseconds for `ms` since the epoch.

@@ -181,7 +181,7 @@ impl EdgeMetrics {
         registry.register(Box::new(proxy_retries.clone()))?;
         let access_log_dropped = IntCounter::new(
             "access_log_dropped_total",
-            "Access-log lines dropped because the writer fell behind.",
+            "Access-log lines dropped because the writer fell behind, or lost to a failed write (a full disk).",
         )?;
         registry.register(Box::new(access_log_dropped.clone()))?;
         let fast_path_answers = IntCounter::new(
