@@ -408,3 +408,22 @@ fn check_config_refuses_what_the_edge_cannot_run_with() {
     let (status, out) = check_config(&file, &[]);
     assert_eq!(status, Some(0), "{out}");
 }
+
+/// `compact`, `export` and `inspect` of a data dir that does not exist (a
+/// mistyped `--data-dir`) fail naming it, and make nothing there: `compact`
+/// used to create an empty data dir and say "nothing new to compact".
+#[test]
+fn commands_on_a_missing_data_dir_fail_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("typo");
+    for command in ["compact", "export", "inspect"] {
+        let out = uload(&[command, "--data-dir", missing.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}: not a directory", missing.display())),
+            "{command}: {stderr}"
+        );
+        assert!(!missing.exists(), "{command} made {}", missing.display());
+    }
+}

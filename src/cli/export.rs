@@ -20,13 +20,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<(), CliError> {
-    let root = &args.dir.data_dir;
-    if !root.is_dir() {
-        return Err(CliError::new(format!(
-            "{}: not a directory",
-            root.display()
-        )));
-    }
+    let root = args.dir.existing()?;
     let view = DataDir::new(root).load_view(true)?;
     let Some(path) = &args.output else {
         let count = write_links(&view, io::stdout().lock(), "standard output")?;

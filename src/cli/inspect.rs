@@ -71,13 +71,7 @@ struct SegmentReport {
 }
 
 pub fn run(args: InspectArgs) -> Result<(), CliError> {
-    let root = &args.dir.data_dir;
-    if !root.is_dir() {
-        return Err(CliError::new(format!(
-            "{}: not a directory",
-            root.display()
-        )));
-    }
+    let root = args.dir.existing()?;
     let dir = DataDir::new(root);
     let mut report = Report {
         data_dir: root.display().to_string(),

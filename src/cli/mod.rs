@@ -28,6 +28,21 @@ struct DataDirArg {
     data_dir: PathBuf,
 }
 
+impl DataDirArg {
+    /// The data dir, which must exist: the commands that only read or
+    /// compact one must not take a mistyped path for an empty data dir (or
+    /// make one there). `import` alone may start a new one.
+    fn existing(&self) -> Result<&std::path::Path, CliError> {
+        if !self.data_dir.is_dir() {
+            return Err(CliError::new(format!(
+                "{}: not a directory",
+                self.data_dir.display()
+            )));
+        }
+        Ok(&self.data_dir)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Import links from a TSV (code<TAB>url), CSV (with a header) or JSON-lines file.
@@ -106,7 +121,7 @@ pub fn main() -> ExitCode {
 }
 
 fn compact(dir: DataDirArg) -> Result<(), CliError> {
-    let store = crate::store::Store::open(&dir.data_dir, Default::default())?;
+    let store = crate::store::Store::open(dir.existing()?, Default::default())?;
     let report = store.compact()?;
     match &report.snapshot {
         Some(info) => println!(
