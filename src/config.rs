@@ -437,6 +437,8 @@ impl IpNet {
 
 /// The most `edge.click_slots` (a 1 GiB click table).
 const MAX_CLICK_SLOTS: usize = 1 << 26;
+/// Most `edge.admin_retries`.
+const MAX_ADMIN_RETRIES: u32 = 10;
 /// Most `access_log.buffer_lines`: the queue's slots are allocated when the
 /// edge starts (a few dozen bytes each), so a typo must not ask for more
 /// memory than the machine has.
@@ -753,7 +755,17 @@ impl Config {
                 "edge.admin_read_timeout_ms",
                 e.admin_read_timeout_ms,
             )?),
-            admin_retries: e.admin_retries,
+            // Each retry waits for a backoff (up to 2 s) and another attempt:
+            // more than a few only keep a client waiting for its 503.
+            admin_retries: match e.admin_retries {
+                0..=MAX_ADMIN_RETRIES => e.admin_retries,
+                _ => {
+                    return Err(err(
+                        "edge.admin_retries",
+                        format!("must be at most {MAX_ADMIN_RETRIES}"),
+                    ));
+                }
+            },
             admin_retry_backoff: Duration::from_millis(e.admin_retry_backoff_ms),
             health_check_interval: Duration::from_millis(positive(
                 "edge.health_check_interval_ms",

@@ -369,8 +369,9 @@ fn a_failed_import_says_how_many_links_it_left_in_the_data_dir() {
 /// `threads: 0` (Pingora panics on it), an `access_log.buffer_lines` whose
 /// queue cannot be allocated, and an `edge.pingora_conf` that names a file
 /// that is not there (the edge ran on Pingora's defaults: another pid file,
-/// upgrade socket and grace periods). Unset, a missing `pingora.yaml` is
-/// still fine: Pingora's defaults, as documented.
+/// upgrade socket and grace periods); also an `edge.admin_retries` that
+/// would keep a client waiting minutes for its 503. Unset, a missing
+/// `pingora.yaml` is still fine: Pingora's defaults, as documented.
 #[test]
 fn check_config_refuses_what_the_edge_cannot_run_with() {
     let dir = tempfile::tempdir().unwrap();
@@ -387,6 +388,10 @@ fn check_config_refuses_what_the_edge_cannot_run_with() {
         (
             "access_log:\n  buffer_lines: 100000000000000\n".to_owned(),
             "access_log.buffer_lines: must be between 1 and 4194304".to_owned(),
+        ),
+        (
+            "edge:\n  admin_retries: 1000000\n".to_owned(),
+            "edge.admin_retries: must be at most 10".to_owned(),
         ),
         (
             "edge:\n  pingora_conf: typo.yaml\n".to_owned(),
