@@ -757,15 +757,13 @@ impl Config {
             )?),
             // Each retry waits for a backoff (up to 2 s) and another attempt:
             // more than a few only keep a client waiting for its 503.
-            admin_retries: match e.admin_retries {
-                0..=MAX_ADMIN_RETRIES => e.admin_retries,
-                _ => {
-                    return Err(err(
-                        "edge.admin_retries",
-                        format!("must be at most {MAX_ADMIN_RETRIES}"),
-                    ));
-                }
-            },
+            admin_retries: within(
+                &err,
+                "edge.admin_retries",
+                e.admin_retries,
+                0,
+                MAX_ADMIN_RETRIES,
+            )?,
             admin_retry_backoff: Duration::from_millis(e.admin_retry_backoff_ms),
             health_check_interval: Duration::from_millis(positive(
                 "edge.health_check_interval_ms",
@@ -786,15 +784,7 @@ impl Config {
                 "edge.keepalive_timeout_ms",
                 positive("edge.keepalive_timeout_ms", e.keepalive_timeout_ms)?,
             )?),
-            click_slots: match e.click_slots {
-                64..=MAX_CLICK_SLOTS => e.click_slots,
-                _ => {
-                    return Err(err(
-                        "edge.click_slots",
-                        format!("must be between 64 and {MAX_CLICK_SLOTS}"),
-                    ));
-                }
-            },
+            click_slots: within(&err, "edge.click_slots", e.click_slots, 64, MAX_CLICK_SLOTS)?,
             pingora_conf: e.pingora_conf.clone(),
             pingora_conf_given: e.pingora_conf.is_some(),
         };
@@ -893,18 +883,38 @@ impl Config {
                 path: Some(raw.access_log.path.trim())
                     .filter(|p| !p.is_empty())
                     .map(PathBuf::from),
-                buffer_lines: match raw.access_log.buffer_lines {
-                    1..=MAX_ACCESS_LOG_BUFFER_LINES => raw.access_log.buffer_lines,
-                    _ => {
-                        return Err(err(
-                            "access_log.buffer_lines",
-                            format!("must be between 1 and {MAX_ACCESS_LOG_BUFFER_LINES}"),
-                        ));
-                    }
-                },
+                buffer_lines: within(
+                    &err,
+                    "access_log.buffer_lines",
+                    raw.access_log.buffer_lines,
+                    1,
+                    MAX_ACCESS_LOG_BUFFER_LINES,
+                )?,
             },
         })
     }
+}
+
+/// `value` if it is in `lo..=hi`; otherwise the error for `key` that says
+/// the range ("at most" when `lo` is 0).
+fn within<T: PartialOrd + std::fmt::Display + Default + Copy>(
+    err: &dyn Fn(&str, String) -> ConfigError,
+    key: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
+    if (lo..=hi).contains(&value) {
+        return Ok(value);
+    }
+    Err(err(
+        key,
+        if lo == T::default() {
+            format!("must be at most {hi}")
+        } else {
+            format!("must be between {lo} and {hi}")
+        },
+    ))
 }
 
 fn rate_limit(
