@@ -149,6 +149,16 @@ impl SlotFile {
         }
     }
 
+    /// How many slots the table has.
+    pub fn len(&self) -> usize {
+        self.mask + 1
+    }
+
+    /// Whether the table has no slots (never: at least 64).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
     /// Writes the table's pages to disk (the kernel does so anyway; this is
     /// for a clean shutdown before a machine is powered off).
     pub fn flush(&self) {
@@ -156,6 +166,36 @@ impl SlotFile {
             tracing::warn!(path = %self.path.display(), error = %e, "flushing {}", self.what);
         }
     }
+}
+
+/// The slots in use, `(first word, second word)` for every slot whose first
+/// word is not 0, of the file at `path` when it is a table of `format` with
+/// a slot count other than `slots` (rounded as [`SlotFile::open`] rounds
+/// it): what [`SlotFile::open`] is about to replace with an empty table, for
+/// a caller that must carry its contents over. `None` when there is no such
+/// file. Read with plain reads: a process still writing to it (the old edge
+/// of an upgrade) may make a value a moment old.
+pub fn entries_of_another_size(
+    path: &Path,
+    format: &Format,
+    slots: usize,
+) -> Option<Vec<(u64, u64)>> {
+    let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+    let bytes = std::fs::read(path).ok()?;
+    let head = bytes.get(..HEADER_LEN)?;
+    let count = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
+    let same_kind = head[0..8] == format.magic[..] && head[8..12] == format.version.to_le_bytes();
+    if !same_kind || count == slots || bytes.len() != HEADER_LEN + count * SLOT_LEN {
+        return None;
+    }
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    Some(
+        bytes[HEADER_LEN..]
+            .chunks_exact(SLOT_LEN)
+            .map(|s| (word(&s[..8]), word(&s[8..])))
+            .filter(|&(key, _)| key != 0)
+            .collect(),
+    )
 }
 
 fn header(format: &Format, slots: usize) -> [u8; HEADER_LEN] {
