@@ -249,6 +249,21 @@ pub fn status_str(status: u16) -> &'static str {
 
 /// A registry with the process collector (CPU seconds, resident memory, open
 /// file descriptors, start time) already registered.
+/// Brings `counter` up to `value`, the atomic it mirrors (counts kept where
+/// they happen, exported when Prometheus scrapes): both only grow, so each
+/// scrape adds the difference. Under one lock for every mirrored counter:
+/// two scrapes at once (two Prometheus servers) each reading the counter
+/// before either added would both add the difference, and a counter once
+/// ahead stays ahead.
+pub fn mirror(counter: &prometheus::IntCounter, value: u64) {
+    static MIRRORING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MIRRORING.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = counter.get();
+    if value > seen {
+        counter.inc_by(value - seen);
+    }
+}
+
 pub fn new_registry() -> Registry {
     let registry = Registry::new();
     #[cfg(target_os = "linux")]
@@ -276,6 +291,30 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mirrored counter follows the value it mirrors, exactly, however
+    /// many scrapes mirror it at once (two Prometheus servers): it never
+    /// passes the value, and a value that does not grow adds nothing.
+    #[test]
+    fn a_mirrored_counter_never_passes_what_it_mirrors() {
+        let counter = prometheus::IntCounter::new("m", "m").unwrap();
+        let value = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..20_000 {
+                        let v = value.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        mirror(&counter, v);
+                        assert!(counter.get() <= value.load(std::sync::atomic::Ordering::SeqCst));
+                    }
+                });
+            }
+        });
+        mirror(&counter, 80_000);
+        assert_eq!(counter.get(), 80_000);
+        mirror(&counter, 5);
+        assert_eq!(counter.get(), 80_000);
+    }
 
     fn text(registry: &Registry) -> String {
         String::from_utf8(encode(registry)).unwrap()

@@ -128,11 +128,7 @@ impl prometheus::core::Collector for BackupCollector {
         self.last_success
             .set(self.status.last_success_timestamp_seconds());
         self.last_duration.set(self.status.last_duration_seconds());
-        let failures = self.status.failures();
-        let seen = self.failures.get();
-        if failures > seen {
-            self.failures.inc_by(failures - seen);
-        }
+        crate::metrics::mirror(&self.failures, self.status.failures());
         let mut m = self.last_success.collect();
         m.extend(self.last_duration.collect());
         m.extend(self.failures.collect());

@@ -108,22 +108,14 @@ impl AdminMetrics {
         let log = state.store().log();
         let seq = log.durable_seq();
         self.last_seq.set(i64::try_from(seq).unwrap_or(i64::MAX));
-        mirror(&self.appends, seq.saturating_sub(self.seq_at_open));
-        mirror(&self.append_errors, log.failure_count());
+        crate::metrics::mirror(&self.appends, seq.saturating_sub(self.seq_at_open));
+        crate::metrics::mirror(&self.append_errors, log.failure_count());
         if let Some(d) = crate::sys::disk_space(state.store().dir().root()) {
             self.disk_size
                 .set(i64::try_from(d.total).unwrap_or(i64::MAX));
             self.disk_available
                 .set(i64::try_from(d.available).unwrap_or(i64::MAX));
         }
-    }
-}
-
-/// Brings a mirrored counter up to the value it mirrors (which only grows).
-fn mirror(counter: &IntCounter, value: u64) {
-    let seen = counter.get();
-    if value > seen {
-        counter.inc_by(value - seen);
     }
 }
 

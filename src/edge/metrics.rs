@@ -353,14 +353,6 @@ impl TableCollector {
     }
 }
 
-/// Brings a mirrored counter up to the atomic it mirrors.
-fn mirror(counter: &IntCounter, value: u64) {
-    let seen = counter.get();
-    if value > seen {
-        counter.inc_by(value - seen);
-    }
-}
-
 fn clamp_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -386,12 +378,12 @@ impl Collector for TableCollector {
         }));
         drop(view);
         let f = &self.follower;
-        mirror(
+        crate::metrics::mirror(
             &self.records_applied,
             f.records_applied.load(Ordering::Relaxed),
         );
-        mirror(&self.swaps, f.snapshots_loaded.load(Ordering::Relaxed));
-        mirror(&self.refused, f.files_refused.load(Ordering::Relaxed));
+        crate::metrics::mirror(&self.swaps, f.snapshots_loaded.load(Ordering::Relaxed));
+        crate::metrics::mirror(&self.refused, f.files_refused.load(Ordering::Relaxed));
         self.last_refused_s
             .set(clamp_i64(f.last_refused_ms.load(Ordering::Relaxed) / 1000));
         let backends = self.admins.backends();
