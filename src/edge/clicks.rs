@@ -17,12 +17,12 @@
 //!
 //! Slots are never given back (the table cannot tell a deleted link's slot
 //! from a live one's). When a budgeted link finds no slot (about 90% of
-//! `edge.click_slots` can be used, see `PROBE`), it is answered as spent: a budget is
-//! a promise of at most N clicks. `edge_click_slots_full_total` counts
+//! `edge.click_slots` can be used, see `PROBE`), it is answered as spent:
+//! a budget is a promise of at most N clicks. `edge_click_slots_full_total` counts
 //! those answers; a new `edge.click_slots` carries the counts over to a
 //! table of the new size, and removing the file (edge stopped) starts every
-//! count afresh. Behind several edges with their own state dirs, each counts its
-//! own clicks.
+//! count afresh. Behind several edges with their own state dirs, each
+//! counts its own clicks.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -66,6 +66,7 @@ pub struct ClickTable {
 impl ClickTable {
     /// Maps `path` (created with room for `slots` links' counts when
     /// missing or unusable).
+    ///
     /// A file of another size (`edge.click_slots` changed) has its counts
     /// carried over into the new table: a spent budget must stay spent.
     pub fn open(path: &Path, slots: usize) -> Result<Self, StateError> {
