@@ -29,9 +29,11 @@
 # daemonized: Pingora writes its pid_file only with -d, so --pid-file is
 # where the serving pid is kept), in the running edge's working directory,
 # with the running edge's ULOAD_* and RUST_LOG environment variables (read
-# from /proc/PID/environ), so that the overrides it was started with still
-# apply. Needs Linux (/proc), bash, python3 (3.9+: socket.send_fds), flock,
-# and preferably ss (iproute2). Run it as the edge's user or root.
+# from /proc/PID/environ; the caller's own are dropped), so that the
+# overrides it was started with still apply. Needs Linux (/proc), bash, python3 (3.9+: socket.send_fds), flock,
+# and preferably ss (iproute2). Run it as the edge's user or root; as root,
+# the new edge (and a rolled-back one) runs as the running edge's user, group
+# and supplementary groups, and the upgrade socket is handed to that user.
 #
 # Under systemd, run it as the unit's ExecReload= (with NotifyAccess=all):
 # the new edge then starts inside the unit, and the script tells systemd the
@@ -48,8 +50,9 @@
 #   2  the new binary failed (exited, or no 200 from its own /health in time);
 #      rolled back: the old binary serves again, as a new process (`pid=N`,
 #      written to --pid-file)
-#   3  the new binary failed the pre-flight check (`BINARY check-config FILE`);
-#      nothing was changed, the running edge still serves
+#   3  the pre-flight check failed: `BINARY check-config FILE` for the new
+#      binary, or for the old one (a rollback must be able to start it on
+#      FILE); nothing was changed, the running edge still serves
 #   4  the hand-over or the rollback failed: the edge may not be serving.
 #      Needs a human (the messages say which step failed).
 #
@@ -80,8 +83,9 @@
 #      file there is still the one running (same inode), else a copy of
 #      /proc/PID/exe (the file was replaced or deleted). One deploy at a time
 #      (flock on UPGRADE_SOCK.deploy.lock).
-#   1. Pre-flight: `BINARY check-config FILE`. A binary that cannot run, or
-#      that refuses the config, is stopped before anything changes (exit 3).
+#   1. Pre-flight: `BINARY check-config FILE`, and the same with the old
+#      binary (the rollback's). A binary that cannot run, or that refuses
+#      the config, is stopped before anything changes (exit 3).
 #   2. A keeper (the small Python helper below) listens on upgrade_sock in
 #      place of a new edge; SIGQUIT to the running edge; it sends its fds to
 #      the keeper, which holds copies of them until this script ends. The
@@ -171,6 +175,12 @@ yaml_get() { # FILE KEY [SECTION]
 }
 old_env="$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -E '^(ULOAD_[A-Z_]*|RUST_LOG)=' || true)"
 old_cwd="$(readlink "/proc/$pid/cwd")" || die "cannot read /proc/$pid/cwd (run as the edge's user or root)"
+# The running edge's user, group and supplementary groups: run as root, this
+# script starts the new (and a rolled-back) edge as that user, and gives it
+# the upgrade socket the running edge must connect to.
+EDGE_IDS="$(awk '/^Uid:/ {u = $2} /^Gid:/ {g = $2} /^Groups:/ {$1 = ""; gs = $0} END {print u, g, gs}' "/proc/$pid/status")" \
+  || die "cannot read /proc/$pid/status"
+export EDGE_IDS
 if [ -z "$listen" ]; then
   listen="$(printf '%s\n' "$old_env" | sed -n 's/^ULOAD_EDGE_LISTEN=//p')"
   [ -n "$listen" ] || listen="$(yaml_get "$config" listen edge)"
@@ -222,6 +232,12 @@ if ! [ "/proc/$pid/exe" -ef "$old_bin" ]; then
 fi
 printf '%s\n' "$old_env" | sed '/^$/d' >"$state/env"
 mapfile -t envs <"$state/env"
+# The caller's own ULOAD_* and RUST_LOG are dropped wherever an edge or its
+# pre-flight runs: only the running edge's apply.
+unsets=()
+while IFS= read -r v; do
+  case "$v" in ULOAD_*|RUST_LOG) unsets+=(-u "$v") ;; esac
+done < <(compgen -e)
 
 cat >"$state/helper.py" <<'PY'
 """deploy.sh's helper: keeper (holds and relays Pingora's listening fds),
@@ -231,6 +247,15 @@ import os, re, socket, subprocess, sys, time
 
 def out(line):
     print(line, flush=True)
+
+
+def edge_ids():
+    # (uid, gid, groups) of the running edge when this runs as root and the
+    # edge does not: new edges run as it, and it must reach the socket.
+    ids = [int(x) for x in os.environ.get("EDGE_IDS", "").split()]
+    if os.geteuid() != 0 or len(ids) < 2 or ids[0] == 0:
+        return None
+    return ids[0], ids[1], ids[2:]
 
 
 def keeper(path, timeout):
@@ -243,6 +268,9 @@ def keeper(path, timeout):
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     os.chmod(path, 0o600)
+    ids = edge_ids()
+    if ids:
+        os.chown(path, ids[0], ids[1])
     srv.listen(1)
     srv.settimeout(timeout)
     out("listening")
@@ -295,15 +323,22 @@ def keeper(path, timeout):
 
 
 def spawn(log, cwd, env_file, argv):
-    env = dict(os.environ)
+    # The running edge's ULOAD_* and RUST_LOG, not the caller's: a variable
+    # exported in the operator's shell must not change what the new edge
+    # serves (a ULOAD_DATA_DIR there made it serve another data dir).
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("ULOAD_") or k == "RUST_LOG")}
     with open(env_file) as f:
         for line in f:
             k, sep, v = line.rstrip("\n").partition("=")
             if sep:
                 env[k] = v
+    ids = edge_ids()
+    as_edge = dict(user=ids[0], group=ids[1], extra_groups=ids[2]) if ids else {}
     with open(log, "ab", buffering=0) as out_f:
         p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                             stdout=out_f, stderr=out_f, start_new_session=True)
+                             stdout=out_f, stderr=out_f, start_new_session=True,
+                             **as_edge)
     out(p.pid)
 
 
@@ -484,11 +519,16 @@ stop() {
 
 say "edge pid $pid on $listen; upgrade socket $sock; new binary $new"
 
-# 1. Pre-flight.
-if ! (cd "$old_cwd" && exec env "${envs[@]}" timeout 30 "$new" check-config "$config") >>"$log" 2>&1 </dev/null; then
-  say "pre-flight failed: $new check-config $config (output in $log); nothing changed, pid $pid still serves"
-  exit 3
-fi
+# 1. Pre-flight: the new binary must take the config, and so must the old
+# one, which a rollback would start on it (a key only the new release knows
+# would leave no edge at all after a failed deploy: change such a config in
+# a second deploy, once the new binary serves).
+for b in "$new" "$old_bin"; do
+  if ! (cd "$old_cwd" && exec env "${unsets[@]}" "${envs[@]}" timeout 30 "$b" check-config "$config") >>"$log" 2>&1 </dev/null; then
+    say "pre-flight failed: $b check-config $config (output in $log); nothing changed, pid $pid still serves"
+    exit 3
+  fi
+done
 
 # 2. The keeper takes the listening sockets from the running edge.
 coproc KEEPER { exec python3 "$state/helper.py" keeper "$sock" 15; }

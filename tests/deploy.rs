@@ -37,6 +37,18 @@ struct Deploy {
 /// Runs `scripts/deploy.sh` (bounded: killed after 120 s); every pid it
 /// mentions goes into `pids`, to be SIGKILLed when the test ends.
 fn deploy(setup: &EdgeSetup, new: &Path, health_timeout_s: u32, pids: &Pids) -> Deploy {
+    deploy_env(setup, new, health_timeout_s, pids, &[])
+}
+
+/// [`deploy`] with extra environment variables for the script (the
+/// operator's shell).
+fn deploy_env(
+    setup: &EdgeSetup,
+    new: &Path,
+    health_timeout_s: u32,
+    pids: &Pids,
+    envs: &[(&str, &str)],
+) -> Deploy {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deploy.sh");
     let start = Instant::now();
     let mut child = Command::new("bash")
@@ -52,6 +64,7 @@ fn deploy(setup: &EdgeSetup, new: &Path, health_timeout_s: u32, pids: &Pids) -> 
         .arg("--log")
         .arg(setup.path().join("deployed-edges.log"))
         .env("TMPDIR", setup.path())
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -452,4 +465,170 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         setup.logs()
     );
     wait_gone(pid, Duration::from_secs(1));
+}
+
+// ---------------------------------------------------------------------------
+// Found by review (each failed before its fix).
+
+/// An edge with `n` links, not under load, its pid in the pid file; and the
+/// path of one of its links.
+fn quiet_edge(n: usize) -> (EdgeSetup, chaos::Proc, String) {
+    let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
+    let links = import_links(&setup, n);
+    let edge = setup.start_edge();
+    std::fs::write(setup.path().join("edge.pid"), format!("{}\n", edge.id())).unwrap();
+    (setup, edge, links[0].0.clone())
+}
+
+/// deploy.sh gives the new edge the running edge's ULOAD_* and RUST_LOG
+/// environment variables, and only those: it used to spawn it with the
+/// caller's environment plus those, so a ULOAD_DATA_DIR exported in the
+/// operator's shell (and not set on the running edge) made the new edge
+/// serve another data dir, with /health at 200: the deploy "succeeded" and
+/// every link answered 404.
+#[test]
+fn deploy_does_not_leak_the_callers_uload_env_into_the_new_edge() {
+    let pids = Pids::default();
+    let (setup, mut old, path) = quiet_edge(10);
+    assert_eq!(get(setup.addr, &path).status, 302);
+    let elsewhere = setup.path().join("some-other-data-dir");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let d = deploy_env(
+        &setup,
+        Path::new(UPLOAD),
+        30,
+        &pids,
+        &[("ULOAD_DATA_DIR", elsewhere.to_str().unwrap())],
+    );
+    assert_eq!(d.code, 0, "{}\n{}", d.stderr, setup.logs());
+    old.wait_exit(Duration::from_secs(30));
+    let status = get(setup.addr, &path).status;
+    assert_eq!(
+        status, 302,
+        "after deploy.sh exit 0, {path} answers {status}: the new edge read the caller's ULOAD_DATA_DIR"
+    );
+}
+
+/// A config change the old binary refuses (a key only the new release
+/// knows) is refused by the pre-flight, which checks the config with the
+/// old binary too (exit 3, nothing changed): before, the new binary's
+/// check passed, and when the new binary then failed, the rollback started
+/// the old binary on that config, it exited at once, and deploy.sh ended
+/// with exit 4 and no edge at all.
+#[test]
+fn a_config_the_old_binary_refuses_is_refused_before_anything_changes() {
+    let pids = Pids::default();
+    let (setup, old, path) = quiet_edge(10);
+    // The new release's config: one key the running (old) binary rejects.
+    let mut conf = std::fs::read_to_string(&setup.config).unwrap();
+    conf.push_str("  a_key_of_the_new_release: 1\n");
+    std::fs::write(&setup.config, conf).unwrap();
+    assert!(
+        !Command::new(UPLOAD)
+            .args(["check-config"])
+            .arg(&setup.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success(),
+        "the old binary refuses the new config"
+    );
+    // The new release accepts its config, and crashes after taking the sockets.
+    let bad = script(
+        setup.path(),
+        "new-release",
+        "case \"$1\" in check-config) echo ok; exit 0;; esac\necho 'new build: crashing' >&2\nexit 1",
+    );
+    let d = deploy(&setup, &bad, 10, &pids);
+    let served = request(setup.addr, "GET", &path, &[], b"").map(|r| r.status);
+    assert_eq!(
+        (d.code, served.as_ref().ok().copied(), d.serving),
+        (3, Some(302), None),
+        "deploy.sh exit {} (3: refused, nothing changed), then {path}: {served:?}\n{}",
+        d.code,
+        d.stderr
+    );
+    assert!(d.stderr.contains("pre-flight failed"), "{}", d.stderr);
+    assert!(chaos::alive(old.id()), "the running edge was left alone");
+}
+
+/// deploy.sh run as root against an edge running as another user (nobody):
+/// the new edge runs as that user, and the hand-over works. The keeper's
+/// upgrade socket was root's with mode 0600, so the old edge could not
+/// connect to hand its sockets over, exited after SIGQUIT anyway, and
+/// nothing served (exit 4); and a new edge would have run as root. Needs
+/// root (and `setpriv`); prints "skipped" otherwise.
+#[test]
+fn deploy_as_root_of_an_edge_running_as_another_user() {
+    if !std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    {
+        eprintln!("needs root: skipped");
+        return;
+    }
+    let has_setpriv = Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_setpriv {
+        eprintln!("needs setpriv (util-linux): skipped");
+        return;
+    }
+    let pids = Pids::default();
+    let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
+    let links = import_links(&setup, 10);
+    let (path, _, _) = links[0].clone();
+    std::fs::create_dir_all(setup.path().join("state")).unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(setup.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let log = setup.new_log("edge");
+    let mut old = chaos::Proc(Some(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                UPLOAD,
+                "edge",
+                "--config",
+            ])
+            .arg(&setup.config)
+            .env_remove("ULOAD_DATA_DIR")
+            .env_remove("ULOAD_EDGE_LISTEN")
+            .env("ULOAD_STATE_DIR", setup.path().join("state"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
+    wait_until(Duration::from_secs(60), "edge as nobody answers", || {
+        request(setup.addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    std::fs::write(setup.path().join("edge.pid"), format!("{}\n", old.id())).unwrap();
+    let d = deploy(&setup, Path::new(UPLOAD), 30, &pids);
+    old.wait_exit(Duration::from_secs(30));
+    let served = request(setup.addr, "GET", &path, &[], b"").map(|r| r.status);
+    let uid = d.serving.and_then(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()?
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+    });
+    assert_eq!(
+        (d.code, served.as_ref().ok().copied(), uid.as_deref()),
+        (0, Some(302), Some("65534")),
+        "deploy.sh as root: exit {}, then {path}: {served:?}, serving uid {uid:?}\n{}",
+        d.code,
+        d.stderr
+    );
 }
