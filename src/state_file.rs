@@ -149,14 +149,9 @@ impl SlotFile {
         }
     }
 
-    /// How many slots the table has.
-    pub fn len(&self) -> usize {
+    /// How many slots the table has (at least 64).
+    pub(crate) fn len(&self) -> usize {
         self.mask + 1
-    }
-
-    /// Whether the table has no slots (never: at least 64).
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// Writes the table's pages to disk (the kernel does so anyway; this is

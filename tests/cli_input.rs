@@ -192,6 +192,25 @@ fn check_config(file: &Path, env: &[(&str, &std::ffi::OsStr)]) -> (Option<i32>, 
     (out.status.code(), text)
 }
 
+/// Writes `text` as `dir/uload.yaml`; `uload check-config` on it must fail
+/// (exit 1) with a line starting `<file>: <want>`.
+fn check_config_refuses(dir: &Path, text: &str, want: &str) {
+    let file = dir.join("uload.yaml");
+    fs::write(&file, text).unwrap();
+    let (status, out) = check_config(&file, &[]);
+    assert_eq!(status, Some(1), "{text}: {out}");
+    let want = format!("{}: {want}", file.display());
+    assert!(out.contains(&want), "{text}: no {want:?} in {out}");
+}
+
+/// Writes `text` as `dir/name`; `uload check-config` on it must pass.
+fn check_config_accepts(dir: &Path, name: &str, text: &str) {
+    let file = dir.join(name);
+    fs::write(&file, text).unwrap();
+    let (status, out) = check_config(&file, &[]);
+    assert_eq!(status, Some(0), "{text}: {out}");
+}
+
 /// Two listeners of one process on the same address: the edge binds
 /// `edge.listen`, `tls.listen` and `metrics.listen`, the admin
 /// `admin.listen` and `metrics.admin_listen`. Each address on its own can be
@@ -214,22 +233,14 @@ fn check_config_refuses_listeners_that_collide() {
             "metrics.admin_listen",
         ),
     ] {
-        let file = dir.path().join("uload.yaml");
-        fs::write(&file, text).unwrap();
-        let (status, out) = check_config(&file, &[]);
-        assert_eq!(status, Some(1), "{text}: {out}");
-        let want = format!("{}: {key}: ", file.display());
-        assert!(out.contains(&want), "{text}: no {want:?} in {out}");
+        check_config_refuses(dir.path(), text, &format!("{key}: "));
     }
-    let file = dir.path().join("ok.yaml");
-    fs::write(
-        &file,
+    check_config_accepts(
+        dir.path(),
+        "ok.yaml",
         "edge:\n  listen: 127.0.0.1:18080\nadmin:\n  listen: 127.0.0.1:18081\n\
          metrics:\n  listen: 127.0.0.1:19090\n  admin_listen: 127.0.0.1:19091\n",
-    )
-    .unwrap();
-    let (status, out) = check_config(&file, &[]);
-    assert_eq!(status, Some(0), "{out}");
+    );
 }
 
 /// An override that is not UTF-8 is an error naming the variable, not
@@ -401,17 +412,13 @@ fn check_config_refuses_what_the_edge_cannot_run_with() {
             ),
         ),
     ] {
-        let file = dir.path().join("uload.yaml");
-        fs::write(&file, &text).unwrap();
-        let (status, out) = check_config(&file, &[]);
-        assert_eq!(status, Some(1), "{text}: {out}");
-        let want = format!("{}: {want}", file.display());
-        assert!(out.contains(&want), "{text}: no {want:?} in {out}");
+        check_config_refuses(dir.path(), &text, &want);
     }
-    let file = dir.path().join("defaults.yaml");
-    fs::write(&file, "access_log:\n  buffer_lines: 4194304\n").unwrap();
-    let (status, out) = check_config(&file, &[]);
-    assert_eq!(status, Some(0), "{out}");
+    check_config_accepts(
+        dir.path(),
+        "defaults.yaml",
+        "access_log:\n  buffer_lines: 4194304\n",
+    );
 }
 
 /// `compact`, `export` and `inspect` of a data dir that does not exist (a
