@@ -29,6 +29,7 @@ pub struct ConfigError {
 
 /// The file as written; every key has a default.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
     /// Data directory: link log, snapshots, manifest. Env: `ULOAD_DATA_DIR`.
@@ -50,6 +51,7 @@ pub struct RawConfig {
 
 /// The `backup:` section.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawBackup {
     /// Directory the admin writes scheduled backups into, one
@@ -83,6 +85,7 @@ pub struct BackupConfig {
 
 /// The `access_log:` section.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAccessLog {
     /// File the edge appends JSON lines to; empty: no access log.
@@ -111,6 +114,7 @@ pub struct AccessLogConfig {
 /// The `rate_limit:` section. A rate of 0 turns that limit off (the default
 /// when a config leaves it out; the shipped conf/uload.yaml turns them on).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRateLimit {
     /// Where limiter state is kept (memory-mapped files that survive restarts
@@ -159,6 +163,7 @@ impl Default for RawRateLimit {
 /// The `tls:` section: an HTTPS listener (HTTP/1.1 and HTTP/2) beside the
 /// plain one. Off unless `listen` is set.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawTls {
     /// Address of the HTTPS listener; empty: no HTTPS. Env: `ULOAD_TLS_LISTEN`.
@@ -201,6 +206,7 @@ impl Default for RawTls {
 
 /// The `edge:` section.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawEdge {
     /// Address the edge listens on for HTTP. Env: `ULOAD_EDGE_LISTEN`.
@@ -259,6 +265,7 @@ pub struct RawEdge {
 
 /// The `admin:` section.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAdmin {
     /// Address the admin API listens on. Env: `ULOAD_ADMIN_LISTEN`.
@@ -282,6 +289,7 @@ pub struct RawAdmin {
 /// processes on one machine must not race for a default port. The shipped
 /// conf/uload.yaml turns both on.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
     /// Address of the edge's Prometheus listener; empty: none.
@@ -505,36 +513,155 @@ pub struct AdminConfig {
     pub compact_every_records: u64,
 }
 
-/// Environment variables that override keys, and the key each overrides.
-pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    ("ULOAD_DATA_DIR", "data_dir"),
-    ("ULOAD_PUBLIC_BASE_URL", "public_base_url"),
-    ("ULOAD_EDGE_LISTEN", "edge.listen"),
-    ("ULOAD_ADMIN_LISTEN", "admin.listen"),
-    ("ULOAD_METRICS_LISTEN", "metrics.listen"),
-    ("ULOAD_ADMIN_METRICS_LISTEN", "metrics.admin_listen"),
-    ("ULOAD_ADMIN_UPSTREAMS", "edge.admin_upstreams"),
-    ("ULOAD_API_KEY", "admin.api_key"),
-    ("ULOAD_STATE_DIR", "rate_limit.state_dir"),
-    ("ULOAD_EDGE_FAST_PATH", "edge.fast_path"),
-    ("ULOAD_EDGE_REDIRECT_LOOP", "edge.redirect_loop"),
-    ("ULOAD_TLS_LISTEN", "tls.listen"),
-    ("ULOAD_TLS_CERT_PATH", "tls.cert_path"),
-    ("ULOAD_TLS_KEY_PATH", "tls.key_path"),
-    ("ULOAD_ACCESS_LOG", "access_log.path"),
-];
+/// A value an environment variable can set: the text of the variable,
+/// read as the key's type. A list is comma-separated.
+trait FromEnv: Sized {
+    fn from_env(var: &str, value: &str) -> Result<Self, String>;
+}
+
+impl FromEnv for String {
+    fn from_env(_: &str, value: &str) -> Result<Self, String> {
+        Ok(value.to_owned())
+    }
+}
+
+impl FromEnv for PathBuf {
+    fn from_env(_: &str, value: &str) -> Result<Self, String> {
+        Ok(value.into())
+    }
+}
+
+/// Empty: the key unset.
+impl FromEnv for Option<PathBuf> {
+    fn from_env(_: &str, value: &str) -> Result<Self, String> {
+        Ok((!value.is_empty()).then(|| value.into()))
+    }
+}
+
+/// `true`/`1` or `false`/`0`.
+impl FromEnv for bool {
+    fn from_env(var: &str, value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            other => Err(format!("{var}={other:?} is not true or false")),
+        }
+    }
+}
+
+/// Comma-separated; blanks around and between the commas are dropped.
+impl FromEnv for Vec<String> {
+    fn from_env(_: &str, value: &str) -> Result<Self, String> {
+        Ok(value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+macro_rules! from_env_number {
+    ($($t:ty),*) => {$(
+        impl FromEnv for $t {
+            fn from_env(var: &str, value: &str) -> Result<Self, String> {
+                value.trim().parse().map_err(|_| {
+                    format!("{var}={value:?} is not a whole number from 0 to {}", <$t>::MAX)
+                })
+            }
+        }
+    )*};
+}
+from_env_number!(u16, u32, u64, usize);
+
+/// Every key of the file and the environment variables that override it,
+/// from one list, so that a key cannot be added without its variable (the
+/// test `every_key_has_a_variable_that_sets_it` checks the list against
+/// the keys themselves). Each key's variable is `ULOAD_` and the key's path
+/// in capitals with `.` as `_`; five keys also keep the shorter name they
+/// had first (`ULOAD_API_KEY`, ...).
+macro_rules! env_overrides {
+    ($($key:literal => $($field:ident).+ : $($var:literal),+ ;)*) => {
+        /// Environment variables that override keys, and the key each
+        /// overrides; a key may have two (its own and an older, shorter one).
+        pub const ENV_OVERRIDES: &[(&str, &str)] = &[$($(($var, $key)),+),*];
+
+        /// Sets the key `var` overrides to `value`; `Ok(None)` when `var`
+        /// overrides nothing; `Err((key, problem))` when the value is not
+        /// of the key's type.
+        fn apply_env(
+            raw: &mut RawConfig,
+            var: &str,
+            value: &str,
+        ) -> Result<Option<&'static str>, (&'static str, String)> {
+            match var {
+                $($($var)|+ => {
+                    raw.$($field).+ = FromEnv::from_env(var, value).map_err(|p| ($key, p))?;
+                    Ok(Some($key))
+                })*
+                _ => Ok(None),
+            }
+        }
+    };
+}
+
+env_overrides! {
+    "data_dir" => data_dir: "ULOAD_DATA_DIR";
+    "public_base_url" => public_base_url: "ULOAD_PUBLIC_BASE_URL";
+    "edge.listen" => edge.listen: "ULOAD_EDGE_LISTEN";
+    "edge.default_status" => edge.default_status: "ULOAD_EDGE_DEFAULT_STATUS";
+    "edge.not_found_url" => edge.not_found_url: "ULOAD_EDGE_NOT_FOUND_URL";
+    "edge.follow_interval_ms" => edge.follow_interval_ms: "ULOAD_EDGE_FOLLOW_INTERVAL_MS";
+    "edge.admin_upstreams" => edge.admin_upstreams: "ULOAD_EDGE_ADMIN_UPSTREAMS", "ULOAD_ADMIN_UPSTREAMS";
+    "edge.admin_connect_timeout_ms" => edge.admin_connect_timeout_ms: "ULOAD_EDGE_ADMIN_CONNECT_TIMEOUT_MS";
+    "edge.admin_read_timeout_ms" => edge.admin_read_timeout_ms: "ULOAD_EDGE_ADMIN_READ_TIMEOUT_MS";
+    "edge.admin_retries" => edge.admin_retries: "ULOAD_EDGE_ADMIN_RETRIES";
+    "edge.admin_retry_backoff_ms" => edge.admin_retry_backoff_ms: "ULOAD_EDGE_ADMIN_RETRY_BACKOFF_MS";
+    "edge.health_check_interval_ms" => edge.health_check_interval_ms: "ULOAD_EDGE_HEALTH_CHECK_INTERVAL_MS";
+    "edge.retry_after_secs" => edge.retry_after_secs: "ULOAD_EDGE_RETRY_AFTER_SECS";
+    "edge.fast_path" => edge.fast_path: "ULOAD_EDGE_FAST_PATH";
+    "edge.redirect_loop" => edge.redirect_loop: "ULOAD_EDGE_REDIRECT_LOOP";
+    "edge.follower_stall_secs" => edge.follower_stall_secs: "ULOAD_EDGE_FOLLOWER_STALL_SECS";
+    "edge.client_header_timeout_ms" => edge.client_header_timeout_ms: "ULOAD_EDGE_CLIENT_HEADER_TIMEOUT_MS";
+    "edge.keepalive_timeout_ms" => edge.keepalive_timeout_ms: "ULOAD_EDGE_KEEPALIVE_TIMEOUT_MS";
+    "edge.click_slots" => edge.click_slots: "ULOAD_EDGE_CLICK_SLOTS";
+    "edge.pingora_conf" => edge.pingora_conf: "ULOAD_EDGE_PINGORA_CONF";
+    "admin.listen" => admin.listen: "ULOAD_ADMIN_LISTEN";
+    "admin.api_key_hashes" => admin.api_key_hashes: "ULOAD_ADMIN_API_KEY_HASHES";
+    "admin.api_key" => admin.api_key: "ULOAD_ADMIN_API_KEY", "ULOAD_API_KEY";
+    "admin.max_body_bytes" => admin.max_body_bytes: "ULOAD_ADMIN_MAX_BODY_BYTES";
+    "admin.code_length" => admin.code_length: "ULOAD_ADMIN_CODE_LENGTH";
+    "admin.max_bulk" => admin.max_bulk: "ULOAD_ADMIN_MAX_BULK";
+    "admin.compact_every_records" => admin.compact_every_records: "ULOAD_ADMIN_COMPACT_EVERY_RECORDS";
+    "metrics.listen" => metrics.listen: "ULOAD_METRICS_LISTEN";
+    "metrics.admin_listen" => metrics.admin_listen: "ULOAD_METRICS_ADMIN_LISTEN", "ULOAD_ADMIN_METRICS_LISTEN";
+    "rate_limit.state_dir" => rate_limit.state_dir: "ULOAD_RATE_LIMIT_STATE_DIR", "ULOAD_STATE_DIR";
+    "rate_limit.slots" => rate_limit.slots: "ULOAD_RATE_LIMIT_SLOTS";
+    "rate_limit.client_requests_per_second" => rate_limit.client_requests_per_second: "ULOAD_RATE_LIMIT_CLIENT_REQUESTS_PER_SECOND";
+    "rate_limit.client_burst" => rate_limit.client_burst: "ULOAD_RATE_LIMIT_CLIENT_BURST";
+    "rate_limit.client_misses_per_minute" => rate_limit.client_misses_per_minute: "ULOAD_RATE_LIMIT_CLIENT_MISSES_PER_MINUTE";
+    "rate_limit.client_miss_burst" => rate_limit.client_miss_burst: "ULOAD_RATE_LIMIT_CLIENT_MISS_BURST";
+    "rate_limit.api_key_writes_per_second" => rate_limit.api_key_writes_per_second: "ULOAD_RATE_LIMIT_API_KEY_WRITES_PER_SECOND";
+    "rate_limit.api_key_write_burst" => rate_limit.api_key_write_burst: "ULOAD_RATE_LIMIT_API_KEY_WRITE_BURST";
+    "rate_limit.trusted_proxies" => rate_limit.trusted_proxies: "ULOAD_RATE_LIMIT_TRUSTED_PROXIES";
+    "rate_limit.client_ip_header" => rate_limit.client_ip_header: "ULOAD_RATE_LIMIT_CLIENT_IP_HEADER";
+    "tls.listen" => tls.listen: "ULOAD_TLS_LISTEN";
+    "tls.cert_path" => tls.cert_path: "ULOAD_TLS_CERT_PATH";
+    "tls.key_path" => tls.key_path: "ULOAD_TLS_KEY_PATH";
+    "tls.http2" => tls.http2: "ULOAD_TLS_HTTP2";
+    "tls.redirect_http" => tls.redirect_http: "ULOAD_TLS_REDIRECT_HTTP";
+    "tls.redirect_port" => tls.redirect_port: "ULOAD_TLS_REDIRECT_PORT";
+    "tls.hsts_max_age_secs" => tls.hsts_max_age_secs: "ULOAD_TLS_HSTS_MAX_AGE_SECS";
+    "tls.hsts_include_subdomains" => tls.hsts_include_subdomains: "ULOAD_TLS_HSTS_INCLUDE_SUBDOMAINS";
+    "access_log.path" => access_log.path: "ULOAD_ACCESS_LOG_PATH", "ULOAD_ACCESS_LOG";
+    "access_log.buffer_lines" => access_log.buffer_lines: "ULOAD_ACCESS_LOG_BUFFER_LINES";
+    "backup.dir" => backup.dir: "ULOAD_BACKUP_DIR";
+    "backup.interval_secs" => backup.interval_secs: "ULOAD_BACKUP_INTERVAL_SECS";
+    "backup.keep_days" => backup.keep_days: "ULOAD_BACKUP_KEEP_DAYS";
+}
 
 /// The longest duration in seconds a key takes: 100 years.
 const MAX_SECS: u64 = 100 * 365 * 86_400;
-
-/// A boolean from the environment: `true`/`1` or `false`/`0`.
-fn env_bool(var: &str, value: &str) -> Result<bool, String> {
-    match value.trim() {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        other => Err(format!("{var}={other:?} is not true or false")),
-    }
-}
 
 impl Config {
     /// Reads `path` (if given) and applies the process environment.
@@ -593,10 +720,23 @@ impl Config {
                 }
                 Ok(config)
             }
-            None => Self::from_yaml_str("{}", "defaults", &env).map(|mut c| {
-                c.edge.pingora_conf = None;
-                c
-            }),
+            None => {
+                // Without a file only `ULOAD_EDGE_PINGORA_CONF` can name a
+                // Pingora conf (relative to the working directory); named,
+                // it must exist, as when a file names it.
+                let config = Self::from_yaml_str("{}", "defaults", &env)?;
+                match &config.edge.pingora_conf {
+                    Some(conf) if !conf.exists() => Err(ConfigError {
+                        file: "defaults".into(),
+                        key: "edge.pingora_conf".into(),
+                        problem: format!(
+                            "{}: no such file (set by ULOAD_EDGE_PINGORA_CONF)",
+                            conf.display()
+                        ),
+                    }),
+                    _ => Ok(config),
+                }
+            }
         }
     }
 
@@ -611,7 +751,13 @@ impl Config {
         let err = |key: &str, problem: String| {
             let var = ENV_OVERRIDES
                 .iter()
-                .find(|(var, k)| *k == key && env.iter().any(|(v, _)| v == var))
+                .find(|(var, k)| {
+                    // `admin.api_key_hashes[2]` is set by the list's variable.
+                    let of_key = key
+                        .strip_prefix(*k)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('['));
+                    of_key && env.iter().any(|(v, _)| v == var)
+                })
                 .map(|(var, _)| *var);
             let problem = match var {
                 Some(var) if !problem.contains(var) => format!("{problem} (set by {var})"),
@@ -637,37 +783,22 @@ impl Config {
                 err(&key, problem)
             })?
         };
+        // Two variables for one key (its own name and the older one) that
+        // disagree: neither silently wins.
+        let mut set_by: Vec<(&str, &str, &str)> = Vec::new();
         for (var, value) in env {
-            match var.as_str() {
-                "ULOAD_DATA_DIR" => raw.data_dir = value.into(),
-                "ULOAD_PUBLIC_BASE_URL" => raw.public_base_url = value.clone(),
-                "ULOAD_EDGE_LISTEN" => raw.edge.listen = value.clone(),
-                "ULOAD_ADMIN_LISTEN" => raw.admin.listen = value.clone(),
-                "ULOAD_METRICS_LISTEN" => raw.metrics.listen = value.clone(),
-                "ULOAD_ADMIN_METRICS_LISTEN" => raw.metrics.admin_listen = value.clone(),
-                "ULOAD_ADMIN_UPSTREAMS" => {
-                    raw.edge.admin_upstreams = value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
+            let key = apply_env(&mut raw, var, value).map_err(|(key, p)| err(key, p))?;
+            if let Some(key) = key {
+                if let Some((other, _, _)) = set_by
+                    .iter()
+                    .find(|(_, k, v)| *k == key && *v != value.as_str())
+                {
+                    return Err(err(
+                        key,
+                        format!("{other} and {var} are both set, to different values"),
+                    ));
                 }
-                "ULOAD_API_KEY" => raw.admin.api_key = value.clone(),
-                "ULOAD_STATE_DIR" => raw.rate_limit.state_dir = value.into(),
-                "ULOAD_EDGE_FAST_PATH" => {
-                    raw.edge.fast_path =
-                        env_bool(var, value).map_err(|p| err("edge.fast_path", p))?;
-                }
-                "ULOAD_EDGE_REDIRECT_LOOP" => {
-                    raw.edge.redirect_loop =
-                        env_bool(var, value).map_err(|p| err("edge.redirect_loop", p))?;
-                }
-                "ULOAD_TLS_LISTEN" => raw.tls.listen = value.clone(),
-                "ULOAD_TLS_CERT_PATH" => raw.tls.cert_path = value.into(),
-                "ULOAD_TLS_KEY_PATH" => raw.tls.key_path = value.into(),
-                "ULOAD_ACCESS_LOG" => raw.access_log.path = value.clone(),
-                _ => {}
+                set_by.push((var, key, value));
             }
         }
         let addr = |key: &str, v: &str| {
@@ -795,20 +926,7 @@ impl Config {
             api_key_hashes.push(parse_key_hash(h).map_err(|p| err(&key, p))?);
         }
         if !a.api_key.is_empty() {
-            if a.api_key.len() < 16 {
-                return Err(err(
-                    "admin.api_key",
-                    "must be at least 16 characters".into(),
-                ));
-            }
-            // A presented key is read without surrounding whitespace: a
-            // configured one with some could never be matched.
-            if a.api_key.trim() != a.api_key {
-                return Err(err(
-                    "admin.api_key",
-                    "must not begin or end with whitespace".into(),
-                ));
-            }
+            check_api_key(&a.api_key).map_err(|p| err("admin.api_key", p))?;
             api_key_hashes.push(hash_api_key(&a.api_key));
         }
         if !(4..=64).contains(&a.code_length) {
@@ -1056,6 +1174,19 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
+/// What an API key must be: at least 16 characters, without whitespace at
+/// either end (a presented key is read without it, so a key with some
+/// could never be matched).
+pub fn check_api_key(key: &str) -> Result<(), String> {
+    if key.len() < 16 {
+        return Err("must be at least 16 characters".into());
+    }
+    if key.trim() != key {
+        return Err("must not begin or end with whitespace".into());
+    }
+    Ok(())
+}
+
 /// SHA-256 of an API key, as stored and compared.
 pub fn hash_api_key(key: &str) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
@@ -1274,6 +1405,22 @@ mod tests {
             ("ULOAD_API_KEY", "short", "admin.api_key"),
             ("ULOAD_DATA_DIR", "", "data_dir"),
             ("ULOAD_PUBLIC_BASE_URL", "javascript:x", "public_base_url"),
+            // Not of the key's type, or of it but refused as the file's value would be.
+            ("ULOAD_EDGE_ADMIN_RETRIES", "two", "edge.admin_retries"),
+            ("ULOAD_EDGE_DEFAULT_STATUS", "70000", "edge.default_status"),
+            ("ULOAD_BACKUP_KEEP_DAYS", "-1", "backup.keep_days"),
+            ("ULOAD_TLS_HTTP2", "yes", "tls.http2"),
+            ("ULOAD_EDGE_DEFAULT_STATUS", "200", "edge.default_status"),
+            (
+                "ULOAD_RATE_LIMIT_TRUSTED_PROXIES",
+                "10.0.0.0/8,nowhere",
+                "rate_limit.trusted_proxies[1]",
+            ),
+            (
+                "ULOAD_ADMIN_API_KEY_HASHES",
+                "md5:00",
+                "admin.api_key_hashes[0]",
+            ),
         ] {
             let env = [(var.to_owned(), value.to_owned())];
             let e = Config::from_yaml_str("edge:\n  listen: 127.0.0.1:9\n", "t.yaml", &env)
@@ -1301,6 +1448,119 @@ mod tests {
             assert_eq!(e.key, key, "{e}");
             assert!(
                 e.problem.contains(var) && e.problem.contains("maybe"),
+                "{e}"
+            );
+        }
+    }
+
+    /// Every key of the file has a variable (`ULOAD_` and the key's path in
+    /// capitals), and each variable sets its own key and nothing else: the
+    /// raw config with one variable set differs from the defaults at that
+    /// key only, by the value the variable gave.
+    #[test]
+    fn every_key_has_a_variable_that_sets_it() {
+        use serde_yaml::Value;
+        use std::collections::{BTreeMap, BTreeSet};
+        fn leaves(v: &Value, path: &str, out: &mut BTreeMap<String, Value>) {
+            match v {
+                Value::Mapping(m) => {
+                    for (k, v) in m {
+                        let k = k.as_str().unwrap();
+                        let path = if path.is_empty() {
+                            k.to_owned()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        leaves(v, &path, out);
+                    }
+                }
+                _ => {
+                    out.insert(path.to_owned(), v.clone());
+                }
+            }
+        }
+        let of = |raw: &RawConfig| {
+            let mut out = BTreeMap::new();
+            leaves(&serde_yaml::to_value(raw).unwrap(), "", &mut out);
+            out
+        };
+        let defaults = of(&RawConfig::default());
+        let keys: BTreeSet<&str> = ENV_OVERRIDES.iter().map(|(_, k)| *k).collect();
+        assert_eq!(keys, defaults.keys().map(String::as_str).collect());
+        for key in keys {
+            let var = format!("ULOAD_{}", key.to_uppercase().replace('.', "_"));
+            assert!(ENV_OVERRIDES.contains(&(var.as_str(), key)), "{key}");
+        }
+        let docs = include_str!("../docs/configuration.md");
+        for (var, key) in ENV_OVERRIDES {
+            assert!(
+                docs.contains(&format!("`{var}`")),
+                "{var} is not in docs/configuration.md"
+            );
+            let (text, expected) = match &defaults[*key] {
+                Value::Bool(b) => ((!b).to_string(), Value::Bool(!b)),
+                Value::Number(n) => {
+                    let n = n.as_u64().unwrap() + 1;
+                    (format!(" {n}"), Value::from(n))
+                }
+                Value::Sequence(_) => (
+                    "a, b,,".to_owned(),
+                    Value::Sequence(vec!["a".into(), "b".into()]),
+                ),
+                _ => ("/x y".to_owned(), Value::from("/x y")),
+            };
+            let mut raw = RawConfig::default();
+            assert_eq!(apply_env(&mut raw, var, &text), Ok(Some(*key)), "{var}");
+            for (k, v) in of(&raw) {
+                let want = if k == *key { &expected } else { &defaults[&k] };
+                assert_eq!(&v, want, "{var}={text:?}: {k}");
+            }
+        }
+        let mut raw = RawConfig::default();
+        assert_eq!(apply_env(&mut raw, "ULOAD_CONFIG", "x"), Ok(None));
+    }
+
+    /// A value is read as its key's type, then checked as the file's is.
+    #[test]
+    fn environment_values_are_typed() {
+        let c = Config::from_yaml_str(
+            "",
+            "t",
+            &[
+                ("ULOAD_EDGE_DEFAULT_STATUS".to_owned(), "308".to_owned()),
+                ("ULOAD_BACKUP_KEEP_DAYS".to_owned(), "30".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.edge.default_status, RedirectStatus::PermanentRedirect);
+        assert_eq!(c.backup.keep, Duration::from_secs(30 * 86_400));
+    }
+
+    /// A key with two names (`ULOAD_API_KEY`, `ULOAD_ADMIN_API_KEY`): the
+    /// same value under both is fine, different values are an error naming
+    /// both, whichever order the environment lists them in.
+    #[test]
+    fn two_names_of_one_key_must_agree() {
+        let key = |v: &str| ("ULOAD_API_KEY".to_owned(), v.to_owned());
+        let own = |v: &str| ("ULOAD_ADMIN_API_KEY".to_owned(), v.to_owned());
+        let c = Config::from_yaml_str(
+            "",
+            "t",
+            &[key("a-long-enough-secret"), own("a-long-enough-secret")],
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.api_key_hashes,
+            [hash_api_key("a-long-enough-secret")]
+        );
+        for env in [
+            [key("a-long-enough-secret"), own("another-long-secret")],
+            [own("another-long-secret"), key("a-long-enough-secret")],
+        ] {
+            let e = Config::from_yaml_str("", "t", &env).unwrap_err();
+            assert_eq!(e.key, "admin.api_key", "{e}");
+            assert!(
+                e.problem.contains("ULOAD_API_KEY") && e.problem.contains("ULOAD_ADMIN_API_KEY"),
                 "{e}"
             );
         }

@@ -1406,3 +1406,80 @@ async fn a_failing_write_probe_names_its_error_code() {
     // Not a full disk: a directory in the way is a storage error.
     assert_eq!(last["error"], "storage_error", "{last}");
 }
+
+/// `uload api-key`, through the real binary: `uload api-key`'s output, with
+/// stdin given.
+fn uload_api_key(args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uload"))
+        .arg("api-key")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A key `uload api-key` makes works as soon as its hash is in
+/// `admin.api_key_hashes`, and the key is nowhere in the config; `--from-stdin`
+/// gives the same hash for it; two keys are never alike; a key the config
+/// would refuse is refused there too.
+#[tokio::test]
+async fn a_key_from_uload_api_key_authenticates_by_its_hash() {
+    let out = uload_api_key(&[], "");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
+            .trim()
+            .to_owned()
+    };
+    let (key, hash) = (field("key:"), field("hash:"));
+    assert_eq!(key.len(), 43, "{key}");
+    assert!(key.bytes().all(|b| b.is_ascii_alphanumeric()), "{key}");
+    assert_eq!(hash, uload::config::format_key_hash(&hash_api_key(&key)));
+
+    let admin = Admin::with(&format!("  api_key_hashes: [\"{hash}\"]\n"));
+    let reply = admin
+        .send(
+            "POST",
+            "/api/links",
+            Some(&key),
+            Some("application/json"),
+            Some(r#"{"url":"https://example.com/","code":"bykey"}"#),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.json);
+    let wrong = format!("{}x", &key[..42]);
+    let reply = admin
+        .send("GET", "/api/links/bykey", Some(&wrong), None, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+
+    for line_end in ["\n", "\r\n", ""] {
+        let out = uload_api_key(&["--from-stdin"], &format!("{key}{line_end}"));
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{hash}\n"));
+    }
+    let again = uload_api_key(&[], "");
+    assert!(!String::from_utf8(again.stdout).unwrap().contains(&key));
+    for refused in ["short\n", " leading-space-0123456789\n"] {
+        let out = uload_api_key(&["--from-stdin"], refused);
+        assert!(!out.status.success(), "{refused:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains("standard input: the key must"), "{stderr}");
+    }
+}

@@ -239,11 +239,12 @@ fn slow_admin_does_not_tie_up_the_edge(mode: FakeMode, label: &str) {
         during.1
     );
     for (status, code, took) in &results {
-        assert!(
-            (500..=599).contains(status),
-            "{label}: {status} {code} after {took:?}"
+        // The edge's own answer, not a gateway timeout passed along.
+        assert_eq!(
+            (*status, code.as_str()),
+            (503, "admin_unavailable"),
+            "{label}: after {took:?}"
         );
-        assert!(!code.is_empty(), "{label}: a JSON error body");
         assert!(
             *took < Duration::from_secs(14),
             "{label}: took {took:?}: hung"

@@ -439,3 +439,61 @@ fn commands_on_a_missing_data_dir_fail_and_create_nothing() {
         assert!(!missing.exists(), "{command} made {}", missing.display());
     }
 }
+
+/// With no config file (no `--config`, no `conf/uload.yaml` where it runs),
+/// `ULOAD_EDGE_PINGORA_CONF` still names the Pingora conf: a missing one is
+/// an error naming the key and the variable, and one the edge cannot run
+/// with (`threads: 0`) is refused. Both used to be ignored: the edge ran on
+/// Pingora's defaults (another pid file and upgrade socket).
+#[test]
+fn the_pingora_conf_variable_counts_without_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("zero.yaml"),
+        "---\nversion: 1\nthreads: 0\n",
+    )
+    .unwrap();
+    for (conf, want) in [
+        (
+            "missing.yaml",
+            "edge.pingora_conf: missing.yaml: no such file (set by ULOAD_EDGE_PINGORA_CONF)",
+        ),
+        ("zero.yaml", "threads"),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+        cmd.arg("edge").current_dir(dir.path());
+        for (var, _) in uload::config::ENV_OVERRIDES {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .env_remove("ULOAD_CONFIG")
+            .env("ULOAD_EDGE_PINGORA_CONF", conf)
+            .env(
+                "ULOAD_EDGE_LISTEN",
+                format!("127.0.0.1:{}", common::free_port()),
+            )
+            .env("ULOAD_DATA_DIR", dir.path().join("data"))
+            .env("ULOAD_STATE_DIR", dir.path().join("state"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded: an edge that ignored the variable would run on.
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                panic!("{conf}: the edge ran, ignoring ULOAD_EDGE_PINGORA_CONF");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{conf}: {stderr}");
+        assert!(stderr.contains(want), "{conf}: {stderr}");
+    }
+}

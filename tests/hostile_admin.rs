@@ -313,9 +313,10 @@ async fn deep_nesting_is_invalid_json_never_a_stack_overflow() {
     assert!(objects.len() <= MAX_BODY && arrays.len() <= MAX_BODY);
     let in_field = format!(r#"{{"url":"https://example.com/","code":{arrays}}}"#);
     let in_bulk = format!(r#"{{"links":[{{"url":"https://example.com/"}},{arrays}]}}"#);
+    // The outer object and 127 arrays: 128 levels, one too many.
     let just_over = format!(
         r#"{{"url":"https://example.com/","code":{}}}"#,
-        nested_arrays(200)
+        nested_arrays(127)
     );
     for (method, path, body) in [
         ("POST", "/api/links", &arrays),
@@ -339,10 +340,11 @@ async fn deep_nesting_is_invalid_json_never_a_stack_overflow() {
             )
             .await;
     }
-    // Nesting within the limit is parsed, then refused for its type.
+    // Nesting within the limit (the outer object and 126 arrays: 127
+    // levels, the most) is parsed, then refused for its type.
     let shallow = format!(
         r#"{{"url":"https://example.com/","code":{}}}"#,
-        nested_arrays(100)
+        nested_arrays(126)
     );
     admin
         .refused(

@@ -11,20 +11,22 @@ use std::time::Duration;
 
 use common::{Cluster, api, get, request, wait_until};
 
+/// Admin and edge running, with `/{code}` created through the edge and served.
+fn cluster_serving(code: &str) -> Cluster {
+    let cluster = Cluster::start();
+    let edge = cluster.edge_addr;
+    let body = format!(r#"{{"url":"https://example.com/{code}","code":"{code}"}}"#);
+    assert_eq!(api(edge, "POST", "/api/links", &body).status, 201);
+    wait_until(Duration::from_secs(2), "link served", || {
+        get(edge, &format!("/{code}")).status == 302
+    });
+    cluster
+}
+
 #[test]
 fn upgrade_hands_over_without_failed_requests() {
-    let mut cluster = Cluster::start();
+    let mut cluster = cluster_serving("up");
     let edge = cluster.edge_addr;
-    let r = api(
-        edge,
-        "POST",
-        "/api/links",
-        r#"{"url":"https://example.com/up","code":"up"}"#,
-    );
-    assert_eq!(r.status, 201);
-    wait_until(Duration::from_secs(2), "link served", || {
-        get(edge, "/up").status == 302
-    });
 
     // A client hammering the edge for the whole hand-over.
     let stop = Arc::new(AtomicBool::new(false));
@@ -103,4 +105,37 @@ fn an_upgrade_that_cannot_open_the_access_log_leaves_the_old_edge_serving() {
     std::fs::create_dir(&log).unwrap();
     let stderr = cluster.failed_upgrade();
     assert!(stderr.contains("access.log"), "{stderr}");
+}
+
+/// `systemctl reload uload-edge` and a certificate renewal hook send SIGHUP.
+/// An edge without TLS has nothing to reload, and SIGHUP's default action
+/// ends a process: every connection dropped, no redirects until systemd
+/// started it again. Its disposition must be "ignored", and the edge must
+/// serve on, the link it served before included.
+#[test]
+fn a_hangup_to_an_edge_without_tls_changes_nothing() {
+    let mut cluster = cluster_serving("hup");
+    let edge = cluster.edge_addr;
+    let pid = cluster.edge.as_ref().unwrap().id();
+    // SIGHUP is signal 1: bit 0 of the mask of ignored signals.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(ignored & 1, 1, "SIGHUP is not ignored (SigIgn {ignored:x})");
+    for _ in 0..3 {
+        let sent = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        assert_eq!(get(edge, "/hup").status, 302);
+    }
+    let child = cluster.edge.as_mut().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the edge ended on SIGHUP"
+    );
 }

@@ -24,7 +24,7 @@
 
 mod auth;
 pub mod backup_task;
-mod codes;
+pub(crate) mod codes;
 mod error;
 mod json;
 mod limits;

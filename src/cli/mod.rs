@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod api_key;
 mod backup;
 mod export;
 mod import;
@@ -70,6 +71,8 @@ enum Command {
     Up(serve::UpArgs),
     /// Validate configuration files; names the file, key and problem on error.
     CheckConfig(serve::CheckConfigArgs),
+    /// Make a new API key and print it with the hash admin.api_key_hashes takes.
+    ApiKey(api_key::ApiKeyArgs),
 }
 
 /// A failed command: the message for stderr and the exit status.
@@ -110,6 +113,7 @@ pub fn main() -> ExitCode {
         Command::Admin(args) => serve::admin(args),
         Command::Up(args) => serve::up(args),
         Command::CheckConfig(args) => serve::check_config(args),
+        Command::ApiKey(args) => api_key::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

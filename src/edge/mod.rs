@@ -76,12 +76,13 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         Some(t) => Some(Arc::new(tls::CertStore::open(t, &config.source)?)),
         None => None,
     };
-    if let Some(store) = &certs {
-        tls::ignore_hangup();
-        if let Some(e) = store.validity_problem() {
-            // Served all the same: see `tls.rs`.
-            tracing::error!("tls: serving a certificate outside its validity period: {e}");
-        }
+    // SIGHUP's default action would end the edge: `systemctl reload` and a
+    // certificate renewal hook send it. With TLS, `tls::ReloadOnHangup`
+    // takes it over once the server runs; without, it does nothing.
+    tls::ignore_hangup();
+    if let Some(e) = certs.as_ref().and_then(|store| store.validity_problem()) {
+        // Served all the same: see `tls.rs`.
+        tracing::error!("tls: serving a certificate outside its validity period: {e}");
     }
     let pingora_err = |e: Box<pingora::Error>| EdgeError::Pingora(e.to_string());
     let conf = match &config.edge.pingora_conf {
