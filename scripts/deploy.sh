@@ -47,12 +47,14 @@
 #   0  deployed: the new binary serves; its pid is the last line of stdout
 #      (`pid=N`) and is written to --pid-file
 #   1  usage or environment error; nothing was changed
-#   2  the new binary failed (exited, or no 200 from its own /health in time);
+#   2  the new binary failed (could not be started, exited, or no 200 from
+#      its own /health in time);
 #      rolled back: the old binary serves again, as a new process (`pid=N`,
 #      written to --pid-file)
 #   3  the pre-flight check failed: `BINARY check-config FILE` for the new
 #      binary, or for the old one (a rollback must be able to start it on
-#      FILE); nothing was changed, the running edge still serves
+#      FILE), run as the edges run (the running edge's user, directory and
+#      environment); nothing was changed, the running edge still serves
 #   4  the hand-over or the rollback failed: the edge may not be serving.
 #      Needs a human (the messages say which step failed).
 #
@@ -230,14 +232,13 @@ if ! [ "/proc/$pid/exe" -ef "$old_bin" ]; then
   old_bin="$state/uload.old"
   cp "/proc/$pid/exe" "$old_bin" || die "cannot copy /proc/$pid/exe"
 fi
-printf '%s\n' "$old_env" | sed '/^$/d' >"$state/env"
-mapfile -t envs <"$state/env"
-# The caller's own ULOAD_* and RUST_LOG are dropped wherever an edge or its
-# pre-flight runs: only the running edge's apply.
-unsets=()
-while IFS= read -r v; do
-  case "$v" in ULOAD_*|RUST_LOG) unsets+=(-u "$v") ;; esac
-done < <(compgen -e)
+# Run as root for an edge running as another user, the pre-flight and the
+# edges run as that user, so it must reach the rollback's copy of the old
+# binary: the state dir can be passed through (not listed) by anyone, the
+# copy run by anyone; the running edge's environment stays the caller's.
+( umask 077; printf '%s\n' "$old_env" | sed '/^$/d' >"$state/env" )
+chmod 0711 "$state"
+[ "$old_bin" = "$state/uload.old" ] && chmod 0755 "$old_bin"
 
 cat >"$state/helper.py" <<'PY'
 """deploy.sh's helper: keeper (holds and relays Pingora's listening fds),
@@ -322,10 +323,12 @@ def keeper(path, timeout):
     return 0
 
 
-def spawn(log, cwd, env_file, argv):
-    # The running edge's ULOAD_* and RUST_LOG, not the caller's: a variable
-    # exported in the operator's shell must not change what the new edge
-    # serves (a ULOAD_DATA_DIR there made it serve another data dir).
+def as_the_edge(log, cwd, env_file, argv, **popen):
+    # argv as the running edge would run it: its user and groups (when this
+    # runs as root for an edge that does not), its working directory, and
+    # its ULOAD_* and RUST_LOG, not the caller's (a ULOAD_DATA_DIR exported
+    # in the operator's shell made a new edge serve another data dir).
+    # Output to log; None, and a line saying why, if it cannot be started.
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("ULOAD_") or k == "RUST_LOG")}
     with open(env_file) as f:
@@ -334,12 +337,38 @@ def spawn(log, cwd, env_file, argv):
             if sep:
                 env[k] = v
     ids = edge_ids()
-    as_edge = dict(user=ids[0], group=ids[1], extra_groups=ids[2]) if ids else {}
+    if ids:
+        popen.update(user=ids[0], group=ids[1], extra_groups=ids[2])
     with open(log, "ab", buffering=0) as out_f:
-        p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                             stdout=out_f, stderr=out_f, start_new_session=True,
-                             **as_edge)
+        try:
+            return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out_f, stderr=out_f, **popen)
+        except OSError as e:
+            who = f" as uid {ids[0]}" if ids else ""
+            print(f"cannot run {argv[0]}{who}: {e}", file=sys.stderr, flush=True)
+            return None
+
+
+def spawn(log, cwd, env_file, argv):
+    p = as_the_edge(log, cwd, env_file, argv, start_new_session=True)
+    if p is None:
+        return 1
     out(p.pid)
+    return 0
+
+
+def run(log, cwd, env_file, timeout, argv):
+    # The pre-flight: argv's exit status, run exactly as an edge would be.
+    p = as_the_edge(log, cwd, env_file, argv)
+    if p is None:
+        return 126
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        print(f"{argv[0]} took more than {timeout} s", file=sys.stderr, flush=True)
+        return 124
 
 
 def state_of(pid):
@@ -463,6 +492,8 @@ if __name__ == "__main__":
         sys.exit(keeper(sys.argv[2], float(sys.argv[3])))
     if cmd == "spawn":
         sys.exit(spawn(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]))
+    if cmd == "run":
+        sys.exit(run(sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), sys.argv[6:]))
     if cmd == "healthy":
         sys.exit(healthy(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])))
     sys.exit(f"unknown command {cmd}")
@@ -523,8 +554,11 @@ say "edge pid $pid on $listen; upgrade socket $sock; new binary $new"
 # one, which a rollback would start on it (a key only the new release knows
 # would leave no edge at all after a failed deploy: change such a config in
 # a second deploy, once the new binary serves).
+# Both run as the edges would: as the running edge's user (when this runs as
+# root), in its directory, with its environment; so a binary or a config
+# that user cannot read fails here, not after the hand-over.
 for b in "$new" "$old_bin"; do
-  if ! (cd "$old_cwd" && exec env "${unsets[@]}" "${envs[@]}" timeout 30 "$b" check-config "$config") >>"$log" 2>&1 </dev/null; then
+  if ! python3 "$state/helper.py" run "$log" "$old_cwd" "$state/env" 30 "$b" check-config "$config"; then
     say "pre-flight failed: $b check-config $config (output in $log); nothing changed, pid $pid still serves"
     exit 3
   fi
@@ -544,27 +578,38 @@ if [ "${line%% *}" != received ]; then
 fi
 say "keeper $line from pid $pid (which drains and exits by itself)"
 
-# 3. and 4. The new edge.
-new_pid="$(start_edge "$new")"
-say "started the new edge: pid $new_pid"
-if handover "$new_pid" "$health_timeout"; then
-  write_pid "$new_pid"
-  say "deployed: pid $new_pid serves ($new)"
-  exit 0
+# 3. and 4. The new edge. From here on the old edge is draining: whatever
+# fails must end in the rollback, never in an early exit.
+new_pid=""
+if new_pid="$(start_edge "$new")"; then
+  say "started the new edge: pid $new_pid"
+  if handover "$new_pid" "$health_timeout"; then
+    write_pid "$new_pid"
+    say "deployed: pid $new_pid serves ($new)"
+    exit 0
+  fi
+else
+  new_pid=""
+  say "could not start the new edge ($new)"
 fi
 
 # 5. Rollback.
 say "rolling back to the old binary"
-stop "$new_pid" &
-stopper=$!
-back_pid="$(start_edge "$old_bin")"
-say "started the old binary again: pid $back_pid"
-if handover "$back_pid" "$rollback_timeout"; then
-  wait "$stopper" || true
-  write_pid "$back_pid"
-  say "rolled back: pid $back_pid serves the old binary"
-  exit 2
+stopper=""
+if [ -n "$new_pid" ]; then
+  stop "$new_pid" &
+  stopper=$!
 fi
-wait "$stopper" || true
-say "ROLLBACK FAILED: pid $back_pid is not healthy either; the edge may be down"
+back_pid=""
+if back_pid="$(start_edge "$old_bin")"; then
+  say "started the old binary again: pid $back_pid"
+  if handover "$back_pid" "$rollback_timeout"; then
+    [ -z "$stopper" ] || wait "$stopper" || true
+    write_pid "$back_pid"
+    say "rolled back: pid $back_pid serves the old binary"
+    exit 2
+  fi
+fi
+[ -z "$stopper" ] || wait "$stopper" || true
+say "ROLLBACK FAILED: the old binary ($old_bin) did not come back healthy either; the edge may be down"
 exit 4

@@ -247,8 +247,6 @@ pub fn status_str(status: u16) -> &'static str {
     }
 }
 
-/// A registry with the process collector (CPU seconds, resident memory, open
-/// file descriptors, start time) already registered.
 /// Brings `counter` up to `value`, the atomic it mirrors (counts kept where
 /// they happen, exported when Prometheus scrapes): both only grow, so each
 /// scrape adds the difference. Under one lock for every mirrored counter:
@@ -264,6 +262,8 @@ pub fn mirror(counter: &prometheus::IntCounter, value: u64) {
     }
 }
 
+/// A registry with the process collector (CPU seconds, resident memory, open
+/// file descriptors, start time) already registered.
 pub fn new_registry() -> Registry {
     let registry = Registry::new();
     #[cfg(target_os = "linux")]

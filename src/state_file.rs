@@ -58,6 +58,11 @@ pub struct SlotFile {
     mask: usize,
     path: PathBuf,
     what: &'static str,
+    /// The mapped file (none for a table kept in memory). A table opened
+    /// with [`SlotFile::open`] holds a shared `flock` on it for as long as
+    /// it lives, so that a process that replaced the file can tell when no
+    /// one uses the old one any more ([`SlotFile::in_use_elsewhere`]).
+    file: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for SlotFile {
@@ -106,14 +111,20 @@ impl SlotFile {
             }
             fresh_file(path, want, &header)
         };
-        let map = match file {
-            // SAFETY: the file is only ever accessed through this mapping's
-            // atomics (by this process and by uload processes sharing it
-            // during an upgrade); a foreign writer could make the values
-            // wrong but not unsound, since every slot is read as plain
-            // integers. Files of another format or size are replaced by
-            // rename, never truncated.
-            Ok(file) => unsafe { MmapMut::map_mut(&file) }.map_err(err)?,
+        let (map, file) = match file {
+            Ok(file) => {
+                // Only a sign for a later process (see `in_use_elsewhere`):
+                // without it that process folds in less, nothing breaks.
+                let _ = flock(&file, libc::LOCK_SH | libc::LOCK_NB);
+                // SAFETY: the file is only ever accessed through this
+                // mapping's atomics (by this process and by uload processes
+                // sharing it during an upgrade); a foreign writer could make
+                // the values wrong but not unsound, since every slot is read
+                // as plain integers. Files of another format or size are
+                // replaced by rename, never truncated.
+                let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
+                (map, Some(file))
+            }
             Err(e) => {
                 tracing::warn!(
                     path = %path.display(),
@@ -121,7 +132,7 @@ impl SlotFile {
                     "{} cannot be written to disk; kept in memory only, lost at exit",
                     format.what
                 );
-                MmapMut::map_anon(want as usize).map_err(err)?
+                (MmapMut::map_anon(want as usize).map_err(err)?, None)
             }
         };
         Ok(Self {
@@ -129,7 +140,72 @@ impl SlotFile {
             mask: slots - 1,
             path: path.to_owned(),
             what: format.what,
+            file,
         })
+    }
+
+    /// The table at `path` if it is of this format but not of `slots`
+    /// slots (the setting changed), mapped as it is, shared: a process
+    /// that still uses it (the old edge of a graceful upgrade) goes on
+    /// writing to it, and these writes are seen here. Takes no lock. Call
+    /// before [`SlotFile::open`] replaces the file.
+    pub fn of_another_size(path: &Path, format: &Format, slots: usize) -> Option<Self> {
+        use std::os::unix::fs::FileExt;
+        let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+        let file = OpenOptions::new().read(true).write(true).open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let mut head = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut head, 0).ok()?;
+        let count = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
+        let same_kind =
+            head[0..8] == format.magic[..] && head[8..12] == format.version.to_le_bytes();
+        if !same_kind
+            || count == slots
+            || !count.is_power_of_two()
+            || len
+                != (HEADER_LEN as u64)
+                    .saturating_add((count as u64).saturating_mul(SLOT_LEN as u64))
+        {
+            return None;
+        }
+        // SAFETY: as in `open`; the file's length was checked against its
+        // header just now, and such files are never cut short.
+        let map = unsafe { MmapMut::map_mut(&file) }.ok()?;
+        Some(Self {
+            map,
+            mask: count - 1,
+            path: path.to_owned(),
+            what: format.what,
+            file: Some(file),
+        })
+    }
+
+    /// Every taken slot: `(first word, second word)` for each slot whose
+    /// first word is not 0, read now.
+    pub fn entries(&self) -> Vec<(u64, u64)> {
+        use std::sync::atomic::Ordering::Acquire;
+        (0..self.len())
+            .filter_map(|i| {
+                let (key, value) = self.slot(i);
+                let key = key.load(Acquire);
+                (key != 0).then(|| (key, value.load(Acquire)))
+            })
+            .collect()
+    }
+
+    /// Whether another process still holds the file as a table (the shared
+    /// lock every [`SlotFile::open`] takes); meant for a table from
+    /// [`SlotFile::of_another_size`], which holds none itself. A process of
+    /// a version before the lock never counts as holding it.
+    pub fn in_use_elsewhere(&self) -> bool {
+        let Some(file) = &self.file else {
+            return false;
+        };
+        if flock(file, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
+            let _ = flock(file, libc::LOCK_UN);
+            return false;
+        }
+        true
     }
 
     /// Slot `i` (taken modulo the slot count): its two words.
@@ -163,34 +239,19 @@ impl SlotFile {
     }
 }
 
-/// The slots in use, `(first word, second word)` for every slot whose first
-/// word is not 0, of the file at `path` when it is a table of `format` with
-/// a slot count other than `slots` (rounded as [`SlotFile::open`] rounds
-/// it): what [`SlotFile::open`] is about to replace with an empty table, for
-/// a caller that must carry its contents over. `None` when there is no such
-/// file. Read with plain reads: a process still writing to it (the old edge
-/// of an upgrade) may make a value a moment old.
-pub fn entries_of_another_size(
-    path: &Path,
-    format: &Format,
-    slots: usize,
-) -> Option<Vec<(u64, u64)>> {
-    let slots = slots.clamp(64, 1 << 26).next_power_of_two();
-    let bytes = std::fs::read(path).ok()?;
-    let head = bytes.get(..HEADER_LEN)?;
-    let count = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
-    let same_kind = head[0..8] == format.magic[..] && head[8..12] == format.version.to_le_bytes();
-    if !same_kind || count == slots || bytes.len() != HEADER_LEN + count * SLOT_LEN {
-        return None;
+/// `flock(2)`, retried on EINTR.
+fn flock(file: &std::fs::File, op: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: a plain system call on a descriptor `file` owns.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
-    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-    Some(
-        bytes[HEADER_LEN..]
-            .chunks_exact(SLOT_LEN)
-            .map(|s| (word(&s[..8]), word(&s[8..])))
-            .filter(|&(key, _)| key != 0)
-            .collect(),
-    )
 }
 
 fn header(format: &Format, slots: usize) -> [u8; HEADER_LEN] {

@@ -212,19 +212,26 @@ fn deploy_of_a_binary_that_exits_at_once_changes_nothing() {
 /// request fails, the edge still serves.
 #[test]
 fn deploy_of_a_binary_that_dies_at_start_rolls_back() {
-    let pids = Pids::default();
-    let (setup, mut old, load) = running_edge(Grace::default());
-    let bad = script(
-        setup.path(),
-        "dies-at-start",
-        &format!(
+    deploy_rolls_back("dies-at-start", 10, "", |_| {
+        format!(
             "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\necho 'new build: crashing' >&2\nexit 1"
-        ),
-    );
-    let d = deploy(&setup, &bad, 10, &pids);
-    assert_eq!(d.code, 2, "{}\n{}", d.stderr, setup.logs());
-    let back = d.serving.expect("pid=N on stdout");
-    assert_rolled_back(&setup, &mut old, back, load, "dies at start", &d);
+        )
+    });
+}
+
+/// A binary that passes the pre-flight but cannot be started once the old
+/// edge has handed its sockets over (here it takes its own execute bit away
+/// after its `check-config`; in life, a file replaced or made unreadable in
+/// between): rolled back, exit 2, no request fails. The script used to end
+/// there under `set -e` with exit 1, "nothing changed", while the old edge
+/// drained away and nothing served.
+#[test]
+fn deploy_of_a_binary_that_cannot_be_started_rolls_back() {
+    deploy_rolls_back("unstartable", 10, "could not start the new edge", |_| {
+        format!(
+            "case \"$1\" in check-config) {UPLOAD} \"$@\"; rc=$?; chmod 000 \"$0\"; exit $rc;; esac\nexit 1"
+        )
+    });
 }
 
 /// (b) A binary that starts and takes the sockets but listens elsewhere
@@ -233,25 +240,17 @@ fn deploy_of_a_binary_that_dies_at_start_rolls_back() {
 /// request fails.
 #[test]
 fn deploy_of_a_binary_that_listens_elsewhere_rolls_back() {
-    let pids = Pids::default();
-    let (setup, mut old, load) = running_edge(Grace::default());
     let elsewhere = free_addr();
-    let bad = script(
-        setup.path(),
+    deploy_rolls_back(
         "listens-elsewhere",
-        &format!(
-            "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\nULOAD_EDGE_LISTEN={elsewhere} exec {UPLOAD} \"$@\""
-        ),
+        30,
+        "closed the socket listening",
+        |_| {
+            format!(
+                "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\nULOAD_EDGE_LISTEN={elsewhere} exec {UPLOAD} \"$@\""
+            )
+        },
     );
-    let d = deploy(&setup, &bad, 30, &pids);
-    assert_eq!(d.code, 2, "{}\n{}", d.stderr, setup.logs());
-    assert!(
-        d.stderr.contains("closed the socket listening"),
-        "{}",
-        d.stderr
-    );
-    let back = d.serving.expect("pid=N on stdout");
-    assert_rolled_back(&setup, &mut old, back, load, "listens elsewhere", &d);
 }
 
 /// (b) A "binary" that takes the sockets and then hangs, never accepting
@@ -260,11 +259,10 @@ fn deploy_of_a_binary_that_listens_elsewhere_rolls_back() {
 /// fails (they wait in the accept queue meanwhile).
 #[test]
 fn deploy_of_a_binary_that_hangs_rolls_back() {
-    let pids = Pids::default();
-    let (setup, mut old, load) = running_edge(Grace::default());
-    let hung = format!(
-        "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\n\
-         exec python3 -c '\n\
+    deploy_rolls_back("hangs", 4, "not healthy: timeout", |setup| {
+        format!(
+            "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\n\
+             exec python3 -c '\n\
 import os, socket, sys, time\n\
 path = sys.argv[1]\n\
 if os.path.exists(path): os.unlink(path)\n\
@@ -277,14 +275,28 @@ msg, fds, _, _ = socket.recv_fds(c, 4096, 64)\n\
 os.unlink(path)\n\
 time.sleep(60)\n\
 ' {}",
-        setup.upgrade_sock().display()
-    );
-    let bad = script(setup.path(), "hangs", &hung);
-    let d = deploy(&setup, &bad, 4, &pids);
+            setup.upgrade_sock().display()
+        )
+    });
+}
+
+/// A script standing in for a new binary (`body`, written for the setup)
+/// deployed over an edge under load: rolled back to the old binary (exit
+/// 2, the script's messages saying `says`), no request fails.
+fn deploy_rolls_back(
+    name: &str,
+    health_timeout_s: u32,
+    says: &str,
+    body: impl FnOnce(&EdgeSetup) -> String,
+) {
+    let pids = Pids::default();
+    let (setup, mut old, load) = running_edge(Grace::default());
+    let bad = script(setup.path(), name, &body(&setup));
+    let d = deploy(&setup, &bad, health_timeout_s, &pids);
     assert_eq!(d.code, 2, "{}\n{}", d.stderr, setup.logs());
-    assert!(d.stderr.contains("not healthy: timeout"), "{}", d.stderr);
+    assert!(d.stderr.contains(says), "{}", d.stderr);
     let back = d.serving.expect("pid=N on stdout");
-    assert_rolled_back(&setup, &mut old, back, load, "hangs", &d);
+    assert_rolled_back(&setup, &mut old, back, load, name, &d);
 }
 
 fn assert_rolled_back(
@@ -553,45 +565,46 @@ fn a_config_the_old_binary_refuses_is_refused_before_anything_changes() {
     assert!(chaos::alive(old.id()), "the running edge was left alone");
 }
 
-/// deploy.sh run as root against an edge running as another user (nobody):
-/// the new edge runs as that user, and the hand-over works. The keeper's
-/// upgrade socket was root's with mode 0600, so the old edge could not
-/// connect to hand its sockets over, exited after SIGQUIT anyway, and
-/// nothing served (exit 4); and a new edge would have run as root. Needs
-/// root (and `setpriv`); prints "skipped" otherwise.
-#[test]
-fn deploy_as_root_of_an_edge_running_as_another_user() {
-    if !std::fs::read_to_string("/proc/self/status")
+/// Run as root: an edge running as user 65534 on 10 imported links (its
+/// temp dir, state dir included, chowned to that user), from a copy of the
+/// build in that dir when `own_copy` (else from the build itself), its pid
+/// in the pid file; and one link's path. `None`, with the reason printed,
+/// where the test cannot run: not root, or no `setpriv`, or a binary user
+/// 65534 cannot run (a clone under /root).
+fn nobody_edge(own_copy: bool) -> Option<(EdgeSetup, chaos::Proc, String)> {
+    let root = std::fs::read_to_string("/proc/self/status")
         .unwrap()
         .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-    {
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+    if !root {
         eprintln!("needs root: skipped");
-        return;
+        return None;
     }
-    // `setpriv`, and a binary that user 65534 can run (not under a
-    // directory only root may enter, such as a clone in /root).
-    let nobody_runs_it = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            UPLOAD,
-            "--version",
-        ])
+    let as_nobody = || {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        cmd
+    };
+    let nobody_runs_it = as_nobody()
+        .args([UPLOAD, "--version"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
     if !nobody_runs_it {
         eprintln!("needs setpriv and a uload binary user 65534 can run: skipped");
-        return;
+        return None;
     }
-    let pids = Pids::default();
     let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
     let links = import_links(&setup, 10);
-    let (path, _, _) = links[0].clone();
     std::fs::create_dir_all(setup.path().join("state")).unwrap();
+    let binary = if own_copy {
+        let copy = setup.path().join("uload");
+        std::fs::copy(UPLOAD, &copy).unwrap();
+        copy
+    } else {
+        PathBuf::from(UPLOAD)
+    };
     let chown = Command::new("chown")
         .args(["-R", "65534:65534"])
         .arg(setup.path())
@@ -599,16 +612,10 @@ fn deploy_as_root_of_an_edge_running_as_another_user() {
         .unwrap();
     assert!(chown.success());
     let log = setup.new_log("edge");
-    let mut old = chaos::Proc(Some(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                UPLOAD,
-                "edge",
-                "--config",
-            ])
+    let old = chaos::Proc(Some(
+        as_nobody()
+            .arg(&binary)
+            .args(["edge", "--config"])
             .arg(&setup.config)
             .env_remove("ULOAD_DATA_DIR")
             .env_remove("ULOAD_EDGE_LISTEN")
@@ -619,13 +626,37 @@ fn deploy_as_root_of_an_edge_running_as_another_user() {
             .spawn()
             .unwrap(),
     ));
+    let path = links[0].0.clone();
     wait_until(Duration::from_secs(60), "edge as nobody answers", || {
-        request(setup.addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+        request(setup.addr, "GET", &path, &[], b"").is_ok_and(|r| r.status == 302)
     });
     std::fs::write(setup.path().join("edge.pid"), format!("{}\n", old.id())).unwrap();
-    let d = deploy(&setup, Path::new(UPLOAD), 30, &pids);
+    Some((setup, old, path))
+}
+
+/// Once the old edge has gone: what `path` gets now (a status, or `None`
+/// when nothing answers).
+fn served_after(setup: &EdgeSetup, old: &mut chaos::Proc, path: &str) -> Option<u16> {
     old.wait_exit(Duration::from_secs(30));
-    let served = request(setup.addr, "GET", &path, &[], b"").map(|r| r.status);
+    request(setup.addr, "GET", path, &[], b"")
+        .ok()
+        .map(|r| r.status)
+}
+
+/// deploy.sh run as root against an edge running as another user (nobody):
+/// the new edge runs as that user, and the hand-over works. The keeper's
+/// upgrade socket was root's with mode 0600, so the old edge could not
+/// connect to hand its sockets over, exited after SIGQUIT anyway, and
+/// nothing served (exit 4); and a new edge would have run as root. Needs
+/// root (and `setpriv`); prints "skipped" otherwise.
+#[test]
+fn deploy_as_root_of_an_edge_running_as_another_user() {
+    let Some((setup, mut old, path)) = nobody_edge(false) else {
+        return;
+    };
+    let pids = Pids::default();
+    let d = deploy(&setup, Path::new(UPLOAD), 30, &pids);
+    let served = served_after(&setup, &mut old, &path);
     let uid = d.serving.and_then(|p| {
         std::fs::read_to_string(format!("/proc/{p}/status"))
             .ok()?
@@ -634,10 +665,106 @@ fn deploy_as_root_of_an_edge_running_as_another_user() {
             .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
     });
     assert_eq!(
-        (d.code, served.as_ref().ok().copied(), uid.as_deref()),
+        (d.code, served, uid.as_deref()),
         (0, Some(302), Some("65534")),
         "deploy.sh as root: exit {}, then {path}: {served:?}, serving uid {uid:?}\n{}",
         d.code,
         d.stderr
     );
+}
+
+/// Run as root, for an edge whose binary file was replaced since it
+/// started (an `install` of the new release over it: the rollback then runs
+/// a copy of /proc/PID/exe made in the script's state dir), and a new
+/// release that dies after the hand-over: the rollback must start the old
+/// binary as the edge's user. It used to run it from the script's `mktemp
+/// -d` (root's, mode 0700), which that user cannot enter: exit 1, nothing
+/// served (found by review).
+#[test]
+fn deploy_as_root_can_roll_back_to_a_replaced_binary() {
+    let Some((setup, mut old, path)) = nobody_edge(true) else {
+        return;
+    };
+    let pids = Pids::default();
+    let tmp = setup.path().join("uload.new");
+    std::fs::copy(UPLOAD, &tmp).unwrap();
+    std::fs::rename(&tmp, setup.path().join("uload")).unwrap();
+    let bad = script(
+        setup.path(),
+        "dies-at-start",
+        &format!(
+            "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\necho 'new build: crashing' >&2\nexit 1"
+        ),
+    );
+    let d = deploy(&setup, &bad, 10, &pids);
+    let served = served_after(&setup, &mut old, &path);
+    assert_eq!(
+        (d.code, served),
+        (2, Some(302)),
+        "deploy.sh as root: exit {} (2: rolled back), then {path}: {served:?}\n{}\n{}",
+        d.code,
+        d.stderr,
+        setup.logs()
+    );
+}
+
+/// Run as root: a config the edge's user cannot read (rewritten by root
+/// with mode 0600) must fail the pre-flight, which runs as that user: exit
+/// 3, nothing changed. It ran as root and passed; then the new edge and the
+/// rolled-back one both failed to start: exit 4, nothing served (found by
+/// review).
+#[test]
+fn deploy_as_root_preflight_checks_what_the_edge_user_can_read() {
+    let Some((setup, old, path)) = nobody_edge(false) else {
+        return;
+    };
+    let pids = Pids::default();
+    let text = std::fs::read(&setup.config).unwrap();
+    std::fs::remove_file(&setup.config).unwrap();
+    std::fs::write(&setup.config, text).unwrap();
+    std::fs::set_permissions(&setup.config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let d = deploy(&setup, Path::new(UPLOAD), 10, &pids);
+    assert_refused_by_the_preflight(&setup, old, &path, &d);
+}
+
+/// Exit 3 and nothing changed: the old edge still runs and serves `path`.
+fn assert_refused_by_the_preflight(
+    setup: &EdgeSetup,
+    mut old: chaos::Proc,
+    path: &str,
+    d: &Deploy,
+) {
+    let served = request(setup.addr, "GET", path, &[], b"")
+        .ok()
+        .map(|r| r.status);
+    assert_eq!(
+        (d.code, served, alive(old.id())),
+        (3, Some(302), true),
+        "deploy.sh as root: exit {} (3: pre-flight refused), then {path}: {served:?}\n{}\n{}",
+        d.code,
+        d.stderr,
+        setup.logs()
+    );
+    old.kill();
+}
+
+/// Run as root with `--new` a binary the edge's user cannot run (in a
+/// directory only root may enter, such as a build under /root): refused by
+/// the pre-flight, which runs as that user (exit 3). It passed as root, the
+/// old edge handed its sockets over, then the start as that user failed
+/// and ended the script under `set -e` with exit 1 and no rollback: nothing
+/// served (found by review).
+#[test]
+fn deploy_as_root_of_a_new_binary_the_edge_user_cannot_run() {
+    let Some((setup, old, path)) = nobody_edge(false) else {
+        return;
+    };
+    let pids = Pids::default();
+    let private = setup.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let new = private.join("uload");
+    std::fs::copy(UPLOAD, &new).unwrap();
+    let d = deploy(&setup, &new, 10, &pids);
+    assert_refused_by_the_preflight(&setup, old, &path, &d);
 }

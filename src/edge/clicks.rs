@@ -20,12 +20,16 @@
 //! `edge.click_slots` can be used, see `PROBE`), it is answered as spent:
 //! a budget is a promise of at most N clicks. `edge_click_slots_full_total` counts
 //! those answers; a new `edge.click_slots` carries the counts over to a
-//! table of the new size, and removing the file (edge stopped) starts every
-//! count afresh. Behind several edges with their own state dirs, each
+//! table of the new size (and, during a graceful upgrade, folds in what the
+//! old edge still counts in the old table until it exits: see `Previous`),
+//! and removing the file (edge stopped) starts every count afresh. Behind several edges with their own state dirs, each
 //! counts its own clicks.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus::IntCounter;
 
@@ -61,7 +65,27 @@ pub enum Click {
 pub struct ClickTable {
     slots: SlotFile,
     full: IntCounter,
+    /// Set while `previous` holds a table still in use by another process.
+    folding: AtomicBool,
+    previous: Mutex<Option<Previous>>,
 }
+
+/// The table of another size this one replaced (`edge.click_slots`
+/// changed), while the process that had it (the old edge of a graceful
+/// upgrade, serving its kept-alive connections) may still count clicks in
+/// it: each of those is folded into this table before a click of the same
+/// link is decided here, and all of them once that process is gone.
+#[derive(Debug)]
+struct Previous {
+    file: SlotFile,
+    /// Each link's count in `file` as last folded in.
+    folded: HashMap<u64, u64>,
+    /// When `file` was last checked for another process holding it.
+    checked: Instant,
+}
+
+/// How often a fold checks whether the old table is still in use.
+const PREVIOUS_CHECK: Duration = Duration::from_millis(100);
 
 impl ClickTable {
     /// Maps `path` (created with room for `slots` links' counts when
@@ -70,7 +94,8 @@ impl ClickTable {
     /// A file of another size (`edge.click_slots` changed) has its counts
     /// carried over into the new table: a spent budget must stay spent.
     pub fn open(path: &Path, slots: usize) -> Result<Self, StateError> {
-        let carried = crate::state_file::entries_of_another_size(path, &FORMAT, slots);
+        // Mapped before `SlotFile::open` renames a new file over it.
+        let previous = SlotFile::of_another_size(path, &FORMAT, slots);
         let table = Self {
             slots: SlotFile::open(path, &FORMAT, slots)?,
             full: IntCounter::new(
@@ -78,25 +103,92 @@ impl ClickTable {
                 "Requests for a link with a click budget answered as spent because the click table had no room for its count (edge.click_slots).",
             )
             .expect("a valid metric name"),
+            folding: AtomicBool::new(false),
+            previous: Mutex::new(None),
         };
-        if let Some(entries) = carried {
-            let (mut kept, mut lost) = (0u64, 0u64);
-            for (key, count) in entries {
-                match table.find(key, true) {
-                    Slot::Found(slot) => {
-                        slot.fetch_max(count, Ordering::AcqRel);
-                        kept += 1;
-                    }
-                    Slot::Absent | Slot::Full => lost += 1,
-                }
-            }
+        if let Some(file) = previous {
+            let mut previous = Previous {
+                file,
+                folded: HashMap::new(),
+                checked: Instant::now(),
+            };
+            let (kept, lost) = table.fold_all(&mut previous);
             if lost > 0 {
                 tracing::warn!(kept, lost, path = %path.display(), "click counts carried over to a smaller table; {lost} did not fit (those links count afresh)");
             } else {
                 tracing::info!(kept, path = %path.display(), "click counts carried over to a table of {} slots", table.slots.len());
             }
+            if previous.file.in_use_elsewhere() {
+                tracing::info!(path = %path.display(), "the old click table is still in use (an upgrade): its new clicks are folded in until it is not");
+                *table.lock_previous() = Some(previous);
+                table.folding.store(true, Ordering::Release);
+            }
         }
         Ok(table)
+    }
+
+    fn lock_previous(&self) -> std::sync::MutexGuard<'_, Option<Previous>> {
+        // A panic while folding leaves nothing half-done that matters: at
+        // worst a count folded twice, which errs towards spent.
+        self.previous.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Folds into this table what `previous` counted since its last fold,
+    /// for every link: (links folded, links with no room here).
+    fn fold_all(&self, previous: &mut Previous) -> (u64, u64) {
+        let (mut kept, mut lost) = (0u64, 0u64);
+        for (key, count) in previous.file.entries() {
+            if self.fold(previous, key, count) {
+                kept += 1;
+            } else {
+                lost += 1;
+            }
+        }
+        (kept, lost)
+    }
+
+    /// Adds to `key`'s count here what the previous table counted for it
+    /// since the last fold (`count` there now); false if it has no room.
+    fn fold(&self, previous: &mut Previous, key: u64, count: u64) -> bool {
+        let folded = previous.folded.entry(key).or_insert(0);
+        let new = count.saturating_sub(*folded);
+        *folded = count;
+        if new == 0 {
+            return true;
+        }
+        match self.find(key, true) {
+            Slot::Found(slot) => {
+                slot.fetch_add(new, Ordering::AcqRel);
+                true
+            }
+            Slot::Absent | Slot::Full => false,
+        }
+    }
+
+    /// Before a click of `key` is decided: the clicks the old table got for
+    /// it meanwhile; every one, and the old table let go, once no other
+    /// process holds it.
+    fn fold_previous(&self, key: u64) {
+        let mut guard = self.lock_previous();
+        let Some(previous) = guard.as_mut() else {
+            return;
+        };
+        if previous.checked.elapsed() >= PREVIOUS_CHECK {
+            previous.checked = Instant::now();
+            if !previous.file.in_use_elsewhere() {
+                self.fold_all(previous);
+                *guard = None;
+                self.folding.store(false, Ordering::Release);
+                tracing::info!(
+                    "the old click table is no longer in use; its last clicks folded in"
+                );
+                return;
+            }
+        }
+        if let Slot::Found(count) = probe(&previous.file, key, false) {
+            let count = count.load(Ordering::Acquire);
+            self.fold(previous, key, count);
+        }
     }
 
     /// The counter of [`Click::NoRoom`] answers, for the edge's registry.
@@ -108,6 +200,9 @@ impl ClickTable {
     /// clicks: allowed while fewer than `budget` were counted, and counted
     /// when `take` (a GET; a HEAD only looks).
     pub fn click(&self, key: u64, budget: u64, take: bool) -> Click {
+        if self.folding.load(Ordering::Acquire) {
+            self.fold_previous(key);
+        }
         let count = match self.find(key, take) {
             Slot::Found(count) => count,
             // Never counted (a HEAD only looks): all of its budget is left.
@@ -141,27 +236,33 @@ impl ClickTable {
 
     /// The count of `key`: its slot, claimed (when `claim`) if it has none.
     fn find(&self, key: u64, claim: bool) -> Slot<'_> {
-        let start = key as usize;
-        for i in (0..PROBE.min(self.slots.len())).map(|n| start.wrapping_add(n)) {
-            let (k, count) = self.slots.slot(i);
-            let mut seen = k.load(Ordering::Acquire);
-            if seen == 0 && claim {
-                // Two processes (or threads) may claim at once: one wins the
-                // slot, the other finds it taken, by this key or another.
-                seen = match k.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => key,
-                    Err(actual) => actual,
-                };
-            }
-            if seen == key {
-                return Slot::Found(count);
-            }
-            if seen == 0 {
-                return Slot::Absent; // a probe ends at an empty slot
-            }
-        }
-        Slot::Full
+        probe(&self.slots, key, claim)
     }
+}
+
+/// The count of `key` in `slots`: its slot, claimed (when `claim`) if it
+/// has none.
+fn probe(slots: &SlotFile, key: u64, claim: bool) -> Slot<'_> {
+    let start = key as usize;
+    for i in (0..PROBE.min(slots.len())).map(|n| start.wrapping_add(n)) {
+        let (k, count) = slots.slot(i);
+        let mut seen = k.load(Ordering::Acquire);
+        if seen == 0 && claim {
+            // Two processes (or threads) may claim at once: one wins the
+            // slot, the other finds it taken, by this key or another.
+            seen = match k.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => key,
+                Err(actual) => actual,
+            };
+        }
+        if seen == key {
+            return Slot::Found(count);
+        }
+        if seen == 0 {
+            return Slot::Absent; // a probe ends at an empty slot
+        }
+    }
+    Slot::Full
 }
 
 /// Where a link's count is, as [`ClickTable::find`] found it.
@@ -325,5 +426,66 @@ mod tests {
         assert_eq!(t.slots.len(), 64);
         assert_eq!(t.click(spent, 1, false), Click::Spent);
         assert_eq!(t.click(half, 4, false), Click::Spent);
+    }
+    /// A graceful upgrade that changes `edge.click_slots`: the new edge
+    /// carries the old table's counts over, while the old edge goes on
+    /// serving its kept-alive connections for its grace period and counting
+    /// clicks in its own map of the replaced file. Those clicks must reach
+    /// the new table (found by review: a budget of 2 redirected 3 times, one
+    /// more for each click the old edge counted after the copy).
+    #[test]
+    fn clicks_the_old_edge_counts_after_a_resize_are_folded_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let key = click_key(b"promo", 1_700_000_000_000);
+        let other = click_key(b"other", 1_700_000_000_000);
+        let old = ClickTable::open(&path, 64).unwrap();
+        assert_eq!(old.click(key, 2, true), Click::Allowed); // click 1 (old edge)
+        // The new edge starts with a larger table; the old one still serves.
+        let new = ClickTable::open(&path, 128).unwrap();
+        assert_eq!(new.slots.len(), 128);
+        assert_eq!(old.click(key, 2, true), Click::Allowed); // click 2 (old edge)
+        assert_eq!(old.click(other, 5, true), Click::Allowed); // a link new here
+        // Two clicks counted: the budget is spent for whichever edge answers.
+        assert_eq!(
+            new.click(key, 2, true),
+            Click::Spent,
+            "a third redirect for a budget of 2"
+        );
+        assert_eq!(new.click(key, 3, true), Click::Allowed);
+        assert_eq!(old.click(key, 3, true), Click::Allowed); // old: 3 of 3
+        assert_eq!(new.click(key, 4, false), Click::Spent, "4 clicks in all");
+        // The old edge goes; at the next check every click it counted is
+        // folded in (`other`, never clicked here since), and the old table
+        // is let go.
+        assert_eq!(old.click(other, 5, true), Click::Allowed); // other: 2
+        drop(old);
+        assert!(new.folding.load(Ordering::Acquire));
+        new.lock_previous().as_mut().unwrap().checked -= PREVIOUS_CHECK;
+        assert_eq!(new.click(key, 5, false), Click::Allowed);
+        assert!(!new.folding.load(Ordering::Acquire));
+        assert!(new.lock_previous().is_none());
+        let other_count = match new.find(other, false) {
+            Slot::Found(c) => c.load(Ordering::Acquire),
+            _ => panic!("other's count was not folded in"),
+        };
+        assert_eq!(other_count, 2);
+    }
+
+    /// With no other process on the old table (a restart with a new size),
+    /// the counts are carried over once and nothing is kept to fold from.
+    #[test]
+    fn a_resize_with_no_one_on_the_old_table_folds_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let key = click_key(b"promo", 1_700_000_000_000);
+        let old = ClickTable::open(&path, 64).unwrap();
+        assert_eq!(old.click(key, 2, true), Click::Allowed);
+        drop(old);
+        let new = ClickTable::open(&path, 256).unwrap();
+        assert!(!new.folding.load(Ordering::Acquire));
+        assert!(new.lock_previous().is_none());
+        assert_eq!(new.click(key, 2, true), Click::Allowed);
+        assert_eq!(new.click(key, 2, true), Click::Spent);
     }
 }
