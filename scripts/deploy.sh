@@ -234,8 +234,9 @@ if ! [ "/proc/$pid/exe" -ef "$old_bin" ]; then
 fi
 # Run as root for an edge running as another user, the pre-flight and the
 # edges run as that user, so it must reach the rollback's copy of the old
-# binary: the state dir can be passed through (not listed) by anyone, the
-# copy run by anyone; the running edge's environment stays the caller's.
+# binary: the state dir can be passed through (not listed) by anyone and the
+# copy run by anyone, while the saved environment of the running edge stays
+# readable by the caller alone.
 ( umask 077; printf '%s\n' "$old_env" | sed '/^$/d' >"$state/env" )
 chmod 0711 "$state"
 [ "$old_bin" = "$state/uload.old" ] && chmod 0755 "$old_bin"
