@@ -23,6 +23,11 @@
 //! allocated before it is mapped: a page of a sparse file first written
 //! through the map on a full file system is a SIGBUS. Without the space, the
 //! table lives in memory only, with a warning.
+//!
+//! Every process holds a shared `flock` on the file it uses, for as long as
+//! it uses it, so that a process that replaced a file of another size can
+//! tell when no one writes to the old one any more (the click counts fold in
+//! what the old edge counted until then: [`crate::edge::clicks`]).
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};

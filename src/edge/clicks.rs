@@ -22,8 +22,8 @@
 //! those answers; a new `edge.click_slots` carries the counts over to a
 //! table of the new size (and, during a graceful upgrade, folds in what the
 //! old edge still counts in the old table until it exits: see `Previous`),
-//! and removing the file (edge stopped) starts every count afresh. Behind several edges with their own state dirs, each
-//! counts its own clicks.
+//! and removing the file (edge stopped) starts every count afresh. Behind
+//! several edges with their own state dirs, each counts its own clicks.
 
 use std::collections::HashMap;
 use std::path::Path;
