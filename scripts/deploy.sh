@@ -13,7 +13,8 @@
 #   --config FILE        the uload.yaml both edges read (passed as --config)
 #   --listen HOST:PORT   where /health is checked (default: ULOAD_EDGE_LISTEN of
 #                        the running edge, else edge.listen of FILE)
-#   --upgrade-sock PATH  default: upgrade_sock of the pingora.yaml that FILE's
+#   --upgrade-sock PATH  default: upgrade_sock of the running edge's Pingora
+#                        conf: its ULOAD_EDGE_PINGORA_CONF, else the one FILE's
 #                        edge.pingora_conf names (Pingora's default without one)
 #   --health-timeout S   seconds the new edge has to answer 200 to /health
 #                        itself 3 times, with no other answer from it in
@@ -188,7 +189,10 @@ if [ -z "$listen" ]; then
   [ -n "$listen" ] || listen="$(yaml_get "$config" listen edge)"
   [ -n "$listen" ] || listen=127.0.0.1:8080
 fi
-pconf="$(yaml_get "$config" pingora_conf edge)"
+# The running edge's Pingora conf (its upgrade socket, grace periods): named
+# by its ULOAD_EDGE_PINGORA_CONF if it has one, else by the config file.
+pconf="$(printf '%s\n' "$old_env" | sed -n 's/^ULOAD_EDGE_PINGORA_CONF=//p')"
+[ -n "$pconf" ] || pconf="$(yaml_get "$config" pingora_conf edge)"
 pconf="${pconf:-pingora.yaml}"
 case "$pconf" in /*) ;; *) pconf="$(dirname "$config")/$pconf" ;; esac
 grace=300 drain=5

@@ -540,6 +540,20 @@ impl Config {
                 }
             }
         }
+        // A missing Pingora conf a variable named is reported with it.
+        let pingora_conf_var = env.iter().any(|(v, _)| v == "ULOAD_EDGE_PINGORA_CONF");
+        let missing_pingora_conf = |file: String, conf: &Path| ConfigError {
+            file,
+            key: "edge.pingora_conf".into(),
+            problem: if pingora_conf_var {
+                format!(
+                    "{}: no such file (set by ULOAD_EDGE_PINGORA_CONF)",
+                    conf.display()
+                )
+            } else {
+                format!("{}: no such file", conf.display())
+            },
+        };
         match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| ConfigError {
@@ -562,11 +576,7 @@ impl Config {
                 } else if config.edge.pingora_conf_given {
                     // Named, but missing: not Pingora's defaults in its place
                     // (another pid file, upgrade socket and grace periods).
-                    return Err(ConfigError {
-                        file: p.display().to_string(),
-                        key: "edge.pingora_conf".into(),
-                        problem: format!("{}: no such file", conf.display()),
-                    });
+                    return Err(missing_pingora_conf(p.display().to_string(), &conf));
                 }
                 if let Some(tls) = &mut config.tls {
                     for path in [&mut tls.cert_path, &mut tls.key_path] {
@@ -583,14 +593,9 @@ impl Config {
                 // it must exist, as when a file names it.
                 let config = Self::from_yaml_str("{}", "defaults", &env)?;
                 match &config.edge.pingora_conf {
-                    Some(conf) if !conf.exists() => Err(ConfigError {
-                        file: "defaults".into(),
-                        key: "edge.pingora_conf".into(),
-                        problem: format!(
-                            "{}: no such file (set by ULOAD_EDGE_PINGORA_CONF)",
-                            conf.display()
-                        ),
-                    }),
+                    Some(conf) if !conf.exists() => {
+                        Err(missing_pingora_conf("defaults".into(), conf))
+                    }
                     _ => Ok(config),
                 }
             }

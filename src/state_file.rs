@@ -12,7 +12,8 @@
 //! | 0 | 8 | magic (one per kind of table) |
 //! | 8 | 4 | format version |
 //! | 12 | 4 | slot count (a power of two) |
-//! | 16 | 48 | zero |
+//! | 16 | 8 | replaced: 0, or 1 once a table of another size has been put in this one's place (its users move to the new file) |
+//! | 24 | 40 | zero |
 //! | 64 | 16 × slots | slots: two `u64`s each, meaning up to the table |
 //!
 //! A file that does not match (other magic, version or size) is replaced by
@@ -155,8 +156,15 @@ impl SlotFile {
     /// writing to it, and these writes are seen here. Takes no lock. Call
     /// before [`SlotFile::open`] replaces the file.
     pub fn of_another_size(path: &Path, format: &Format, slots: usize) -> Option<Self> {
-        use std::os::unix::fs::FileExt;
         let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+        Self::existing(path, format).filter(|table| table.len() != slots)
+    }
+
+    /// The table at `path`, whatever its size, mapped as it is (`None`
+    /// when there is no such file, or it is not a whole table of this
+    /// format). Takes no lock.
+    pub fn existing(path: &Path, format: &Format) -> Option<Self> {
+        use std::os::unix::fs::FileExt;
         let file = OpenOptions::new().read(true).write(true).open(path).ok()?;
         let len = file.metadata().ok()?.len();
         let mut head = [0u8; HEADER_LEN];
@@ -164,13 +172,10 @@ impl SlotFile {
         let count = u32::from_le_bytes(head[12..16].try_into().ok()?) as usize;
         let same_kind =
             head[0..8] == format.magic[..] && head[8..12] == format.version.to_le_bytes();
-        if !same_kind
-            || count == slots
-            || !count.is_power_of_two()
-            || len
-                != (HEADER_LEN as u64)
-                    .saturating_add((count as u64).saturating_mul(SLOT_LEN as u64))
-        {
+        let whole = (HEADER_LEN as u64)
+            .saturating_add((count as u64).saturating_mul(SLOT_LEN as u64))
+            == len;
+        if !same_kind || !count.is_power_of_two() || !whole {
             return None;
         }
         // SAFETY: as in `open`; the file's length was checked against its
@@ -183,6 +188,38 @@ impl SlotFile {
             what: format.what,
             file: Some(file),
         })
+    }
+
+    /// Takes the shared lock [`SlotFile::open`] takes (for a table from
+    /// [`SlotFile::existing`] that this process goes on to use).
+    pub fn lock_shared(&self) {
+        if let Some(file) = &self.file {
+            let _ = flock(file, libc::LOCK_SH | libc::LOCK_NB);
+        }
+    }
+
+    /// The header word that says a newer table of another size has been
+    /// put in this one's place (bytes 16..24; 0 in a table in use).
+    fn replaced_word(&self) -> &AtomicU64 {
+        // SAFETY: the header is 64 bytes, 8-aligned at the start of a
+        // page-aligned map; like the slots, read and written as an atomic.
+        unsafe { &*(self.map[16..24].as_ptr() as *const AtomicU64) }
+    }
+
+    /// Marks this table as replaced by the one now at its path, for the
+    /// processes that still map it ([`SlotFile::replaced`]).
+    pub fn mark_replaced(&self) {
+        self.replaced_word()
+            .store(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a newer table of another size has been put in this one's
+    /// place: its users should move to the file now at its path.
+    #[inline]
+    pub fn replaced(&self) -> bool {
+        self.replaced_word()
+            .load(std::sync::atomic::Ordering::Acquire)
+            != 0
     }
 
     /// Every taken slot: `(first word, second word)` for each slot whose

@@ -497,3 +497,27 @@ fn the_pingora_conf_variable_counts_without_a_config_file() {
         assert!(stderr.contains(want), "{conf}: {stderr}");
     }
 }
+
+/// An error in a value a variable set names the variable: with a config
+/// file too, a missing Pingora conf named by `ULOAD_EDGE_PINGORA_CONF` (the
+/// file may name none, or one that exists). It was reported as the file's
+/// own `edge.pingora_conf` (found by review).
+#[test]
+fn a_missing_pingora_conf_from_the_variable_names_it_with_a_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("uload.yaml");
+    fs::write(&file, "edge:\n  listen: 127.0.0.1:9\n").unwrap();
+    let (status, out) = check_config(
+        &file,
+        &[(
+            "ULOAD_EDGE_PINGORA_CONF",
+            std::ffi::OsStr::new("missing.yaml"),
+        )],
+    );
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("no such file"), "{out}");
+    assert!(
+        out.contains("ULOAD_EDGE_PINGORA_CONF"),
+        "the error does not name the variable that set the value: {out}"
+    );
+}

@@ -768,3 +768,62 @@ fn deploy_as_root_of_a_new_binary_the_edge_user_cannot_run() {
     let d = deploy(&setup, &new, 10, &pids);
     assert_refused_by_the_preflight(&setup, old, &path, &d);
 }
+
+/// An edge whose Pingora conf comes from `ULOAD_EDGE_PINGORA_CONF` (every
+/// key can come from the environment): deploy.sh must take the upgrade
+/// socket and grace periods from that conf, as it takes the listen address
+/// from the edge's environment. It took them from the conf the config file
+/// names: the edge sent its sockets to its own `upgrade_sock`, where no
+/// keeper listened, exit 4, and the old edge drained away with nothing
+/// after it (found by review).
+#[test]
+fn deploy_of_an_edge_whose_pingora_conf_comes_from_the_environment() {
+    let pids = Pids::default();
+    let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
+    let links = import_links(&setup, 10);
+    let path = links[0].0.clone();
+    // The file names pingora.yaml (upgrade.sock); the running edge was
+    // started with another conf, its own upgrade socket.
+    let env_conf = setup.path().join("pingora-env.yaml");
+    std::fs::write(
+        &env_conf,
+        format!(
+            "---\nversion: 1\nthreads: 2\nupgrade_sock: {}/env-upgrade.sock\n\
+             grace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+            setup.path().display()
+        ),
+    )
+    .unwrap();
+    let mut old = chaos::Proc(Some(
+        Command::new(UPLOAD)
+            .arg("edge")
+            .arg("--config")
+            .arg(&setup.config)
+            .env_remove("ULOAD_API_KEY")
+            .env_remove("ULOAD_DATA_DIR")
+            .env_remove("ULOAD_EDGE_LISTEN")
+            .env_remove("ULOAD_ADMIN_UPSTREAMS")
+            .env("ULOAD_STATE_DIR", setup.path().join("state"))
+            .env("ULOAD_EDGE_PINGORA_CONF", &env_conf)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(setup.new_log("edge"))
+            .spawn()
+            .unwrap(),
+    ));
+    wait_until(Duration::from_secs(60), "the edge's /health", || {
+        request(setup.addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    std::fs::write(setup.path().join("edge.pid"), format!("{}\n", old.id())).unwrap();
+    assert_eq!(get(setup.addr, &path).status, 302);
+    let d = deploy(&setup, Path::new(UPLOAD), 30, &pids);
+    let served = served_after(&setup, &mut old, &path);
+    assert_eq!(
+        (d.code, served),
+        (0, Some(302)),
+        "deploy.sh exit {}, then {path}: {served:?}\n{}\n{}",
+        d.code,
+        d.stderr,
+        setup.logs()
+    );
+}

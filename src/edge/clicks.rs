@@ -20,17 +20,19 @@
 //! `edge.click_slots` can be used, see `PROBE`), it is answered as spent:
 //! a budget is a promise of at most N clicks. `edge_click_slots_full_total` counts
 //! those answers; a new `edge.click_slots` carries the counts over to a
-//! table of the new size (and, during a graceful upgrade, folds in what the
-//! old edge still counts in the old table until it exits: see `Previous`),
+//! table of the new size (during a graceful upgrade the old edge then moves
+//! to the new table, and what it counted in the old one meanwhile is folded
+//! in: see `ClickTable::current` and `Previous`),
 //! and removing the file (edge stopped) starts every count afresh. Behind
 //! several edges with their own state dirs, each counts its own clicks.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 
 use crate::state_file::{Format, SlotFile, StateError};
@@ -63,7 +65,14 @@ pub enum Click {
 /// The edge's click counts.
 #[derive(Debug)]
 pub struct ClickTable {
-    slots: SlotFile,
+    /// The table in use: replaced (once) when a newer edge puts a table of
+    /// another size in its place during a graceful upgrade, so that both
+    /// edges then count in the same one.
+    slots: ArcSwap<SlotFile>,
+    /// Held while moving to a replacing table (not `previous`'s lock: a
+    /// fold, which holds that, counts through `current`).
+    moving: Mutex<()>,
+    path: PathBuf,
     full: IntCounter,
     /// Set while `previous` holds a table still in use by another process.
     folding: AtomicBool,
@@ -97,7 +106,9 @@ impl ClickTable {
         // Mapped before `SlotFile::open` renames a new file over it.
         let previous = SlotFile::of_another_size(path, &FORMAT, slots);
         let table = Self {
-            slots: SlotFile::open(path, &FORMAT, slots)?,
+            slots: ArcSwap::from_pointee(SlotFile::open(path, &FORMAT, slots)?),
+            moving: Mutex::new(()),
+            path: path.to_owned(),
             full: IntCounter::new(
                 "edge_click_slots_full_total",
                 "Requests for a link with a click budget answered as spent because the click table had no room for its count (edge.click_slots).",
@@ -107,6 +118,10 @@ impl ClickTable {
             previous: Mutex::new(None),
         };
         if let Some(file) = previous {
+            // An old edge of this version still using it moves to the new
+            // table at its next click; one of an earlier version goes on
+            // counting in it, and that is folded in below.
+            file.mark_replaced();
             let mut previous = Previous {
                 file,
                 folded: HashMap::new(),
@@ -116,7 +131,7 @@ impl ClickTable {
             if lost > 0 {
                 tracing::warn!(kept, lost, path = %path.display(), "click counts carried over to a smaller table; {lost} did not fit (those links count afresh)");
             } else {
-                tracing::info!(kept, path = %path.display(), "click counts carried over to a table of {} slots", table.slots.len());
+                tracing::info!(kept, path = %path.display(), "click counts carried over to a table of {} slots", table.slots.load().len());
             }
             if previous.file.in_use_elsewhere() {
                 tracing::info!(path = %path.display(), "the old click table is still in use (an upgrade): its new clicks are folded in until it is not");
@@ -156,7 +171,7 @@ impl ClickTable {
         if new == 0 {
             return true;
         }
-        match self.find(key, true) {
+        match probe(&self.current(), key, true) {
             Slot::Found(slot) => {
                 slot.fetch_add(new, Ordering::AcqRel);
                 true
@@ -203,7 +218,8 @@ impl ClickTable {
         if self.folding.load(Ordering::Acquire) {
             self.fold_previous(key);
         }
-        let count = match self.find(key, take) {
+        let slots = self.current();
+        let count = match probe(&slots, key, take) {
             Slot::Found(count) => count,
             // Never counted (a HEAD only looks): all of its budget is left.
             Slot::Absent => {
@@ -234,9 +250,30 @@ impl ClickTable {
         }
     }
 
-    /// The count of `key`: its slot, claimed (when `claim`) if it has none.
-    fn find(&self, key: u64, claim: bool) -> Slot<'_> {
-        probe(&self.slots, key, claim)
+    /// The table to count in: the one now at the path, if a newer edge
+    /// replaced the one this process had.
+    fn current(&self) -> arc_swap::Guard<Arc<SlotFile>> {
+        let slots = self.slots.load();
+        if !slots.replaced() {
+            return slots;
+        }
+        drop(slots);
+        // Rare: once per upgrade that changes `edge.click_slots`.
+        let _one_at_a_time = self.moving.lock().unwrap_or_else(|e| e.into_inner());
+        let slots = self.slots.load();
+        if slots.replaced() {
+            match SlotFile::existing(&self.path, &FORMAT) {
+                Some(next) if !next.replaced() => {
+                    next.lock_shared();
+                    tracing::info!(path = %self.path.display(), slots = next.len(), "click counts: a newer edge replaced the table; counting in its table from now on");
+                    self.slots.store(Arc::new(next));
+                }
+                // Gone or not a table: go on with this one (counted by a
+                // newer edge's fold, if there is one).
+                _ => {}
+            }
+        }
+        self.slots.load()
     }
 }
 
@@ -415,7 +452,7 @@ mod tests {
         }
         // Raised: both counts came along; `half` has two clicks left.
         let t = ClickTable::open(&path, 128).unwrap();
-        assert_eq!(t.slots.len(), 128);
+        assert_eq!(t.slots.load().len(), 128);
         assert_eq!(t.click(spent, 1, true), Click::Spent);
         assert_eq!(t.click(half, 4, true), Click::Allowed);
         assert_eq!(t.click(half, 4, true), Click::Allowed);
@@ -423,53 +460,85 @@ mod tests {
         drop(t);
         // Lowered again: what was counted in the larger table came back.
         let t = ClickTable::open(&path, 64).unwrap();
-        assert_eq!(t.slots.len(), 64);
+        assert_eq!(t.slots.load().len(), 64);
         assert_eq!(t.click(spent, 1, false), Click::Spent);
         assert_eq!(t.click(half, 4, false), Click::Spent);
     }
     /// A graceful upgrade that changes `edge.click_slots`: the new edge
-    /// carries the old table's counts over, while the old edge goes on
-    /// serving its kept-alive connections for its grace period and counting
-    /// clicks in its own map of the replaced file. Those clicks must reach
-    /// the new table (found by review: a budget of 2 redirected 3 times, one
-    /// more for each click the old edge counted after the copy).
+    /// carries the old table's counts over and marks the old table
+    /// replaced; the old edge moves to the new table at its next click, so
+    /// both decide on one count. A click the old edge counted in the old
+    /// table meanwhile (a request in flight as it moved) is folded in before
+    /// the new edge decides on that link, and every such click once the old
+    /// table is let go. Found by review, twice: a budget of 2 redirected 3
+    /// times, the third from either edge.
     #[test]
-    fn clicks_the_old_edge_counts_after_a_resize_are_folded_in() {
+    fn both_edges_count_in_one_table_across_a_resize() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("clicks.bin");
         let key = click_key(b"promo", 1_700_000_000_000);
         let other = click_key(b"other", 1_700_000_000_000);
+        let third = click_key(b"third", 1_700_000_000_000);
         let old = ClickTable::open(&path, 64).unwrap();
-        assert_eq!(old.click(key, 2, true), Click::Allowed); // click 1 (old edge)
+        // The old table as a request in flight in the old edge holds it.
+        let in_flight = SlotFile::existing(&path, &FORMAT).unwrap();
+        in_flight.lock_shared();
+        assert_eq!(old.click(key, 3, true), Click::Allowed); // 1 (old edge)
         // The new edge starts with a larger table; the old one still serves.
         let new = ClickTable::open(&path, 128).unwrap();
-        assert_eq!(new.slots.len(), 128);
-        assert_eq!(old.click(key, 2, true), Click::Allowed); // click 2 (old edge)
-        assert_eq!(old.click(other, 5, true), Click::Allowed); // a link new here
-        // Two clicks counted: the budget is spent for whichever edge answers.
-        assert_eq!(
-            new.click(key, 2, true),
-            Click::Spent,
-            "a third redirect for a budget of 2"
-        );
-        assert_eq!(new.click(key, 3, true), Click::Allowed);
-        assert_eq!(old.click(key, 3, true), Click::Allowed); // old: 3 of 3
-        assert_eq!(new.click(key, 4, false), Click::Spent, "4 clicks in all");
-        // The old edge goes; at the next check every click it counted is
-        // folded in (`other`, never clicked here since), and the old table
-        // is let go.
-        assert_eq!(old.click(other, 5, true), Click::Allowed); // other: 2
-        drop(old);
+        assert_eq!(new.slots.load().len(), 128);
         assert!(new.folding.load(Ordering::Acquire));
+        assert_eq!(old.click(key, 3, true), Click::Allowed); // 2 (old edge)
+        assert_eq!(old.slots.load().len(), 128, "the old edge moved");
+        assert_eq!(new.click(key, 3, true), Click::Allowed); // 3 (new edge)
+        assert_eq!(old.click(key, 3, true), Click::Spent);
+        assert_eq!(new.click(key, 3, true), Click::Spent);
+        // Counted in the old table as the old edge moved: folded in.
+        let count_in_old = |code: u64, n: u64| match probe(&in_flight, code, true) {
+            Slot::Found(c) => c.fetch_add(n, Ordering::AcqRel),
+            _ => panic!("no room in the old table"),
+        };
+        count_in_old(other, 2);
+        assert_eq!(new.click(other, 3, true), Click::Allowed); // 2 + 1
+        assert_eq!(new.click(other, 3, true), Click::Spent);
+        assert_eq!(old.click(other, 3, true), Click::Spent);
+        // The old edge lets the old table go; at the next check everything
+        // counted there is folded in (`third`, never clicked here), and the
+        // old table is dropped.
+        count_in_old(third, 1);
+        drop(old);
+        drop(in_flight);
         new.lock_previous().as_mut().unwrap().checked -= PREVIOUS_CHECK;
         assert_eq!(new.click(key, 5, false), Click::Allowed);
         assert!(!new.folding.load(Ordering::Acquire));
         assert!(new.lock_previous().is_none());
-        let other_count = match new.find(other, false) {
+        let third_count = match probe(&new.current(), third, false) {
             Slot::Found(c) => c.load(Ordering::Acquire),
-            _ => panic!("other's count was not folded in"),
+            _ => panic!("third's count was not folded in"),
         };
-        assert_eq!(other_count, 2);
+        assert_eq!(third_count, 1);
+    }
+
+    /// The old edge of a resizing upgrade must not decide on the old table
+    /// alone, which never sees the clicks the new edge counts in the new
+    /// one: a budget the new edge spent was whole again on a connection the
+    /// old edge still served (a budget of 2 redirected 3 times, and up to
+    /// 2N; found by review).
+    #[test]
+    fn the_old_edge_does_not_overspend_a_budget_the_new_edge_spent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let key = click_key(b"promo", 1_700_000_000_000);
+        let old = ClickTable::open(&path, 64).unwrap();
+        // The new edge starts with a larger table; the old one still serves.
+        let new = ClickTable::open(&path, 128).unwrap();
+        assert_eq!(new.click(key, 2, true), Click::Allowed); // redirect 1 (new edge)
+        assert_eq!(new.click(key, 2, true), Click::Allowed); // redirect 2 (new edge)
+        assert_eq!(
+            old.click(key, 2, true),
+            Click::Spent,
+            "a third redirect for a budget of 2 (from the old edge)"
+        );
     }
 
     /// With no other process on the old table (a restart with a new size),
