@@ -1036,12 +1036,12 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// What an API key must be: at least 16 characters, without whitespace at
+/// What an API key must be: at least 16 bytes, without whitespace at
 /// either end (a presented key is read without it, so a key with some
 /// could never be matched).
 pub fn check_api_key(key: &str) -> Result<(), String> {
     if key.len() < 16 {
-        return Err("must be at least 16 characters".into());
+        return Err("must be at least 16 bytes".into());
     }
     if key.trim() != key {
         return Err("must not begin or end with whitespace".into());
