@@ -141,13 +141,21 @@ impl SlotFile {
                 (MmapMut::map_anon(want as usize).map_err(err)?, None)
             }
         };
-        Ok(Self {
+        let table = Self {
             map,
             mask: slots - 1,
             path: path.to_owned(),
             what: format.what,
             file,
-        })
+        };
+        // The file at the path is the one in use, whatever an earlier
+        // process left in its header.
+        if table.replaced() {
+            table
+                .replaced_word()
+                .store(0, std::sync::atomic::Ordering::Release);
+        }
+        Ok(table)
     }
 
     /// The table at `path` if it is of this format but not of `slots`
@@ -188,6 +196,12 @@ impl SlotFile {
             what: format.what,
             file: Some(file),
         })
+    }
+
+    /// Whether this table lives in memory only (its file could not be
+    /// written; lost at exit, seen by no other process).
+    pub fn in_memory(&self) -> bool {
+        self.file.is_none()
     }
 
     /// Takes the shared lock [`SlotFile::open`] takes (for a table from

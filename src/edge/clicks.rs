@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,10 @@ pub struct ClickTable {
     /// Held while moving to a replacing table (not `previous`'s lock: a
     /// fold, which holds that, counts through `current`).
     moving: Mutex<()>,
+    /// When this table was opened, and (in ms since then) when a move that
+    /// found no table to move to may be tried again.
+    opened: Instant,
+    move_after_ms: AtomicU64,
     path: PathBuf,
     full: IntCounter,
     /// Set while `previous` holds a table still in use by another process.
@@ -105,9 +109,51 @@ impl ClickTable {
     pub fn open(path: &Path, slots: usize) -> Result<Self, StateError> {
         // Mapped before `SlotFile::open` renames a new file over it.
         let previous = SlotFile::of_another_size(path, &FORMAT, slots);
-        let table = Self {
-            slots: ArcSwap::from_pointee(SlotFile::open(path, &FORMAT, slots)?),
+        let opened = SlotFile::open(path, &FORMAT, slots)?;
+        let Some(file) = previous else {
+            return Ok(Self::with(opened, path));
+        };
+        if opened.in_memory() {
+            // The new table could not be written (no space, a state dir it
+            // cannot create files in): the old one, still at the path and
+            // still shared with any other edge, is better than one in
+            // memory, which no other edge would see.
+            tracing::warn!(path = %path.display(), "click counts: a table of {} slots cannot be written; going on with the one of {} slots", opened.len(), file.len());
+            file.lock_shared();
+            return Ok(Self::with(file, path));
+        }
+        let table = Self::with(opened, path);
+        let mut previous = Previous {
+            file,
+            folded: HashMap::new(),
+            checked: Instant::now(),
+        };
+        let (kept, lost) = table.fold_all(&mut previous);
+        // Only now, with every count copied: an old edge of this version
+        // moves to the new table at its next click, and what it counted in
+        // the old one until then is folded in below while it holds that
+        // table. (One of an earlier version neither moves nor locks: its
+        // later clicks are not seen here.)
+        previous.file.mark_replaced();
+        if lost > 0 {
+            tracing::warn!(kept, lost, path = %path.display(), "click counts carried over to a smaller table; {lost} did not fit (those links count afresh)");
+        } else {
+            tracing::info!(kept, path = %path.display(), "click counts carried over to a table of {} slots", table.slots.load().len());
+        }
+        if previous.file.in_use_elsewhere() {
+            tracing::info!(path = %path.display(), "the old click table is still in use (an upgrade): its new clicks are folded in until it is not");
+            *table.lock_previous() = Some(previous);
+            table.folding.store(true, Ordering::Release);
+        }
+        Ok(table)
+    }
+
+    fn with(slots: SlotFile, path: &Path) -> Self {
+        Self {
+            slots: ArcSwap::from_pointee(slots),
             moving: Mutex::new(()),
+            opened: Instant::now(),
+            move_after_ms: AtomicU64::new(0),
             path: path.to_owned(),
             full: IntCounter::new(
                 "edge_click_slots_full_total",
@@ -116,30 +162,7 @@ impl ClickTable {
             .expect("a valid metric name"),
             folding: AtomicBool::new(false),
             previous: Mutex::new(None),
-        };
-        if let Some(file) = previous {
-            // An old edge of this version still using it moves to the new
-            // table at its next click; one of an earlier version goes on
-            // counting in it, and that is folded in below.
-            file.mark_replaced();
-            let mut previous = Previous {
-                file,
-                folded: HashMap::new(),
-                checked: Instant::now(),
-            };
-            let (kept, lost) = table.fold_all(&mut previous);
-            if lost > 0 {
-                tracing::warn!(kept, lost, path = %path.display(), "click counts carried over to a smaller table; {lost} did not fit (those links count afresh)");
-            } else {
-                tracing::info!(kept, path = %path.display(), "click counts carried over to a table of {} slots", table.slots.load().len());
-            }
-            if previous.file.in_use_elsewhere() {
-                tracing::info!(path = %path.display(), "the old click table is still in use (an upgrade): its new clicks are folded in until it is not");
-                *table.lock_previous() = Some(previous);
-                table.folding.store(true, Ordering::Release);
-            }
         }
-        Ok(table)
     }
 
     fn lock_previous(&self) -> std::sync::MutexGuard<'_, Option<Previous>> {
@@ -250,11 +273,15 @@ impl ClickTable {
         }
     }
 
+    fn since_open_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
     /// The table to count in: the one now at the path, if a newer edge
     /// replaced the one this process had.
     fn current(&self) -> arc_swap::Guard<Arc<SlotFile>> {
         let slots = self.slots.load();
-        if !slots.replaced() {
+        if !slots.replaced() || self.since_open_ms() < self.move_after_ms.load(Ordering::Relaxed) {
             return slots;
         }
         drop(slots);
@@ -269,8 +296,11 @@ impl ClickTable {
                     self.slots.store(Arc::new(next));
                 }
                 // Gone or not a table: go on with this one (counted by a
-                // newer edge's fold, if there is one).
-                _ => {}
+                // newer edge's fold, if there is one), and look again in a
+                // second, not at every click.
+                _ => self
+                    .move_after_ms
+                    .store(self.since_open_ms() + 1_000, Ordering::Relaxed),
             }
         }
         self.slots.load()
@@ -556,5 +586,112 @@ mod tests {
         assert!(new.lock_previous().is_none());
         assert_eq!(new.click(key, 2, true), Click::Allowed);
         assert_eq!(new.click(key, 2, true), Click::Spent);
+    }
+
+    /// The old table is marked replaced only once every count is copied
+    /// into the new one: marked before the copy, the old edge, moving at its
+    /// next click, could decide on the new table while a link's count was
+    /// not in it yet (a budget of 1, already spent, redirected again; found
+    /// by review).
+    #[test]
+    fn the_old_edge_moving_during_the_copy_does_not_overspend() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let old = Arc::new(ClickTable::open(&path, 1 << 16).unwrap());
+        // Many links counted (the copy takes a while); the spent one sits in
+        // the last slot, so it is copied last.
+        for key in 1..60_000u64 {
+            assert_eq!(old.click(key, 10, true), Click::Allowed);
+        }
+        let spent = (1u64 << 16) - 1;
+        assert_eq!(old.click(spent, 1, true), Click::Allowed);
+        assert_eq!(old.click(spent, 1, true), Click::Spent);
+        let done = Arc::new(AtomicBool::new(false));
+        // The old edge goes on serving that link.
+        let clicker = {
+            let (old, done) = (old.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut allowed, mut after) = (0usize, 0);
+                while after < 10 {
+                    if old.click(spent, 1, true) == Click::Allowed {
+                        allowed += 1;
+                    }
+                    if done.load(Ordering::Acquire) {
+                        after += 1;
+                    }
+                }
+                allowed
+            })
+        };
+        // The new edge starts with a larger table.
+        let new = ClickTable::open(&path, 1 << 17).unwrap();
+        done.store(true, Ordering::Release);
+        let by_old = clicker.join().unwrap();
+        let by_new = usize::from(new.click(spent, 1, true) == Click::Allowed);
+        assert_eq!(
+            (by_old, by_new),
+            (0, 0),
+            "redirects for a budget of 1 already spent (old edge, new edge)"
+        );
+    }
+
+    /// When the new table cannot be written (no space, a state dir the
+    /// edge cannot create files in; here a directory takes the temporary
+    /// name), the new edge goes on with the old table at the path, shared
+    /// with the old edge, instead of one in memory: it kept one in memory
+    /// and marked the old file replaced, so the old edge could not move and
+    /// decided on a count the new edge's clicks never reached (found by
+    /// review).
+    #[test]
+    fn a_resize_kept_in_memory_does_not_overspend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let key = click_key(b"promo", 1_700_000_000_000);
+        let old = ClickTable::open(&path, 64).unwrap();
+        let tmp = format!("{}.{}.tmp", path.display(), std::process::id());
+        std::fs::create_dir(&tmp).unwrap();
+        let new = ClickTable::open(&path, 128).unwrap();
+        assert_eq!(new.click(key, 2, true), Click::Allowed); // 1 (new edge)
+        assert_eq!(new.click(key, 2, true), Click::Allowed); // 2 (new edge)
+        assert_eq!(
+            old.click(key, 2, true),
+            Click::Spent,
+            "a third redirect for a budget of 2 (old edge; its table is marked replaced: {})",
+            old.slots.load().replaced()
+        );
+    }
+
+    /// A table opened for use at its path is never marked replaced: a mark
+    /// left on it (here by a failed resize, before the new table kept in
+    /// memory stopped marking) sent every budgeted click of a later edge
+    /// (a rollback, a restart) through the slow path of `current` for as
+    /// long as it ran (found by review).
+    #[test]
+    fn a_table_opened_for_use_is_not_marked_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let marked = ClickTable::open(&path, 64).unwrap();
+        marked.slots.load().mark_replaced();
+        drop(marked);
+        let later = ClickTable::open(&path, 64).unwrap();
+        assert!(!later.slots.load().replaced());
+    }
+
+    /// A table marked replaced whose path then holds no table (removed by
+    /// hand): the edge goes on counting in its own table, and tries to move
+    /// again only a second later, not at every click.
+    #[test]
+    fn a_replaced_table_with_nothing_to_move_to_keeps_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clicks.bin");
+        let key = click_key(b"promo", 1_700_000_000_000);
+        let t = ClickTable::open(&path, 64).unwrap();
+        t.slots.load().mark_replaced();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(t.click(key, 2, true), Click::Allowed);
+        assert!(t.move_after_ms.load(Ordering::Relaxed) >= 1_000);
+        assert_eq!(t.click(key, 2, true), Click::Allowed);
+        assert_eq!(t.click(key, 2, true), Click::Spent);
     }
 }
