@@ -540,19 +540,9 @@ impl Config {
                 }
             }
         }
-        // A missing Pingora conf a variable named is reported with it.
-        let pingora_conf_var = env.iter().any(|(v, _)| v == "ULOAD_EDGE_PINGORA_CONF");
-        let missing_pingora_conf = |file: String, conf: &Path| ConfigError {
-            file,
-            key: "edge.pingora_conf".into(),
-            problem: if pingora_conf_var {
-                format!(
-                    "{}: no such file (set by ULOAD_EDGE_PINGORA_CONF)",
-                    conf.display()
-                )
-            } else {
-                format!("{}: no such file", conf.display())
-            },
+        let missing_pingora_conf = |file: &str, conf: &Path| {
+            let problem = format!("{}: no such file", conf.display());
+            config_error(file, "edge.pingora_conf", problem, &env)
         };
         match path {
             Some(p) => {
@@ -576,7 +566,7 @@ impl Config {
                 } else if config.edge.pingora_conf_given {
                     // Named, but missing: not Pingora's defaults in its place
                     // (another pid file, upgrade socket and grace periods).
-                    return Err(missing_pingora_conf(p.display().to_string(), &conf));
+                    return Err(missing_pingora_conf(&p.display().to_string(), &conf));
                 }
                 if let Some(tls) = &mut config.tls {
                     for path in [&mut tls.cert_path, &mut tls.key_path] {
@@ -593,9 +583,7 @@ impl Config {
                 // it must exist, as when a file names it.
                 let config = Self::from_yaml_str("{}", "defaults", &env)?;
                 match &config.edge.pingora_conf {
-                    Some(conf) if !conf.exists() => {
-                        Err(missing_pingora_conf("defaults".into(), conf))
-                    }
+                    Some(conf) if !conf.exists() => Err(missing_pingora_conf("defaults", conf)),
                     _ => Ok(config),
                 }
             }
@@ -610,27 +598,7 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         // A key an environment variable set is reported with the variable:
         // the file's own value may be fine.
-        let err = |key: &str, problem: String| {
-            let var = ENV_OVERRIDES
-                .iter()
-                .find(|(var, k)| {
-                    // `admin.api_key_hashes[2]` is set by the list's variable.
-                    let of_key = key
-                        .strip_prefix(*k)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('['));
-                    of_key && env.iter().any(|(v, _)| v == var)
-                })
-                .map(|(var, _)| *var);
-            let problem = match var {
-                Some(var) if !problem.contains(var) => format!("{problem} (set by {var})"),
-                _ => problem,
-            };
-            ConfigError {
-                file: file.to_owned(),
-                key: key.to_owned(),
-                problem,
-            }
-        };
+        let err = |key: &str, problem: String| config_error(file, key, problem, env);
         let mut raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
@@ -877,6 +845,32 @@ impl Config {
 
 /// `value` if it is in `lo..=hi`; otherwise the error for `key` that says
 /// the range ("at most" when `lo` is 0).
+/// A problem with `key` of `file`; when one of the variables in `env`
+/// set that key, the problem says so: the file's own value may be fine,
+/// and "conf/uload.yaml: edge.listen: ..." alone sends the operator to the
+/// wrong place.
+fn config_error(file: &str, key: &str, problem: String, env: &[(String, String)]) -> ConfigError {
+    let var = ENV_OVERRIDES
+        .iter()
+        .find(|(var, k)| {
+            // `admin.api_key_hashes[2]` is set by the list's variable.
+            let of_key = key
+                .strip_prefix(*k)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('['));
+            of_key && env.iter().any(|(v, _)| v == var)
+        })
+        .map(|(var, _)| *var);
+    let problem = match var {
+        Some(var) if !problem.contains(var) => format!("{problem} (set by {var})"),
+        _ => problem,
+    };
+    ConfigError {
+        file: file.to_owned(),
+        key: key.to_owned(),
+        problem,
+    }
+}
+
 fn within<T: PartialOrd + std::fmt::Display + Default + Copy>(
     err: &dyn Fn(&str, String) -> ConfigError,
     key: &str,

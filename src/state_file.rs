@@ -90,7 +90,7 @@ impl SlotFile {
             path: path.to_owned(),
             source,
         };
-        let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+        let slots = slot_count(slots);
         let want = (HEADER_LEN + slots * SLOT_LEN) as u64;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
@@ -119,9 +119,6 @@ impl SlotFile {
         };
         let (map, file) = match file {
             Ok(file) => {
-                // Only a sign for a later process (see `in_use_elsewhere`):
-                // without it that process folds in less, nothing breaks.
-                let _ = flock(&file, libc::LOCK_SH | libc::LOCK_NB);
                 // SAFETY: the file is only ever accessed through this
                 // mapping's atomics (by this process and by uload processes
                 // sharing it during an upgrade); a foreign writer could make
@@ -148,6 +145,7 @@ impl SlotFile {
             what: format.what,
             file,
         };
+        table.lock_shared();
         // The file at the path is the one in use, whatever an earlier
         // process left in its header.
         if table.replaced() {
@@ -164,7 +162,7 @@ impl SlotFile {
     /// writing to it, and these writes are seen here. Takes no lock. Call
     /// before [`SlotFile::open`] replaces the file.
     pub fn of_another_size(path: &Path, format: &Format, slots: usize) -> Option<Self> {
-        let slots = slots.clamp(64, 1 << 26).next_power_of_two();
+        let slots = slot_count(slots);
         Self::existing(path, format).filter(|table| table.len() != slots)
     }
 
@@ -205,7 +203,9 @@ impl SlotFile {
     }
 
     /// Takes the shared lock [`SlotFile::open`] takes (for a table from
-    /// [`SlotFile::existing`] that this process goes on to use).
+    /// [`SlotFile::existing`] that this process goes on to use). Only a sign
+    /// for a later process (see `in_use_elsewhere`): where it cannot be
+    /// taken, that process folds in less, nothing breaks.
     pub fn lock_shared(&self) {
         if let Some(file) = &self.file {
             let _ = flock(file, libc::LOCK_SH | libc::LOCK_NB);
@@ -293,6 +293,11 @@ impl SlotFile {
             tracing::warn!(path = %self.path.display(), error = %e, "flushing {}", self.what);
         }
     }
+}
+
+/// The slots a table asked for `slots` has: a power of two, 64 to 2^26.
+fn slot_count(slots: usize) -> usize {
+    slots.clamp(64, 1 << 26).next_power_of_two()
 }
 
 /// `flock(2)`, retried on EINTR.
