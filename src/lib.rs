@@ -5,6 +5,11 @@
 //!   snapshots, lock-free hot table). Format: `docs/storage.md`.
 //! - [`admin`]: the link management HTTP API (`docs/api.md`).
 //! - [`cli`]: the `uload` command line (the binary is a thin wrapper).
+//!
+//! Runnable examples: `cargo run --example hot_table` (a writer, a log
+//! follower and a lock-free reader on one data dir, across a compaction) and
+//! `cargo run --example admin_api` (the admin API in-process on a loopback
+//! port, with `curl` lines to try).
 
 pub mod admin;
 pub mod cli;

@@ -10,6 +10,8 @@
 //! - [`serve`]: runs the app on a bound listener until a shutdown future
 //!   resolves; [`run`] is the `uload admin` entry point.
 //!
+//! `examples/admin_api.rs` serves it in-process: `cargo run --example admin_api`.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = uload::config::Config::load(None)?;

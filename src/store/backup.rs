@@ -208,28 +208,12 @@ impl BackupManifest {
         for f in &self.files {
             body.push_str(&format!("file {} {} {:08x}\n", f.name, f.len, f.crc32c));
         }
-        let crc = crc32c::crc32c(body.as_bytes());
-        format!("{body}crc32c {crc:08x}\n")
+        super::seal_text(body)
     }
 
     /// Parses and checks a `BACKUP` file's text.
     pub fn decode(text: &str) -> Result<Self, String> {
-        let Some(crc_at) = text.rfind("crc32c ") else {
-            return Err("no crc32c line".into());
-        };
-        let (body, crc_line) = text.split_at(crc_at);
-        let stored = crc_line
-            .trim_end()
-            .strip_prefix("crc32c ")
-            .filter(|h| h.len() == 8)
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .ok_or("the crc32c line is not 8 hex digits")?;
-        let computed = crc32c::crc32c(body.as_bytes());
-        if stored != computed {
-            return Err(format!(
-                "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
-            ));
-        }
+        let body = super::unseal_text(text)?;
         let mut lines = body.lines();
         if lines.next() != Some(BACKUP_MAGIC) {
             return Err(format!("the first line is not {BACKUP_MAGIC:?}"));

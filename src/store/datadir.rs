@@ -85,27 +85,12 @@ impl Manifest {
             "{MANIFEST_MAGIC}\nsnapshot {}\nseq {}\nlinks {}\n",
             self.snapshot, self.seq, self.links
         );
-        let crc = crc32c::crc32c(body.as_bytes());
-        format!("{body}crc32c {crc:08x}\n")
+        super::seal_text(body)
     }
 
     /// Parses a manifest's text.
     pub fn decode(text: &str) -> Result<Self, String> {
-        let Some(crc_at) = text.rfind("crc32c ") else {
-            return Err("no crc32c line".into());
-        };
-        let (body, crc_line) = text.split_at(crc_at);
-        let stored = crc_line
-            .trim_end()
-            .strip_prefix("crc32c ")
-            .and_then(|h| u32::from_str_radix(h, 16).ok())
-            .ok_or("crc32c line is not 8 hex digits")?;
-        let computed = crc32c::crc32c(body.as_bytes());
-        if stored != computed {
-            return Err(format!(
-                "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
-            ));
-        }
+        let body = super::unseal_text(text)?;
         let mut lines = body.lines();
         if lines.next() != Some(MANIFEST_MAGIC) {
             return Err(format!("first line is not {MANIFEST_MAGIC:?}"));
@@ -656,6 +641,14 @@ mod tests {
                 "expected \"seq\"",
             ),
             ("uload-manifest v1\n".to_owned(), "no crc32c"),
+            // The right value, but not in 8 digits (as storage.md says it is).
+            (
+                {
+                    let body = "uload-manifest v1\nsnapshot a.snap\nseq 1\nlinks 1\n";
+                    format!("{body}crc32c 0{:08x}\n", crc32c::crc32c(body.as_bytes()))
+                },
+                "8 hex digits",
+            ),
             (
                 resign(&format!(
                     "uload-manifest v1\nsnapshot a.snap\nseq {}\nlinks 1\n",

@@ -12,7 +12,9 @@
 //!   writer) and compaction.
 //! - [`backup`]: online backups, their verification, restores and retention.
 //!
-//! The byte-by-byte format is in `docs/storage.md`. A walk-through:
+//! The byte-by-byte format is in `docs/storage.md`. `examples/hot_table.rs`
+//! (`cargo run --example hot_table`) runs a writer, a follower and a reader
+//! together. A walk-through:
 //!
 //! ```
 //! use uload::store::{Store, LogOp, record::Link, DataDir};
@@ -41,6 +43,36 @@ pub use log::{LinkLog, LogError, LogOptions};
 pub use record::{Link, LinkRef, RedirectStatus};
 pub use snapshot::Snapshot;
 pub use view::{HotTable, TableView};
+
+/// Ends `body` (lines, each ending in `\n`) with the line `crc32c XXXXXXXX`:
+/// the CRC32C of every byte before it, in 8 lower-case hex digits. The
+/// manifest and a backup's `BACKUP` file are sealed this way.
+pub(crate) fn seal_text(body: String) -> String {
+    let crc = crc32c::crc32c(body.as_bytes());
+    format!("{body}crc32c {crc:08x}\n")
+}
+
+/// The body of a text sealed by [`seal_text`], once its last `crc32c` line
+/// is 8 hex digits and matches.
+pub(crate) fn unseal_text(text: &str) -> Result<&str, String> {
+    let Some(crc_at) = text.rfind("crc32c ") else {
+        return Err("no crc32c line".into());
+    };
+    let (body, crc_line) = text.split_at(crc_at);
+    let stored = crc_line
+        .trim_end()
+        .strip_prefix("crc32c ")
+        .filter(|h| h.len() == 8)
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or("the crc32c line is not 8 hex digits")?;
+    let computed = crc32c::crc32c(body.as_bytes());
+    if stored != computed {
+        return Err(format!(
+            "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
+        ));
+    }
+    Ok(body)
+}
 
 /// fsyncs a directory, so that a rename or a new file in it is durable.
 pub(crate) fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
