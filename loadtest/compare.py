@@ -82,7 +82,7 @@ ROOT = os.path.dirname(HERE)
 CLK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("edge", "nginx", "haproxy")
 LABEL = {"edge": "uload edge", "nginx": "nginx", "haproxy": "HAProxy"}
-NOT_FOUND = '{"error":{"code":"not_found","message":"no such short link"}}'
+NOT_FOUND = '{"error":{"code":"not_found","field":null,"message":"no such short link"}}'
 
 _running = []  # Server objects to stop on exit
 _pids_file = None

@@ -3,6 +3,8 @@
 //! change), concurrency, restart, the writer lock, compaction, and one run
 //! of `serve` on a real loopback listener spoken to in raw HTTP/1.1.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -143,32 +145,7 @@ struct Reply {
 impl Reply {
     /// Asserts the stable error shape and returns (code, field).
     fn error(&self) -> (String, Option<String>) {
-        let obj = self.json.as_object().expect("error body is an object");
-        assert_eq!(obj.len(), 1, "only \"error\": {}", self.json);
-        let e = obj["error"].as_object().expect("\"error\" is an object");
-        let keys: BTreeSet<&str> = e.keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            BTreeSet::from(["code", "message", "field"]),
-            "{}",
-            self.json
-        );
-        assert!(
-            e["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{}",
-            self.json
-        );
-        let code = e["code"].as_str().expect("code is a string").to_owned();
-        assert!(
-            code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-            "{code}"
-        );
-        let field = match &e["field"] {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            other => panic!("field is {other}"),
-        };
-        (code, field)
+        common::api_error(&self.json)
     }
 }
 

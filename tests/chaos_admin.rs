@@ -32,7 +32,7 @@ fn assert_admin_unavailable(r: &common::Response, what: &str) {
     );
     assert!(r.header("retry-after").is_some(), "{what}: no Retry-After");
     assert_eq!(r.header("content-type"), Some("application/json"), "{what}");
-    assert_eq!(r.json()["error"]["code"], "admin_unavailable", "{what}");
+    assert_eq!(r.api_error().0, "admin_unavailable", "{what}");
 }
 
 /// (a) Threads request redirects while the admin is SIGKILLed, kept down

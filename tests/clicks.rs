@@ -58,7 +58,7 @@ fn budgets_are_kept(cluster: &mut Cluster) {
     }
     let r = get(edge, "/three");
     assert_eq!(r.status, 404);
-    assert_eq!(r.json()["error"]["code"], "not_found");
+    assert_eq!(r.api_error().0, "not_found");
     assert_eq!(
         request(edge, "HEAD", "/three", &[], b"").unwrap().status,
         404

@@ -85,7 +85,7 @@ fn link_lifecycle_through_the_edge() {
     let r = api(edge, "DELETE", "/api/links/life", "");
     assert_eq!(r.status, 204);
     served_within(&cluster, "/life", 404, Duration::from_secs(2));
-    assert_eq!(get(edge, "/life").json()["error"]["code"], "not_found");
+    assert_eq!(get(edge, "/life").api_error().0, "not_found");
 
     // Expiry: a link that expires in a moment stops redirecting by itself.
     let soon = chrono_like_rfc3339(std::time::SystemTime::now() + Duration::from_millis(1500));
@@ -142,7 +142,7 @@ fn redirects_survive_the_admin_and_both_restart() {
     );
     assert_eq!(r.status, 503);
     assert!(r.header("retry-after").is_some());
-    assert_eq!(r.json()["error"]["code"], "admin_unavailable");
+    assert_eq!(r.api_error().0, "admin_unavailable");
     let r = api(edge, "GET", "/api/links/k1", "");
     assert_eq!(r.status, 503);
 
@@ -224,9 +224,7 @@ fn refusals_get_their_4xx_and_change_nothing() {
             "{what}: {:?}",
             String::from_utf8_lossy(&r.body)
         );
-        let json = r.json();
-        assert!(json["error"]["code"].is_string(), "{what}: {json}");
-        assert!(json["error"]["message"].is_string(), "{what}: {json}");
+        r.api_error();
     }
     // Missing and wrong keys: 401, whether or not the link exists.
     for (auth, path) in [

@@ -16,7 +16,8 @@
 //! `serve` on a loopback port. The two 409 tests hold a PATCH or DELETE in
 //! flight deterministically (see `hold_writes`).
 
-use std::collections::BTreeSet;
+mod common;
+
 use std::path::Path;
 
 use axum::Router;
@@ -58,35 +59,7 @@ struct Reply {
 impl Reply {
     /// Asserts the stable error shape and returns (code, field).
     fn error(&self) -> (String, Option<String>) {
-        let obj = self
-            .json
-            .as_object()
-            .unwrap_or_else(|| panic!("error body is not an object: {}", self.json));
-        assert_eq!(obj.len(), 1, "only \"error\": {}", self.json);
-        let e = obj["error"].as_object().expect("\"error\" is an object");
-        let keys: BTreeSet<&str> = e.keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            BTreeSet::from(["code", "message", "field"]),
-            "{}",
-            self.json
-        );
-        assert!(
-            e["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{}",
-            self.json
-        );
-        let code = e["code"].as_str().expect("code is a string").to_owned();
-        assert!(
-            code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-            "{code}"
-        );
-        let field = match &e["field"] {
-            Value::Null => None,
-            Value::String(s) => Some(s.clone()),
-            other => panic!("field is {other}"),
-        };
-        (code, field)
+        common::api_error(&self.json)
     }
 }
 

@@ -54,7 +54,7 @@ fn limits_answer_429_and_survive_a_restart() {
         assert!(allowed < 60, "no 429 after {allowed} requests");
     };
     assert!(allowed >= 39, "the burst is honoured: {allowed}");
-    assert_eq!(refused.json()["error"]["code"], "rate_limited");
+    assert_eq!(refused.api_error().0, "rate_limited");
     assert_eq!(refused.header("ratelimit-limit"), Some("40"));
     assert_eq!(refused.header("ratelimit-remaining"), Some("0"));
     assert!(
@@ -433,7 +433,7 @@ fn overlapping_bulk_requests_cannot_share_one_debt() {
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         if statuses.last() == Some(&StatusCode::TOO_MANY_REQUESTS) {
-            assert_eq!(v["error"]["code"], "rate_limited", "{v}");
+            assert_eq!(common::api_error(&v).0, "rate_limited", "{v}");
             assert!(retry_after.is_some(), "a 429 says when to come back");
         } else {
             created += v["results"]

@@ -237,7 +237,10 @@ fn a_loop_applies_the_header_and_keep_alive_limits() {
     let mut slow = looped(&cluster, "/lp");
     slow.send(b"GET /lp HTTP/1.1\r\nHost: x\r\n").unwrap();
     match slow.read_answer(false) {
-        Reply::Whole(r) => assert_eq!(r.status, 408),
+        Reply::Whole(r) => {
+            assert_eq!(r.status, 408);
+            assert_eq!(r.api_error().0, "request_timeout");
+        }
         other => panic!("partial header: {other:?}"),
     }
     let end = slow.idle_end(Duration::from_millis(HEADER_TIMEOUT_MS * 10));

@@ -580,9 +580,11 @@ pub(super) fn not_found_body(miss: Miss) -> Bytes {
     BODIES[i].clone()
 }
 
-/// The stable JSON error body: `{"error":{"code":...,"message":...}}`.
+/// The stable JSON error body, the admin API's shape (`docs/api.md`,
+/// "Errors"): `{"error":{"code":...,"message":...,"field":null}}`; no field
+/// of a request body is ever at fault in what the edge refuses itself.
 pub fn error_body(code: &str, message: &str) -> Bytes {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    let body = serde_json::json!({ "error": { "code": code, "message": message, "field": null } });
     Bytes::from(body.to_string())
 }
 
@@ -644,6 +646,19 @@ fn backoff(base: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes of the unknown-code 404, which `loadtest/compare.py` has
+    /// nginx and HAProxy send too (the same body for every server).
+    #[test]
+    fn the_unknown_code_body_is_what_the_comparison_serves() {
+        assert_eq!(
+            &not_found_body(Miss::Unknown)[..],
+            br#"{"error":{"code":"not_found","field":null,"message":"no such short link"}}"#
+        );
+        let compare = include_str!("../../loadtest/compare.py");
+        let expected = "NOT_FOUND = '{\"error\":{\"code\":\"not_found\",\"field\":null,\"message\":\"no such short link\"}}'";
+        assert!(compare.contains(expected), "compare.py's NOT_FOUND");
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {

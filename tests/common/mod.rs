@@ -30,6 +30,45 @@ impl Response {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
+
+    /// The body as an API error (see [`api_error`]): (code, field).
+    pub fn api_error(&self) -> (String, Option<String>) {
+        api_error(&self.json())
+    }
+}
+
+/// Asserts the one error shape every JSON error has, whether the admin or
+/// the edge answers (`docs/api.md`, "Errors"): `{"error": {"code",
+/// "message", "field"}}` and nothing else, a lower-case `code`, a non-empty
+/// `message`, a string or null `field`. Returns (code, field).
+pub fn api_error(json: &serde_json::Value) -> (String, Option<String>) {
+    use serde_json::Value;
+    let obj = json
+        .as_object()
+        .unwrap_or_else(|| panic!("error body is not an object: {json}"));
+    assert_eq!(obj.len(), 1, "only \"error\": {json}");
+    let e = obj
+        .get("error")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("\"error\" is not an object: {json}"));
+    let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "field", "message"], "{json}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{json}"
+    );
+    let code = e["code"].as_str().expect("code is a string").to_owned();
+    assert!(
+        !code.is_empty() && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+        "{code}"
+    );
+    let field = match &e["field"] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => panic!("field is {other}"),
+    };
+    (code, field)
 }
 
 /// Runs `cmd` with a soft `RLIMIT_FSIZE` of `limit` bytes (the hard limit
