@@ -807,6 +807,14 @@ impl LinkLog {
         self.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Tests only: how many appends have their frames queued for the next
+    /// batch (behind the one being written), so that a test can tell when
+    /// the appends it started all wait to share one fsync.
+    #[doc(hidden)]
+    pub fn queued_appends(&self) -> usize {
+        lock(&self.state).pending_tickets.len()
+    }
+
     /// Number of batches whose write, fsync or recovery failed since open.
     pub fn failure_count(&self) -> u64 {
         self.failures.load(std::sync::atomic::Ordering::Relaxed)
