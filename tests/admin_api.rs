@@ -1094,33 +1094,80 @@ async fn concurrent_creates_of_one_code_give_one_winner() {
     assert_eq!(admin.counts(), (1, 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_creates_share_fsyncs_and_are_all_readable() {
+/// 64 creates at once share one fsync, and each is readable once
+/// acknowledged. Deterministic, no timing: the admin's writer thread is held
+/// (`hold_writes`) while the creates are sent, until every one's code is in
+/// flight (an empty PATCH of it answers 409 `conflict`, 404 before). On this
+/// one-thread runtime a create reserves its code and queues its write in one
+/// poll, so in flight means queued. Let go, the writer takes all 64 queued
+/// writes as one batch: one append, one fsync (an admin appending each
+/// write on its own makes 64).
+#[test]
+fn concurrent_creates_share_fsyncs_and_are_all_readable() {
+    const N: usize = 64;
     let admin = Admin::new();
-    let mut tasks = Vec::new();
-    for i in 0..64 {
-        let app = admin.app.clone();
-        tasks.push(tokio::spawn(async move {
-            let code = format!("c{i:03}");
-            let body = json!({"url": format!("https://example.com/{i}"), "code": code});
-            let req = Request::post("/api/links")
-                .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap();
-            let status = app.clone().oneshot(req).await.unwrap().status();
-            assert_eq!(status, StatusCode::CREATED);
-            // Read-your-writes: acknowledged means visible.
-            let req = Request::get(format!("/api/links/{code}"))
-                .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
-                .body(Body::empty())
-                .unwrap();
-            assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let syncs = admin.state.store().log().sync_count();
+    let held = admin.state.hold_writes();
+    let codes: Vec<String> = (0..N).map(|i| format!("c{i:03}")).collect();
+    let tasks: Vec<_> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, code)| {
+            let app = admin.app.clone();
+            let code = code.clone();
+            rt.spawn(async move {
+                let body = json!({"url": format!("https://example.com/{i}"), "code": code});
+                let req = Request::post("/api/links")
+                    .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap();
+                let status = app.clone().oneshot(req).await.unwrap().status();
+                assert_eq!(status, StatusCode::CREATED);
+                // Read-your-writes: acknowledged means visible.
+                let req = Request::get(format!("/api/links/{code}"))
+                    .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+                    .body(Body::empty())
+                    .unwrap();
+                assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
+            })
+        })
+        .collect();
+    rt.block_on(async {
+        for code in &codes {
+            loop {
+                // A create answered (or failed) while writes are held would
+                // leave its code out of flight for good.
+                assert!(
+                    !tasks.iter().any(|t| t.is_finished()),
+                    "a create finished while the writer was held"
+                );
+                let probe = admin
+                    .call("PATCH", &format!("/api/links/{code}"), Some("{}"))
+                    .await;
+                match probe.status {
+                    StatusCode::CONFLICT => break,
+                    StatusCode::NOT_FOUND => tokio::task::yield_now().await,
+                    other => panic!("PATCH {code} while held: {other} {}", probe.json),
+                }
+            }
+        }
+    });
+    drop(held);
+    rt.block_on(async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    assert_eq!(
+        admin.state.store().log().sync_count() - syncs,
+        1,
+        "the {N} creates queued behind the held writer share one fsync"
+    );
     assert_eq!(admin.counts(), (64, 64));
     let admin = admin.restart();
     assert_eq!(admin.counts(), (64, 64));
