@@ -1137,6 +1137,9 @@ fn concurrent_creates_share_fsyncs_and_are_all_readable() {
             })
         })
         .collect();
+    // A bound only so that a create that never queues fails instead of
+    // hanging CI; on a working admin every code is in flight at once.
+    let hang = Instant::now() + Duration::from_secs(120);
     rt.block_on(async {
         for code in &codes {
             loop {
@@ -1146,6 +1149,7 @@ fn concurrent_creates_share_fsyncs_and_are_all_readable() {
                     !tasks.iter().any(|t| t.is_finished()),
                     "a create finished while the writer was held"
                 );
+                assert!(Instant::now() < hang, "{code} never in flight");
                 let probe = admin
                     .call("PATCH", &format!("/api/links/{code}"), Some("{}"))
                     .await;

@@ -259,10 +259,18 @@ fn appends_queued_behind_a_flush_share_one_fsync() {
     is_held.recv().unwrap();
     let syncs = store.log().sync_count();
     let queued: Vec<_> = (0..N).map(|i| append(format!("q{i}"))).collect();
+    // A bound only so that a log which stopped queueing fails instead of
+    // hanging CI; on a working log the loop ends within milliseconds.
+    let hang = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while store.log().queued_appends() < N {
         assert!(
             !first.is_finished() && !queued.iter().any(|t| t.is_finished()),
             "an append returned while the batch before it was being written"
+        );
+        assert!(
+            std::time::Instant::now() < hang,
+            "only {} of {N} appends queued",
+            store.log().queued_appends()
         );
         std::thread::yield_now();
     }
