@@ -50,6 +50,49 @@ fn exported(data: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What `uload import` made of a file.
+struct Imported {
+    /// The file as the messages name it.
+    name: String,
+    /// The data dir it was imported into.
+    data: std::path::PathBuf,
+    status: Option<i32>,
+    stderr: String,
+}
+
+impl Imported {
+    /// Asserts an import that refused some rows and took the rest (exit
+    /// status 3): stderr names each of `refusals` (`line N: field: ...`,
+    /// after the file's name), and the data dir holds `kept` (code, URL).
+    fn assert_partial(&self, refusals: &[String], kept: &[(&str, &str)]) {
+        let (name, stderr) = (&self.name, &self.stderr);
+        assert_eq!(self.status, Some(3), "{stderr}");
+        for refusal in refusals {
+            let want = format!("{name}: {refusal}");
+            assert!(stderr.contains(&want), "no {want:?} in {stderr}");
+        }
+        let kept: Vec<(String, String)> = kept
+            .iter()
+            .map(|&(code, url)| (code.to_owned(), url.to_owned()))
+            .collect();
+        assert_eq!(exported(&self.data), kept);
+    }
+}
+
+/// Writes `text` as `dir/file_name` and imports it into `dir/data`.
+fn import_text(dir: &Path, file_name: &str, text: &str) -> Imported {
+    let file = dir.join(file_name);
+    fs::write(&file, text).unwrap();
+    let data = dir.join("data");
+    let out = import(&file, &data);
+    Imported {
+        name: file.display().to_string(),
+        data,
+        status: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Rows the admin API refuses (`POST /api/links` answers reserved_code or
 /// invalid_url) are refused by the import too, each on its own line with
 /// its field, and the rest are imported: a link named `api` or `health`
@@ -59,31 +102,23 @@ fn exported(data: &Path) -> Vec<(String, String)> {
 #[test]
 fn import_refuses_rows_the_api_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("links.tsv");
-    fs::write(
-        &file,
+    let imported = import_text(
+        dir.path(),
+        "links.tsv",
         "api\thttps://a.example/\n\
          health\thttps://a.example/\n\
          creds\thttps://bank.example@evil.example/\n\
          bidi\thttps://example.com/\u{202E}gpj.exe\n\
          homograph\thttps://\u{430}pple.com/\n\
          good\thttps://example.com/ok\n",
-    )
-    .unwrap();
-    let data = dir.path().join("data");
-    let out = import(&file, &data);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    let name = file.display().to_string();
-    for (line, field) in [(1, "code"), (2, "code"), (3, "url"), (4, "url"), (5, "url")] {
-        let want = format!("{name}: line {line}: {field}: ");
-        assert!(stderr.contains(&want), "no {want:?} in {stderr}");
-    }
-    assert!(stderr.contains("5 rows refused"), "{stderr}");
-    assert_eq!(
-        exported(&data),
-        [("good".to_owned(), "https://example.com/ok".to_owned())]
     );
+    let refusals: Vec<String> = [(1, "code"), (2, "code"), (3, "url"), (4, "url"), (5, "url")]
+        .iter()
+        .map(|(line, field)| format!("line {line}: {field}: "))
+        .collect();
+    imported.assert_partial(&refusals, &[("good", "https://example.com/ok")]);
+    let stderr = &imported.stderr;
+    assert!(stderr.contains("5 rows refused"), "{stderr}");
 }
 
 /// Rows without a status get `--default-status` (the API gives such links
@@ -296,6 +331,23 @@ fn csv_refusals_name_the_right_line() {
         let want = format!("{}: line 5: code: ", file.display());
         assert!(stderr.contains(&want), "{name}: no {want:?} in {stderr}");
     }
+}
+
+/// A code given on three rows: the second and third are refused, each
+/// naming the row that was kept (the third named the second, itself
+/// refused).
+#[test]
+fn a_repeated_code_names_the_row_that_was_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    import_text(
+        dir.path(),
+        "links.tsv",
+        "a\thttps://a.example/1\na\thttps://a.example/2\na\thttps://a.example/3\n",
+    )
+    .assert_partial(
+        &[2, 3].map(|line| format!("line {line}: code: \"a\" repeats line 1")),
+        &[("a", "https://a.example/1")],
+    );
 }
 
 /// `uload export -o FILE` that cannot finish (here: the file size limit, as

@@ -176,19 +176,25 @@ pub fn run(args: ImportArgs) -> Result<(), CliError> {
 }
 
 /// Keeps the first row for each code (in file order) and refuses the others,
-/// naming the line each repeats.
+/// each naming the line of the row kept (not the row before it, which may
+/// be refused itself).
 fn drop_duplicates(rows: Vec<(u64, Link)>, refused: &mut Vec<RowError>) -> Vec<LogOp> {
+    // Rows of one code are adjacent in this order, in file order among them.
     let order = order_by_code(&rows, |(_, link)| link.code.as_bytes());
     let mut duplicate = vec![false; rows.len()];
-    for pair in order.windows(2) {
-        let (first, later) = (&rows[pair[0] as usize], &rows[pair[1] as usize]);
-        if first.1.code == later.1.code {
-            duplicate[pair[1] as usize] = true;
-            refused.push(RowError {
-                line: later.0,
-                field: "code".into(),
-                message: format!("{:?} repeats line {}", later.1.code, first.0),
-            });
+    let mut kept: Option<&(u64, Link)> = None;
+    for &i in &order {
+        let row = &rows[i as usize];
+        match kept {
+            Some(first) if first.1.code == row.1.code => {
+                duplicate[i as usize] = true;
+                refused.push(RowError {
+                    line: row.0,
+                    field: "code".into(),
+                    message: format!("{:?} repeats line {}", row.1.code, first.0),
+                });
+            }
+            _ => kept = Some(row),
         }
     }
     rows.into_iter()
