@@ -5,7 +5,9 @@
 //!   with CR (classic Mac line ends).
 //! - CSV with a header row naming at least `code` and `url`; optional columns
 //!   `status`, `created_at`, `expires_at`, `max_clicks`, `forward_query`,
-//!   `disabled`, `owner_key_id`.
+//!   `disabled`, `owner_key_id`. Lines end as in TSV. A header the import
+//!   cannot use, or a quote never closed, refuses the whole file
+//!   ([`ReadError::FileRefused`]).
 //! - JSON lines: one object per line with the same fields (`code` and `url`
 //!   required). This is the export format, so an export re-imports as is.
 //!
@@ -66,6 +68,34 @@ pub struct RowError {
 impl std::fmt::Display for RowError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "line {}: {}: {}", self.line, self.field, self.message)
+    }
+}
+
+/// Why a file was refused whole: none of its rows is to be imported, not
+/// even those already visited when this was found.
+#[derive(Debug)]
+pub enum ReadError {
+    /// Reading the input failed.
+    Io(io::Error),
+    /// The file's rows cannot be told apart as its author meant them: a
+    /// CSV header the import cannot use (an unknown, unnamed or repeated
+    /// column, no `code` or `url`), or a quote never closed. Reporting that
+    /// as one refused row made it look like an import that took the rest.
+    FileRefused(RowError),
+}
+
+impl From<io::Error> for ReadError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => e.fmt(f),
+            Self::FileRefused(e) => e.fmt(f),
+        }
     }
 }
 
@@ -222,13 +252,14 @@ impl RowDefaults {
 }
 
 /// Reads links from `input`, calling `visit` with each row's 1-based line
-/// number and either the link or why it was refused. I/O errors end the read.
+/// number and either the link or why it was refused. I/O errors, and a file
+/// refused whole, end the read (see [`ReadError`]).
 pub fn read_links(
     input: impl BufRead,
     format: Format,
     defaults: RowDefaults,
     mut visit: impl FnMut(u64, Result<Link, RowError>),
-) -> io::Result<()> {
+) -> Result<(), ReadError> {
     match format {
         // A TSV file from a classic Mac tool ends its lines with CRs; in
         // JSON lines a CR may be whitespace inside a row.
@@ -262,7 +293,8 @@ pub fn read_links(
                 )),
             };
             visit(line, row);
-        }),
+        })
+        .map_err(ReadError::Io),
         Format::JsonLines => read_lines(input, false, |line, text| {
             let text = match text {
                 Ok(t) => t,
@@ -278,7 +310,8 @@ pub fn read_links(
                         .map_err(|(f, m)| row_error(line, f, m))
                 });
             visit(line, row);
-        }),
+        })
+        .map_err(ReadError::Io),
         Format::Csv => read_csv(input, defaults, visit),
     }
 }
@@ -302,6 +335,10 @@ fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
         (field, e.message.replacen("the body ", "the row ", 1))
     })
 }
+
+/// The UTF-8 byte order mark, which Windows editors and spreadsheets write
+/// at the start of a file.
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
 
 /// Calls `visit` with each line's number and text (without its line ending,
 /// nor a byte order mark at the start of the file), or a refusal for a line
@@ -333,7 +370,7 @@ fn read_lines(
             // A UTF-8 byte order mark (as Windows editors write) is not
             // part of the first line; the CSV reader skips it too.
             let bytes = match line {
-                1 => piece.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(piece),
+                1 => piece.strip_prefix(BYTE_ORDER_MARK).unwrap_or(piece),
                 _ => piece,
             };
             let text = std::str::from_utf8(bytes)
@@ -343,117 +380,276 @@ fn read_lines(
     }
 }
 
+/// The columns a CSV header may name.
+const CSV_COLUMNS: [&str; 9] = [
+    "code",
+    "url",
+    "status",
+    "created_at",
+    "expires_at",
+    "max_clicks",
+    "forward_query",
+    "disabled",
+    "owner_key_id",
+];
+
+/// Reads a CSV file: its header, then each row. A header the import cannot
+/// use, or a quote never closed, refuses the file (see [`ReadError`]).
+///
+/// Lines end as in [`read_lines`]: LF or CRLF, and CR only in a file without
+/// a single LF. The csv crate's default terminator also ended a record at a
+/// stray CR in a file with LFs, importing the part of a URL before it and
+/// shifting every later line number; here the CR stays in its field, whose
+/// check then refuses the row.
 fn read_csv(
-    input: impl BufRead,
+    mut input: impl BufRead,
     defaults: RowDefaults,
     mut visit: impl FnMut(u64, Result<Link, RowError>),
-) -> io::Result<()> {
-    let lines = LineTracker::default();
-    let mut reader = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_reader(lines.wrap(input));
-    let headers = match reader.headers() {
-        Ok(h) => h.clone(),
-        Err(e) => {
-            visit(1, Err(row_error(1, "header", e.to_string())));
-            return Ok(());
-        }
+) -> Result<(), ReadError> {
+    // Which byte ends the lines must be known before the parser starts:
+    // the first line ends with an LF unless the file has none, and then it
+    // holds all of the file (as in `read_lines`).
+    let mut first_line = Vec::new();
+    input.read_until(b'\n', &mut first_line)?;
+    let line_end = if first_line.ends_with(b"\n") {
+        b'\n'
+    } else {
+        b'\r'
     };
-    let known = [
-        "code",
-        "url",
-        "status",
-        "created_at",
-        "expires_at",
-        "max_clicks",
-        "forward_query",
-        "disabled",
-        "owner_key_id",
-    ];
-    if let Some(unknown) = headers.iter().find(|h| !known.contains(&h.trim())) {
-        visit(
-            1,
-            Err(row_error(
+    // Stripped here rather than by the csv crate, so that the bytes the
+    // `LineTracker` follows are the bytes the parser reads.
+    if first_line.starts_with(BYTE_ORDER_MARK) {
+        first_line.drain(..BYTE_ORDER_MARK.len());
+    }
+    let lines = LineTracker::new(line_end);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .terminator(csv::Terminator::Any(line_end))
+        .from_reader(lines.wrap(io::Read::chain(first_line.as_slice(), input)));
+
+    let mut header = csv::StringRecord::new();
+    let header_line = match next_record(&mut reader, &lines, &mut header)? {
+        CsvRecord::Read(line) => line,
+        CsvRecord::Unreadable { line, message, .. } => {
+            return Err(ReadError::FileRefused(row_error(line, "header", message)));
+        }
+        CsvRecord::QuoteNeverClosed { line, .. } => {
+            return Err(quote_never_closed(&lines, line, "header"));
+        }
+        CsvRecord::End => {
+            return Err(ReadError::FileRefused(row_error(
                 1,
                 "header",
-                format!("unknown column {unknown:?}"),
-            )),
-        );
-        return Ok(());
-    }
-    for (i, name) in headers.iter().enumerate() {
-        if headers.iter().skip(i + 1).any(|h| h.trim() == name.trim()) {
-            visit(
-                1,
-                Err(row_error(
-                    1,
-                    "header",
-                    format!("column {:?} appears twice", name.trim()),
-                )),
-            );
-            return Ok(());
+                "missing: the file holds no rows (a CSV file starts with a header naming \
+                 at least code and url)"
+                    .into(),
+            )));
         }
-    }
-    for required in ["code", "url"] {
-        if !headers.iter().any(|h| h.trim() == required) {
-            visit(
-                1,
-                Err(row_error(
-                    1,
-                    "header",
-                    format!("missing the {required:?} column"),
-                )),
-            );
-            return Ok(());
-        }
-    }
-    for record in reader.records() {
-        let record = match record {
-            Ok(r) => r,
-            Err(e) => {
-                if let csv::ErrorKind::Io(_) = e.kind() {
-                    return Err(e.into());
-                }
-                let line = e.position().map_or(0, |p| lines.line_at(p.byte()));
-                visit(line, Err(row_error(line, "row", e.to_string())));
-                continue;
+    };
+    check_csv_header(&header)
+        .map_err(|message| ReadError::FileRefused(row_error(header_line, "header", message)))?;
+    // The name of a column, for a refusal in it; a column past the header's
+    // (or none known) is not the field of any link.
+    let field = |column: Option<usize>| column.and_then(|c| header.get(c)).map_or("row", str::trim);
+    let mut record = csv::StringRecord::new();
+    loop {
+        match next_record(&mut reader, &lines, &mut record)? {
+            CsvRecord::Read(line) => visit(
+                line,
+                csv_row(&header, &record, defaults).map_err(|(f, m)| row_error(line, f, m)),
+            ),
+            CsvRecord::Unreadable {
+                line,
+                column,
+                message,
+            } => visit(line, Err(row_error(line, field(column), message))),
+            CsvRecord::QuoteNeverClosed { line, column } => {
+                return Err(quote_never_closed(&lines, line, field(Some(column))));
             }
-        };
-        let line = record.position().map_or(0, |p| lines.line_at(p.byte()));
-        visit(
-            line,
-            csv_row(&headers, &record, defaults).map_err(|(f, m)| row_error(line, f, m)),
-        );
+            CsvRecord::End => return Ok(()),
+        }
     }
-    Ok(())
 }
 
-/// The line each CSV record starts on. The csv crate's own line count is
-/// taken where the previous record ended: before the `\n` of a CRLF and
-/// before any blank lines, so after a CRLF line or a blank line it named an
-/// earlier line. Its byte offset is right, so this counts lines in the bytes
-/// as they pass to the reader and keeps, for the bytes read ahead, where each
-/// line's content starts: a record starts at the first such place at or
-/// after its offset (only `\r` and `\n` lie between).
-#[derive(Debug, Clone, Default)]
+/// Why the CSV header cannot be used, if it cannot.
+fn check_csv_header(header: &csv::StringRecord) -> Result<(), String> {
+    for (i, name) in header.iter().map(str::trim).enumerate() {
+        if name.is_empty() {
+            // Spreadsheets write a comma after the last column when a cell
+            // past it was ever touched.
+            let trailing = if i + 1 == header.len() {
+                " (the header ends with a comma)"
+            } else {
+                ""
+            };
+            return Err(format!("column {} has no name{trailing}", i + 1));
+        }
+        if !CSV_COLUMNS.contains(&name) {
+            return Err(format!(
+                "unknown column {name:?} (the columns are {})",
+                CSV_COLUMNS.join(", ")
+            ));
+        }
+        // A column given twice: which value would count is anyone's guess.
+        if header.iter().skip(i + 1).any(|h| h.trim() == name) {
+            return Err(format!("column {name:?} appears twice"));
+        }
+    }
+    match ["code", "url"]
+        .into_iter()
+        .find(|required| !header.iter().any(|h| h.trim() == *required))
+    {
+        Some(missing) => Err(format!("missing the {missing:?} column")),
+        None => Ok(()),
+    }
+}
+
+/// What [`next_record`] found.
+#[derive(Debug)]
+enum CsvRecord {
+    /// A record, starting on this line.
+    Read(u64),
+    /// A record starting on `line` that cannot be read (one not UTF-8), at
+    /// fault in `column` (0-based) when the parser says which.
+    Unreadable {
+        line: u64,
+        column: Option<usize>,
+        message: String,
+    },
+    /// A quote opened on `line`, in `column` (0-based), is never closed: the
+    /// record read holds the rest of the file.
+    QuoteNeverClosed { line: u64, column: usize },
+    /// The end of the file.
+    End,
+}
+
+/// Reads the next record that is not a blank line into `record`.
+fn next_record<R: io::Read>(
+    reader: &mut csv::Reader<Tracked<R>>,
+    lines: &LineTracker,
+    record: &mut csv::StringRecord,
+) -> io::Result<CsvRecord> {
+    loop {
+        let read = reader.read_record(record);
+        // Before what the record holds: a record that takes in the rest of
+        // the file is no row of its author's, and neither are its pieces.
+        if let Some((line, column)) = lines.quote_never_closed() {
+            return Ok(CsvRecord::QuoteNeverClosed { line, column });
+        }
+        return match read {
+            Ok(false) => Ok(CsvRecord::End),
+            // With LF as the terminator, the CR of a blank CRLF line is a
+            // record of its own; the csv crate skips the blank line itself.
+            Ok(true) if record.len() == 1 && record.get(0).is_some_and(is_carriage_returns) => {
+                continue;
+            }
+            Ok(true) => Ok(CsvRecord::Read(
+                lines.line_at(record.position().map_or(0, csv::Position::byte)),
+            )),
+            Err(e) => {
+                let line = lines.line_at(e.position().map_or(0, csv::Position::byte));
+                match e.kind() {
+                    csv::ErrorKind::Io(_) => Err(e.into()),
+                    // The csv crate's message gives its own line count,
+                    // which is not the line the record starts on.
+                    csv::ErrorKind::Utf8 { err, .. } => Ok(CsvRecord::Unreadable {
+                        line,
+                        column: Some(err.field()),
+                        message: format!(
+                            "not valid UTF-8 (after byte {} of the field)",
+                            err.valid_up_to()
+                        ),
+                    }),
+                    _ => Ok(CsvRecord::Unreadable {
+                        line,
+                        column: None,
+                        message: e.to_string(),
+                    }),
+                }
+            }
+        };
+    }
+}
+
+/// Whether `text` is one or more CRs and nothing else.
+fn is_carriage_returns(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b == b'\r')
+}
+
+/// The refusal of a file in which the quote opened on `line`, in `field`, is
+/// never closed. The whole file is refused, not the one row: the parser
+/// took every line after it into that field, so no row after it was read,
+/// and a file broken so may be broken before it too in ways no check sees.
+/// Refusing all of it also lets the corrected file be imported again
+/// without `--overwrite` refusing the rows a first run took.
+fn quote_never_closed(lines: &LineTracker, line: u64, field: &str) -> ReadError {
+    let rest = match lines.last_line().saturating_sub(line) {
+        0 => "the file ends inside it".to_owned(),
+        1 => "it takes the line after it, the last of the file, into one field".to_owned(),
+        n => format!("it takes the {n} lines after it, to the end of the file, into one field"),
+    };
+    ReadError::FileRefused(row_error(
+        line,
+        field,
+        format!("the quote opened on this line is never closed: {rest}"),
+    ))
+}
+
+/// The line each CSV record starts on, and whether a quote is left open at
+/// the end of the file.
+///
+/// The csv crate's own line count is taken where the previous record ended:
+/// before any blank lines, so after a blank line it named an earlier line.
+/// Its byte offset is right, so this counts lines in the bytes as they pass
+/// to the reader and keeps, for the bytes read ahead, where each line's
+/// content starts: a record starts at the first such place at or after its
+/// offset (only line ends lie between). A line ends at the file's line end
+/// byte alone (LF, or CR in a file without LFs), inside a quoted field too:
+/// a stray CR in a file with LFs is no line break, as in [`read_lines`].
+///
+/// The csv crate ends a quoted field left open at the end of the file as if
+/// it were closed, so this follows the quoting as the parser does to tell.
+#[derive(Debug, Clone)]
 struct LineTracker(std::rc::Rc<std::cell::RefCell<LineTrack>>);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct LineTrack {
+    /// The byte that ends a line (and a record, outside quotes).
+    line_end: u8,
     /// Bytes read so far.
     offset: u64,
-    /// Line breaks read so far: `\n`s, and `\r`s not followed by `\n`
-    /// (classic Mac line ends, which the CSV reader takes as well).
+    /// Line ends read so far.
     newlines: u64,
-    /// Whether the last byte read was `\r` (its line break is counted when
-    /// the next byte shows it was not the start of a CRLF).
-    after_cr: bool,
-    /// Whether the last byte read was `\r` or `\n` (or none was read).
+    /// Whether the last byte read ended a line (or none was read).
     after_break: bool,
     /// (offset, 1-based line) of each content start read ahead.
     starts: std::collections::VecDeque<(u64, u64)>,
     /// The line of the last start passed over.
     last_line: u64,
+    /// Where the parser is in the quoting of the bytes read so far.
+    quoting: Quoting,
+    /// The column (0-based) the parser is in.
+    column: usize,
+    /// Whether the input has ended.
+    eof: bool,
+}
+
+/// The quoting states of the csv crate's parser (`csv_core`, with its
+/// defaults: `"` quotes, `""` in a quoted field is one `"`, no escape
+/// character). A quoted field keeps where it opened, for the refusal if it
+/// is never closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quoting {
+    /// At the start of a field, where a `"` opens a quoted field.
+    FieldStart,
+    /// In a field that is not quoted, where a `"` is just a character.
+    Unquoted,
+    /// In a quoted field opened on `line`, in `column`.
+    Quoted { line: u64, column: usize },
+    /// After a `"` in a quoted field: it closed the field, unless another
+    /// `"` follows (the two stand for one).
+    QuoteInQuoted { line: u64, column: usize },
 }
 
 struct Tracked<R> {
@@ -462,8 +658,21 @@ struct Tracked<R> {
 }
 
 impl LineTracker {
+    fn new(line_end: u8) -> Self {
+        Self(std::rc::Rc::new(std::cell::RefCell::new(LineTrack {
+            line_end,
+            offset: 0,
+            newlines: 0,
+            after_break: true,
+            starts: Default::default(),
+            last_line: 0,
+            quoting: Quoting::FieldStart,
+            column: 0,
+            eof: false,
+        })))
+    }
+
     fn wrap<R: io::Read>(&self, inner: R) -> Tracked<R> {
-        self.0.borrow_mut().after_break = true;
         Tracked {
             inner,
             track: self.clone(),
@@ -482,21 +691,56 @@ impl LineTracker {
         }
         t.last_line.max(1)
     }
+
+    /// The number of the file's last line (once the input has ended).
+    fn last_line(&self) -> u64 {
+        let t = self.0.borrow();
+        t.newlines + u64::from(!t.after_break)
+    }
+
+    /// (line, column) of a quote still open at the end of the input. The
+    /// parser reads on only when it has used up all it read, so once the
+    /// input has ended, the record it returns last holds the open quote.
+    fn quote_never_closed(&self) -> Option<(u64, usize)> {
+        let t = self.0.borrow();
+        match t.quoting {
+            Quoting::Quoted { line, column } if t.eof => Some((line, column)),
+            _ => None,
+        }
+    }
 }
 
 impl<R: io::Read> io::Read for Tracked<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         let mut t = self.track.0.borrow_mut();
+        t.eof |= n == 0 && !buf.is_empty();
         for &b in buf.get(..n).unwrap_or_default() {
-            let line_break = b == b'\n' || b == b'\r';
-            t.newlines += u64::from(t.after_cr && b != b'\n');
-            t.after_cr = b == b'\r';
+            let line_break = b == t.line_end;
             if !line_break && t.after_break {
                 let start = (t.offset, t.newlines + 1);
                 t.starts.push_back(start);
             }
-            t.newlines += u64::from(b == b'\n');
+            let ends_field = line_break || b == b',';
+            t.quoting = match t.quoting {
+                Quoting::FieldStart if b == b'"' => Quoting::Quoted {
+                    line: t.newlines + 1,
+                    column: t.column,
+                },
+                Quoting::Quoted { line, column } if b == b'"' => {
+                    Quoting::QuoteInQuoted { line, column }
+                }
+                Quoting::QuoteInQuoted { line, column } if b == b'"' => {
+                    Quoting::Quoted { line, column }
+                }
+                quoted @ Quoting::Quoted { .. } => quoted,
+                _ if ends_field => {
+                    t.column = if line_break { 0 } else { t.column + 1 };
+                    Quoting::FieldStart
+                }
+                _ => Quoting::Unquoted,
+            };
+            t.newlines += u64::from(line_break);
             t.after_break = line_break;
             t.offset += 1;
         }
@@ -560,12 +804,22 @@ mod tests {
     use super::*;
 
     fn read(format: Format, text: &str) -> Vec<Result<Link, RowError>> {
+        read_bytes(format, text.as_bytes())
+    }
+
+    /// The rows of a file that is not refused whole.
+    fn read_bytes(format: Format, bytes: &[u8]) -> Vec<Result<Link, RowError>> {
         let mut out = Vec::new();
-        read_links(text.as_bytes(), format, RowDefaults::at(1_000), |_, r| {
-            out.push(r)
-        })
-        .unwrap();
+        read_links(bytes, format, RowDefaults::at(1_000), |_, r| out.push(r)).unwrap();
         out
+    }
+
+    /// Why `text` is refused whole; panics if it is not.
+    fn refused_file(format: Format, text: &str) -> RowError {
+        match read_links(text.as_bytes(), format, RowDefaults::at(1_000), |_, _| {}) {
+            Err(ReadError::FileRefused(e)) => e,
+            other => panic!("{text:?} was not refused whole: {other:?}"),
+        }
     }
 
     /// (line, field) of each refused row; panics on an accepted one.
@@ -667,18 +921,140 @@ mod tests {
         );
     }
 
+    /// A stray CR in a CSV file with LFs stays in its row, which is refused
+    /// whole (its URL then holds a control character), and later rows keep
+    /// their line numbers: the csv crate's default terminator ended the
+    /// record there, importing `https://x.example/p` and numbering every
+    /// later line one too high. In a file without LFs CRs end the lines
+    /// (`cli_input::csv_refusals_name_the_right_line`, `cr.csv`).
+    #[test]
+    fn csv_stray_cr_in_an_lf_file_stays_in_its_row() {
+        let rows = read(
+            Format::Csv,
+            "code,url\na,https://x.example/p\rq\nb,https://y.example/\nbad x,https://z.example/\n",
+        );
+        let imported: Vec<(&str, &str)> = rows
+            .iter()
+            .filter_map(|r| {
+                r.as_ref()
+                    .ok()
+                    .map(|l| (l.code.as_str(), l.target.as_str()))
+            })
+            .collect();
+        assert_eq!(imported, [("b", "https://y.example/")], "{rows:?}");
+        let refused: Vec<_> = rows
+            .iter()
+            .filter_map(|r| r.as_ref().err().map(|e| (e.line, e.field.as_str())))
+            .collect();
+        assert_eq!(refused, [(2, "url"), (4, "code")]);
+    }
+
+    /// A header the import cannot use refuses the file, naming the line it
+    /// is on: it was one refused row, of line 1 whatever blank lines came
+    /// before, in an import that went on as if it had taken the rest.
     #[test]
     fn csv_header_problems() {
-        let e = read(Format::Csv, "code,target\na,https://x/\n");
-        assert_eq!(e[0].as_ref().unwrap_err().field, "header");
-        let e = read(Format::Csv, "code\na\n");
-        assert!(e[0].as_ref().unwrap_err().message.contains("url"));
-        // A column given twice: which value would count is anyone's guess.
-        let e = read(Format::Csv, "code,url, url\na,https://x/,https://y/\n");
-        assert_eq!(e.len(), 1);
-        let e = e[0].as_ref().unwrap_err();
-        assert_eq!((e.line, e.field.as_str()), (1, "header"));
-        assert_eq!(e.message, "column \"url\" appears twice");
+        for (text, line, message) in [
+            (
+                "code,target\na,https://x/\n",
+                1,
+                "unknown column \"target\" (the columns are code, url, status, created_at, \
+                 expires_at, max_clicks, forward_query, disabled, owner_key_id)",
+            ),
+            ("code\na\n", 1, "missing the \"url\" column"),
+            (
+                "\r\n\r\nurl\r\nhttps://x/\r\n",
+                3,
+                "missing the \"code\" column",
+            ),
+            // A column given twice: which value would count is anyone's guess.
+            (
+                "code,url, url\na,https://x/,https://y/\n",
+                1,
+                "column \"url\" appears twice",
+            ),
+            (
+                "\ncode,url,\na,https://x/,\n",
+                2,
+                "column 3 has no name (the header ends with a comma)",
+            ),
+            ("code,,url\n", 1, "column 2 has no name"),
+            ("", 1, "missing: the file holds no rows"),
+            ("\n\n", 1, "missing: the file holds no rows"),
+        ] {
+            let e = refused_file(Format::Csv, text);
+            assert_eq!(
+                (e.line, e.field.as_str()),
+                (line, "header"),
+                "{text:?}: {e}"
+            );
+            assert!(e.message.starts_with(message), "{text:?}: {e}");
+        }
+    }
+
+    /// A quote never closed takes the rest of the file into one field: the
+    /// file is refused, naming the line the quote opened on, its column and
+    /// how many lines it took. Only a blamed URL and silence about the rows
+    /// after it were reported.
+    #[test]
+    fn csv_quote_never_closed_refuses_the_file() {
+        for (text, line, field, message) in [
+            (
+                "code,url\na,\"https://x/\nb,https://y/\n\nc,https://z/\n",
+                2,
+                "url",
+                "it takes the 3 lines after it, to the end of the file, into one field",
+            ),
+            (
+                "code,url\r\na,https://x/\r\n\"b,https://y/\r\nc,https://z/",
+                3,
+                "code",
+                "it takes the line after it, the last of the file, into one field",
+            ),
+            (
+                "code,url\na,\"https://x/",
+                2,
+                "url",
+                "the file ends inside it",
+            ),
+            // A doubled quote inside quotes is one quote, not the close.
+            (
+                "code,url\na,\"https://x/\"\"\n",
+                2,
+                "url",
+                "the file ends inside it",
+            ),
+            (
+                "\"code,url\na,https://x/\n",
+                1,
+                "header",
+                "it takes the line after it",
+            ),
+            // Without LFs, CRs end the lines inside the quote too.
+            (
+                "code,url\ra,\"https://x/\rb,https://y/\r",
+                2,
+                "url",
+                "it takes the line",
+            ),
+        ] {
+            let e = refused_file(Format::Csv, text);
+            assert_eq!((e.line, e.field.as_str()), (line, field), "{text:?}: {e}");
+            assert!(
+                e.message
+                    .starts_with("the quote opened on this line is never closed: "),
+                "{text:?}: {e}"
+            );
+            assert!(e.message.contains(message), "{text:?}: {e}");
+        }
+        // Closed quotes, line breaks inside them, doubled quotes and a quote
+        // inside an unquoted field (a plain character there) are no problem.
+        let rows = read(
+            Format::Csv,
+            "code,url\n\"a\",\"https://x/?q=\"\"1\"\"\"\nb,https://y/?q=\"\n\"c\",\"https://z/\n\"\n",
+        );
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        assert!(rows.iter().all(|r| r.is_ok()), "{rows:?}");
     }
 
     #[test]
@@ -790,17 +1166,18 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_a_refused_row() {
-        let mut out = Vec::new();
-        read_links(
-            &b"a\thttps://x/\xff\n"[..],
-            Format::Tsv,
-            RowDefaults::at(0),
-            |_, r| out.push(r),
-        )
-        .unwrap();
+        let out = read_bytes(Format::Tsv, b"a\thttps://x/\xff\n");
         assert_eq!(out.len(), 1);
         let e = out[0].as_ref().unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (1, "row"));
         assert!(e.message.contains("UTF-8"), "{e}");
+        // In CSV the column is known, and the row's own line is named (the
+        // csv crate's message gave its own count of lines as well).
+        let out = read_bytes(Format::Csv, b"code,url\n\na,https://x/\xff\nb,https://y/\n");
+        assert_eq!(out.len(), 2);
+        let e = out[0].as_ref().unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (3, "url"));
+        assert_eq!(e.message, "not valid UTF-8 (after byte 10 of the field)");
+        assert!(out[1].is_ok());
     }
 }

@@ -323,6 +323,12 @@ fn csv_refusals_name_the_right_line() {
             "cr.csv",
             "code,url\r\rok,https://a.example/\r\rbad x,https://b.example/\r",
         ),
+        // A stray CR in a file with LFs does not end a line (it ended the
+        // record and counted as a line break, so this said line 6).
+        (
+            "stray-cr.csv",
+            "code,url\nok,https://a.example/p\rq\n\n\nbad x,https://b.example/\n",
+        ),
     ] {
         let file = dir.path().join(name);
         fs::write(&file, text).unwrap();
@@ -331,6 +337,76 @@ fn csv_refusals_name_the_right_line() {
         let want = format!("{}: line 5: code: ", file.display());
         assert!(stderr.contains(&want), "{name}: no {want:?} in {stderr}");
     }
+}
+
+/// A CSV header the import refuses (an unknown column, the empty last
+/// column a spreadsheet writes after a trailing comma, no `url` column)
+/// refuses the file: exit status 1 and nothing imported, naming the line
+/// the header is on (after blank lines too). It was reported as one refused
+/// row of line 1 with exit status 3, the status of an import that left out
+/// some rows and took the rest.
+#[test]
+fn a_refused_csv_header_is_not_a_partial_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |text: &str, want: &str| {
+        let Imported {
+            name,
+            data,
+            status,
+            stderr,
+        } = import_text(dir.path(), "links.csv", text);
+        let want = format!("{name}: {want}");
+        assert!(stderr.contains(&want), "{text:?}: no {want:?} in {stderr}");
+        assert!(
+            stderr.contains("nothing was imported"),
+            "{text:?}: {stderr}"
+        );
+        assert!(!stderr.contains("the rest were imported"), "{stderr}");
+        assert_eq!(status, Some(1), "{text:?}: {stderr}");
+        assert_eq!(exported(&data), [], "{text:?}");
+    };
+    refused(
+        "code,url,title\na,https://a.example/,A\nb,https://b.example/,B\n",
+        "line 1: header: unknown column \"title\"",
+    );
+    // The empty last column a spreadsheet writes.
+    refused(
+        "code,url,\r\na,https://a.example/,\r\n",
+        "line 1: header: column 3 has no name",
+    );
+    // The header's own line, after blank lines.
+    refused(
+        "\n\ncode\na\n",
+        "line 3: header: missing the \"url\" column",
+    );
+}
+
+/// A CSV quote that is never closed takes the rest of the file into one
+/// field. The file is refused, naming the line the quote opened on and how
+/// far it ran: the rows after it were lost without a word, and the only
+/// refusal blamed whitespace in a URL.
+#[test]
+fn an_unclosed_csv_quote_refuses_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let Imported {
+        name,
+        data,
+        status,
+        stderr,
+    } = import_text(
+        dir.path(),
+        "links.csv",
+        "code,url\nfirst,https://a.example/\nsecond,\"https://b.example/\n\
+         third,https://c.example/\nfourth,https://d.example/\n",
+    );
+    let want = format!(
+        "{name}: line 3: url: the quote opened on this line is never closed: \
+         it takes the 2 lines after it, to the end of the file, into one field; \
+         nothing was imported",
+    );
+    assert!(stderr.contains(&want), "no {want:?} in {stderr}");
+    assert_eq!(status, Some(1), "{stderr}");
+    assert_eq!(exported(&data), []);
 }
 
 /// A code given on three rows: the second and third are refused, each

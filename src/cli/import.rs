@@ -2,7 +2,9 @@
 //!
 //! Every row is validated; refused rows are reported with their line, field
 //! and reason, and the rest are imported (with `--strict`, nothing is
-//! imported when any row is refused). Codes already in the store are refused
+//! imported when any row is refused). A file that cannot be read as rows (a
+//! CSV header it cannot use, a quote never closed) is refused whole: nothing
+//! imported, exit status 1. Codes already in the store are refused
 //! unless `--overwrite`. The accepted links are appended to the log in
 //! batches (one fsync per batch), then compacted into a snapshot.
 
@@ -12,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use super::{CliError, DataDirArg};
-use crate::interchange::{Format, RowDefaults, RowError, read_links};
+use crate::interchange::{Format, ReadError, RowDefaults, RowError, read_links};
 use crate::store::record::{Link, RedirectStatus, now_ms, order_by_code};
 use crate::store::{LogOp, Store};
 
@@ -96,7 +98,14 @@ pub fn run(args: ImportArgs) -> Result<(), CliError> {
             }
         },
     )
-    .map_err(|e| CliError::new(format!("{file_name}: {e}")))?;
+    .map_err(|e| match e {
+        ReadError::Io(e) => CliError::new(format!("{file_name}: {e}")),
+        // Not the partial import of exit status 3: no row is taken from a
+        // file whose rows cannot be told apart.
+        ReadError::FileRefused(e) => {
+            CliError::new(format!("{file_name}: {e}; nothing was imported"))
+        }
+    })?;
     let ops = drop_duplicates(rows, &mut refused);
     refused.sort_by_key(|e| e.line);
     let refused_count = refused.len() as u64;
