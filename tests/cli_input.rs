@@ -426,6 +426,68 @@ fn a_repeated_code_names_the_row_that_was_kept() {
     );
 }
 
+/// Links stored before the URL policy tightened (credentials in the URL, a
+/// reserved code) are exported, but `uload import` refuses them: export
+/// says so on stderr, naming how many, the first 20 by code with the
+/// reason, and still exits 0. The export warned of nothing, so a migration
+/// through export and import lost them unannounced.
+#[test]
+fn export_names_the_links_import_would_refuse() {
+    use uload::store::record::Link;
+    use uload::store::{LogOp, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut ops = vec![LogOp::Put(
+        Link::new("fine", "https://example.com/").unwrap(),
+    )];
+    ops.extend((0..24).map(|i| {
+        LogOp::Put(
+            Link::new(
+                &format!("creds{i:02}"),
+                "https://bank.example@evil.example/",
+            )
+            .unwrap(),
+        )
+    }));
+    ops.push(LogOp::Put(
+        Link::new("api", "https://example.com/").unwrap(),
+    ));
+    Store::open(&data, Default::default())
+        .unwrap()
+        .append(&ops)
+        .unwrap();
+    let file = dir.path().join("links.jsonl");
+    let out = uload(&[
+        "export",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("25 of the 26 exported links would be refused by `uload import`"),
+        "{stderr}"
+    );
+    let name = file.display().to_string();
+    // Code order: "api" (line 1), then creds00.. (lines 2..).
+    assert!(
+        stderr.contains(&format!("{name}: line 1: \"api\": code: ")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{name}: line 20: \"creds18\": url: ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("\"creds19\""), "{stderr}");
+    assert!(stderr.contains("and 5 more"), "{stderr}");
+    // What the warning said is what the import does.
+    let out = import(&file, &dir.path().join("again"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("25 rows refused"), "{stderr}");
+}
+
 /// `uload export -o FILE` that cannot finish (here: the file size limit, as
 /// a full disk would) fails, and leaves FILE as it was: the last whole
 /// export, never part of a new one that looks like a smaller export.
