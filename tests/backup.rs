@@ -84,13 +84,9 @@ impl LoneEdge {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("edge.stderr")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_uload"))
+        let child = common::uload_command(dir)
             .args(["edge", "--config"])
             .arg(&config)
-            .env_remove("ULOAD_API_KEY")
-            .env_remove("ULOAD_DATA_DIR")
-            .env("ULOAD_STATE_DIR", dir.join("state"))
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -526,12 +522,8 @@ fn a_restore_killed_mid_copy_leaves_no_partial_data_dir() {
         "the snapshot ({snap_len} bytes) must exceed the limit"
     );
     let dest = out.path().join("restored");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
-    cmd.arg("restore")
-        .arg(&b)
-        .arg(&dest)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
+    let mut cmd = common::uload_command(out.path());
+    cmd.arg("restore").arg(&b).arg(&dest).stdin(Stdio::null());
     // Killed by SIGXFSZ at the limit.
     common::limit_file_size(&mut cmd, limit, libc::SIG_DFL);
     let o = cmd.output().unwrap();

@@ -536,7 +536,7 @@ fn a_config_the_old_binary_refuses_is_refused_before_anything_changes() {
     conf.push_str("  a_key_of_the_new_release: 1\n");
     std::fs::write(&setup.config, conf).unwrap();
     assert!(
-        !Command::new(UPLOAD)
+        !common::uload_command(setup.path())
             .args(["check-config"])
             .arg(&setup.config)
             .stdout(Stdio::null())
@@ -612,15 +612,12 @@ fn nobody_edge(own_copy: bool) -> Option<(EdgeSetup, chaos::Proc, String)> {
         .unwrap();
     assert!(chown.success());
     let log = setup.new_log("edge");
+    let mut cmd = as_nobody();
+    common::test_env(&mut cmd, setup.path());
     let old = chaos::Proc(Some(
-        as_nobody()
-            .arg(&binary)
+        cmd.arg(&binary)
             .args(["edge", "--config"])
             .arg(&setup.config)
-            .env_remove("ULOAD_DATA_DIR")
-            .env_remove("ULOAD_EDGE_LISTEN")
-            .env("ULOAD_STATE_DIR", setup.path().join("state"))
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -795,17 +792,11 @@ fn deploy_of_an_edge_whose_pingora_conf_comes_from_the_environment() {
     )
     .unwrap();
     let mut old = chaos::Proc(Some(
-        Command::new(UPLOAD)
+        common::uload_command(setup.path())
             .arg("edge")
             .arg("--config")
             .arg(&setup.config)
-            .env_remove("ULOAD_API_KEY")
-            .env_remove("ULOAD_DATA_DIR")
-            .env_remove("ULOAD_EDGE_LISTEN")
-            .env_remove("ULOAD_ADMIN_UPSTREAMS")
-            .env("ULOAD_STATE_DIR", setup.path().join("state"))
             .env("ULOAD_EDGE_PINGORA_CONF", &env_conf)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(setup.new_log("edge"))
             .spawn()

@@ -630,13 +630,9 @@ impl Procs {
     }
 
     fn command(&self, sub: &str) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+        let mut cmd = common::uload_command(self.work.path());
         cmd.args([sub, "--config"])
             .arg(&self.config)
-            .env_remove("ULOAD_API_KEY")
-            .env_remove("ULOAD_DATA_DIR")
-            .env("ULOAD_STATE_DIR", self.work.path().join("state"))
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null());
         cmd
     }

@@ -353,10 +353,9 @@ fn the_client_address_reaches_the_admin() {
         ),
     )
     .unwrap();
-    let mut edge = std::process::Command::new(env!("CARGO_BIN_EXE_uload"))
+    let mut edge = common::uload_command(dir.path())
         .args(["edge", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
     wait_until(Duration::from_secs(30), "edge and fake admin", || {
@@ -387,11 +386,10 @@ fn an_edge_that_cannot_listen_exits_non_zero() {
     let cluster = Cluster::start();
     // The running edge holds the address; a second one on the same config
     // must fail without `-u`.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_uload"))
+    let out = common::uload_command(cluster.path())
         .args(["edge", "--config"])
         .arg(&cluster.config)
         .env("ULOAD_METRICS_LISTEN", "")
-        .env("RUST_LOG", "warn")
         .output()
         .unwrap();
     assert!(!out.status.success());

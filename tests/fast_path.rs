@@ -8,10 +8,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
-use common::{Cluster, api, free_port, get, metric, wait_until};
+use common::{Cluster, api, free_port, get, metric, uload_command, wait_until};
 
 /// Sends raw bytes, reads until the edge closes or the read times out.
 fn raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
@@ -48,18 +48,18 @@ impl Drop for Edge {
 }
 
 /// A second edge on the cluster's config and data dir, with the fast path
-/// off, answering `/health`.
+/// off, answering `/health`; its rate-limit and click state is the
+/// cluster's (the same files, shared with the cluster's edge).
 fn slow_edge(cluster: &Cluster) -> (Edge, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let edge = Edge(
-        Command::new(env!("CARGO_BIN_EXE_uload"))
+        uload_command(cluster.path())
             .args(["edge", "--config"])
             .arg(&cluster.config)
             .env("ULOAD_EDGE_LISTEN", addr.to_string())
             .env("ULOAD_METRICS_LISTEN", "")
             .env("ULOAD_ACCESS_LOG", "")
             .env("ULOAD_EDGE_FAST_PATH", "false")
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -223,10 +223,12 @@ fn the_fast_path_answers_exactly_what_pingora_answers() {
 }
 
 /// A client over its rate limit gets the same 429 from both paths, charged
-/// to the same (shared, memory-mapped) limiter state.
+/// to the same (shared, memory-mapped) limiter state: the two edges let
+/// the client through no more often together than one limiter would.
 #[test]
 fn a_client_over_its_limit_gets_the_same_429_from_both_paths() {
-    let (cluster, _slow, slow_addr) = limited_edges(5);
+    const BURST: u32 = 5;
+    let (cluster, _slow, slow_addr) = limited_edges(BURST);
     let edge = cluster.edge_addr;
 
     let fast_before = metric(
@@ -243,10 +245,16 @@ fn a_client_over_its_limit_gets_the_same_429_from_both_paths() {
     // between two requests (one a second), so the pair is retried.
     let mut fast_answers = 0.0;
     let mut sent = 0;
+    let mut redirects = 0;
+    let started = Instant::now();
     let (fast, slow) = loop {
         let (fast, slow) = (send(edge, "GET"), send(slow_addr, "GET"));
         fast_answers += 1.0;
         sent += 1;
+        redirects += [&fast, &slow]
+            .iter()
+            .filter(|r| r.starts_with("HTTP/1.1 302 "))
+            .count();
         assert!(
             sent < 40,
             "no pair of 429s after {sent} tries: {fast}\n{slow}"
@@ -255,6 +263,17 @@ fn a_client_over_its_limit_gets_the_same_429_from_both_paths() {
             break (fast, slow);
         }
     };
+    // One limiter lets the client through BURST times, and once more per
+    // whole second since its first request (refilled at one a second), plus
+    // one as a margin between the edges' clock and the test's: 6 when the
+    // pairs take under a second (4 pairs). Two limiters, one per edge, let
+    // it through twice the burst: 10 redirects in 6 pairs.
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        redirects as f64 <= f64::from(BURST) + elapsed + 1.0,
+        "{redirects} redirects in {sent} pairs within {elapsed:.2} s: the two edges do not \
+         share the client's limit (burst {BURST}, one a second)"
+    );
     // `ratelimit-reset` counts seconds until the bucket is full again, from
     // each answer's own millisecond: it may differ by one.
     let reset = |r: &str| {

@@ -157,14 +157,10 @@ impl Edge {
             .append(true)
             .open(self.dir.path().join(format!("{log}.stderr")))
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+        let mut cmd = common::uload_command(self.dir.path());
         cmd.args(args).arg("--config").arg(&self.config);
-        for (var, _) in uload::config::ENV_OVERRIDES {
-            cmd.env_remove(var);
-        }
         Proc(
-            cmd.env("ULOAD_STATE_DIR", self.dir.path().join("state"))
-                .env("RUST_LOG", "warn,uload=info")
+            cmd.env("RUST_LOG", "warn,uload=info")
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log))
                 .spawn()
@@ -811,10 +807,9 @@ fn a_certificate_outside_its_validity_is_refused_by_reload_and_check_config_but_
 
     // `check-config` refuses the expired certificate, naming key and file.
     install(edge.dir.path(), &expired.cert_pem, &expired.key_pem);
-    let out = Command::new(env!("CARGO_BIN_EXE_uload"))
+    let out = common::uload_command(edge.dir.path())
         .arg("check-config")
         .arg(&edge.config)
-        .env("ULOAD_STATE_DIR", edge.dir.path().join("state"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -923,20 +918,16 @@ fn a_bad_certificate_or_key_stops_the_edge_and_check_config() {
     )
     .unwrap();
     let run = |sub: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+        let mut cmd = common::uload_command(dir.path());
         cmd.args(sub);
         if sub[0] == "check-config" {
             cmd.arg(&config);
         } else {
             cmd.arg("--config").arg(&config);
         }
-        for (var, _) in uload::config::ENV_OVERRIDES {
-            cmd.env_remove(var);
-        }
         let log = dir.path().join("stderr");
         let mut child = Proc(
-            cmd.env("ULOAD_STATE_DIR", dir.path().join("state"))
-                .stdin(Stdio::null())
+            cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

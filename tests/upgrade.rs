@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{Cluster, api, get, request, wait_until};
+use common::{Cluster, api, get, request, uload_command, wait_until};
 
 /// Admin and edge running, with `/{code}` created through the edge and served.
 fn cluster_serving(code: &str) -> Cluster {
@@ -52,10 +52,9 @@ fn upgrade_hands_over_without_failed_requests() {
     });
 
     let old = cluster.edge.take().unwrap();
-    let mut new = Command::new(env!("CARGO_BIN_EXE_uload"))
+    let mut new = uload_command(cluster.path())
         .args(["edge", "-u", "--config"])
         .arg(&cluster.config)
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

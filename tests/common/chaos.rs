@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::common::{Response, free_port, request, wait_until};
+use crate::common::{Response, free_port, request, uload_command, wait_until};
 
 /// A loopback address nobody listens on right now.
 pub fn free_addr() -> SocketAddr {
@@ -207,16 +207,11 @@ impl EdgeSetup {
     pub fn spawn_edge(&self, extra: &[&str]) -> Proc {
         let log = self.new_log("edge");
         Proc(Some(
-            Command::new(env!("CARGO_BIN_EXE_uload"))
+            uload_command(self.path())
                 .arg("edge")
                 .args(extra)
                 .arg("--config")
                 .arg(&self.config)
-                .env_remove("ULOAD_API_KEY")
-                .env_remove("ULOAD_DATA_DIR")
-                .env_remove("ULOAD_EDGE_LISTEN")
-                .env_remove("ULOAD_ADMIN_UPSTREAMS")
-                .env("ULOAD_STATE_DIR", self.path().join("state"))
                 .env(
                     "RUST_LOG",
                     std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -832,12 +827,11 @@ pub fn write_links_tsv(path: &Path, n: usize) {
 /// `uload import FILE --data-dir DIR`; returns how long it took.
 pub fn import(data_dir: &Path, file: &Path) -> Duration {
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_uload"))
+    let out = uload_command(data_dir.parent().unwrap_or(data_dir))
         .arg("import")
         .arg(file)
         .arg("--data-dir")
         .arg(data_dir)
-        .env_remove("ULOAD_DATA_DIR")
         .output()
         .unwrap();
     assert!(

@@ -190,6 +190,33 @@ pub fn api(addr: SocketAddr, method: &str, path: &str, body: &str) -> Response {
     .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
+/// `uload` as a test runs it, its files in the test's temp dir `dir`: no
+/// `ULOAD_*` variable inherited from the test's environment (those of
+/// `uload::config::ENV_OVERRIDES` and `ULOAD_CONFIG` would override the
+/// test's config; a developer's shell or CI may set any of them),
+/// `ULOAD_STATE_DIR` in `dir/state` and `RUST_LOG=warn`. Without a state
+/// dir an edge keeps its rate-limit and click tables in `./state`, the
+/// crate's directory: shared by every test running at the time, and kept
+/// from one run to the next. Every test that starts an edge or an admin
+/// starts it from here; set variables after this call.
+pub fn uload_command(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+    test_env(&mut cmd, dir);
+    cmd
+}
+
+/// The environment of [`uload_command`], for a command that runs `uload`
+/// through another program (`setpriv`).
+pub fn test_env(cmd: &mut Command, dir: &Path) {
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("ULOAD_") {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.env("ULOAD_STATE_DIR", dir.join("state"))
+        .env("RUST_LOG", "warn");
+}
+
 /// Runs `uload ARGS` to the end and requires it to succeed; its stdout.
 pub fn uload_ok(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_uload"))
@@ -330,13 +357,9 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("{sub}.stderr")))
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_uload"))
+        uload_command(self.path())
             .args([sub, "--config"])
             .arg(&self.config)
-            .env_remove("ULOAD_API_KEY")
-            .env_remove("ULOAD_DATA_DIR")
-            .env("ULOAD_STATE_DIR", self.dir.path().join("state"))
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
             .spawn()
@@ -379,13 +402,9 @@ impl Cluster {
     /// failure found before taking the sockets leaves it serving; one found
     /// after leaves no edge at all); returns the new edge's stderr.
     pub fn failed_upgrade(&mut self) -> String {
-        let mut new = Command::new(env!("CARGO_BIN_EXE_uload"))
+        let mut new = uload_command(self.path())
             .args(["edge", "-u", "--config"])
             .arg(&self.config)
-            .env_remove("ULOAD_API_KEY")
-            .env_remove("ULOAD_DATA_DIR")
-            .env("ULOAD_STATE_DIR", self.path().join("state"))
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
