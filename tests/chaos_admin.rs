@@ -54,7 +54,7 @@ fn admin_crash_and_restart_under_load() {
         assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
         links.push((format!("/crash{i}"), 302, url));
     }
-    wait_until(Duration::from_secs(5), "links served", || {
+    wait_until(Duration::from_secs(30), "links served", || {
         get(edge, "/crash39").status == 302
     });
     let edge_pid = cluster.edge.as_ref().unwrap().id();
@@ -105,7 +105,7 @@ fn admin_crash_and_restart_under_load() {
         r#"{"url":"https://example.com/after","code":"after"}"#,
     );
     assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
-    wait_until(Duration::from_secs(5), "new link served", || {
+    wait_until(Duration::from_secs(30), "new link served", || {
         get(edge, "/after").header("location") == Some("https://example.com/after")
     });
     let r = api(edge, "GET", "/api/links/crash1", "");

@@ -18,13 +18,23 @@ fn create(cluster: &Cluster, body: &str) -> serde_json::Value {
     r.json()
 }
 
-/// Polls the edge until `path` answers with `status`; returns how long it took.
-fn served_within(cluster: &Cluster, path: &str, status: u16, limit: Duration) -> Duration {
-    let start = Instant::now();
-    wait_until(limit, path, || {
+/// How long a change may take to reach the edge before a test fails: a
+/// bound on waiting (polls end as soon as the edge answers), not a figure.
+const PROPAGATION: Duration = Duration::from_secs(30);
+
+/// Polls the edge until `path` answers with `status` (bounded by
+/// [`PROPAGATION`]).
+fn wait_served(cluster: &Cluster, path: &str, status: u16) {
+    wait_until(PROPAGATION, path, || {
         get(cluster.edge_addr, path).status == status
     });
-    start.elapsed()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 #[test]
@@ -33,14 +43,32 @@ fn link_lifecycle_through_the_edge() {
     let edge = cluster.edge_addr;
 
     // Create through the edge; the edge serves it within 50 ms of the 201.
-    let link = create(
-        &cluster,
-        r#"{"url":"https://example.com/a?x=1","code":"life","status":301}"#,
+    // The suite's one timed assertion, because the product promises it (its
+    // issue: "a link the admin acknowledged is served by the edge within 50
+    // ms (test)"). The clock starts when the 201 has been read and stops
+    // when the first 301 has; the edge is polled back to back, without a
+    // sleep, so the figure is the edge's delay plus one request at most.
+    let body = r#"{"url":"https://example.com/a?x=1","code":"life","status":301}"#;
+    let r = api(edge, "POST", "/api/links", body);
+    let acknowledged = Instant::now();
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
+    let took = loop {
+        if get(edge, "/life").status == 301 {
+            break acknowledged.elapsed();
+        }
+        assert!(
+            acknowledged.elapsed() < PROPAGATION,
+            "/life not served {PROPAGATION:?} after its 201"
+        );
+    };
+    eprintln!("created link served by the edge {took:?} after its 201");
+    assert!(
+        took <= Duration::from_millis(50),
+        "the edge served the link {took:?} after its 201 (at most 50 ms)"
     );
+    let link = r.json();
     assert_eq!(link["code"], "life");
     assert_eq!(link["short_url"], format!("http://{edge}/life"));
-    let took = served_within(&cluster, "/life", 301, Duration::from_millis(50));
-    eprintln!("created link served by the edge {took:?} after its 201");
     let r = get(edge, "/life");
     assert_eq!(r.header("location"), Some("https://example.com/a?x=1"));
     assert!(r.header("cache-control").unwrap().contains("max-age"));
@@ -61,7 +89,7 @@ fn link_lifecycle_through_the_edge() {
         r#"{"url":"https://example.org/b","status":307}"#,
     );
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
-    wait_until(Duration::from_secs(2), "update", || {
+    wait_until(PROPAGATION, "update", || {
         get(edge, "/life").header("location") == Some("https://example.org/b")
     });
     assert_eq!(get(edge, "/life").status, 307);
@@ -71,7 +99,7 @@ fn link_lifecycle_through_the_edge() {
         &cluster,
         r#"{"url":"https://example.com/q?src=a#top","code":"fwd","forward_query":true}"#,
     );
-    served_within(&cluster, "/fwd", 302, Duration::from_secs(2));
+    wait_served(&cluster, "/fwd", 302);
     assert_eq!(
         get(edge, "/fwd?utm=x&y=2").header("location"),
         Some("https://example.com/q?src=a&utm=x&y=2#top")
@@ -84,27 +112,57 @@ fn link_lifecycle_through_the_edge() {
     // Delete: 404 from the edge.
     let r = api(edge, "DELETE", "/api/links/life", "");
     assert_eq!(r.status, 204);
-    served_within(&cluster, "/life", 404, Duration::from_secs(2));
+    wait_served(&cluster, "/life", 404);
     assert_eq!(get(edge, "/life").api_error().0, "not_found");
 
-    // Expiry: a link that expires in a moment stops redirecting by itself.
-    let soon = chrono_like_rfc3339(std::time::SystemTime::now() + Duration::from_millis(1500));
-    create(
-        &cluster,
-        &format!(r#"{{"url":"https://example.com/e","code":"soon","expires_at":"{soon}"}}"#),
+    // Expiry: a link stops redirecting by itself at its expiry time: seen
+    // served (302) before that time, then 404, and not before it. A link
+    // not seen served before it expired (a machine slower than its
+    // lifetime) tells nothing either way: the case starts again with a new
+    // link that lives twice as long. The machine's speed decides how long
+    // this takes, never whether it passes.
+    let mut lifetime_ms = 2_000;
+    let (path, expires_ms) = loop {
+        assert!(
+            lifetime_ms <= 64_000,
+            "no link seen served before its expiry, the last living {} ms",
+            lifetime_ms / 2
+        );
+        let code = format!("soon{lifetime_ms}");
+        let expires_ms = now_ms() + lifetime_ms;
+        let at = uload::interchange::format_time(expires_ms);
+        create(
+            &cluster,
+            &format!(r#"{{"url":"https://example.com/e","code":"{code}","expires_at":"{at}"}}"#),
+        );
+        let path = format!("/{code}");
+        let mut seen = false;
+        while !seen && now_ms() < expires_ms {
+            seen = get(edge, &path).status == 302;
+            if !seen {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        if seen {
+            break (path, expires_ms);
+        }
+        lifetime_ms *= 2;
+    };
+    let limit = PROPAGATION + Duration::from_millis(expires_ms.saturating_sub(now_ms()));
+    wait_until(limit, "the link's expiry", || {
+        get(edge, &path).status == 404
+    });
+    let gone_ms = now_ms();
+    assert!(
+        gone_ms >= expires_ms,
+        "{path} gone {} ms before its expiry",
+        expires_ms - gone_ms
     );
-    served_within(&cluster, "/soon", 302, Duration::from_secs(2));
-    served_within(&cluster, "/soon", 404, Duration::from_secs(10));
 
     // Unknown codes and non-code paths.
     assert_eq!(get(edge, "/nope").status, 404);
     assert_eq!(get(edge, "/a/b").status, 404);
     assert_eq!(get(edge, "/%2e%2e").status, 404);
-}
-
-fn chrono_like_rfc3339(t: std::time::SystemTime) -> String {
-    let ms = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    uload::interchange::format_time(ms)
 }
 
 #[test]
@@ -117,7 +175,7 @@ fn redirects_survive_the_admin_and_both_restart() {
             &format!(r#"{{"url":"https://example.com/{i}","code":"k{i}"}}"#),
         );
     }
-    served_within(&cluster, "/k19", 302, Duration::from_secs(2));
+    wait_served(&cluster, "/k19", 302);
 
     // SIGKILL the admin: every redirect is still served, /api answers 503 JSON.
     cluster.kill_admin();
@@ -153,7 +211,7 @@ fn redirects_survive_the_admin_and_both_restart() {
         &cluster,
         r#"{"url":"https://example.com/back","code":"back"}"#,
     );
-    served_within(&cluster, "/back", 302, Duration::from_secs(2));
+    wait_served(&cluster, "/back", 302);
 
     // Restart both: every link is still served.
     cluster.kill_edge();
@@ -171,7 +229,7 @@ fn refusals_get_their_4xx_and_change_nothing() {
     let cluster = Cluster::start();
     let edge = cluster.edge_addr;
     create(&cluster, r#"{"url":"https://example.com/","code":"taken"}"#);
-    served_within(&cluster, "/taken", 302, Duration::from_secs(2));
+    wait_served(&cluster, "/taken", 302);
     let seq = cluster.edge_seq();
 
     let too_big = format!(r#"{{"url":"https://example.com/{}"}}"#, "x".repeat(70_000));
@@ -269,7 +327,7 @@ fn snapshot_swaps_under_load_fail_no_request() {
         &cluster,
         r#"{"url":"https://example.com/hot","code":"hot"}"#,
     );
-    served_within(&cluster, "/hot", 302, Duration::from_secs(2));
+    wait_served(&cluster, "/hot", 302);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
         let stop = stop.clone();
@@ -291,7 +349,7 @@ fn snapshot_swaps_under_load_fail_no_request() {
         );
     }
     wait_until(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "snapshots loaded by the edge",
         || get(edge, "/health").json()["follower"]["snapshots_loaded"].as_u64() >= Some(3),
     );

@@ -481,14 +481,23 @@ fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
     );
 }
 
-const PACED_HEADER_MS: u64 = 800;
-const PACED_KEEPALIVE_MS: u64 = 2_000;
+/// The paced client's margin: every time it waits is at least this far
+/// from each of the two limits.
+const PACED_MARGIN_MS: u64 = 1_000;
+/// The pause between two requests of a busy connection.
+const PACED_GAP_MS: u64 = 200;
+const PACED_HEADER_MS: u64 = PACED_GAP_MS + PACED_MARGIN_MS;
+/// An idle time past the header limit and within the keep-alive one.
+const PACED_IDLE_MS: u64 = PACED_HEADER_MS + PACED_MARGIN_MS;
+const PACED_KEEPALIVE_MS: u64 = PACED_IDLE_MS + PACED_MARGIN_MS;
 
 /// The loop's clocks: a connection kept busy stays open well past the
 /// keep-alive limit (each answer restarts it); an idle one is not cut
 /// before it; a later request's header clock starts at its first byte,
 /// not at the end of the previous answer. (The client paces itself with
-/// sleeps, each a second or more away from the limits.)
+/// sleeps, each a second or more away from both limits: 200 ms pauses
+/// under a 1.2 s header limit, 2.2 s idle times between it and a 3.2 s
+/// keep-alive limit, kept busy until 1 s past the keep-alive limit.)
 #[test]
 fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
     let cluster = Cluster::with_client_timeouts(PACED_HEADER_MS, PACED_KEEPALIVE_MS);
@@ -497,10 +506,10 @@ fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
     wait_until(Duration::from_secs(10), "the link at the edge", || {
         get(edge, "/lp").status == 302
     });
-    let gap = Duration::from_millis(PACED_KEEPALIVE_MS / 2 - 400);
+    let gap = Duration::from_millis(PACED_GAP_MS);
     let mut busy = looped(&cluster, "/lp");
     let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(PACED_KEEPALIVE_MS * 5 / 2) {
+    while started.elapsed() < Duration::from_millis(PACED_KEEPALIVE_MS + PACED_MARGIN_MS) {
         std::thread::sleep(gap);
         assert_eq!(
             ask(&mut busy, "GET", "/lp").0,
@@ -509,13 +518,13 @@ fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
             started.elapsed()
         );
     }
-    // Idle for half the keep-alive time: still open.
-    let end = busy.idle_end(Duration::from_millis(PACED_KEEPALIVE_MS / 2));
+    // Idle past the header limit, within the keep-alive one: still open.
+    let end = busy.idle_end(Duration::from_millis(PACED_IDLE_MS));
     assert!(matches!(end, IdleEnd::Open), "closed early: {end:?}");
     assert_eq!(ask(&mut busy, "GET", "/lp").0, 302);
     // Idle longer than the header limit (but within keep-alive), then a
     // header in two pieces: answered.
-    std::thread::sleep(Duration::from_millis(PACED_HEADER_MS + 400));
+    std::thread::sleep(Duration::from_millis(PACED_IDLE_MS));
     let head = Conn::head("GET", "/lp", &[], b"");
     busy.send(&head[..10]).unwrap();
     busy.send(&head[10..]).unwrap();
@@ -527,10 +536,13 @@ fn a_loop_restarts_its_clocks_as_the_tokio_path_does() {
 
 /// On SIGTERM a loop closes its idle connections at once, while the edge
 /// is still in its grace period, and answers a request it has begun to
-/// read, with `Connection: close`, before closing its connection.
+/// read, with `Connection: close`, before closing its connection. (A
+/// grace period of 10 s: the edge exits only after it, so one that has
+/// exited by the end of the test closed the connections by exiting.)
 #[test]
 fn a_loop_closes_idle_connections_on_shutdown() {
-    let mut cluster = cluster();
+    let mut cluster =
+        Cluster::with_client_timeouts_and_grace(HEADER_TIMEOUT_MS, KEEPALIVE_TIMEOUT_MS, 10);
     let edge = cluster.edge_addr;
     create(edge, r#"{"url":"https://example.com/lp","code":"lp"}"#);
     wait_until(Duration::from_secs(10), "the link at the edge", || {
@@ -560,7 +572,9 @@ fn a_loop_closes_idle_connections_on_shutdown() {
         process.try_wait().unwrap().is_none(),
         "the edge had already exited: the closes were not the loop's"
     );
-    let _ = process.wait();
+    // Not waited for: the rest of its grace period would only slow the test.
+    process.kill().unwrap();
+    process.wait().unwrap();
 }
 
 /// The TCP state (as `/proc/net/tcp` shows it: `01` ESTABLISHED, `04`

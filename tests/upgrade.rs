@@ -17,7 +17,7 @@ fn cluster_serving(code: &str) -> Cluster {
     let edge = cluster.edge_addr;
     let body = format!(r#"{{"url":"https://example.com/{code}","code":"{code}"}}"#);
     assert_eq!(api(edge, "POST", "/api/links", &body).status, 201);
-    wait_until(Duration::from_secs(2), "link served", || {
+    wait_until(Duration::from_secs(30), "link served", || {
         get(edge, &format!("/{code}")).status == 302
     });
     cluster
@@ -47,7 +47,7 @@ fn upgrade_hands_over_without_failed_requests() {
             }
         })
     };
-    wait_until(Duration::from_secs(5), "client running", || {
+    wait_until(Duration::from_secs(30), "client running", || {
         ok.load(Ordering::Relaxed) > 50
     });
 
@@ -76,7 +76,7 @@ fn upgrade_hands_over_without_failed_requests() {
     let exited = old.wait().unwrap();
     eprintln!("old edge exited: {exited:?}");
     wait_until(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "requests after the hand-over",
         || ok.load(Ordering::Relaxed) > before + 200,
     );

@@ -295,12 +295,24 @@ impl Cluster {
 
     /// Like `start`, with the edge's client header and keep-alive timeouts.
     pub fn with_client_timeouts(header_ms: u64, keepalive_ms: u64) -> Self {
-        Self::start_custom(
+        Self::with_client_timeouts_and_grace(header_ms, keepalive_ms, 1)
+    }
+
+    /// Like `with_client_timeouts`, with the edge's Pingora grace period
+    /// (the time between SIGTERM and the end of the graceful shutdown; 1 s
+    /// elsewhere).
+    pub fn with_client_timeouts_and_grace(
+        header_ms: u64,
+        keepalive_ms: u64,
+        grace_period_seconds: u64,
+    ) -> Self {
+        Self::start_full(
             &format!(
                 "  client_header_timeout_ms: {header_ms}\n  keepalive_timeout_ms: {keepalive_ms}\n"
             ),
             "",
             "",
+            grace_period_seconds,
         )
     }
 
@@ -309,6 +321,16 @@ impl Cluster {
     /// `"rate_limit:\n  client_burst: 5\n"`). The rate-limit state lives in
     /// the cluster's dir.
     pub fn start_custom(edge_extra: &str, admin_extra: &str, sections: &str) -> Self {
+        Self::start_full(edge_extra, admin_extra, sections, 1)
+    }
+
+    /// Like `start_custom`, with the edge's Pingora `grace_period_seconds`.
+    pub fn start_full(
+        edge_extra: &str,
+        admin_extra: &str,
+        sections: &str,
+        grace_period_seconds: u64,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let edge_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -319,7 +341,7 @@ impl Cluster {
         std::fs::write(
             &pingora,
             format!(
-                "---\nversion: 1\nthreads: 2\npid_file: {0}/edge.pid\nupgrade_sock: {0}/upgrade.sock\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+                "---\nversion: 1\nthreads: 2\npid_file: {0}/edge.pid\nupgrade_sock: {0}/upgrade.sock\ngrace_period_seconds: {grace_period_seconds}\ngraceful_shutdown_timeout_seconds: 1\n",
                 dir.path().display()
             ),
         )
