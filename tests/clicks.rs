@@ -101,7 +101,7 @@ fn budgets_are_kept(cluster: &mut Cluster) {
 }
 
 fn fast_path_answers(cluster: &Cluster) -> f64 {
-    metric(
+    common::metric_exposed(
         &cluster.metrics(cluster.edge_metrics_addr),
         "edge_fast_path_answers_total",
     )

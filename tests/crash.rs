@@ -9,11 +9,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
 
 use uload::store::{DataDir, LogOp, LogOptions, Store, record::Link};
 
 const THREADS: usize = 4;
 const ROUNDS: u64 = 40;
+/// How long the parent waits for the child's next line before it calls the
+/// child hung: a bound on a failure, never reached by a child that works.
+const LINE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn target(code: &str) -> String {
     format!("https://example.com/{code}/{}", code.len() * 7919)
@@ -99,27 +104,47 @@ fn appends_survive_sigkill() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // The child's lines, read on a thread: a child that stops printing
+        // (deadlocked) fails the test after LINE_TIMEOUT instead of hanging it.
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let next_line =
+            |child: &mut std::process::Child, what: &str| match lines.recv_timeout(LINE_TIMEOUT) {
+                Ok(line) => Some(line),
+                Err(RecvTimeoutError::Disconnected) => None,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("round {round}: no line from the child for {LINE_TIMEOUT:?} {what}");
+                }
+            };
         let mut seen = 0;
         while seen < kill_after {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(code) = line.strip_prefix("ack ") {
-                        acked.insert(code.to_owned());
-                        seen += 1;
-                    }
-                }
-                _ => break, // the child ended on its own: a failure, caught below
+            // None: the child ended on its own, a failure caught below.
+            let Some(line) = next_line(&mut child, "(it hangs)") else {
+                break;
+            };
+            if let Some(code) = line.strip_prefix("ack ") {
+                acked.insert(code.to_owned());
+                seen += 1;
             }
         }
         child.kill().unwrap(); // SIGKILL
         total_kills += 1;
         // Acks printed before the kill are acknowledgements too.
-        for line in lines.map_while(Result::ok) {
+        while let Some(line) = next_line(&mut child, "after SIGKILL (its stdout still open)") {
             if let Some(code) = line.strip_prefix("ack ") {
                 acked.insert(code.to_owned());
             }
         }
+        reader.join().unwrap();
         let status = child.wait().unwrap();
         assert!(
             status.code().is_none(),

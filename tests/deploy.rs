@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use chaos::{
     Conn, EdgeSetup, FakeAdmin, FakeMode, Grace, IdleEnd, Load, Pids, Reply, alive, free_addr,
-    import_links, signal, wait_gone,
+    import_links, signal,
 };
 use common::{get, request, wait_until};
 
@@ -134,7 +134,8 @@ fn running_edge(grace: Grace) -> (EdgeSetup, chaos::Proc, Load) {
     let links = import_links(&setup, 50);
     let edge = setup.start_edge();
     std::fs::write(setup.path().join("edge.pid"), format!("{}\n", edge.id())).unwrap();
-    let load = Load::start(setup.addr, links, 2, 50_000, Duration::from_secs(90));
+    // Stopped by each test; its count and time cap only bound a failed one.
+    let load = Load::start(setup.addr, links, 2, 1_000_000, Duration::from_secs(300));
     load.wait_more(100, Duration::from_secs(30));
     (setup, edge, load)
 }
@@ -331,7 +332,9 @@ fn assert_rolled_back(
 /// (proxied to an admin that answers late, and one whose head is only half
 /// sent): every request in flight gets its whole response, idle kept-alive
 /// connections are closed cleanly (never mid-response), and the process
-/// exits within its grace period plus its shutdown timeout.
+/// exits by itself after its grace period and shutdown timeout. How long
+/// after the signal it exited is printed; the bound asserted, counted from
+/// the signal, is a generous "did not hang" one (no timed assertions).
 #[test]
 fn sigterm_finishes_requests_in_flight_then_exits() {
     const SLOW: usize = 6;
@@ -393,8 +396,17 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
     );
 
     let pid = edge.id();
+    // Waits for the edge's exit from the signal on, while the requests are
+    // read below: the time it exited, not the time the test looked.
+    let limit = Duration::from_secs(
+        grace.grace_period_seconds + grace.graceful_shutdown_timeout_seconds + 30,
+    );
     let t0 = Instant::now();
     signal(pid, "TERM");
+    let exit = std::thread::spawn(move || {
+        let status = edge.wait_exit(limit.saturating_sub(t0.elapsed()));
+        (status, t0.elapsed())
+    });
     // The half-sent request completes after the signal.
     half.send(b"\r\n").unwrap();
     let half_answer = half.read_answer(false);
@@ -419,11 +431,7 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         })
         .collect();
     let new_conn = request(setup.addr, "GET", &path, &[], b"").map(|r| r.status);
-    let limit = Duration::from_secs(
-        grace.grace_period_seconds + grace.graceful_shutdown_timeout_seconds + 5,
-    );
-    let status = edge.wait_exit(limit);
-    let exited_after = t0.elapsed();
+    let (status, exited_after) = exit.join().unwrap();
 
     println!(
         "SIGTERM: exited {status:?} {exited_after:.2?} after the signal (grace {} s + shutdown timeout {} s); \
@@ -476,7 +484,6 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         "still running {limit:?} after SIGTERM\n{}",
         setup.logs()
     );
-    wait_gone(pid, Duration::from_secs(1));
 }
 
 // ---------------------------------------------------------------------------

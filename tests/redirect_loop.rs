@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chaos::{Conn, IdleEnd, Reply, signal};
-use common::{Cluster, KEY, api, get, metric, wait_until};
+use common::{Cluster, KEY, api, get, metric, metric_exposed, wait_until};
 
 const HEADER_TIMEOUT_MS: u64 = 1_000;
 const KEEPALIVE_TIMEOUT_MS: u64 = 1_500;
@@ -24,13 +24,14 @@ fn cluster() -> Cluster {
     Cluster::with_client_timeouts(HEADER_TIMEOUT_MS, KEEPALIVE_TIMEOUT_MS)
 }
 
-/// (connections held by the loops, hand-offs, hand-backs).
+/// (connections held by the loops, hand-offs, hand-backs); each series
+/// must be exposed (a zero is asserted of them).
 fn loop_counts(cluster: &Cluster) -> (f64, f64, f64) {
     let text = cluster.metrics(cluster.edge_metrics_addr);
     (
-        metric(&text, "edge_redirect_loop_connections"),
-        metric(&text, "edge_redirect_loop_handoffs_total"),
-        metric(&text, "edge_redirect_loop_handbacks_total"),
+        metric_exposed(&text, "edge_redirect_loop_connections"),
+        metric_exposed(&text, "edge_redirect_loop_handoffs_total"),
+        metric_exposed(&text, "edge_redirect_loop_handbacks_total"),
     )
 }
 

@@ -85,7 +85,11 @@ fn bad_files_are_refused_and_the_edge_keeps_serving() {
     let mut served = all_served(&cluster, &codes);
     let before_faults = unix_secs();
     let text = cluster.metrics(cluster.edge_metrics_addr);
-    assert_eq!(metric(&text, LAST_REFUSED), 0.0, "nothing refused yet");
+    assert_eq!(
+        common::metric_exposed(&text, LAST_REFUSED),
+        0.0,
+        "nothing refused yet"
+    );
 
     let manifest_path = data.join("MANIFEST");
     let good_manifest = std::fs::read(&manifest_path).unwrap();
@@ -268,7 +272,7 @@ fn readiness_fails_while_the_follower_is_stuck() {
     cluster.kill_admin();
     let up = format!(r#"admin_upstream_up{{upstream="{}"}}"#, cluster.admin_addr);
     wait_until(Duration::from_secs(10), "the admin seen down", || {
-        metric(&cluster.metrics(cluster.edge_metrics_addr), &up) == 0.0
+        common::metric_exposed(&cluster.metrics(cluster.edge_metrics_addr), &up) == 0.0
     });
     assert_eq!(get(cluster.edge_addr, "/health/ready").status, 200);
 }

@@ -403,7 +403,11 @@ impl Load {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Waits (bounded) until `n` more requests have succeeded.
+    /// Waits (bounded) until `n` more requests have succeeded: the load
+    /// went on meanwhile. Panics if they are not seen within `limit`, or if
+    /// every thread has ended first (its count made or its time cap
+    /// passed): a phase "under load" would have had none.
+    #[track_caller]
     pub fn wait_more(&self, n: u64, limit: Duration) {
         let target = self.ok() + n;
         let start = Instant::now();
@@ -415,10 +419,15 @@ impl Load {
                 self.ok(),
                 self.failed()
             );
-            // Every thread may have used up its count or the time cap.
-            if self.threads.iter().all(|t| t.is_finished()) {
-                return;
-            }
+            let finished = self.threads.iter().all(|t| t.is_finished());
+            assert!(
+                !finished || self.ok() >= target,
+                "load: every thread ended ({:.1?} after the start) before {n} more successes \
+                 ({} ok, {} failed): raise its count or its time cap",
+                self.start.elapsed(),
+                self.ok(),
+                self.failed()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -431,9 +440,9 @@ impl Load {
 
     /// Waits until every thread made its requests (or the cap passed) and
     /// merges what they saw.
-    pub fn join(self) -> LoadReport {
+    pub fn join(mut self) -> LoadReport {
         let mut all = LoadReport::default();
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             let r = t.join().unwrap();
             all.ok += r.ok;
             all.failed += r.failed;
@@ -443,6 +452,14 @@ impl Load {
         all.elapsed = self.start.elapsed();
         all.latencies_us.sort_unstable();
         all
+    }
+}
+
+/// A load dropped without [`Load::stop`] or [`Load::join`] (a test that
+/// failed halfway) stops its threads rather than run on to their cap.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

@@ -521,13 +521,26 @@ impl Drop for Cluster {
 
 /// The value of the series `name{labels}` (exactly as exposed, e.g.
 /// `link_redirects_total{result="served"}`) in a Prometheus text exposition;
-/// 0 when the series is absent.
+/// 0 when the series is absent (a labelled series before its first count).
+/// To assert a zero, use [`metric_exposed`]: absent reads as 0 here, so a
+/// renamed metric would pass.
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+    find_metric(text, series).unwrap_or(0.0)
+}
+
+/// The value of the series `name{labels}`, which must be exposed: panics,
+/// showing the exposition, when it is not.
+#[track_caller]
+pub fn metric_exposed(text: &str, series: &str) -> f64 {
+    let Some(value) = find_metric(text, series) else {
+        panic!("no series {series} in:\n{text}");
+    };
+    value
+}
+
+fn find_metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
