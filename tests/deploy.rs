@@ -575,16 +575,16 @@ fn a_config_the_old_binary_refuses_is_refused_before_anything_changes() {
 /// Run as root: an edge running as user 65534 on 10 imported links (its
 /// temp dir, state dir included, chowned to that user), from a copy of the
 /// build in that dir when `own_copy` (else from the build itself), its pid
-/// in the pid file; and one link's path. `None`, with the reason printed,
-/// where the test cannot run: not root, or no `setpriv`, or a binary user
-/// 65534 cannot run (a clone under /root).
-fn nobody_edge(own_copy: bool) -> Option<(EdgeSetup, chaos::Proc, String)> {
+/// in the pid file; and one link's path. `None`, the skip recorded for
+/// `test` (see [`common::skip`]), where the test cannot run: not root, or
+/// no `setpriv`, or a binary user 65534 cannot run (a clone under /root).
+fn nobody_edge(test: &str, own_copy: bool) -> Option<(EdgeSetup, chaos::Proc, String)> {
     let root = std::fs::read_to_string("/proc/self/status")
         .unwrap()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
     if !root {
-        eprintln!("needs root: skipped");
+        common::skip(test, "needs root");
         return None;
     }
     let as_nobody = || {
@@ -599,7 +599,7 @@ fn nobody_edge(own_copy: bool) -> Option<(EdgeSetup, chaos::Proc, String)> {
         .status()
         .is_ok_and(|s| s.success());
     if !nobody_runs_it {
-        eprintln!("needs setpriv and a uload binary user 65534 can run: skipped");
+        common::skip(test, "needs setpriv and a uload binary user 65534 can run");
         return None;
     }
     let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
@@ -652,10 +652,12 @@ fn served_after(setup: &EdgeSetup, old: &mut chaos::Proc, path: &str) -> Option<
 /// upgrade socket was root's with mode 0600, so the old edge could not
 /// connect to hand its sockets over, exited after SIGQUIT anyway, and
 /// nothing served (exit 4); and a new edge would have run as root. Needs
-/// root (and `setpriv`); prints "skipped" otherwise.
+/// root (and `setpriv`); otherwise records a skip (see [`common::skip`]).
 #[test]
 fn deploy_as_root_of_an_edge_running_as_another_user() {
-    let Some((setup, mut old, path)) = nobody_edge(false) else {
+    let Some((setup, mut old, path)) =
+        nobody_edge("deploy_as_root_of_an_edge_running_as_another_user", false)
+    else {
         return;
     };
     let pids = Pids::default();
@@ -686,7 +688,9 @@ fn deploy_as_root_of_an_edge_running_as_another_user() {
 /// served (found by review).
 #[test]
 fn deploy_as_root_can_roll_back_to_a_replaced_binary() {
-    let Some((setup, mut old, path)) = nobody_edge(true) else {
+    let Some((setup, mut old, path)) =
+        nobody_edge("deploy_as_root_can_roll_back_to_a_replaced_binary", true)
+    else {
         return;
     };
     let pids = Pids::default();
@@ -719,7 +723,10 @@ fn deploy_as_root_can_roll_back_to_a_replaced_binary() {
 /// review).
 #[test]
 fn deploy_as_root_preflight_checks_what_the_edge_user_can_read() {
-    let Some((setup, old, path)) = nobody_edge(false) else {
+    let Some((setup, old, path)) = nobody_edge(
+        "deploy_as_root_preflight_checks_what_the_edge_user_can_read",
+        false,
+    ) else {
         return;
     };
     let pids = Pids::default();
@@ -760,7 +767,10 @@ fn assert_refused_by_the_preflight(
 /// served (found by review).
 #[test]
 fn deploy_as_root_of_a_new_binary_the_edge_user_cannot_run() {
-    let Some((setup, old, path)) = nobody_edge(false) else {
+    let Some((setup, old, path)) = nobody_edge(
+        "deploy_as_root_of_a_new_binary_the_edge_user_cannot_run",
+        false,
+    ) else {
         return;
     };
     let pids = Pids::default();

@@ -258,7 +258,7 @@ fn a_bulk_create_counts_each_link() {
 /// state dir is a small tmpfs, filled up once the edge runs; then requests
 /// from many client addresses (so many slots, on many pages) all get their
 /// answer, and the edge is still running. Needs `mount` (root): without it
-/// the test prints "skipped".
+/// the test records a skip (`common::skip`).
 #[test]
 fn a_full_disk_under_the_limiter_state_does_not_kill_the_edge() {
     use std::io::Write;
@@ -270,7 +270,10 @@ fn a_full_disk_under_the_limiter_state_does_not_kill_the_edge() {
     cluster.kill_edge();
     let state = cluster.path().join("state");
     let Some(_mount) = Tmpfs::mount(&state, 4 << 20) else {
-        println!("a full disk under the limiter state: skipped: mount not permitted");
+        common::skip(
+            "a_full_disk_under_the_limiter_state_does_not_kill_the_edge",
+            "mount not permitted",
+        );
         return;
     };
     cluster.start_edge();

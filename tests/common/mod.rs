@@ -217,6 +217,38 @@ pub fn test_env(cmd: &mut Command, dir: &Path) {
         .env("RUST_LOG", "warn");
 }
 
+/// Records that `test` (its function's name) skipped its real checks, and
+/// why (needs root, `mount`, `setpriv`...): the test passes, as it must
+/// where CI cannot give it those, but not silently. The line is printed,
+/// and when `ULOAD_TEST_SKIPS` names a directory (`scripts/test.sh` makes
+/// one) a file there says so; the script lists them after the run.
+pub fn skip(test: &str, why: &str) {
+    let line = format!("{test}: skipped its real checks: {why}");
+    eprintln!("{line}");
+    let Some(dir) = std::env::var_os("ULOAD_TEST_SKIPS") else {
+        return;
+    };
+    // The test binary's name without cargo's hash: `disk_fault-0a1b...`.
+    let exe = std::env::current_exe().unwrap();
+    let stem = exe.file_stem().unwrap().to_string_lossy().into_owned();
+    let binary = stem.rsplit_once('-').map_or(stem.as_str(), |(b, _)| b);
+    let name: String = format!("{binary}::{test}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    std::fs::write(
+        Path::new(&dir).join(name),
+        format!("{binary}::{test}: {why}\n"),
+    )
+    .unwrap_or_else(|e| panic!("ULOAD_TEST_SKIPS={dir:?}: {e}"));
+}
+
 /// Runs `uload ARGS` to the end and requires it to succeed; its stdout.
 pub fn uload_ok(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_uload"))
