@@ -96,6 +96,15 @@ impl FollowerStats {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_owned());
     }
 
+    /// `refuse`, unless `error` is the last one refused: a problem that
+    /// stays (or comes back at every retry) is logged and counted once.
+    fn refuse_once(&self, error: String) {
+        let seen = self.last_error.lock().ok().and_then(|g| g.clone());
+        if seen.as_deref() != Some(&error) {
+            self.refuse(error);
+        }
+    }
+
     fn refuse(&self, error: String) {
         // Logged before counted: whoever sees the count can find the line.
         tracing::error!(%error, "link store: refused a file; still serving the current view");
@@ -131,6 +140,11 @@ pub struct LogFollower {
     /// The log problem the last poll hit, so that a bad file is refused (and
     /// logged and counted) once, not on every poll while it stays.
     log_problem: Option<String>,
+    /// Why the view must be loaded from disk again (the log was cut back
+    /// under it) while a reload has not yet succeeded: the tail reports a
+    /// cut-back once, so a reload that failed (EMFILE, say) is retried at
+    /// every poll, and no record is applied to the stale view meanwhile.
+    reload_owed: Option<String>,
     stats: Arc<FollowerStats>,
 }
 
@@ -160,6 +174,7 @@ impl LogFollower {
             manifest_seen: manifest,
             manifest_stat: None,
             log_problem: None,
+            reload_owed: None,
             stats: Arc::default(),
         }
     }
@@ -181,6 +196,14 @@ impl LogFollower {
             new_snapshot: self.check_manifest(),
             ..Default::default()
         };
+        // Views a reader still held when they were replaced are dropped
+        // here, on the follower's thread, once the reader is done.
+        self.table.reap();
+        if let Some(why) = self.reload_owed.clone()
+            && let Err(problem) = self.reload_from_disk(&why, &mut outcome)
+        {
+            return self.finish(outcome, Some(problem), true);
+        }
         let view = &mut self.view;
         let mut bad_record = None;
         let status = self.source.poll(&mut |seq, op| match view.apply(seq, op) {
@@ -204,10 +227,7 @@ impl LogFollower {
                     "no log segment holds the records after {} (compacted away, or a later segment that does not belong) and no usable newer snapshot is available",
                     self.view.seq()
                 );
-                let seen = self.stats.last_error.lock().ok().and_then(|g| g.clone());
-                if seen.as_deref() != Some(&text) {
-                    self.stats.refuse(text);
-                }
+                self.stats.refuse_once(text);
             }
             // The snapshot loaded in this poll holds them; the tail was reset.
             Ok(TailStatus::NeedSnapshot) => {}
@@ -217,21 +237,45 @@ impl LogFollower {
                 // sequences: only a reload from disk is right.
                 let text = e.to_string();
                 self.stats.refuse(text.clone());
-                match self.dir.load_view(true) {
-                    Ok(view) => {
-                        tracing::warn!(
-                            seq = view.seq(),
-                            "link store: view reloaded from disk after the log was cut back"
-                        );
-                        self.source.reset(view.seq());
-                        self.view = view;
-                        outcome.new_snapshot = Some(self.view.snapshot_seq());
-                    }
-                    Err(reload) => problem = Some(format!("{text}; reloading: {reload}")),
+                if let Err(reload) = self.reload_from_disk(&text, &mut outcome) {
+                    problem = Some(reload);
                 }
             }
             Err(e) => problem = problem.or(Some(e.to_string())),
         }
+        self.finish(outcome, problem, stuck)
+    }
+
+    /// Loads the view from disk again after the log was cut back under it
+    /// (`why`); on failure the reload stays owed, and the problem is returned.
+    fn reload_from_disk(&mut self, why: &str, outcome: &mut PollOutcome) -> Result<(), String> {
+        match self.dir.load_view(true) {
+            Ok(view) => {
+                tracing::warn!(
+                    seq = view.seq(),
+                    "link store: view reloaded from disk after the log was cut back"
+                );
+                self.source.reset(view.seq());
+                self.view = view;
+                outcome.new_snapshot = Some(self.view.snapshot_seq());
+                self.reload_owed = None;
+                Ok(())
+            }
+            Err(reload) => {
+                self.reload_owed = Some(why.to_owned());
+                Err(format!("{why}; reloading: {reload}"))
+            }
+        }
+    }
+
+    /// Counts and logs a poll's problem (once while it stays), keeps the
+    /// stuck time for `/health`, and publishes the view if it changed.
+    fn finish(
+        &mut self,
+        mut outcome: PollOutcome,
+        problem: Option<String>,
+        mut stuck: bool,
+    ) -> PollOutcome {
         if let Some(text) = &problem
             && problem != self.log_problem
         {
@@ -272,11 +316,13 @@ impl LogFollower {
             Ok(Some(m)) => m,
             Ok(None) => return None,
             Err(e) => {
-                let text = e.to_string();
-                let seen = self.stats.last_error.lock().ok().and_then(|g| g.clone());
-                if seen.as_deref() != Some(&text) {
-                    self.stats.refuse(text);
+                if e.io_error().is_some() {
+                    // Reading failed (EMFILE, EIO...): nothing is known of the
+                    // file, so the next poll reads it again.
+                    self.manifest_stat = None;
                 }
+                let text = e.to_string();
+                self.stats.refuse_once(text);
                 return None;
             }
         };
@@ -287,9 +333,17 @@ impl LogFollower {
             return None;
         }
         self.manifest_seen = Some(manifest.clone());
-        let result = self
-            .dir
-            .open_manifest_snapshot(&manifest, true)
+        let opened = self.dir.open_manifest_snapshot(&manifest, true);
+        if opened.as_ref().is_err_and(|e| e.io_error().is_some()) {
+            // Opening failed for a reason outside the file (EMFILE, ENOMEM
+            // for the mapping, EIO): try it again at the next poll. A file
+            // refused for what it holds is not verified again until the
+            // manifest changes (a checksum pass over a large snapshot at
+            // every poll would be the cost).
+            self.manifest_seen = None;
+            self.manifest_stat = None;
+        }
+        let result = opened
             .map_err(|e| e.to_string())
             .and_then(|snap| self.view.rebase(snap));
         match result {
@@ -300,8 +354,10 @@ impl LogFollower {
                 }
                 Some(manifest.seq)
             }
+            // Once per manifest, or per failed retry of an open that failed
+            // for a reason outside the file.
             Err(e) => {
-                self.stats.refuse(e);
+                self.stats.refuse_once(e);
                 None
             }
         }

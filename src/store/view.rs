@@ -24,7 +24,7 @@
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
@@ -361,6 +361,13 @@ pub(crate) fn merge_links<'a>(
 #[derive(Debug)]
 pub struct HotTable {
     current: ArcSwap<TableView>,
+    /// Replaced views a reader still held when `publish` swapped them out.
+    /// The last reference to a view must not be a reader's: dropping a
+    /// view on a new snapshot unmaps the old one, and when compaction has
+    /// deleted its file that frees its page cache too, tens of ms for a
+    /// large table, which would fall on a request. Only publishers touch
+    /// this lock; `reap` drops what readers have let go of.
+    retired: Mutex<Vec<Arc<TableView>>>,
 }
 
 impl HotTable {
@@ -368,6 +375,7 @@ impl HotTable {
     pub fn new(view: TableView) -> Self {
         Self {
             current: ArcSwap::from_pointee(view),
+            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -382,9 +390,28 @@ impl HotTable {
         self.current.load_full()
     }
 
-    /// Makes `view` the one readers see.
+    /// Makes `view` the one readers see. The view it replaces is dropped
+    /// here, on the publisher's thread, unless a reader still holds it; then
+    /// it is kept until a later `publish` or `reap` finds it let go of.
     pub fn publish(&self, view: Arc<TableView>) {
-        self.current.store(view);
+        // `swap` turns every reader's guard of the old view into a counted
+        // reference (arc-swap pays its debts), so the count is the truth.
+        let old = self.current.swap(view);
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&old) > 1 {
+            retired.push(old);
+        }
+        retired.retain(|v| Arc::strong_count(v) > 1);
+    }
+
+    /// Drops the replaced views no reader holds any more. The follower calls
+    /// it at every poll, so that a view held across a `publish` does not
+    /// outlive its reader by more than a poll interval.
+    pub fn reap(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if !retired.is_empty() {
+            retired.retain(|v| Arc::strong_count(v) > 1);
+        }
     }
 }
 
