@@ -76,7 +76,11 @@ function init(args)
   zipf_a = 1 - zipf_s
   local host = wrk.headers["Host"] or wrk.host
   head = "GET /"
-  tail = " HTTP/1.1\r\nHost: " .. host .. "\r\n\r\n"
+  -- LT_CLOSE=1: one request per connection; wrk connects again after each
+  -- answer, so every request pays a TCP handshake, as clicks from many
+  -- clients do.
+  local close = os.getenv("LT_CLOSE") == "1" and "Connection: close\r\n" or ""
+  tail = " HTTP/1.1\r\nHost: " .. host .. "\r\n" .. close .. "\r\n"
 end
 
 local function zipf_index()

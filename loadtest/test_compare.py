@@ -75,6 +75,12 @@ class Verdicts(unittest.TestCase):
         self.assertTrue(v.startswith("- NOT MET:"), v)
         self.assertIn(", robustly", v)
 
+    def test_too_few_rounds_are_never_robust(self):
+        # 3 rounds: the interval (smallest, largest) covers the median 75%
+        v = cpu_verdict([7.0] * 3, [10.0] * 3)
+        self.assertTrue(v.startswith("- MET:"), v)
+        self.assertIn("not robustly", v)
+
     def test_pairs_by_round_not_by_order(self):
         runs = rounds([7.0, 9.0], [10.0, 9.0])
         runs.reverse()
@@ -103,6 +109,26 @@ class Pool(unittest.TestCase):
         pooled = compare.pool(runs)
         m, low, high, cov, met, robust = compare.verdict(compare.paired_ratios(pooled, "cpu_us_per_req"), 0.8)
         self.assertTrue(met and robust, (m, low, high, cov))
+
+    def test_a_pool_is_robust_only_if_every_run_agrees(self):
+        import json, os, tempfile
+        # 30 rounds at 0.70 and a second run of 11 at 0.82: pooled, the
+        # median and its interval are under 0.8, but one run says otherwise.
+        a = self.results([7.0] * 30, [10.0] * 30)
+        b = self.results([8.2] * 11, [10.0 + k / 100 for k in range(11)])
+        with tempfile.TemporaryDirectory() as d:
+            paths = []
+            for i, r in enumerate((a, b)):
+                paths.append(os.path.join(d, f"{i}.json"))
+                with open(paths[-1], "w") as f:
+                    json.dump(r, f)
+            report = compare.pool_report(paths)
+        line = next(l for l in report.splitlines() if l.startswith("pooled: server CPU"))
+        self.assertIn("met (target 0.8), not robustly", line)
+        self.assertIn("run medians 0.700, 0.8", line)
+        m, low, high, cov, met, robust = compare.verdict(
+            compare.paired_ratios(compare.pool([a, b]), "cpu_us_per_req"), 0.8)
+        self.assertTrue(met and robust, "the interval alone would call it robust")
 
     def test_refuses_the_same_runs_twice_or_other_wrk_settings(self):
         a = self.results([7.0], [10.0])
