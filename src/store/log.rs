@@ -1367,11 +1367,45 @@ pub struct LogTail {
     /// Directory mtime, `last_seq` and the answer of the last
     /// `segment_after_exists` listing.
     dir_seen: Option<(std::time::SystemTime, u64, bool)>,
-    /// Offset and 8-byte header of the last frame returned from the current
-    /// segment, and the file length when they were last checked: a writer
-    /// that cut back a batch whose fsync failed (after we read it) is seen
-    /// when the file changes and that frame is no longer there.
-    last_frame: Option<(u64, [u8; FRAME_HEADER_LEN], u64)>,
+    /// Offset and 8-byte header (length and checksum) of the last frame
+    /// returned from the current segment, and the file's stamp when they
+    /// were last checked: a writer that cut back a batch whose fsync failed
+    /// (after we read it) is seen when the file changes and that frame is no
+    /// longer there, and before we leave the segment (a batch of the same
+    /// length written in its place may leave length and times unchanged).
+    last_frame: Option<(u64, [u8; FRAME_HEADER_LEN], FileStamp)>,
+}
+
+/// What `stat` says of a file that changes when it does: a write or a
+/// truncation moves its length or its times, a replacement its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(m: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// Whether the frame last returned from `file` (at `at`, with `header`) is
+/// gone: the file is shorter than `end`, where we read up to, or holds
+/// another frame there. One 8-byte `pread`.
+fn frame_gone(file: &File, len: u64, end: u64, at: u64, header: &[u8; FRAME_HEADER_LEN]) -> bool {
+    let mut now = [0u8; FRAME_HEADER_LEN];
+    len < end || file.read_exact_at(&mut now, at).is_err() || now != *header
 }
 
 /// Where a [`LogTail`] poll ended up.
@@ -1419,27 +1453,19 @@ impl LogTail {
                 return Ok(TailStatus::CaughtUp);
             };
             let path = path.clone();
-            let len = file.metadata().map_err(io_err(&path))?.len();
+            // Taken before the read, so that a change after it is seen next time.
+            let stamp = FileStamp::of(&file.metadata().map_err(io_err(&path))?);
+            let len = stamp.len;
+            // The `fstat` gives the times with the length: a batch cut back
+            // and replaced by one of the same length moves them.
             if let Some((at, header, checked)) = self.last_frame
-                && checked != len
+                && checked != stamp
             {
-                let mut now = [0u8; FRAME_HEADER_LEN];
-                let rewound =
-                    len < *offset || file.read_exact_at(&mut now, at).is_err() || now != header;
-                if rewound {
-                    // Records we returned were cut off (a batch whose fsync
-                    // failed) and others written in their place. Report it
-                    // once, then carry on after our last sequence.
+                if frame_gone(file, len, *offset, at, &header) {
                     let offset = *offset;
-                    self.current = None;
-                    self.last_frame = None;
-                    return Err(LogError::Rewound {
-                        path,
-                        offset,
-                        last_seq: self.last_seq,
-                    });
+                    return Err(self.rewound(path, offset));
                 }
-                self.last_frame = Some((at, header, len));
+                self.last_frame = Some((at, header, stamp));
             }
             let base = *offset;
             self.buf.clear();
@@ -1473,7 +1499,7 @@ impl LogTail {
             if let Some(p) = last_at {
                 let mut header = [0u8; FRAME_HEADER_LEN];
                 header.copy_from_slice(&self.buf[p..p + FRAME_HEADER_LEN]);
-                self.last_frame = Some((base + p as u64, header, len));
+                self.last_frame = Some((base + p as u64, header, stamp));
             }
             *offset += pos as u64;
             let at = *offset;
@@ -1492,6 +1518,15 @@ impl LogTail {
                 // before it starts the next, which begins at our next record.
                 let next = self.dir.join(segment_file_name(self.last_seq + 1));
                 if next != path && next.exists() {
+                    // Check the last frame we returned from this file once
+                    // more: it may have been cut back and replaced by a batch
+                    // of the same length within the times' resolution, which
+                    // nothing above saw, and after this we never look back.
+                    if let Some((at, header, _)) = self.last_frame
+                        && frame_gone(file, read_end, read_end, at, &header)
+                    {
+                        return Err(self.rewound(path, read_end));
+                    }
                     self.current = None;
                     self.last_frame = None;
                     continue;
@@ -1546,6 +1581,19 @@ impl LogTail {
                 offset: at,
                 reason,
             });
+        }
+    }
+
+    /// Records we returned were cut off (a batch whose fsync failed) and
+    /// others may be written in their place: drops the segment and says so,
+    /// once. The next poll carries on after our last sequence.
+    fn rewound(&mut self, path: PathBuf, offset: u64) -> LogError {
+        self.current = None;
+        self.last_frame = None;
+        LogError::Rewound {
+            path,
+            offset,
+            last_seq: self.last_seq,
         }
     }
 
