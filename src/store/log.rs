@@ -1374,6 +1374,9 @@ pub struct LogTail {
     /// longer there, and before we leave the segment (a batch of the same
     /// length written in its place may leave length and times unchanged).
     last_frame: Option<(u64, [u8; FRAME_HEADER_LEN], FileStamp)>,
+    /// Where the last poll stopped at damage: while the file is unchanged,
+    /// polls return the same error without reading it again.
+    stopped: Option<Stopped>,
 }
 
 /// What `stat` says of a file that changes when it does: a write or a
@@ -1398,6 +1401,17 @@ impl FileStamp {
             ctime: (m.ctime(), m.ctime_nsec()),
         }
     }
+}
+
+/// A poll that stopped at damage: the file (kept open, so that its inode
+/// number cannot be reused by a new file under the same name while we
+/// compare), its stamp taken before it was read, and the error.
+struct Stopped {
+    _file: File,
+    stamp: FileStamp,
+    path: PathBuf,
+    offset: u64,
+    reason: String,
 }
 
 /// Whether the frame last returned from `file` (at `at`, with `header`) is
@@ -1428,6 +1442,7 @@ impl LogTail {
             buf: Vec::new(),
             dir_seen: None,
             last_frame: None,
+            stopped: None,
         }
     }
 
@@ -1441,6 +1456,19 @@ impl LogTail {
         &mut self,
         mut visit: impl FnMut(u64, LogOpRef<'_>),
     ) -> Result<TailStatus, LogError> {
+        // Stopped by damage: the same answer, for one `stat`, until the file
+        // changes (repaired, replaced, removed). Reading it again would cost
+        // the whole segment per poll, and give the same error.
+        if let Some(s) = &self.stopped {
+            if fs::metadata(&s.path).is_ok_and(|m| FileStamp::of(&m) == s.stamp) {
+                return Err(LogError::Corrupt {
+                    path: s.path.clone(),
+                    offset: s.offset,
+                    reason: s.reason.clone(),
+                });
+            }
+            self.stopped = None;
+        }
         loop {
             if self.current.is_none() && !self.open_segment_for_next()? {
                 return Ok(if self.segment_after_exists()? {
@@ -1573,9 +1601,18 @@ impl LogTail {
             {
                 return Ok(TailStatus::CaughtUp);
             }
-            // Reopen from the directory next time: the damaged file may be
-            // replaced or removed by then.
-            self.current = None;
+            // Until the file changes, later polls return this error without
+            // reading it; then they reopen it from the directory (it may have
+            // been repaired, replaced or removed).
+            if let Some((file, _, _)) = self.current.take() {
+                self.stopped = Some(Stopped {
+                    _file: file,
+                    stamp,
+                    path: path.clone(),
+                    offset: at,
+                    reason: reason.clone(),
+                });
+            }
             return Err(LogError::Corrupt {
                 path,
                 offset: at,
