@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use uload::store::log::InjectedFault;
+use uload::store::log::{InjectedFault, list_segments};
 use uload::store::{LogFollower, LogOp, LogOptions, Store, record::Link};
 
 /// One test at a time: `out_of_fds` lowers the whole process's limit.
@@ -42,9 +42,11 @@ fn out_of_fds<T>(f: impl FnOnce() -> T) -> T {
 /// A data dir with a1..a3, and a follower that polled once from inside the
 /// fsync of the batch "xx", whose fsync then failed: the follower serves
 /// "xx", which the writer cut off the log.
-fn follower_saw_a_failed_batch() -> (tempfile::TempDir, Store, Arc<Mutex<LogFollower>>) {
+fn follower_saw_a_failed_batch(
+    opts: LogOptions,
+) -> (tempfile::TempDir, Store, Arc<Mutex<LogFollower>>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), LogOptions::default()).unwrap();
+    let store = Store::open(dir.path(), opts).unwrap();
     for c in ["a1", "a2", "a3"] {
         store.append(&[put(c)]).unwrap();
     }
@@ -71,7 +73,7 @@ fn follower_saw_a_failed_batch() -> (tempfile::TempDir, Store, Arc<Mutex<LogFoll
 #[test]
 fn a_reload_after_a_cut_back_that_failed_is_retried() {
     let _s = serial();
-    let (_dir, store, follower) = follower_saw_a_failed_batch();
+    let (_dir, store, follower) = follower_saw_a_failed_batch(LogOptions::default());
     assert_eq!(store.append(&[put("okay")]).unwrap(), 4);
     let mut f = follower.lock().unwrap();
     out_of_fds(|| f.poll_once()); // the cut-back seen; its reload fails
@@ -90,6 +92,34 @@ fn a_reload_after_a_cut_back_that_failed_is_retried() {
     );
     assert!(view.get(b"xx").is_none(), "a link cut off the log served");
     assert_eq!(f.stats().stuck_since_ms.load(Relaxed), 0);
+}
+
+/// The refused batch is replaced by an acknowledged one of the same length,
+/// so the file's length never changes under the follower; the next batch
+/// goes to a new segment. Before, the tail moved on to it without checking
+/// the last frame it had read again: it kept serving the refused "xx" and
+/// never served the acknowledged "ok".
+#[test]
+fn cut_back_batch_replaced_by_equal_length_one_is_never_noticed() {
+    let _s = serial();
+    // 3 frames: 191 bytes, 4: 244; so the batch after "ok" rolls over.
+    let (dir, store, f) = follower_saw_a_failed_batch(LogOptions { segment_bytes: 200 });
+    assert_eq!(store.append(&[put("ok")]).unwrap(), 4); // acknowledged, same length as xx
+    assert_eq!(store.append(&[put("o2")]).unwrap(), 5);
+    assert_eq!(list_segments(&dir.path().join("log")).unwrap().len(), 2);
+    for _ in 0..10 {
+        f.lock().unwrap().poll_once();
+    }
+    let f = f.lock().unwrap();
+    let view = f.table().load();
+    assert!(view.get(b"o2").is_some());
+    assert!(view.get(b"ok").is_some(), "acknowledged link never served");
+    assert!(view.get(b"xx").is_none(), "refused link served");
+    assert_eq!(
+        f.stats().files_refused.load(Relaxed),
+        1,
+        "the cut-back, once"
+    );
 }
 
 /// A follower that has seen a1 and a2, then a3 appended and compacted into

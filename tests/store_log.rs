@@ -4,10 +4,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, mpsc};
 
-use uload::store::log::{InjectedFault, LogTail, TailStatus, list_segments};
+use uload::store::log::{LogTail, TailStatus, list_segments};
 use uload::store::{
     DataDir, LogError, LogFollower, LogOp, LogOptions, Store, StoreError, record::Link,
 };
@@ -618,61 +618,6 @@ fn a_compaction_refuses_a_log_shorter_than_what_was_acknowledged() {
 
 fn nsegs(dir: &Path) -> usize {
     list_segments(&dir.join("log")).unwrap().len()
-}
-
-/// A follower that read the batch "xx" (seq 4) after its write and before
-/// its fsync failed: the writer then cut it off again.
-fn follower_saw_a_failed_batch(
-    opts: LogOptions,
-) -> (tempfile::TempDir, Store, Arc<Mutex<LogFollower>>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), opts).unwrap();
-    for c in ["a1", "a2", "a3"] {
-        store.append(&[put(c)]).unwrap();
-    }
-    let f = Arc::new(Mutex::new(LogFollower::open(dir.path()).unwrap()));
-    f.lock().unwrap().poll_once();
-    // The follower polls from inside the failing fsync, once: the frames
-    // are whole in the file then, and cut off right after.
-    let (inner, armed) = (f.clone(), AtomicBool::new(true));
-    store.log().observe_fsync(move |_| {
-        if armed.swap(false, Relaxed) {
-            inner.lock().unwrap().poll_once();
-        }
-    });
-    store
-        .log()
-        .inject_fault(InjectedFault::SyncFails { errno: libc::EIO });
-    assert!(store.append(&[put("xx")]).is_err());
-    assert!(f.lock().unwrap().table().load().get(b"xx").is_some());
-    (dir, store, f)
-}
-
-/// The refused batch is replaced by an acknowledged one of the same length,
-/// so the file's length never changes under the follower; the next batch
-/// goes to a new segment. Before, the tail moved on to it without checking
-/// the last frame it had read again: it kept serving the refused "xx" and
-/// never served the acknowledged "ok".
-#[test]
-fn cut_back_batch_replaced_by_equal_length_one_is_never_noticed() {
-    // 3 frames: 191 bytes, 4: 244; so the batch after "ok" rolls over.
-    let (dir, store, f) = follower_saw_a_failed_batch(LogOptions { segment_bytes: 200 });
-    assert_eq!(store.append(&[put("ok")]).unwrap(), 4); // acknowledged, same length as xx
-    assert_eq!(store.append(&[put("o2")]).unwrap(), 5);
-    assert_eq!(nsegs(dir.path()), 2);
-    for _ in 0..10 {
-        f.lock().unwrap().poll_once();
-    }
-    let f = f.lock().unwrap();
-    let view = f.table().load();
-    assert!(view.get(b"o2").is_some());
-    assert!(view.get(b"ok").is_some(), "acknowledged link never served");
-    assert!(view.get(b"xx").is_none(), "refused link served");
-    assert_eq!(
-        f.stats().files_refused.load(Relaxed),
-        1,
-        "the cut-back, once"
-    );
 }
 
 /// Bytes this thread has read through `read`/`pread` so far.
