@@ -1101,9 +1101,10 @@ def compare(args, n, uload_bin):
         log(f"warm-up {LABEL[name]} ({args.warmup} s)")
         run_wrk(args, servers[name], links_dir, args.warmup, f"warmup-{name}", wd)
     for rnd in range(1, args.rounds + 1):
-        # A B C, then C B A: no server always runs first (or right after
-        # the same neighbour) in its round, so a position effect (caches,
-        # the other core's state) cancels over an even number of rounds.
+        # A B C, then C B A: the first and last servers change places every
+        # round, so a position effect (caches, the other core's state)
+        # cancels between them over an even number of rounds; a middle
+        # server (nginx, with three servers) always runs second.
         order = live if rnd % 2 else live[::-1]
         for position, name in enumerate(order, 1):
             r = run_wrk(args, servers[name], links_dir, args.duration, f"r{rnd}-{name}", wd)

@@ -207,3 +207,32 @@ fn a_reader_never_drops_the_last_reference_to_a_replaced_snapshot() {
     f.poll_once(); // the follower's thread drops it
     assert!(!mapped(&old), "the replaced snapshot is let go of");
 }
+
+/// A snapshot that cannot be opened for a moment while the log no longer
+/// holds what the follower needs: two problems at every poll, the open's
+/// and the missing records'. Each is logged and counted once (they took
+/// turns as "the last error" and were counted at every poll).
+#[test]
+fn two_problems_in_turn_are_each_refused_once() {
+    let _s = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // A segment per append, so that compaction removes the ones it covers.
+    let store = Store::open(dir.path(), LogOptions { segment_bytes: 64 }).unwrap();
+    store.append(&[put("a1")]).unwrap();
+    let mut f = LogFollower::open(dir.path()).unwrap();
+    f.poll_once();
+    for c in ["a2", "a3", "a4"] {
+        store.append(&[put(c)]).unwrap();
+    }
+    store.compact().unwrap();
+    let snap = dir.path().join("snapshots").join(format!("{:020}.snap", 4));
+    let aside = dir.path().join("aside");
+    std::fs::rename(&snap, &aside).unwrap();
+    for _ in 0..5 {
+        f.poll_once();
+    }
+    assert_eq!(f.stats().files_refused.load(Relaxed), 2);
+    std::fs::rename(&aside, &snap).unwrap();
+    f.poll_once();
+    assert_eq!(f.table().load().seq(), 4);
+}

@@ -581,7 +581,8 @@ pub(super) fn not_found_body(miss: Miss) -> Bytes {
 }
 
 /// The stable JSON error body, the admin API's shape (`docs/api.md`,
-/// "Errors"): `{"error":{"code":...,"message":...,"field":null}}`; no field
+/// "Errors"): `{"error":{"code":...,"field":null,"message":...}}` (serde_json
+/// writes the keys sorted); no field
 /// of a request body is ever at fault in what the edge refuses itself.
 pub fn error_body(code: &str, message: &str) -> Bytes {
     let body = serde_json::json!({ "error": { "code": code, "message": message, "field": null } });

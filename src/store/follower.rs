@@ -8,7 +8,7 @@
 //! shared data dir today, a replicated log (NATS JetStream) past one machine.
 //!
 //! ```
-//! use std::time::Duration;
+//! use std::time::{Duration, Instant};
 //! use uload::store::{LogFollower, LogOp, Store, record::Link};
 //! let dir = tempfile::tempdir().unwrap();
 //! let store = Store::open(dir.path(), Default::default()).unwrap();
@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::datadir::{DataDir, Manifest, StoreError};
 use super::frame::LogOpRef;
@@ -96,13 +96,15 @@ impl FollowerStats {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_owned());
     }
 
-    /// `refuse`, unless `error` is the last one refused: a problem that
-    /// stays (or comes back at every retry) is logged and counted once.
-    fn refuse_once(&self, error: String) {
-        let seen = self.last_error.lock().ok().and_then(|g| g.clone());
-        if seen.as_deref() != Some(&error) {
-            self.refuse(error);
+    /// `refuse`, unless `slot` (where one step of the poll keeps the
+    /// problem it last met) already holds `error`: a problem that stays, or
+    /// comes back at every retry, is logged and counted once, even while
+    /// another step's problem comes and goes in between.
+    fn refuse_new(&self, slot: &mut Option<String>, error: String) {
+        if slot.as_deref() != Some(&error) {
+            self.refuse(error.clone());
         }
+        *slot = Some(error);
     }
 
     fn refuse(&self, error: String) {
@@ -144,9 +146,19 @@ pub struct LogFollower {
     /// under it) while a reload has not yet succeeded: the tail reports a
     /// cut-back once, so a reload that failed (EMFILE, say) is retried at
     /// every poll, and no record is applied to the stale view meanwhile.
-    reload_owed: Option<String>,
+    /// With the time of the next try when the last one failed on what a
+    /// file holds (a checksum pass of every file at every poll would be the
+    /// cost); `None` retries at every poll (an I/O error: EMFILE, EIO).
+    reload_owed: Option<(String, Option<Instant>)>,
+    /// The manifest or snapshot problem the last check met.
+    manifest_problem: Option<String>,
+    /// The "no segment holds the records" problem the last poll met.
+    gap_problem: Option<String>,
     stats: Arc<FollowerStats>,
 }
+
+/// How long a reload that failed on a file's contents waits to be tried again.
+const RELOAD_RETRY: Duration = Duration::from_secs(10);
 
 impl LogFollower {
     /// Loads the data dir at `root` (snapshot with checksums verified, then
@@ -175,6 +187,8 @@ impl LogFollower {
             manifest_stat: None,
             log_problem: None,
             reload_owed: None,
+            manifest_problem: None,
+            gap_problem: None,
             stats: Arc::default(),
         }
     }
@@ -199,10 +213,18 @@ impl LogFollower {
         // Views a reader still held when they were replaced are dropped
         // here, on the follower's thread, once the reader is done.
         self.table.reap();
-        if let Some(why) = self.reload_owed.clone()
-            && let Err(problem) = self.reload_from_disk(&why, &mut outcome)
-        {
-            return self.finish(outcome, Some(problem), true);
+        if let Some((why, retry_at)) = self.reload_owed.clone() {
+            let failed = if retry_at.is_none_or(|at| Instant::now() >= at) {
+                self.reload_from_disk(&why, &mut outcome).err()
+            } else {
+                Some(self.log_problem.clone().unwrap_or(why))
+            };
+            if let Some(problem) = failed {
+                // Not even a snapshot loaded meanwhile is published: the
+                // view still holds the records cut off the log.
+                outcome.new_snapshot = None;
+                return self.finish(outcome, Some(problem), false);
+            }
         }
         let view = &mut self.view;
         let mut bad_record = None;
@@ -215,7 +237,7 @@ impl LogFollower {
         let mut problem = bad_record;
         let mut stuck = false;
         match status {
-            Ok(TailStatus::CaughtUp) => {}
+            Ok(TailStatus::CaughtUp) => self.gap_problem = None,
             Ok(TailStatus::NeedSnapshot) if outcome.new_snapshot.is_none() => {
                 stuck = true;
                 // Records we need were compacted away: the manifest names a
@@ -227,7 +249,7 @@ impl LogFollower {
                     "no log segment holds the records after {} (compacted away, or a later segment that does not belong) and no usable newer snapshot is available",
                     self.view.seq()
                 );
-                self.stats.refuse_once(text);
+                self.stats.refuse_new(&mut self.gap_problem, text);
             }
             // The snapshot loaded in this poll holds them; the tail was reset.
             Ok(TailStatus::NeedSnapshot) => {}
@@ -262,7 +284,11 @@ impl LogFollower {
                 Ok(())
             }
             Err(reload) => {
-                self.reload_owed = Some(why.to_owned());
+                let retry_at = reload
+                    .io_error()
+                    .is_none()
+                    .then(|| Instant::now() + RELOAD_RETRY);
+                self.reload_owed = Some((why.to_owned(), retry_at));
                 Err(format!("{why}; reloading: {reload}"))
             }
         }
@@ -321,8 +347,8 @@ impl LogFollower {
                     // file, so the next poll reads it again.
                     self.manifest_stat = None;
                 }
-                let text = e.to_string();
-                self.stats.refuse_once(text);
+                self.stats
+                    .refuse_new(&mut self.manifest_problem, e.to_string());
                 return None;
             }
         };
@@ -348,6 +374,7 @@ impl LogFollower {
             .and_then(|snap| self.view.rebase(snap));
         match result {
             Ok(()) => {
+                self.manifest_problem = None;
                 self.stats.snapshots_loaded.fetch_add(1, Ordering::Relaxed);
                 if manifest.seq >= self.view.seq() {
                     self.source.reset(manifest.seq);
@@ -357,7 +384,7 @@ impl LogFollower {
             // Once per manifest, or per failed retry of an open that failed
             // for a reason outside the file.
             Err(e) => {
-                self.stats.refuse_once(e);
+                self.stats.refuse_new(&mut self.manifest_problem, e);
                 None
             }
         }

@@ -405,8 +405,9 @@ impl HotTable {
     }
 
     /// Drops the replaced views no reader holds any more. The follower calls
-    /// it at every poll, so that a view held across a `publish` does not
-    /// outlive its reader by more than a poll interval.
+    /// it at every poll, so that a view held across a `publish` lives on
+    /// after its reader until the follower's next poll (at most its idle
+    /// poll interval, 500 ms at the edge).
     pub fn reap(&self) {
         let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
         if !retired.is_empty() {
