@@ -324,7 +324,11 @@ def write_configs(name, wd, links_dir, n, port, admin_port, metrics_port, args):
             wd = os.path.join(wd, name)
             os.makedirs(wd, exist_ok=True)
         extra_pingora, sections = edge_settings(settings)
-        if "rate_limit" in sections and "  state_dir:" not in sections["rate_limit"]:
+        # Each edge's state files (click table, limiter) in its own run
+        # dir: the default, ./state, is the caller's directory (the
+        # checkout), shared by every edge of the run and kept between runs.
+        sections.setdefault("rate_limit", "")
+        if "  state_dir:" not in sections["rate_limit"]:
             sections["rate_limit"] += f"  state_dir: {wd}/state\n"
         follow = sections.pop("edge", "")
         admin_extra = sections.pop("admin", "")
