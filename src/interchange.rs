@@ -340,6 +340,17 @@ fn parse_json_line(text: &str) -> Result<LinkJson, (String, String)> {
 /// at the start of a file.
 const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
 
+/// The byte that ends a file's lines, from its first `read_until(b'\n')`:
+/// LF, unless that read ended without one, which means the file holds no LF
+/// at all (the read took all of it) and CRs end its lines (classic Mac).
+fn line_end_of(first_read: &[u8]) -> u8 {
+    if first_read.ends_with(b"\n") {
+        b'\n'
+    } else {
+        b'\r'
+    }
+}
+
 /// Calls `visit` with each line's number and text (without its line ending,
 /// nor a byte order mark at the start of the file), or a refusal for a line
 /// that is not UTF-8. Lines end with LF or CRLF; with `lone_cr_ends_line`, a
@@ -359,8 +370,7 @@ fn read_lines(
         if input.read_until(b'\n', &mut buf)? == 0 {
             return Ok(());
         }
-        // With no LF in the file, the first read holds all of it.
-        let cr_lines = lone_cr_ends_line && line == 0 && !buf.ends_with(b"\n");
+        let cr_lines = lone_cr_ends_line && line == 0 && line_end_of(&buf) == b'\r';
         while buf.last().is_some_and(|&b| b == b'\n' || b == b'\r') {
             buf.pop();
         }
@@ -368,7 +378,7 @@ fn read_lines(
         for piece in buf.split(|&b| cr_lines && b == b'\r') {
             line += 1;
             // A UTF-8 byte order mark (as Windows editors write) is not
-            // part of the first line; the CSV reader skips it too.
+            // part of the first line (`read_csv` strips it the same way).
             let bytes = match line {
                 1 => piece.strip_prefix(BYTE_ORDER_MARK).unwrap_or(piece),
                 _ => piece,
@@ -411,11 +421,7 @@ fn read_csv(
     // holds all of the file (as in `read_lines`).
     let mut first_line = Vec::new();
     input.read_until(b'\n', &mut first_line)?;
-    let line_end = if first_line.ends_with(b"\n") {
-        b'\n'
-    } else {
-        b'\r'
-    };
+    let line_end = line_end_of(&first_line);
     // Stripped here rather than by the csv crate, so that the bytes the
     // `LineTracker` follows are the bytes the parser reads.
     if first_line.starts_with(BYTE_ORDER_MARK) {
@@ -534,7 +540,7 @@ fn next_record<R: io::Read>(
         let read = reader.read_record(record);
         // Before what the record holds: a record that takes in the rest of
         // the file is no row of its author's, and neither are its pieces.
-        if let Some((line, column)) = lines.quote_never_closed() {
+        if let Some((line, column)) = lines.open_quote_at_end() {
             return Ok(CsvRecord::QuoteNeverClosed { line, column });
         }
         return match read {
@@ -701,7 +707,7 @@ impl LineTracker {
     /// (line, column) of a quote still open at the end of the input. The
     /// parser reads on only when it has used up all it read, so once the
     /// input has ended, the record it returns last holds the open quote.
-    fn quote_never_closed(&self) -> Option<(u64, usize)> {
+    fn open_quote_at_end(&self) -> Option<(u64, usize)> {
         let t = self.0.borrow();
         match t.quoting {
             Quoting::Quoted { line, column } if t.eof => Some((line, column)),
