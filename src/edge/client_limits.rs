@@ -376,6 +376,7 @@ where
         // (unless Pingora takes it), the answer buffer, the header timer and
         // the shutdown signal.
         let mut ready = handed_back.is_some();
+        let handed_back_limited = handed_back.is_some();
         let mut buf = handed_back.unwrap_or_default();
         let mut answer = Vec::new();
         let timer = tokio::time::sleep_until(accepted + self.header_timeout);
@@ -384,6 +385,13 @@ where
         // When the wait for the next request began.
         let mut idle_from = accepted;
         let mut settings: Option<HttpPersistentSettings> = None;
+        // A connection handed back by a loop had its limit set before it
+        // went there; TLS connections get theirs at accept.
+        let mut limit = if handed_back_limited {
+            WriteLimit::Set
+        } else {
+            WriteLimit::of(&stream)
+        };
         loop {
             let head = if std::mem::take(&mut ready) {
                 Head::Ready
@@ -433,19 +441,25 @@ where
                 && let Some(keepalive) =
                     fast.answer(&buf, peer, started.into_std(), closing, &mut answer)
             {
+                if (keepalive || answer.len() > FITS_SEND_BUFFER)
+                    && !limit.set(&stream, self.keepalive_timeout)
+                {
+                    return None;
+                }
                 if stream.write_all(&answer).await.is_err() || stream.flush().await.is_err() {
                     return None;
                 }
                 if !keepalive || *shutdown.borrow() {
-                    let _ = stream.shutdown().await;
                     return None;
                 }
                 // A kept-alive connection whose requests the fast path
                 // answers goes on in a redirect loop.
-                // Only when the last read left room in `buf`: Pingora's
-                // stream reads ahead into a buffer of its own and copies as
-                // much as fits, so room left means nothing was left behind
-                // there (the next request must not be lost with it).
+                // Only when the last read left room in `buf`: a Pingora
+                // stream with a read buffer reads ahead into it and copies
+                // as much as fits, so room left means nothing was left
+                // behind there (the next request must not be lost with it).
+                // The cleartext listener has no read buffer now
+                // (`edge::build`); this keeps a hand-off safe if it gets one.
                 if let Some(loops) = &self.loops
                     && buf.len() < buf.capacity()
                     && stream.as_any().is::<L4Stream>()
@@ -468,6 +482,9 @@ where
                 idle_from = started;
                 first = false;
                 continue;
+            }
+            if !limit.set(&stream, self.keepalive_timeout) {
+                return None;
             }
             let mut session = ServerSession::new_http1(stream);
             if first || settings.is_none() {
@@ -533,6 +550,68 @@ where
             runtime: tokio::runtime::Handle::current(),
         });
         Ok(())
+    }
+}
+
+/// An answer of at most this many bytes, written to a connection that has
+/// sent nothing before, fits in its socket's send buffer (at least
+/// `SOCK_MIN_SNDBUF`, about 4.5 KiB, and 16 KiB by default): writing it
+/// never waits on the client, so it needs no write time limit.
+const FITS_SEND_BUFFER: usize = 2048;
+
+/// Whether a cleartext connection has its write time limit:
+/// `TCP_USER_TIMEOUT` = the keep-alive time, so that the kernel cuts off a
+/// client that reads none of its answers (or acknowledges nothing) for that
+/// long, whatever is writing to it (Pingora sets no time limit on writing).
+/// It is set before the first write that could wait on the client: an
+/// answer larger than [`FITS_SEND_BUFFER`], anything Pingora serves, or
+/// any answer after which the connection is kept. A one-click client,
+/// whose request the fast path answers and whose connection then closes,
+/// never needs it, and setting it at accept (with Pingora's five keepalive
+/// options) was five of the fourteen system calls such a connection cost.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WriteLimit {
+    Set,
+    NotYet,
+}
+
+impl WriteLimit {
+    /// `NotYet` for Pingora's plain TCP stream; TLS streams got theirs at
+    /// accept (through the listener's keepalive settings).
+    fn of(stream: &Stream) -> Self {
+        if stream.as_any().is::<L4Stream>() {
+            Self::NotYet
+        } else {
+            Self::Set
+        }
+    }
+
+    /// Sets the limit unless it is set; false when the socket refused it
+    /// (the connection is then closed rather than written to unbounded).
+    fn set(&mut self, stream: &Stream, keepalive: Duration) -> bool {
+        if *self == Self::Set {
+            return true;
+        }
+        let Some(l4) = stream.as_any().downcast_ref::<L4Stream>() else {
+            return false;
+        };
+        let ms = super::user_timeout_ms(keepalive) as libc::c_int;
+        // SAFETY: setsockopt on a socket fd that `l4` keeps open, with a
+        // pointer to a c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                l4.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_USER_TIMEOUT,
+                (&ms as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return false;
+        }
+        *self = Self::Set;
+        true
     }
 }
 

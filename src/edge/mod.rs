@@ -228,9 +228,16 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     };
     // Header and keep-alive time limits around Pingora's proxy loop.
     let mut service = client_limits::service(&server.configuration, proxy, &config.edge, fast);
-    service.add_tcp_with_settings(
-        &config.edge.listen.to_string(),
-        client_socket_options(&config.edge),
+    // Cleartext sockets get their write time limit from `ClientLimits`,
+    // only when they need one (`client_limits::WriteLimit`), and no read
+    // buffer of Pingora's: every read of theirs is `ClientLimits` reading a
+    // request header into a buffer of its own (4 KiB) or Pingora reading
+    // into its own buffers, so a 64 KiB buffer in front (allocated zeroed
+    // per connection, its pages faulted in anew whenever the allocator had
+    // given them back) only copied bytes once more. TLS reads keep it.
+    service.endpoints().add_listener(
+        pingora::listeners::ListenerConfig::tcp(config.edge.listen.to_string())
+            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::default().read(0)),
     );
     if let (Some(t), Some(store)) = (&config.tls, certs) {
         tracing::info!(
@@ -304,14 +311,16 @@ pub fn load_pingora_conf(path: &std::path::Path) -> Result<ServerConf, String> {
     Ok(conf)
 }
 
-/// Socket options of every accepted client connection. `TCP_USER_TIMEOUT`
+/// Socket options of every accepted TLS connection. `TCP_USER_TIMEOUT`
 /// (through Pingora's keepalive settings) is the keep-alive time: a client
 /// that does not read its answers (its window stays shut) or does not
 /// acknowledge them is cut off by the kernel after that long, whichever
-/// path (fast path, redirect loop, Pingora, TLS) is writing to it; Pingora
-/// sets no time limit on writing a response header. The keepalive probes
-/// themselves start only after the same idle time, by which the edge has
-/// closed an idle connection anyway.
+/// path (Pingora, the TLS handshake) is writing to it; Pingora sets no time
+/// limit on writing a response header. The keepalive probes themselves
+/// start only after the same idle time, by which the edge has closed an
+/// idle connection anyway. Cleartext connections get the same
+/// `TCP_USER_TIMEOUT` (and only it) later, from `ClientLimits`, before
+/// their first write that could wait on the client.
 fn client_socket_options(edge: &crate::config::EdgeConfig) -> pingora::listeners::TcpSocketOptions {
     let mut options = pingora::listeners::TcpSocketOptions::default();
     options.tcp_keepalive = Some(keepalive(edge.keepalive_timeout));
@@ -329,8 +338,14 @@ fn keepalive(idle: std::time::Duration) -> pingora::protocols::TcpKeepalive {
         idle: Duration::from_secs(idle.as_secs().clamp(1, 32_767)),
         interval: Duration::from_secs(10),
         count: 3,
-        user_timeout: idle.clamp(Duration::from_millis(1), Duration::from_secs(86_400)),
+        user_timeout: Duration::from_millis(user_timeout_ms(idle).into()),
     }
+}
+
+/// `TCP_USER_TIMEOUT` for a keep-alive time of `idle`: milliseconds from 1
+/// to a day (as the config allows; 0 would mean the system default).
+pub(crate) fn user_timeout_ms(idle: std::time::Duration) -> u32 {
+    idle.as_millis().clamp(1, 86_400_000) as u32
 }
 
 #[cfg(test)]
