@@ -25,7 +25,7 @@
 //! fast path does not answer (`ClientLimits::serve` with the bytes read).
 
 use std::future::Future;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::Poll;
@@ -45,7 +45,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use super::fast_path::RedirectFastPath;
-use super::redirect_loop::{HandBack, Handoff, RedirectLoops};
+use super::redirect_loop::{HandBack, RedirectLoops};
 use crate::config::EdgeConfig;
 
 /// Reading stops here (Pingora's own limit is 1 MiB - 1); Pingora then
@@ -65,7 +65,7 @@ pub struct ClientLimits<A> {
     /// Serve kept-alive connections after a fast-path answer
     /// (`redirect_loop.rs`).
     loops: Option<RedirectLoops>,
-    /// How the loops give a connection back (made on the first hand-off).
+    /// How the loops give a connection to Pingora (made once).
     back: OnceLock<Arc<dyn HandBack>>,
 }
 
@@ -82,13 +82,14 @@ impl<A> ClientLimits<A> {
     }
 }
 
-/// The edge's listening service: the proxy wrapped in [`ClientLimits`].
-pub fn service<SV>(
+/// The proxy wrapped in [`ClientLimits`], for Pingora's listening service
+/// ([`Shared`]) and the redirect loops' listener (`loop_listener.rs`).
+pub fn limits<SV>(
     conf: &Arc<ServerConf>,
     proxy: SV,
     edge: &EdgeConfig,
     fast: Option<Arc<RedirectFastPath>>,
-) -> Service<ClientLimits<pingora::proxy::HttpProxy<SV>>>
+) -> Arc<ClientLimits<pingora::proxy::HttpProxy<SV>>>
 where
     SV: pingora::proxy::ProxyHttp + Send + Sync + 'static,
     SV::CTX: Send + Sync,
@@ -109,7 +110,37 @@ where
         });
     }
     limits.fast = fast;
-    Service::new("Pingora HTTP Proxy Service".into(), limits)
+    Arc::new(limits)
+}
+
+/// Pingora's listening service for shared [`ClientLimits`].
+pub fn service<A>(limits: &Arc<ClientLimits<A>>) -> Service<Shared<A>>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    Service::new("Pingora HTTP Proxy Service".into(), Shared(limits.clone()))
+}
+
+/// [`ClientLimits`] as Pingora's application: Pingora's service owns its
+/// application, and the loops' listener serves the same one.
+pub struct Shared<A>(Arc<ClientLimits<A>>);
+
+#[async_trait]
+impl<A> ServerApp for Shared<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        self.0.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.0.cleanup().await;
+    }
 }
 
 /// How reading a request header ended.
@@ -376,7 +407,6 @@ where
         // (unless Pingora takes it), the answer buffer, the header timer and
         // the shutdown signal.
         let mut ready = handed_back.is_some();
-        let handed_back_limited = handed_back.is_some();
         let mut buf = handed_back.unwrap_or_default();
         let mut answer = Vec::new();
         let timer = tokio::time::sleep_until(accepted + self.header_timeout);
@@ -385,13 +415,8 @@ where
         // When the wait for the next request began.
         let mut idle_from = accepted;
         let mut settings: Option<HttpPersistentSettings> = None;
-        // A connection handed back by a loop had its limit set before it
-        // went there; TLS connections get theirs at accept.
-        let mut limit = if handed_back_limited {
-            WriteLimit::Set
-        } else {
-            WriteLimit::of(&stream)
-        };
+        // TLS connections get theirs at accept.
+        let mut limit = WriteLimit::of(&stream);
         loop {
             let head = if std::mem::take(&mut ready) {
                 Head::Ready
@@ -452,24 +477,6 @@ where
                 if !keepalive || *shutdown.borrow() {
                     return None;
                 }
-                // A kept-alive connection whose requests the fast path
-                // answers goes on in a redirect loop.
-                // Only when the last read left room in `buf`: a Pingora
-                // stream with a read buffer reads ahead into it and copies
-                // as much as fits, so room left means nothing was left
-                // behind there (the next request must not be lost with it).
-                // The cleartext listener has no read buffer now
-                // (`edge::build`); this keeps a hand-off safe if it gets one.
-                if let Some(loops) = &self.loops
-                    && buf.len() < buf.capacity()
-                    && stream.as_any().is::<L4Stream>()
-                    && loops.accepting(shutdown)
-                {
-                    match self.hand_off(loops, stream, peer, started.into_std(), shutdown) {
-                        Ok(()) => return None,
-                        Err(back) => stream = back,
-                    }
-                }
                 // A connection keeps its buffer, but not one a huge header
                 // grew: idle connections must not pin megabytes.
                 if buf.capacity() > HEAD_BUF_KEEP {
@@ -506,50 +513,6 @@ where
             idle_from = Instant::now();
             first = false;
         }
-    }
-
-    /// Moves an idle cleartext connection to a redirect loop: its socket is
-    /// duplicated and Pingora's stream (and tokio's registration) dropped.
-    /// Gives the stream back when the socket cannot be duplicated.
-    fn hand_off(
-        self: &Arc<Self>,
-        loops: &RedirectLoops,
-        stream: Stream,
-        peer: Option<std::net::IpAddr>,
-        idle_from: std::time::Instant,
-        shutdown: &ShutdownWatch,
-    ) -> Result<(), Stream> {
-        let Ok(l4) = stream.into_any().downcast::<L4Stream>() else {
-            // The caller checked the type; nothing is left to serve.
-            return Ok(());
-        };
-        // SAFETY: F_DUPFD_CLOEXEC on a socket fd that `l4` keeps open; the
-        // result is checked.
-        let fd = unsafe { libc::fcntl(l4.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(l4);
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        drop(l4);
-        let back = self
-            .back
-            .get_or_init(|| {
-                Arc::new(BackToPingora {
-                    limits: Arc::downgrade(self),
-                    shutdown: shutdown.clone(),
-                })
-            })
-            .clone();
-        loops.hand_off(Handoff {
-            fd,
-            peer,
-            idle_from,
-            back,
-            // Back to the runtime that accepted it, if it comes back.
-            runtime: tokio::runtime::Handle::current(),
-        });
-        Ok(())
     }
 }
 
@@ -615,6 +578,28 @@ impl WriteLimit {
     }
 }
 
+impl<A> ClientLimits<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    /// The redirect loops, when they serve this edge's connections.
+    pub fn loops(&self) -> Option<&RedirectLoops> {
+        self.loops.as_ref()
+    }
+
+    /// How a loop gives a connection back (made once).
+    pub fn back(self: &Arc<Self>, shutdown: &ShutdownWatch) -> Arc<dyn HandBack> {
+        self.back
+            .get_or_init(|| {
+                Arc::new(BackToPingora {
+                    limits: Arc::downgrade(self),
+                    shutdown: shutdown.clone(),
+                })
+            })
+            .clone()
+    }
+}
+
 /// Pingora's plain TCP stream, the one kind of stream a loop can take.
 type L4Stream = pingora::protocols::l4::stream::Stream;
 
@@ -642,6 +627,8 @@ where
                     return;
                 }
             };
+            // TCP_NODELAY came with the socket, from the listener
+            // (`loop_listener.rs`).
             let mut l4 = L4Stream::from(tcp);
             let digest = pingora::protocols::SocketDigest::from_raw_fd(l4.as_raw_fd());
             l4.set_socket_digest(digest);

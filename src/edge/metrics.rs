@@ -108,9 +108,11 @@ pub struct EdgeMetrics {
     pub access_log_dropped: IntCounter,
     /// Requests answered by the redirect fast path (`fast_path.rs`).
     pub fast_path_answers: IntCounter,
-    /// Connections held by the redirect loops (`redirect_loop.rs`), and
-    /// how many were handed to them and given back to Pingora.
+    /// Connections held by the redirect loops (`redirect_loop.rs`), how
+    /// many they accepted, and how many were handed to them and given back
+    /// to Pingora.
     pub redirect_loop_connections: IntGauge,
+    pub redirect_loop_accepts: IntCounter,
     pub redirect_loop_handoffs: IntCounter,
     pub redirect_loop_handbacks: IntCounter,
     /// Answers a loop could not write whole at once (the client's side was
@@ -191,12 +193,17 @@ impl EdgeMetrics {
         registry.register(Box::new(fast_path_answers.clone()))?;
         let redirect_loop_connections = IntGauge::new(
             "edge_redirect_loop_connections",
-            "Kept-alive connections served by the redirect loops.",
+            "Cleartext connections served by the redirect loops.",
         )?;
         registry.register(Box::new(redirect_loop_connections.clone()))?;
+        let redirect_loop_accepts = IntCounter::new(
+            "edge_redirect_loop_accepts_total",
+            "Cleartext connections the redirect loops accepted.",
+        )?;
+        registry.register(Box::new(redirect_loop_accepts.clone()))?;
         let redirect_loop_handoffs = IntCounter::new(
             "edge_redirect_loop_handoffs_total",
-            "Connections handed to a redirect loop after a fast-path answer.",
+            "Connections handed to a redirect loop from Pingora after a fast-path answer.",
         )?;
         registry.register(Box::new(redirect_loop_handoffs.clone()))?;
         let redirect_loop_handbacks = IntCounter::new(
@@ -220,6 +227,7 @@ impl EdgeMetrics {
             access_log_dropped,
             fast_path_answers,
             redirect_loop_connections,
+            redirect_loop_accepts,
             redirect_loop_handoffs,
             redirect_loop_handbacks,
             redirect_loop_write_waits,

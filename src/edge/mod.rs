@@ -17,6 +17,7 @@ pub mod client_limits;
 pub mod fast_path;
 pub mod follower_service;
 pub mod health;
+pub mod loop_listener;
 pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
@@ -227,18 +228,30 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         access_log,
     };
     // Header and keep-alive time limits around Pingora's proxy loop.
-    let mut service = client_limits::service(&server.configuration, proxy, &config.edge, fast);
-    // Cleartext sockets get their write time limit from `ClientLimits`,
-    // only when they need one (`client_limits::WriteLimit`), and no read
-    // buffer of Pingora's: every read of theirs is `ClientLimits` reading a
-    // request header into a buffer of its own (4 KiB) or Pingora reading
-    // into its own buffers, so a 64 KiB buffer in front (allocated zeroed
-    // per connection, its pages faulted in anew whenever the allocator had
-    // given them back) only copied bytes once more. TLS reads keep it.
-    service.endpoints().add_listener(
-        pingora::listeners::ListenerConfig::tcp(config.edge.listen.to_string())
-            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::default().read(0)),
-    );
+    let limits = client_limits::limits(&server.configuration, proxy, &config.edge, fast);
+    let mut service = client_limits::service(&limits);
+    // Cleartext connections: accepted by the redirect loops when they run
+    // (`loop_listener.rs`), else by Pingora.
+    let loops_listen = limits.loops().is_some();
+    if loops_listen {
+        server.add_service(loop_listener::LoopListener::new(
+            config.edge.listen,
+            limits.clone(),
+        ));
+    } else {
+        // They get their write time limit from `ClientLimits`, only when
+        // they need one (`client_limits::WriteLimit`), and no read buffer
+        // of Pingora's: every read of theirs is `ClientLimits` reading a
+        // request header into a buffer of its own (4 KiB) or Pingora
+        // reading into its own buffers, so a 64 KiB buffer in front
+        // (allocated zeroed per connection, its pages faulted in anew
+        // whenever the allocator had given them back) only copied bytes
+        // once more. TLS reads keep it.
+        service.endpoints().add_listener(
+            pingora::listeners::ListenerConfig::tcp(config.edge.listen.to_string())
+                .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::default().read(0)),
+        );
+    }
     if let (Some(t), Some(store)) = (&config.tls, certs) {
         tracing::info!(
             sha256 = %store.fingerprint(),
@@ -262,7 +275,12 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             Arc::new(tls::ReloadOnHangup { store }),
         ));
     }
-    server.add_service(service);
+    // Pingora's service has a listener to serve unless the loops took the
+    // only one (a service without any would end at once, and its ending
+    // tells the proxy the edge is shutting down).
+    if !loops_listen || config.tls.is_some() {
+        server.add_service(service);
+    }
     if let Some(listen) = config.metrics_listen {
         let mut metrics_service =
             pingora::services::listening::Service::new("metrics".into(), MetricsApp { metrics });

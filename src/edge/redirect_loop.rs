@@ -1,29 +1,34 @@
-//! The redirect loops: kept-alive cleartext connections whose requests the
-//! fast path answers are served by threads of their own, each with one epoll
-//! instance, one read buffer and one answer buffer, instead of a tokio task
-//! per connection reading through Pingora's stream layers.
+//! The redirect loops: cleartext connections are accepted and served by
+//! threads of their own, each with one epoll instance, one read buffer and
+//! one answer buffer, instead of a tokio task per connection reading
+//! through Pingora's stream layers.
 //!
-//! How a connection gets here: Pingora accepts it and
-//! [`super::client_limits`] serves its first request. After a fast-path
-//! answer on a kept-alive connection, with nothing more read, the socket is
-//! handed to a loop ([`RedirectLoops::hand_off`]). The loop then reads each
-//! request header, lets [`RedirectFastPath::answer`] answer it and writes the
-//! answer, under the limits `client_limits.rs` applies: a later request's
-//! header must be whole within `edge.client_header_timeout_ms` of its first
-//! byte (else a 408 and a close), and a connection may sit idle between
-//! requests for `edge.keepalive_timeout_ms` (else a close). An answer the
-//! client does not take (its socket buffer stays full) gets the keep-alive
-//! time too.
+//! The loops accept from the cleartext listener themselves
+//! ([`RedirectLoops::accept_from`], from `loop_listener.rs`): every loop
+//! watches the listening socket (`EPOLLEXCLUSIVE`, so the kernel wakes one
+//! loop per new connection), accepts, and reads the first request at once
+//! (it usually comes with the connection). Each request header is read,
+//! [`RedirectFastPath::answer`] answers it and the answer is written, under
+//! the limits `client_limits.rs` applies on Pingora's side: a connection's
+//! first request header must be whole within `edge.client_header_timeout_ms`
+//! of the accept and a later one within as long of its first byte (else a
+//! 408 and a close), and a connection may sit idle between requests for
+//! `edge.keepalive_timeout_ms` (else a close). An answer the client does
+//! not take (its socket buffer stays full) gets the keep-alive time too.
 //!
 //! A request the fast path does not answer (another path or method, a body,
 //! HTTP/1.0, pipelined requests, an oversized header) hands the connection
-//! back to Pingora with every byte read so far ([`HandBack`]): it is served
-//! from then on as any other connection is. So the loops change how much a
-//! redirect costs, never what any request gets.
+//! to Pingora with every byte read so far ([`HandBack`]): it is served from
+//! then on as any other connection is. So the loops change how much a
+//! redirect costs, never what any request gets (`tests/fast_path.rs`
+//! compares their answers with Pingora's).
 //!
 //! When the edge shuts down (SIGTERM, or a graceful upgrade's hand-over),
-//! idle connections are closed at once and a connection in the middle of a
-//! request is closed after its answer, as `client_limits.rs` does.
+//! the loops stop accepting (connections still in the socket's queue are
+//! the next process's), idle connections are closed at once, a connection
+//! in the middle of a request is closed after its answer, as
+//! `client_limits.rs` does, and a new connection's first request is still
+//! waited for and answered.
 //!
 //! `edge.redirect_loop: false` keeps every connection on tokio.
 
@@ -38,51 +43,53 @@ use bytes::BytesMut;
 use super::client_limits::{HeaderScan, MAX_HEAD, timeout_response};
 use super::fast_path::RedirectFastPath;
 
-/// Gives a connection back to Pingora: `head` holds every byte read from it
+/// Gives a connection to Pingora: `head` holds every byte read from it
 /// that has not been answered (a whole request header, or more than
 /// `MAX_HEAD` bytes without one).
 pub trait HandBack: Send + Sync {
     fn hand_back(&self, fd: OwnedFd, head: BytesMut, runtime: &tokio::runtime::Handle);
 }
 
-/// A kept-alive connection handed to a loop, idle since `idle_from`.
-pub struct Handoff {
-    pub fd: OwnedFd,
-    pub peer: Option<IpAddr>,
-    pub idle_from: Instant,
+/// A listening socket the loops accept cleartext connections from: every
+/// loop watches it, and the kernel wakes one of them per new connection.
+pub struct Listener {
+    /// Open for the life of the process (Pingora's table of listening
+    /// sockets holds it, for a graceful upgrade to take over).
+    pub fd: RawFd,
+    /// Where a connection goes whose request the fast path does not answer.
     pub back: Arc<dyn HandBack>,
-    /// The runtime that accepted it, where it goes back to.
+    /// The runtime that serves those connections.
     pub runtime: tokio::runtime::Handle,
 }
 
-impl Handoff {
-    fn give_back(self, head: BytesMut) {
-        self.back.hand_back(self.fd, head, &self.runtime);
-    }
-}
-
-/// The loop threads of one listening service.
+/// The loop threads of the edge.
 pub struct RedirectLoops {
     fast: Arc<RedirectFastPath>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
     threads: usize,
-    /// Started on the first hand-off (not before Pingora has daemonised);
-    /// `None` when they could not be started (the edge then keeps every
-    /// connection on tokio, and says so once).
+    /// Started by [`Self::accept_from`] (not before Pingora has
+    /// daemonised); `None` when they could not be started.
     inboxes: OnceLock<Option<Vec<Arc<Inbox>>>>,
-    next: AtomicUsize,
     stopping: Arc<AtomicBool>,
+    /// Loops still running: when the last one ends (it should not), the
+    /// edge exits, since nothing accepts its cleartext connections any more,
+    /// and its supervisor starts it again.
+    running: Arc<AtomicUsize>,
 }
 
-/// Where a loop receives its connections: a queue and an eventfd that wakes
-/// the loop, written only when the loop is not already due to look.
+/// How a loop is told what to do: a listener to watch, or to look at the
+/// stop flag; an eventfd wakes it, written only when it is not already due
+/// to look.
 struct Inbox {
-    queue: Mutex<(Vec<Handoff>, bool)>,
+    queue: Mutex<Queue>,
     wake: OwnedFd,
-    /// Cleared when the loop's thread ends (it should not): connections then
-    /// stay on tokio instead of waiting in a queue nobody reads.
-    alive: AtomicBool,
+}
+
+#[derive(Default)]
+struct Queue {
+    listener: Option<Arc<Listener>>,
+    woken: bool,
 }
 
 impl Inbox {
@@ -95,60 +102,37 @@ impl Inbox {
         // SAFETY: `fd` was just created and is owned by nothing else.
         let wake = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Self {
-            queue: Mutex::new((Vec::new(), false)),
+            queue: Mutex::new(Queue::default()),
             wake,
-            alive: AtomicBool::new(true),
         })
     }
 
-    /// Queues `h` (or only wakes the loop) unless the loop has ended: then
-    /// `h` comes back. `alive` is checked under the queue's lock, which the
-    /// loop takes to clear it, so nothing is queued after its last drain.
-    fn push(&self, h: Option<Handoff>) -> Option<Handoff> {
+    /// Gives the loop a listener to watch (`None`: only wakes it).
+    fn push(&self, listener: Option<Arc<Listener>>) {
         let wake = {
             let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.alive.load(Ordering::SeqCst) {
-                return h;
+            if listener.is_some() {
+                q.listener = listener;
             }
-            if let Some(h) = h {
-                q.0.push(h);
-            }
-            !std::mem::replace(&mut q.1, true)
+            !std::mem::replace(&mut q.woken, true)
         };
         if wake {
-            self.signal();
-        }
-        None
-    }
-
-    /// The loop has ended: no more hand-offs; those queued go back to
-    /// Pingora.
-    fn close(&self) {
-        {
-            let _q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            self.alive.store(false, Ordering::SeqCst);
-        }
-        for h in self.take() {
-            h.give_back(BytesMut::new());
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full
+            // counter (EAGAIN) still leaves the loop woken.
+            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
     }
 
-    fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd. A full
-        // counter (EAGAIN) still leaves the loop woken.
-        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    /// Drains the eventfd first, then the queue: a hand-off queued after
-    /// the drain writes the eventfd again, so none is left behind.
-    fn take(&self) -> Vec<Handoff> {
+    /// Drains the eventfd first, then the queue: a push after the drain
+    /// writes the eventfd again, so nothing is left behind.
+    fn take(&self) -> Option<Arc<Listener>> {
         let mut count: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN leaves it alone.
         unsafe { libc::read(self.wake.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        q.1 = false;
-        std::mem::take(&mut q.0)
+        q.woken = false;
+        q.listener.take()
     }
 }
 
@@ -165,43 +149,23 @@ impl RedirectLoops {
             keepalive_timeout,
             threads: threads.max(1),
             inboxes: OnceLock::new(),
-            next: AtomicUsize::new(0),
             stopping: Arc::new(AtomicBool::new(false)),
+            running: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Whether a connection can be handed off now: the loops run (starting
-    /// them on the first call; `watch` tells them when to shut down) and
-    /// the edge is not shutting down.
-    pub fn accepting(&self, watch: &pingora::server::ShutdownWatch) -> bool {
-        !self.stopping.load(Ordering::Relaxed)
-            && self
-                .inboxes
-                .get_or_init(|| self.start(watch))
-                .as_ref()
-                .is_some_and(|inboxes| inboxes.iter().any(|i| i.alive.load(Ordering::Relaxed)))
-    }
-
-    /// Queues a connection on the next running loop (round robin). When
-    /// the loops are shutting down, the connection is closed, as an idle
-    /// one would be; when none runs, it goes back to Pingora.
-    pub fn hand_off(&self, h: Handoff) {
-        let Some(Some(inboxes)) = self.inboxes.get() else {
-            h.give_back(BytesMut::new());
-            return;
+    /// Has every loop accept connections from `listener`, starting the
+    /// loops (`watch` tells them when to shut down); false when they cannot
+    /// run. They stop accepting when the edge starts shutting down.
+    pub fn accept_from(&self, listener: Listener, watch: &pingora::server::ShutdownWatch) -> bool {
+        let Some(inboxes) = self.inboxes.get_or_init(|| self.start(watch)) else {
+            return false;
         };
-        let first = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut h = h;
-        for k in 0..inboxes.len() {
-            match inboxes[(first + k) % inboxes.len()].push(Some(h)) {
-                None => {
-                    self.fast.metrics.redirect_loop_handoffs.inc();
-                    return;
-                }
-                Some(back) => h = back,
-            }
+        let listener = Arc::new(listener);
+        for inbox in inboxes {
+            inbox.push(Some(listener.clone()));
         }
-        h.give_back(BytesMut::new());
+        true
     }
 
     fn start(&self, watch: &pingora::server::ShutdownWatch) -> Option<Vec<Arc<Inbox>>> {
@@ -215,18 +179,22 @@ impl RedirectLoops {
                     self.keepalive_timeout,
                     self.stopping.clone(),
                 )?;
-                std::thread::Builder::new()
+                let running = self.running.clone();
+                running.fetch_add(1, Ordering::SeqCst);
+                let spawned = std::thread::Builder::new()
                     .name(format!("uload-redirect-{n}"))
-                    .spawn(move || lp.run())?;
+                    .spawn(move || lp.run(&running));
+                if spawned.is_err() {
+                    self.running.fetch_sub(1, Ordering::SeqCst);
+                }
+                spawned?;
                 Ok(inbox)
             });
             match started {
                 Ok(inbox) => inboxes.push(inbox),
                 Err(e) => {
-                    tracing::error!(
-                        "starting redirect loop {n}: {e}; kept-alive connections stay on tokio"
-                    );
-                    // Loops already started simply never get a connection.
+                    tracing::error!("starting redirect loop {n}: {e}");
+                    // Loops already started never get the listener.
                     return None;
                 }
             }
@@ -239,8 +207,7 @@ impl RedirectLoops {
             super::client_limits::shutdown_signal(watch).await;
             stopping.store(true, Ordering::SeqCst);
             for inbox in &wake {
-                // An ended loop has nothing to stop.
-                let _ = inbox.push(None);
+                inbox.push(None);
             }
         });
         Some(inboxes)
@@ -249,6 +216,15 @@ impl RedirectLoops {
 
 /// The token of the inbox's eventfd in the epoll set.
 const WAKE: u64 = u64::MAX;
+/// The token of the listener, when the loop accepts connections.
+const LISTEN: u64 = u64::MAX - 1;
+/// Connections accepted per wake-up at most, so that one loop does not
+/// take a whole burst while the others sleep.
+const ACCEPTS_PER_WAKE: usize = 32;
+/// How long accepting pauses after an error other than "nothing to accept"
+/// (no file descriptors or memory left): the listener stays readable, and
+/// retrying at once would spin.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Bytes read per `recv`. A request that came whole in one read is answered
 /// from here; only a partial header is copied into its connection.
 const READ_BUF: usize = 16 * 1024;
@@ -272,12 +248,19 @@ struct Conn {
     sent: usize,
     /// Close once `pending` is out (`Connection: close`, or shutting down).
     close_after: bool,
+    /// Accepted by the loop and its first request not answered yet: its
+    /// header's clock runs from the accept, and a shutdown waits for the
+    /// request (the client has just connected to send it) rather than
+    /// closing the connection as idle.
+    first: bool,
     back: Arc<dyn HandBack>,
     runtime: tokio::runtime::Handle,
 }
 
 enum Outcome {
     Keep,
+    /// Closing the socket sends its FIN after the answer (a `shutdown`
+    /// first would be one more system call for the same).
     Close,
     /// Back to Pingora, with the bytes read and not answered.
     HandBack(BytesMut),
@@ -291,6 +274,10 @@ struct Slot {
 struct Loop {
     inbox: Arc<Inbox>,
     stopping: Arc<AtomicBool>,
+    /// The listener the loop accepts from, if any.
+    listener: Option<Arc<Listener>>,
+    /// Set while accepting pauses after an error ([`ACCEPT_PAUSE`]).
+    accept_paused_until: Option<Instant>,
     slots: Vec<Slot>,
     free: Vec<u32>,
     live: usize,
@@ -339,6 +326,8 @@ impl Loop {
         Ok(Self {
             inbox,
             stopping,
+            listener: None,
+            accept_paused_until: None,
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -361,17 +350,24 @@ impl Loop {
             .clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 
-    fn run(mut self) {
-        // However the thread ends, its inbox stops taking connections and
-        // the ones queued go back to Pingora (those it held are closed when
-        // the loop is dropped).
-        struct Ended(Arc<Inbox>);
-        impl Drop for Ended {
+    fn run(mut self, running: &AtomicUsize) {
+        // However the thread ends (it should not: a panic serving a
+        // connection closes only that one), the connections it held are
+        // closed when the loop is dropped; the last loop to end takes the
+        // edge down, for its supervisor to start again.
+        struct Ended<'a>(&'a AtomicUsize);
+        impl Drop for Ended<'_> {
             fn drop(&mut self) {
-                self.0.close();
+                if self.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    tracing::error!(
+                        "the last redirect loop ended: nothing accepts cleartext connections; exiting"
+                    );
+                    std::process::exit(1);
+                }
+                tracing::error!("a redirect loop ended; the others go on");
             }
         }
-        let _ended = Ended(self.inbox.clone());
+        let _ended = Ended(running);
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
         let tick = self.tick();
         // The time of the last wake-up, which the next timeout counts from
@@ -380,7 +376,7 @@ impl Loop {
         let mut now = Instant::now();
         let mut next_sweep = now + tick;
         loop {
-            let timeout = if self.live == 0 {
+            let timeout = if self.live == 0 && self.accept_paused_until.is_none() {
                 -1
             } else {
                 let left = next_sweep.saturating_duration_since(now);
@@ -413,39 +409,145 @@ impl Loop {
                 if token == WAKE {
                     self.take_inbox();
                     woken = true;
+                } else if token == LISTEN {
+                    self.accept(now);
                 } else {
-                    // A panic serving one connection (a bug) closes that
-                    // connection, not the loop and all of its others.
-                    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        self.ready(token, flags, now)
-                    }));
-                    if served.is_err() {
-                        tracing::error!("redirect loop: a connection's request panicked; closed");
-                        self.remove(token as u32 as usize);
-                    }
+                    self.ready_guarded(token, flags, now);
                 }
             }
             // After the batch: a connection whose next request came in it
             // has been served, not closed as idle.
             let stopping = woken && self.stopping.load(Ordering::SeqCst);
+            if stopping {
+                self.stop_accepting();
+            }
             if stopping || now >= next_sweep {
                 if self.live > 0 {
                     self.sweep(now);
+                }
+                if self.accept_paused_until.is_some_and(|t| now >= t) {
+                    self.resume_accepting();
                 }
                 next_sweep = now + tick;
             }
         }
     }
 
-    fn take_inbox(&mut self) {
-        for h in self.inbox.take() {
-            self.register(h);
+    /// Serves a connection's event; a panic serving it (a bug) closes that
+    /// connection, not the loop and all of its others.
+    fn ready_guarded(&mut self, token: u64, flags: u32, now: Instant) {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.ready(token, flags, now)
+        }));
+        if served.is_err() {
+            tracing::error!("redirect loop: a connection's request panicked; closed");
+            self.remove(token as u32 as usize);
         }
     }
 
-    /// Takes a connection into the loop (also while shutting down: the
-    /// sweep that follows answers a request already waiting, then closes).
-    fn register(&mut self, h: Handoff) {
+    fn take_inbox(&mut self) {
+        if let Some(listener) = self.inbox.take() {
+            self.watch_listener(listener);
+        }
+    }
+
+    /// Starts accepting from `listener` (not once the edge is stopping).
+    fn watch_listener(&mut self, listener: Arc<Listener>) {
+        if self.stopping.load(Ordering::SeqCst) || self.listener.is_some() {
+            return;
+        }
+        match epoll_ctl(
+            self.io.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            listener.fd,
+            LISTEN_EVENTS,
+            LISTEN,
+        ) {
+            Ok(()) => self.listener = Some(listener),
+            Err(e) => tracing::error!("redirect loop: watching the listener: {e}"),
+        }
+    }
+
+    /// Accepts what the listener has, up to [`ACCEPTS_PER_WAKE`], and
+    /// serves each connection's first request if it has come (it usually
+    /// comes with the connection: no second wait for it).
+    fn accept(&mut self, now: Instant) {
+        let Some(listener) = self.listener.clone() else {
+            return;
+        };
+        for _ in 0..ACCEPTS_PER_WAKE {
+            let (fd, peer) = match accept(listener.fd) {
+                Ok(accepted) => accepted,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                    _ => {
+                        tracing::warn!(
+                            "redirect loop: accept: {e}; accepting again in {} ms",
+                            ACCEPT_PAUSE.as_millis()
+                        );
+                        self.pause_accepting(now);
+                        return;
+                    }
+                },
+            };
+            self.io.fast.metrics.redirect_loop_accepts.inc();
+            let deadline = now + self.io.header_timeout;
+            let (back, runtime) = (listener.back.clone(), listener.runtime.clone());
+            if let Some(token) = self.register(fd, peer, deadline, back, runtime) {
+                self.ready_guarded(token, 0, now);
+            }
+        }
+    }
+
+    fn pause_accepting(&mut self, now: Instant) {
+        if let Some(listener) = &self.listener {
+            let _ = epoll_ctl(
+                self.io.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                listener.fd,
+                0,
+                0,
+            );
+            self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+        }
+    }
+
+    fn resume_accepting(&mut self) {
+        self.accept_paused_until = None;
+        if let Some(listener) = self.listener.take() {
+            self.watch_listener(listener);
+        }
+    }
+
+    /// The edge is shutting down: new connections are left in the socket,
+    /// for the process that takes it over (a graceful upgrade) or for the
+    /// kernel to refuse once the socket closes.
+    fn stop_accepting(&mut self) {
+        if let Some(listener) = self.listener.take()
+            && self.accept_paused_until.take().is_none()
+        {
+            let _ = epoll_ctl(
+                self.io.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                listener.fd,
+                0,
+                0,
+            );
+        }
+    }
+
+    /// Takes a new connection into the loop, its header clock running to
+    /// `deadline`. Its token, or `None` when it cannot be watched (it then
+    /// goes to Pingora).
+    fn register(
+        &mut self,
+        fd: OwnedFd,
+        peer: Option<IpAddr>,
+        deadline: Instant,
+        back: Arc<dyn HandBack>,
+        runtime: tokio::runtime::Handle,
+    ) -> Option<u64> {
         let idx = match self.free.pop() {
             Some(i) => i as usize,
             None => {
@@ -462,30 +564,32 @@ impl Loop {
         if let Err(e) = epoll_ctl(
             self.io.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
-            h.fd.as_raw_fd(),
+            fd.as_raw_fd(),
             READ_EVENTS,
             token,
         ) {
             tracing::debug!("redirect loop: adding a connection: {e}; back to Pingora");
             self.free.push(idx as u32);
-            h.give_back(BytesMut::new());
-            return;
+            back.hand_back(fd, BytesMut::new(), &runtime);
+            return None;
         }
         self.slots[idx].conn = Some(Conn {
-            fd: h.fd,
+            fd,
             token,
-            peer: h.peer,
+            peer,
             head: BytesMut::new(),
             scan: HeaderScan::default(),
-            deadline: h.idle_from + self.io.keepalive_timeout,
+            deadline,
             pending: Vec::new(),
             sent: 0,
             close_after: false,
-            back: h.back,
-            runtime: h.runtime,
+            first: true,
+            back,
+            runtime,
         });
         self.live += 1;
         self.io.fast.metrics.redirect_loop_connections.inc();
+        Some(token)
     }
 
     fn ready(&mut self, token: u64, flags: u32, now: Instant) {
@@ -536,7 +640,8 @@ impl Loop {
             let Some(conn) = self.slots[idx].conn.as_mut() else {
                 continue;
             };
-            let idle = |c: &Conn| c.head.is_empty() && c.pending.is_empty();
+            // Between requests (a new connection waits for its first one).
+            let idle = |c: &Conn| !c.first && c.head.is_empty() && c.pending.is_empty();
             if stopping && idle(conn) && now < conn.deadline {
                 match self.io.serve(conn, 0, now, true) {
                     Outcome::Keep if !idle(conn) => continue, // still busy
@@ -602,6 +707,9 @@ impl Drop for Loop {
     }
 }
 
+/// The listener: level-triggered (a loop that accepted its share leaves the
+/// rest reported), and one loop woken per connection, not all of them.
+const LISTEN_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32;
 /// Edge-triggered reads, and a peer's close reported as readable.
 const READ_EVENTS: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
 /// While an answer waits for room in the socket buffer.
@@ -619,10 +727,7 @@ impl LoopIo {
             match self.flush(conn, now) {
                 Err(()) => return Outcome::Close,
                 Ok(false) => return Outcome::Keep,
-                Ok(true) if conn.close_after => {
-                    shutdown_write(conn.fd.as_raw_fd());
-                    return Outcome::Close;
-                }
+                Ok(true) if conn.close_after => return Outcome::Close,
                 Ok(true) => {
                     conn.deadline = now + self.keepalive_timeout;
                     if !self.watch(conn, READ_EVENTS) {
@@ -654,8 +759,11 @@ impl LoopIo {
             };
             if !whole {
                 if conn.head.is_empty() {
-                    // The first byte of a request starts its header's clock.
-                    conn.deadline = now + self.header_timeout;
+                    // The first byte of a later request starts its header's
+                    // clock (a first request's has run since the accept).
+                    if !conn.first {
+                        conn.deadline = now + self.header_timeout;
+                    }
                     conn.head.extend_from_slice(data);
                 }
                 if conn.head.len() > MAX_HEAD {
@@ -699,6 +807,7 @@ impl LoopIo {
                 conn.head = BytesMut::new();
             }
             conn.close_after = !keepalive || stopping;
+            conn.first = false;
             conn.deadline = now + self.keepalive_timeout;
             let sent = match send(conn.fd.as_raw_fd(), &self.answer) {
                 Ok(sent) => sent,
@@ -713,13 +822,11 @@ impl LoopIo {
                 };
             }
             if conn.close_after {
-                shutdown_write(conn.fd.as_raw_fd());
                 return Outcome::Close;
             }
             if !more {
                 if peer_done {
                     // Answered; the client will send nothing more.
-                    shutdown_write(conn.fd.as_raw_fd());
                     return Outcome::Close;
                 }
                 return Outcome::Keep;
@@ -823,6 +930,52 @@ fn send(fd: RawFd, buf: &[u8]) -> std::io::Result<usize> {
         return Err(last_error());
     }
     Ok(n as usize)
+}
+
+/// Accepts a connection from `listener`: its socket (non-blocking) and the
+/// peer's address.
+fn accept(listener: RawFd) -> std::io::Result<(OwnedFd, Option<IpAddr>)> {
+    // SAFETY: an all-zero sockaddr_storage is a valid value of it.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: accept4(2) writing at most `len` bytes into `addr`, live and
+    // that large, and the length into `len`. A plain system call, as for
+    // `recv` and `send`.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_accept4,
+            libc::c_long::from(listener),
+            (&mut addr as *mut libc::sockaddr_storage).cast::<libc::sockaddr>(),
+            &mut len as *mut libc::socklen_t,
+            libc::c_long::from(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC),
+        )
+    };
+    if fd < 0 {
+        return Err(last_error());
+    }
+    // SAFETY: a new socket, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    Ok((fd, peer_ip(&addr)))
+}
+
+/// The IP address in a `sockaddr_storage` that accept(2) filled.
+fn peer_ip(addr: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says it holds a sockaddr_in, which is
+            // smaller than sockaddr_storage and needs no more alignment.
+            let a =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::from(u32::from_be(a.sin_addr.s_addr).to_be_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a =
+                unsafe { &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::from(a.sin6_addr.s6_addr))
+        }
+        _ => None,
+    }
 }
 
 fn shutdown_write(fd: RawFd) {
