@@ -407,6 +407,21 @@ fn sigterm_finishes_requests_in_flight_then_exits() {
         let status = edge.wait_exit(limit.saturating_sub(t0.elapsed()));
         (status, t0.elapsed())
     });
+    // New clients are refused while the edge drains (its listening socket
+    // closed), not left in its queue until it exits: polled until a connect
+    // is refused, which must come while the edge still runs.
+    let refused = loop {
+        match std::net::TcpStream::connect(setup.addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break alive(pid),
+            Err(e) => panic!("a new connection after SIGTERM: {e}"),
+            Ok(_) if !alive(pid) => break false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    assert!(
+        refused,
+        "no connection was refused before the edge exited: its listener stayed open"
+    );
     // The half-sent request completes after the signal.
     half.send(b"\r\n").unwrap();
     let half_answer = half.read_answer(false);

@@ -19,10 +19,10 @@
 //! within `edge.client_header_timeout_ms` (`tls::h2_preface`); its idle limit
 //! is `edge.keepalive_timeout_ms` (`h2_idle_timeout`).
 //!
-//! A kept-alive cleartext connection whose request the fast path answered
-//! moves on to a redirect loop ([`super::redirect_loop`]), which applies the
-//! same two limits and gives the connection back here for any request the
-//! fast path does not answer (`ClientLimits::serve` with the bytes read).
+//! When the redirect loops run ([`super::redirect_loop`]), they accept the
+//! cleartext connections and apply the same two limits themselves; a
+//! connection whose request the fast path does not answer comes here
+//! (`ClientLimits::serve` with the bytes read).
 
 use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -62,8 +62,8 @@ pub struct ClientLimits<A> {
     keepalive_timeout: Duration,
     /// Answers plain redirects without Pingora's session (`fast_path.rs`).
     fast: Option<Arc<RedirectFastPath>>,
-    /// Serve kept-alive connections after a fast-path answer
-    /// (`redirect_loop.rs`).
+    /// Accept and serve the cleartext connections (`redirect_loop.rs`,
+    /// `loop_listener.rs`).
     loops: Option<RedirectLoops>,
     /// How the loops give a connection to Pingora (made once).
     back: OnceLock<Arc<dyn HandBack>>,
@@ -393,6 +393,9 @@ where
         handed_back: Option<BytesMut>,
     ) -> Option<Stream> {
         let accepted = Instant::now();
+        // Nothing read yet (a loop could not take the connection): a first
+        // request, its header clock running from now.
+        let handed_back = handed_back.filter(|head| !head.is_empty());
         let mut first = handed_back.is_none();
         // The fast path serves cleartext only (HSTS and TLS details stay
         // with Pingora); it needs the peer for rate limits and logs.
@@ -603,8 +606,8 @@ where
 /// Pingora's plain TCP stream, the one kind of stream a loop can take.
 type L4Stream = pingora::protocols::l4::stream::Stream;
 
-/// A connection from a redirect loop goes on as a task on the runtime that
-/// accepted it.
+/// A connection from a redirect loop goes on as a task on the loops'
+/// listener's runtime.
 struct BackToPingora<A> {
     limits: Weak<ClientLimits<A>>,
     shutdown: ShutdownWatch,

@@ -11,8 +11,10 @@
 //! (`-u`) hands it to the new process with the others, and the new process
 //! takes it from the table instead of binding (whichever kind of listener,
 //! Pingora's or this one, each side runs). Once the edge starts shutting
-//! down, the loops stop accepting; connections still waiting in the
-//! socket's queue are the new process's.
+//! down, the loops stop accepting and let go of the socket, which closes
+//! it in this process: after a hand-over, the connections still waiting in
+//! its queue are the new process's; after SIGTERM, new clients are refused
+//! at once rather than left waiting out the grace period.
 
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
@@ -96,7 +98,7 @@ where
 
 /// The listening socket for `addr`: the one in Pingora's table (passed on
 /// by the process this one upgrades), else a new one, put in the table.
-/// Non-blocking either way; the fd stays open for the life of the process.
+/// Non-blocking either way; the loops close it when they let go of it.
 fn listening_socket(addr: SocketAddr, fds: Option<&ListenFds>) -> std::io::Result<RawFd> {
     let key = addr.to_string();
     let inherited = fds.and_then(|fds| fds.lock().get(&key).copied());

@@ -109,11 +109,9 @@ pub struct EdgeMetrics {
     /// Requests answered by the redirect fast path (`fast_path.rs`).
     pub fast_path_answers: IntCounter,
     /// Connections held by the redirect loops (`redirect_loop.rs`), how
-    /// many they accepted, and how many were handed to them and given back
-    /// to Pingora.
+    /// many they accepted, and how many they gave to Pingora.
     pub redirect_loop_connections: IntGauge,
     pub redirect_loop_accepts: IntCounter,
-    pub redirect_loop_handoffs: IntCounter,
     pub redirect_loop_handbacks: IntCounter,
     /// Answers a loop could not write whole at once (the client's side was
     /// full), finished when the socket took them.
@@ -201,14 +199,9 @@ impl EdgeMetrics {
             "Cleartext connections the redirect loops accepted.",
         )?;
         registry.register(Box::new(redirect_loop_accepts.clone()))?;
-        let redirect_loop_handoffs = IntCounter::new(
-            "edge_redirect_loop_handoffs_total",
-            "Connections handed to a redirect loop from Pingora after a fast-path answer.",
-        )?;
-        registry.register(Box::new(redirect_loop_handoffs.clone()))?;
         let redirect_loop_handbacks = IntCounter::new(
             "edge_redirect_loop_handbacks_total",
-            "Connections a redirect loop gave back to Pingora (a request the fast path does not answer).",
+            "Connections a redirect loop gave to Pingora (a request the fast path does not answer).",
         )?;
         registry.register(Box::new(redirect_loop_handbacks.clone()))?;
         let redirect_loop_write_waits = IntCounter::new(
@@ -228,7 +221,6 @@ impl EdgeMetrics {
             fast_path_answers,
             redirect_loop_connections,
             redirect_loop_accepts,
-            redirect_loop_handoffs,
             redirect_loop_handbacks,
             redirect_loop_write_waits,
         })

@@ -336,9 +336,11 @@ pub fn load_pingora_conf(path: &std::path::Path) -> Result<ServerConf, String> {
 /// path (Pingora, the TLS handshake) is writing to it; Pingora sets no time
 /// limit on writing a response header. The keepalive probes themselves
 /// start only after the same idle time, by which the edge has closed an
-/// idle connection anyway. Cleartext connections get the same
-/// `TCP_USER_TIMEOUT` (and only it) later, from `ClientLimits`, before
-/// their first write that could wait on the client.
+/// idle connection anyway. Cleartext connections that Pingora serves get
+/// the same `TCP_USER_TIMEOUT` (and only it) later, from `ClientLimits`,
+/// before their first write that could wait on the client; the redirect
+/// loops bound their own writes (an answer the socket does not take gets
+/// the keep-alive time, then the connection is closed).
 fn client_socket_options(edge: &crate::config::EdgeConfig) -> pingora::listeners::TcpSocketOptions {
     let mut options = pingora::listeners::TcpSocketOptions::default();
     options.tcp_keepalive = Some(keepalive(edge.keepalive_timeout));

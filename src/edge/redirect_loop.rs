@@ -24,8 +24,10 @@
 //! compares their answers with Pingora's).
 //!
 //! When the edge shuts down (SIGTERM, or a graceful upgrade's hand-over),
-//! the loops stop accepting (connections still in the socket's queue are
-//! the next process's), idle connections are closed at once, a connection
+//! the loops stop accepting and this process closes its listening socket
+//! (after a hand-over the new process has it; after SIGTERM new clients are
+//! refused at once, as when Pingora's listener closes), idle connections
+//! are closed at once, a connection
 //! in the middle of a request is closed after its answer, as
 //! `client_limits.rs` does, and a new connection's first request is still
 //! waited for and answered.
@@ -45,7 +47,8 @@ use super::fast_path::RedirectFastPath;
 
 /// Gives a connection to Pingora: `head` holds every byte read from it
 /// that has not been answered (a whole request header, or more than
-/// `MAX_HEAD` bytes without one).
+/// `MAX_HEAD` bytes without one), or nothing when the loop could not take a
+/// connection it accepted.
 pub trait HandBack: Send + Sync {
     fn hand_back(&self, fd: OwnedFd, head: BytesMut, runtime: &tokio::runtime::Handle);
 }
@@ -53,13 +56,24 @@ pub trait HandBack: Send + Sync {
 /// A listening socket the loops accept cleartext connections from: every
 /// loop watches it, and the kernel wakes one of them per new connection.
 pub struct Listener {
-    /// Open for the life of the process (Pingora's table of listening
-    /// sockets holds it, for a graceful upgrade to take over).
+    /// Closed when the last loop lets go of the listener (they do when the
+    /// edge starts shutting down). Pingora's table of listening sockets
+    /// holds its number, to pass on in a graceful upgrade, which happens
+    /// before that.
     pub fd: RawFd,
     /// Where a connection goes whose request the fast path does not answer.
     pub back: Arc<dyn HandBack>,
     /// The runtime that serves those connections.
     pub runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        // SAFETY: the fd is this process's listening socket, and no loop
+        // watches it any more (each took it out of its epoll set before
+        // dropping its reference).
+        unsafe { libc::close(self.fd) };
+    }
 }
 
 /// The loop threads of the edge.
@@ -276,6 +290,9 @@ struct Loop {
     stopping: Arc<AtomicBool>,
     /// The listener the loop accepts from, if any.
     listener: Option<Arc<Listener>>,
+    /// Whether the last try to watch the listener failed (said once per
+    /// streak of failures).
+    watch_failing: bool,
     /// Set while accepting pauses after an error ([`ACCEPT_PAUSE`]).
     accept_paused_until: Option<Instant>,
     slots: Vec<Slot>,
@@ -327,6 +344,7 @@ impl Loop {
             inbox,
             stopping,
             listener: None,
+            watch_failing: false,
             accept_paused_until: None,
             slots: Vec::new(),
             free: Vec::new(),
@@ -451,20 +469,32 @@ impl Loop {
         }
     }
 
-    /// Starts accepting from `listener` (not once the edge is stopping).
+    /// Starts accepting from `listener` (not once the edge is stopping). A
+    /// failure (no memory for the epoll entry) is retried after
+    /// [`ACCEPT_PAUSE`], as a failed accept is.
     fn watch_listener(&mut self, listener: Arc<Listener>) {
         if self.stopping.load(Ordering::SeqCst) || self.listener.is_some() {
             return;
         }
-        match epoll_ctl(
+        let watched = epoll_ctl(
             self.io.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
             listener.fd,
             LISTEN_EVENTS,
             LISTEN,
-        ) {
-            Ok(()) => self.listener = Some(listener),
-            Err(e) => tracing::error!("redirect loop: watching the listener: {e}"),
+        );
+        self.listener = Some(listener);
+        match watched {
+            Ok(()) => self.watch_failing = false,
+            Err(e) => {
+                if !std::mem::replace(&mut self.watch_failing, true) {
+                    tracing::error!(
+                        "redirect loop: watching the listener: {e}; retrying every {} ms",
+                        ACCEPT_PAUSE.as_millis()
+                    );
+                }
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+            }
         }
     }
 
@@ -480,7 +510,21 @@ impl Loop {
                 Ok(accepted) => accepted,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EAGAIN) => return,
-                    Some(libc::EINTR | libc::ECONNABORTED) => continue,
+                    // A connection that failed before it was taken, or a
+                    // network error passed on (accept(2) says to retry).
+                    Some(
+                        libc::EINTR
+                        | libc::ECONNABORTED
+                        | libc::EPROTO
+                        | libc::EPERM
+                        | libc::ENETDOWN
+                        | libc::ENOPROTOOPT
+                        | libc::EHOSTDOWN
+                        | libc::ENONET
+                        | libc::EHOSTUNREACH
+                        | libc::EOPNOTSUPP
+                        | libc::ENETUNREACH,
+                    ) => continue,
                     _ => {
                         tracing::warn!(
                             "redirect loop: accept: {e}; accepting again in {} ms",
@@ -522,7 +566,8 @@ impl Loop {
 
     /// The edge is shutting down: new connections are left in the socket,
     /// for the process that takes it over (a graceful upgrade) or for the
-    /// kernel to refuse once the socket closes.
+    /// kernel to refuse once the socket closes (when the last loop lets go
+    /// of it here).
     fn stop_accepting(&mut self) {
         if let Some(listener) = self.listener.take()
             && self.accept_paused_until.take().is_none()
