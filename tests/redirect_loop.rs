@@ -1,11 +1,12 @@
-//! The redirect loops (`src/edge/redirect_loop.rs`): a kept-alive cleartext
-//! connection is handed to a loop thread after a fast-path answer. These
+//! The redirect loops (`src/edge/redirect_loop.rs`): they accept the
+//! cleartext connections and serve them on threads of their own. These
 //! tests hold such connections open and check, through the edge's own
 //! counters (`edge_redirect_loop_*`), that the loop really serves them; that
-//! it answers what the tokio path answers; that any other request (health,
-//! the API with a body, pipelined requests) goes back to Pingora on the same
-//! connection and is answered; and that the loop applies the header and
-//! keep-alive time limits.
+//! a later request on a kept connection gets what a new connection's first
+//! gets (and `tests/fast_path.rs` that those are what Pingora answers); that
+//! any other request (health, the API with a body, pipelined requests) goes
+//! to Pingora on the same connection and is answered; and that the loop
+//! applies the header and keep-alive time limits.
 
 #[path = "common/chaos.rs"]
 mod chaos;
@@ -217,7 +218,7 @@ fn kept_alive_redirects_are_served_by_a_loop_and_the_rest_goes_back_to_pingora()
     let fresh = pipelined(&mut Conn::open(edge).unwrap());
     let looped = pipelined(&mut looped(&cluster, "/lp"));
     assert_eq!(fresh.0, 301);
-    assert_eq!(looped, fresh, "pipelined requests: loop vs tokio path");
+    assert_eq!(looped, fresh, "pipelined requests: kept connection vs new");
 }
 
 #[test]
@@ -312,10 +313,11 @@ fn a_half_closed_connection_is_answered_then_closed() {
 /// A header that fills the 4096-byte buffer Pingora's path read a first
 /// request into, with the next request right behind it in one write: when
 /// Pingora's stream had a read buffer, the second request could be read
-/// ahead into it and lost with it on a hand-off to a loop. Now the loop
-/// reads both at once, and they get what any two pipelined requests get
-/// (the edge does not pipeline: Pingora answers the first and closes),
-/// never a connection left waiting for an answer that will not come.
+/// ahead into it and lost with it when the connection moved to a loop.
+/// Now the loop reads both at once, and they get what any two pipelined
+/// requests get (the edge does not pipeline: Pingora answers the first and
+/// closes), never a connection left waiting for an answer that will not
+/// come.
 #[test]
 fn a_request_read_ahead_by_pingora_is_not_lost() {
     let cluster = cluster();
@@ -405,7 +407,7 @@ fn window_of(addr: SocketAddr, rcvbuf: libc::c_int, mss: libc::c_int) -> std::ne
 /// that reads nothing for a while): the loop keeps the rest of an answer
 /// and sends it as the client reads, counted in
 /// `edge_redirect_loop_write_waits_total`; every answer arrives whole and
-/// in order, and is what the tokio path sends. Then a header longer than
+/// in order, and is what a new connection gets. Then a header longer than
 /// one read (20 KiB), answered by the loop itself, and HTTP/1.0, which goes
 /// back to Pingora.
 #[test]
@@ -461,14 +463,14 @@ fn a_loop_finishes_answers_the_socket_did_not_take_at_once() {
             &path[..12]
         );
     }
-    // The same answer from the tokio path.
+    // The same answer on a new connection.
     let path = &sent[0];
     let mut fresh = Conn::open(edge).unwrap();
     let expected = ask_with(&mut fresh, "GET", path, &[("Connection", "close")]);
     let got = ask(&mut conn, "GET", path);
     assert!(
         without_connection(got) == without_connection(expected),
-        "loop vs tokio path"
+        "kept connection vs new"
     );
 
     // A 20 KiB header: more than one read of the loop, still its answer.
