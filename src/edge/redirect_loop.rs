@@ -394,12 +394,17 @@ impl Loop {
         let mut now = Instant::now();
         let mut next_sweep = now + tick;
         loop {
-            let timeout = if self.live == 0 && self.accept_paused_until.is_none() {
-                -1
-            } else {
-                let left = next_sweep.saturating_duration_since(now);
-                left.as_millis().min(i32::MAX as u128) as i32 + 1
+            // Woken for the next sweep while connections are held, and
+            // for the end of a pause in accepting.
+            let wake_at = match (self.live, self.accept_paused_until) {
+                (0, None) => None,
+                (0, Some(resume)) => Some(resume),
+                (_, resume) => Some(resume.map_or(next_sweep, |r| r.min(next_sweep))),
             };
+            let timeout = wake_at.map_or(-1, |at| {
+                let left = at.saturating_duration_since(now);
+                left.as_millis().min(i32::MAX as u128) as i32 + 1
+            });
             // SAFETY: `events` is a live buffer of EVENTS entries.
             let n = unsafe {
                 libc::epoll_wait(
@@ -443,10 +448,10 @@ impl Loop {
                 if self.live > 0 {
                     self.sweep(now);
                 }
-                if self.accept_paused_until.is_some_and(|t| now >= t) {
-                    self.resume_accepting();
-                }
                 next_sweep = now + tick;
+            }
+            if self.accept_paused_until.is_some_and(|t| now >= t) {
+                self.resume_accepting();
             }
         }
     }
