@@ -27,7 +27,7 @@
 use std::future::Future;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -65,8 +65,6 @@ pub struct ClientLimits<A> {
     /// Accept and serve the cleartext connections (`redirect_loop.rs`,
     /// `loop_listener.rs`).
     loops: Option<RedirectLoops>,
-    /// How the loops give a connection to Pingora (made once).
-    back: OnceLock<Arc<dyn HandBack>>,
 }
 
 impl<A> ClientLimits<A> {
@@ -77,7 +75,6 @@ impl<A> ClientLimits<A> {
             keepalive_timeout,
             fast: None,
             loops: None,
-            back: OnceLock::new(),
         }
     }
 }
@@ -562,18 +559,7 @@ impl WriteLimit {
             return false;
         };
         let ms = super::user_timeout_ms(keepalive) as libc::c_int;
-        // SAFETY: setsockopt on a socket fd that `l4` keeps open, with a
-        // pointer to a c_int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                l4.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_USER_TIMEOUT,
-                (&ms as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
+        if super::set_tcp_option(l4.as_raw_fd(), libc::TCP_USER_TIMEOUT, ms).is_err() {
             return false;
         }
         *self = Self::Set;
@@ -585,21 +571,39 @@ impl<A> ClientLimits<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
+    /// Serves a connection Pingora accepted (Pingora's `ServerApp`, through
+    /// [`Shared`]).
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // HTTP/2 is framed differently: Pingora's loop serves it, once the
+        // client preface has come within the header timeout.
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let stream = super::tls::h2_preface(stream, self.header_timeout).await?;
+            return self.inner.process_new(stream, shutdown).await;
+        }
+        self.serve(stream, shutdown, None).await
+    }
+
+    /// What Pingora's service does once it stops listening (the loops'
+    /// listener does it too).
+    pub async fn cleanup(&self) {
+        self.inner.http_cleanup().await;
+    }
+
     /// The redirect loops, when they serve this edge's connections.
     pub fn loops(&self) -> Option<&RedirectLoops> {
         self.loops.as_ref()
     }
 
-    /// How a loop gives a connection back (made once).
+    /// How the loops give a connection to Pingora.
     pub fn back(self: &Arc<Self>, shutdown: &ShutdownWatch) -> Arc<dyn HandBack> {
-        self.back
-            .get_or_init(|| {
-                Arc::new(BackToPingora {
-                    limits: Arc::downgrade(self),
-                    shutdown: shutdown.clone(),
-                })
-            })
-            .clone()
+        Arc::new(BackToPingora {
+            limits: Arc::downgrade(self),
+            shutdown: shutdown.clone(),
+        })
     }
 }
 
@@ -640,30 +644,6 @@ where
                 next = limits.process_new(stream, &shutdown).await;
             }
         });
-    }
-}
-
-#[async_trait]
-impl<A> ServerApp for ClientLimits<A>
-where
-    A: HttpServerApp + Send + Sync + 'static,
-{
-    async fn process_new(
-        self: &Arc<Self>,
-        stream: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        // HTTP/2 is framed differently: Pingora's loop serves it, once the
-        // client preface has come within the header timeout.
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let stream = super::tls::h2_preface(stream, self.header_timeout).await?;
-            return self.inner.process_new(stream, shutdown).await;
-        }
-        self.serve(stream, shutdown, None).await
-    }
-
-    async fn cleanup(&self) {
-        self.inner.http_cleanup().await;
     }
 }
 

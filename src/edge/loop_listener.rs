@@ -17,11 +17,11 @@
 //! at once rather than left waiting out the grace period.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::HttpServerApp;
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service;
 
@@ -57,8 +57,8 @@ where
         let Some(loops) = self.limits.loops() else {
             return;
         };
-        let fd = match listening_socket(self.listen, fds.as_ref()) {
-            Ok(fd) => fd,
+        let socket = match listening_socket(self.listen, fds.as_ref()) {
+            Ok(socket) => socket,
             Err(e) => {
                 // What Pingora's listeners do on a bind failure is panic
                 // their thread and leave a process that serves nothing; an
@@ -70,7 +70,7 @@ where
             }
         };
         let listener = Listener {
-            fd,
+            socket,
             back: self.limits.back(&shutdown),
             runtime: tokio::runtime::Handle::current(),
         };
@@ -83,8 +83,7 @@ where
         }
         tracing::info!("redirect loops accepting on {}", self.listen);
         shutdown_signal(shutdown).await;
-        // What Pingora's service does once it stops listening.
-        ServerApp::cleanup(&*self.limits).await;
+        self.limits.cleanup().await;
     }
 
     fn name(&self) -> &str {
@@ -99,49 +98,36 @@ where
 /// The listening socket for `addr`: the one in Pingora's table (passed on
 /// by the process this one upgrades), else a new one, put in the table.
 /// Non-blocking either way; the loops close it when they let go of it.
-fn listening_socket(addr: SocketAddr, fds: Option<&ListenFds>) -> std::io::Result<RawFd> {
+fn listening_socket(
+    addr: SocketAddr,
+    fds: Option<&ListenFds>,
+) -> std::io::Result<std::net::TcpListener> {
     let key = addr.to_string();
     let inherited = fds.and_then(|fds| fds.lock().get(&key).copied());
-    let fd = match inherited {
-        Some(fd) => fd,
+    let listener = match inherited {
+        // SAFETY: the table's listening socket, received from the process
+        // this one upgrades; this process owns it from here (the table keeps
+        // only its number, to pass on in an upgrade of its own).
+        Some(fd) => unsafe { std::net::TcpListener::from_raw_fd(fd) },
         None => {
             // std sets SO_REUSEADDR, as Pingora does.
             let listener = std::net::TcpListener::bind(addr)?;
-            let fd = listener.into_raw_fd();
             if let Some(fds) = fds {
-                fds.lock().add(key, fd);
+                fds.lock().add(key, listener.as_raw_fd());
             }
-            fd
+            listener
         }
     };
-    // SAFETY: `fd` is a listening socket this process keeps open; the
-    // borrowed TcpListener is turned back into the raw fd, not dropped.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-    let set = listener.set_nonblocking(true);
-    let fd = listener.into_raw_fd();
-    set?;
+    listener.set_nonblocking(true)?;
     // A longer queue than std's 128 (Linux takes a second listen(2) as a
     // new backlog, as Pingora relies on for inherited sockets too).
     // SAFETY: no memory arguments.
-    if unsafe { libc::listen(fd, BACKLOG) } != 0 {
+    if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // TCP_NODELAY, as Pingora sets on every stream it accepts; Linux copies
     // it from the listener to each accepted socket, so once here rather
     // than a call per connection.
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
-    let set = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fd)
+    super::set_tcp_option(listener.as_raw_fd(), libc::TCP_NODELAY, 1)?;
+    Ok(listener)
 }

@@ -368,6 +368,30 @@ pub(crate) fn user_timeout_ms(idle: std::time::Duration) -> u32 {
     idle.as_millis().clamp(1, 86_400_000) as u32
 }
 
+/// Sets the TCP-level option `option` (`TCP_NODELAY`, `TCP_USER_TIMEOUT`,
+/// ...) of socket `fd` to `value`.
+pub(crate) fn set_tcp_option(
+    fd: std::os::fd::RawFd,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a live c_int and its size (a
+    // closed fd is an EBADF error).
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -27,10 +27,9 @@
 //! the loops stop accepting and this process closes its listening socket
 //! (after a hand-over the new process has it; after SIGTERM new clients are
 //! refused at once, as when Pingora's listener closes), idle connections
-//! are closed at once, a connection
-//! in the middle of a request is closed after its answer, as
-//! `client_limits.rs` does, and a new connection's first request is still
-//! waited for and answered.
+//! are closed at once, a connection in the middle of a request is closed
+//! after its answer, as `client_limits.rs` does, and a new connection's
+//! first request is still waited for and answered.
 //!
 //! `edge.redirect_loop: false` keeps every connection on tokio.
 
@@ -57,23 +56,14 @@ pub trait HandBack: Send + Sync {
 /// loop watches it, and the kernel wakes one of them per new connection.
 pub struct Listener {
     /// Closed when the last loop lets go of the listener (they do when the
-    /// edge starts shutting down). Pingora's table of listening sockets
-    /// holds its number, to pass on in a graceful upgrade, which happens
-    /// before that.
-    pub fd: RawFd,
+    /// edge starts shutting down, after taking it out of their epoll sets).
+    /// Pingora's table of listening sockets holds its number, to pass on
+    /// in a graceful upgrade, which happens before that.
+    pub socket: std::net::TcpListener,
     /// Where a connection goes whose request the fast path does not answer.
     pub back: Arc<dyn HandBack>,
     /// The runtime that serves those connections.
     pub runtime: tokio::runtime::Handle,
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        // SAFETY: the fd is this process's listening socket, and no loop
-        // watches it any more (each took it out of its epoll set before
-        // dropping its reference).
-        unsafe { libc::close(self.fd) };
-    }
 }
 
 /// The loop threads of the edge.
@@ -484,7 +474,7 @@ impl Loop {
         let watched = epoll_ctl(
             self.io.epoll.as_raw_fd(),
             libc::EPOLL_CTL_ADD,
-            listener.fd,
+            listener.socket.as_raw_fd(),
             LISTEN_EVENTS,
             LISTEN,
         );
@@ -511,7 +501,7 @@ impl Loop {
             return;
         };
         for _ in 0..ACCEPTS_PER_WAKE {
-            let (fd, peer) = match accept(listener.fd) {
+            let (fd, peer) = match accept(listener.socket.as_raw_fd()) {
                 Ok(accepted) => accepted,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EAGAIN) => return,
@@ -551,13 +541,7 @@ impl Loop {
 
     fn pause_accepting(&mut self, now: Instant) {
         if let Some(listener) = &self.listener {
-            let _ = epoll_ctl(
-                self.io.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                listener.fd,
-                0,
-                0,
-            );
+            self.io.unwatch(listener);
             self.accept_paused_until = Some(now + ACCEPT_PAUSE);
         }
     }
@@ -577,13 +561,7 @@ impl Loop {
         if let Some(listener) = self.listener.take()
             && self.accept_paused_until.take().is_none()
         {
-            let _ = epoll_ctl(
-                self.io.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                listener.fd,
-                0,
-                0,
-            );
+            self.io.unwatch(&listener);
         }
     }
 
@@ -882,6 +860,17 @@ impl LoopIo {
                 return Outcome::Keep;
             }
         }
+    }
+
+    /// Takes the listener out of the loop's epoll set.
+    fn unwatch(&self, listener: &Listener) {
+        let _ = epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_DEL,
+            listener.socket.as_raw_fd(),
+            0,
+            0,
+        );
     }
 
     /// Keeps the unsent part of the answer and asks for a writable event;
