@@ -193,10 +193,15 @@ def memory(pids, solo_prefix=None):
 
 
 def machine_busy_ticks():
+    """(ticks the machine's CPUs were busy, ticks the hypervisor took from
+    them: "steal", time a vCPU wanted to run and was not given a CPU; each
+    such stall freezes whatever runs on that vCPU, the load generator or
+    the server, and shows up in the latency tail)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     idle = v[3] + v[4]
-    return sum(v[:8]) - idle
+    steal = v[7] if len(v) > 7 else 0
+    return sum(v[:7]) - idle, steal
 
 
 def loadavg():
@@ -536,14 +541,14 @@ def run_wrk(args, server, links_dir, duration, tag, wd, perf_out=None, stat_out=
         time.sleep(0.5)
     la = loadavg()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy0 = machine_busy_ticks()
+    busy0, steal0 = machine_busy_ticks()
     u0, s0 = cpu_ticks(pids)
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=duration + 60, text=True)
     wall = time.monotonic() - t0
     u1, s1 = cpu_ticks(pids)
-    busy1 = machine_busy_ticks()
+    busy1, steal1 = machine_busy_ticks()
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if perf:
         perf.send_signal(signal.SIGINT)
@@ -583,6 +588,7 @@ def run_wrk(args, server, links_dir, duration, tag, wd, perf_out=None, stat_out=
         "sys_us_per_req": (s1 - s0) / CLK * 1e6 / req,
         "wrk_cpu_s": round(wrk_cpu, 3),
         "other_cpu_s": round((busy1 - busy0) / CLK - server_cpu - wrk_cpu, 3),
+        "steal_s": round((steal1 - steal0) / CLK, 3),
         "bytes_per_resp": r["bytes"] / req,
     })
     return r
@@ -679,13 +685,14 @@ def table(n, summ, ref="nginx"):
 
 
 def runs_table(runs):
-    lines = ["| run | server | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | user | kernel | wrk CPU s | other CPU s | load avg | non-3xx known | sock err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | server | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | user | kernel | wrk CPU s | other CPU s | steal s | load avg | non-3xx known | sock err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append("| {tag} | {srv} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {p999:.2f} | {cpu:.1f} | {u:.1f} | {s:.1f} | {w:.1f} | {o:.1f} | {la:.2f} | {k} | {e} |".format(
+        lines.append("| {tag} | {srv} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {p999:.2f} | {cpu:.1f} | {u:.1f} | {s:.1f} | {w:.1f} | {o:.1f} | {st} | {la:.2f} | {k} | {e} |".format(
             tag=r["tag"], srv=LABEL[r["server"]], rps=r["rps"], p50=r["p50_us"] / 1000,
             p99=r["p99_us"] / 1000, p999=r["p999_us"] / 1000, cpu=r["cpu_us_per_req"],
             u=r["user_us_per_req"], s=r["sys_us_per_req"], w=r["wrk_cpu_s"], o=r["other_cpu_s"],
+            st=fmt(r.get("steal_s")),
             la=r["loadavg"][0], k=r["known_non_3xx"], e=r["socket_errors"]))
     return "\n".join(lines)
 

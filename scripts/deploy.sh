@@ -397,43 +397,53 @@ def socket_fds(pid):
     return out
 
 
-def tcp_inodes(state, sport, dport=None):
-    """`socket:[inode]` of the TCP sockets in `state` ("listening" or
-    "established") on local port `sport` (and peer port `dport`). Asks the
-    kernel through `ss` (sock_diag, filtered in the kernel); /proc/net/tcp
-    is the fallback, slow when tens of thousands of sockets exist."""
-    expr = f"( sport = :{sport}" + (f" and dport = :{dport}" if dport else "") + " )"
+def tcp_sockets(state, sport=None, dport=None):
+    """{`socket:[inode]`: local port} of the TCP sockets in `state`
+    ("listening" or "established"), only those on local port `sport` (and
+    peer port `dport`) when given. Asks the kernel through `ss` (sock_diag,
+    filtered in the kernel); /proc/net/tcp is the fallback, slow when tens
+    of thousands of sockets exist."""
+    cmd = ["ss", "-Htne", "state", state]
+    if sport is not None:
+        cmd.append(f"( sport = :{sport}" + (f" and dport = :{dport}" if dport else "") + " )")
     try:
-        res = subprocess.run(["ss", "-Htne", "state", state, expr],
-                             capture_output=True, text=True, timeout=5)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=5)
         if res.returncode == 0:
-            return {f"socket:[{i}]" for i in re.findall(r"\bino:(\d+)", res.stdout)}
-    except (OSError, subprocess.TimeoutExpired):
+            found = {}
+            for line in res.stdout.splitlines():
+                # Recv-Q Send-Q Local:Port Peer:Port ... ino:N ...
+                cols, ino = line.split(), re.search(r"\bino:(\d+)", line)
+                if ino and len(cols) > 2:
+                    found[f"socket:[{ino.group(1)}]"] = int(cols[2].rsplit(":", 1)[1])
+            return found
+    except (OSError, subprocess.TimeoutExpired, ValueError):
         pass
     code = "0A" if state == "listening" else "01"
-    found = set()
+    found = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
                 for row in f:
                     cols = row.split()
-                    if (cols[3] == code and int(cols[1].rsplit(":", 1)[1], 16) == sport
-                            and (dport is None or int(cols[2].rsplit(":", 1)[1], 16) == dport)):
-                        found.add(f"socket:[{cols[9]}]")
+                    local = int(cols[1].rsplit(":", 1)[1], 16)
+                    peer = int(cols[2].rsplit(":", 1)[1], 16)
+                    if cols[3] == code and sport in (None, local) and dport in (None, peer):
+                        found[f"socket:[{cols[9]}]"] = local
         except OSError:
             pass
     return found
 
 
-def listens(pid, port):
-    """Does `pid` hold the socket listening on `port`?"""
-    return bool(tcp_inodes("listening", port) & socket_fds(pid))
+def listening_ports(pid):
+    """Local ports of the listening TCP sockets `pid` holds."""
+    fds = socket_fds(pid)
+    return {port for ino, port in tcp_sockets("listening").items() if ino in fds}
 
 
 def owner(server_port, client_port, pid):
     """Does `pid` hold the server side of this connection?"""
-    return bool(tcp_inodes("established", server_port, client_port) & socket_fds(pid))
+    return bool(tcp_sockets("established", server_port, client_port).keys() & socket_fds(pid))
 
 
 def probe(host, port, pid):
@@ -462,10 +472,18 @@ def healthy(listen, pid, timeout, need):
             out(f"exited ({last})")
             return 2
         # Pingora closes inherited sockets no service claims (say, the new
-        # binary's config listens elsewhere): that edge will never serve here.
-        holds = listens(pid, port)
-        if held and not holds:
-            out(f"closed the socket listening on port {port}")
+        # binary's config listens elsewhere): that edge will never serve
+        # here. Seen either as the socket gone after it was held, or as
+        # listening sockets held without it: an edge started with -u binds
+        # nothing before it has the inherited sockets, so one listening on
+        # other ports only has closed ours, however soon after taking it
+        # (sooner than this loop's first look, on a busy machine).
+        ports = listening_ports(pid)
+        holds = port in ports
+        if not holds and (held or ports):
+            others = ", ".join(str(p) for p in sorted(ports)) or "none"
+            out(f"closed the socket listening on port {port} "
+                f"(listening on: {others})")
             return 3
         held = held or holds
         try:

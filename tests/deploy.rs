@@ -261,9 +261,41 @@ fn deploy_of_a_binary_that_listens_elsewhere_rolls_back() {
 #[test]
 fn deploy_of_a_binary_that_hangs_rolls_back() {
     deploy_rolls_back("hangs", 4, "not healthy: timeout", |setup| {
-        format!(
-            "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\n\
-             exec python3 -c '\n\
+        takes_the_sockets_then(setup, "time.sleep(60)")
+    });
+}
+
+/// (b) A "binary" that takes the sockets, closes them at once and listens
+/// on another port (what Pingora does with inherited sockets no service
+/// claims, here before the health check can have seen them held): known
+/// for what it is from the sockets it holds, not waited on until the
+/// health timeout.
+#[test]
+fn deploy_of_a_binary_that_drops_the_sockets_at_once_rolls_back() {
+    deploy_rolls_back(
+        "drops-sockets",
+        30,
+        "closed the socket listening",
+        |setup| {
+            takes_the_sockets_then(
+                setup,
+                "for fd in fds: os.close(fd)\n\
+             other = socket.socket()\n\
+             other.bind((\"127.0.0.1\", 0))\n\
+             other.listen(8)\n\
+             time.sleep(60)",
+            )
+        },
+    );
+}
+
+/// A script for a new binary that passes `check-config` and otherwise is a
+/// Python stand-in receiving the sockets as Pingora's `-u` does, then runs
+/// `then` (Python lines, `fds` holding the sockets' numbers).
+fn takes_the_sockets_then(setup: &EdgeSetup, then: &str) -> String {
+    format!(
+        "case \"$1\" in check-config) exec {UPLOAD} \"$@\";; esac\n\
+         exec python3 -c '\n\
 import os, socket, sys, time\n\
 path = sys.argv[1]\n\
 if os.path.exists(path): os.unlink(path)\n\
@@ -274,11 +306,10 @@ s.settimeout(30)\n\
 c, _ = s.accept()\n\
 msg, fds, _, _ = socket.recv_fds(c, 4096, 64)\n\
 os.unlink(path)\n\
-time.sleep(60)\n\
+{then}\n\
 ' {}",
-            setup.upgrade_sock().display()
-        )
-    });
+        setup.upgrade_sock().display()
+    )
 }
 
 /// A script standing in for a new binary (`body`, written for the setup)

@@ -380,7 +380,8 @@ impl<A> ClientLimits<A>
 where
     A: HttpServerApp + Send + Sync + 'static,
 {
-    /// What Pingora's own HTTP/1 loop does, with each header read first.
+    /// What Pingora's own HTTP/1 loop does, with each header read first,
+    /// until the connection ends (nothing is left to hand back to Pingora).
     /// `handed_back`: a whole header (or more than [`MAX_HEAD`] bytes)
     /// that a redirect loop read from this connection and did not answer.
     async fn serve(
@@ -388,7 +389,7 @@ where
         mut stream: Stream,
         shutdown: &ShutdownWatch,
         handed_back: Option<BytesMut>,
-    ) -> Option<Stream> {
+    ) {
         let accepted = Instant::now();
         // Nothing read yet (a loop could not take the connection): a first
         // request, its header clock running from now.
@@ -448,7 +449,7 @@ where
             };
             match head {
                 Head::Ready => {}
-                Head::Closed | Head::TimedOut(false) => return None,
+                Head::Closed | Head::TimedOut(false) => return,
                 Head::TimedOut(true) => {
                     let answer = async {
                         stream.write_all(&timeout_response()).await?;
@@ -456,7 +457,7 @@ where
                         stream.shutdown().await
                     };
                     let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
-                    return None;
+                    return;
                 }
             }
             let started = Instant::now();
@@ -469,13 +470,13 @@ where
                 if (keepalive || answer.len() > FITS_SEND_BUFFER)
                     && !limit.set(&stream, self.keepalive_timeout)
                 {
-                    return None;
+                    return;
                 }
                 if stream.write_all(&answer).await.is_err() || stream.flush().await.is_err() {
-                    return None;
+                    return;
                 }
                 if !keepalive || *shutdown.borrow() {
-                    return None;
+                    return;
                 }
                 // A connection keeps its buffer, but not one a huge header
                 // grew: idle connections must not pin megabytes.
@@ -491,7 +492,7 @@ where
                 continue;
             }
             if !limit.set(&stream, self.keepalive_timeout) {
-                return None;
+                return;
             }
             let mut session = ServerSession::new_http1(stream);
             if first || settings.is_none() {
@@ -508,7 +509,9 @@ where
             // The edge does not enable pipelining, so no prefix is carried
             // over from the previous request: the header read is the prefix.
             session.set_pipelined_prefix(std::mem::take(&mut buf));
-            let reused = self.inner.process_new_http(session, shutdown).await?;
+            let Some(reused) = self.inner.process_new_http(session, shutdown).await else {
+                return;
+            };
             (stream, settings) = reused.consume();
             idle_from = Instant::now();
             first = false;
@@ -584,7 +587,9 @@ where
             let stream = super::tls::h2_preface(stream, self.header_timeout).await?;
             return self.inner.process_new(stream, shutdown).await;
         }
-        self.serve(stream, shutdown, None).await
+        self.serve(stream, shutdown, None).await;
+        // Served to its end here: nothing for Pingora to reuse.
+        None
     }
 
     /// What Pingora's service does once it stops listening (the loops'
@@ -639,10 +644,7 @@ where
             let mut l4 = L4Stream::from(tcp);
             let digest = pingora::protocols::SocketDigest::from_raw_fd(l4.as_raw_fd());
             l4.set_socket_digest(digest);
-            let mut next = limits.serve(Box::new(l4), &shutdown, Some(head)).await;
-            while let Some(stream) = next {
-                next = limits.process_new(stream, &shutdown).await;
-            }
+            limits.serve(Box::new(l4), &shutdown, Some(head)).await;
         });
     }
 }

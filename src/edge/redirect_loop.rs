@@ -257,8 +257,6 @@ struct Conn {
     /// request (the client has just connected to send it) rather than
     /// closing the connection as idle.
     first: bool,
-    back: Arc<dyn HandBack>,
-    runtime: tokio::runtime::Handle,
 }
 
 enum Outcome {
@@ -280,6 +278,10 @@ struct Loop {
     stopping: Arc<AtomicBool>,
     /// The listener the loop accepts from, if any.
     listener: Option<Arc<Listener>>,
+    /// Where its connections go that the fast path does not answer, and
+    /// the runtime serving them: the listener's, kept after the listener
+    /// is let go at shutdown (its connections may still need them).
+    hand_back: Option<(Arc<dyn HandBack>, tokio::runtime::Handle)>,
     /// Whether the last try to watch the listener failed (said once per
     /// streak of failures).
     watch_failing: bool,
@@ -334,6 +336,7 @@ impl Loop {
             inbox,
             stopping,
             listener: None,
+            hand_back: None,
             watch_failing: false,
             accept_paused_until: None,
             slots: Vec::new(),
@@ -478,6 +481,9 @@ impl Loop {
             LISTEN_EVENTS,
             LISTEN,
         );
+        if self.hand_back.is_none() {
+            self.hand_back = Some((listener.back.clone(), listener.runtime.clone()));
+        }
         self.listener = Some(listener);
         match watched {
             Ok(()) => self.watch_failing = false,
@@ -497,11 +503,12 @@ impl Loop {
     /// serves each connection's first request if it has come (it usually
     /// comes with the connection: no second wait for it).
     fn accept(&mut self, now: Instant) {
-        let Some(listener) = self.listener.clone() else {
+        // The listener stays open meanwhile: `self.listener` holds it.
+        let Some(listening) = self.listener.as_ref().map(|l| l.socket.as_raw_fd()) else {
             return;
         };
         for _ in 0..ACCEPTS_PER_WAKE {
-            let (fd, peer) = match accept(listener.socket.as_raw_fd()) {
+            let (fd, peer) = match accept(listening) {
                 Ok(accepted) => accepted,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EAGAIN) => return,
@@ -532,8 +539,7 @@ impl Loop {
             };
             self.io.fast.metrics.redirect_loop_accepts.inc();
             let deadline = now + self.io.header_timeout;
-            let (back, runtime) = (listener.back.clone(), listener.runtime.clone());
-            if let Some(token) = self.register(fd, peer, deadline, back, runtime) {
+            if let Some(token) = self.register(fd, peer, deadline) {
                 self.ready_guarded(token, 0, now);
             }
         }
@@ -568,14 +574,7 @@ impl Loop {
     /// Takes a new connection into the loop, its header clock running to
     /// `deadline`. Its token, or `None` when it cannot be watched (it then
     /// goes to Pingora).
-    fn register(
-        &mut self,
-        fd: OwnedFd,
-        peer: Option<IpAddr>,
-        deadline: Instant,
-        back: Arc<dyn HandBack>,
-        runtime: tokio::runtime::Handle,
-    ) -> Option<u64> {
+    fn register(&mut self, fd: OwnedFd, peer: Option<IpAddr>, deadline: Instant) -> Option<u64> {
         let idx = match self.free.pop() {
             Some(i) => i as usize,
             None => {
@@ -598,7 +597,7 @@ impl Loop {
         ) {
             tracing::debug!("redirect loop: adding a connection: {e}; back to Pingora");
             self.free.push(idx as u32);
-            back.hand_back(fd, BytesMut::new(), &runtime);
+            self.give_back(fd, BytesMut::new());
             return None;
         }
         self.slots[idx].conn = Some(Conn {
@@ -612,8 +611,6 @@ impl Loop {
             sent: 0,
             close_after: false,
             first: true,
-            back,
-            runtime,
         });
         self.live += 1;
         self.io.fast.metrics.redirect_loop_connections.inc();
@@ -651,9 +648,17 @@ impl Loop {
                         0,
                     );
                     self.io.fast.metrics.redirect_loop_handbacks.inc();
-                    conn.back.hand_back(conn.fd, head, &conn.runtime);
+                    self.give_back(conn.fd, head);
                 }
             }
+        }
+    }
+
+    /// Hands a connection (and the bytes read from it) to Pingora.
+    fn give_back(&self, fd: OwnedFd, head: BytesMut) {
+        // Set before the first accept, so always there for a connection.
+        if let Some((back, runtime)) = &self.hand_back {
+            back.hand_back(fd, head, runtime);
         }
     }
 
