@@ -241,11 +241,17 @@ pub struct RawEdge {
     /// objects (same answers, less CPU). Anything else always goes through
     /// Pingora.
     pub fast_path: bool,
-    /// Serve kept-alive cleartext connections, after a first request the
-    /// fast path answered, on threads of their own (one epoll loop per
-    /// Pingora worker thread) instead of tokio tasks; a request the fast
-    /// path does not answer hands its connection back to Pingora.
+    /// Accept and serve cleartext connections on threads of their own (one
+    /// epoll loop per Pingora worker thread) instead of tokio tasks; a
+    /// request the fast path does not answer hands its connection to
+    /// Pingora.
     pub redirect_loop: bool,
+    /// Microseconds a redirect loop that holds connections keeps polling
+    /// for their next events (`epoll_wait` with no wait) before it sleeps;
+    /// 0: it sleeps at once. For virtual machines whose host is slow to
+    /// run a vCPU again after it went idle (HAProxy's `busy-polling`, for
+    /// the same reason): a shorter latency tail for CPU spent polling.
+    pub busy_poll_us: u64,
     /// Seconds the log follower may be stuck (a bad file, records it cannot
     /// find) before `/health/ready` answers 503.
     pub follower_stall_secs: u64,
@@ -337,6 +343,7 @@ impl Default for RawEdge {
             follower_stall_secs: 30,
             fast_path: true,
             redirect_loop: true,
+            busy_poll_us: 0,
             client_header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
             click_slots: 1 << 18,
@@ -447,6 +454,10 @@ impl IpNet {
     }
 }
 
+/// The most `edge.busy_poll_us`: polling longer than a scheduler tick
+/// only burns the CPU.
+const MAX_BUSY_POLL_US: u64 = 10_000;
+
 /// The most `edge.click_slots` (a 1 GiB click table).
 const MAX_CLICK_SLOTS: usize = 1 << 26;
 /// Most `edge.admin_retries`.
@@ -476,6 +487,8 @@ pub struct EdgeConfig {
     pub fast_path: bool,
     /// `edge.redirect_loop`.
     pub redirect_loop: bool,
+    /// `edge.busy_poll_us`.
+    pub busy_poll: Duration,
     /// Time limit on a whole request header (`edge.client_header_timeout_ms`).
     pub client_header_timeout: Duration,
     /// Idle limit between requests on a kept-alive connection.
@@ -733,6 +746,13 @@ impl Config {
             retry_after_secs: positive("edge.retry_after_secs", e.retry_after_secs)?,
             fast_path: e.fast_path,
             redirect_loop: e.redirect_loop,
+            busy_poll: Duration::from_micros(within(
+                &err,
+                "edge.busy_poll_us",
+                e.busy_poll_us,
+                0,
+                MAX_BUSY_POLL_US,
+            )?),
             follower_stall: Duration::from_secs(at_most_a_century(
                 "edge.follower_stall_secs",
                 positive("edge.follower_stall_secs", e.follower_stall_secs)?,
@@ -1175,6 +1195,7 @@ mod tests {
                 "edge.keepalive_timeout_ms",
             ),
             ("edge:\n  click_slots: 0\n", "edge.click_slots"),
+            ("edge:\n  busy_poll_us: 10001\n", "edge.busy_poll_us"),
             ("edge:\n  click_slots: 67108865\n", "edge.click_slots"),
             (
                 "edge:\n  client_header_timeout_ms: 18446744073709551615\n",

@@ -160,6 +160,12 @@ fn kept_alive_redirects_are_served_by_a_loop_and_the_rest_goes_back_to_pingora()
         assert!(headers.contains(&("location".into(), "https://example.com/lp".into())));
     }
     assert_eq!(loop_counts(&cluster), (held, accepts, handbacks));
+    // Polling before sleeping is off by default (`edge.busy_poll_us: 0`).
+    let text = cluster.metrics(cluster.edge_metrics_addr);
+    assert_eq!(
+        metric_exposed(&text, "edge_redirect_loop_busy_poll_hits_total"),
+        0.0
+    );
 
     // A request the fast path does not answer: back to Pingora, answered
     // on the same connection, which Pingora then keeps (its keep-alive
@@ -219,6 +225,41 @@ fn kept_alive_redirects_are_served_by_a_loop_and_the_rest_goes_back_to_pingora()
     let looped = pipelined(&mut looped(&cluster, "/lp"));
     assert_eq!(fresh.0, 301);
     assert_eq!(looped, fresh, "pipelined requests: kept connection vs new");
+}
+
+/// With `edge.busy_poll_us`, a loop that holds connections polls for
+/// their next events for that long before it sleeps: a client that asks
+/// again as soon as it has its answer finds the loop awake (the waits that
+/// polling ended are counted), and gets the same answers.
+#[test]
+fn a_loop_polls_before_sleeping_when_told_to() {
+    // The longest poll the config takes (10 ms): the test's next request
+    // comes well within it.
+    let cluster = Cluster::start_custom("  busy_poll_us: 10000\n", "", "");
+    let edge = cluster.edge_addr;
+    create(edge, r#"{"url":"https://example.com/bp","code":"bp"}"#);
+    wait_until(Duration::from_secs(10), "the link at the edge", || {
+        get(edge, "/bp").status == 302
+    });
+    let mut conn = looped(&cluster, "/bp");
+    let hits = |c: &Cluster| {
+        metric_exposed(
+            &c.metrics(c.edge_metrics_addr),
+            "edge_redirect_loop_busy_poll_hits_total",
+        )
+    };
+    let before = hits(&cluster);
+    for _ in 0..50 {
+        let (status, headers, _) = ask(&mut conn, "GET", "/bp");
+        assert_eq!(status, 302);
+        assert!(headers.contains(&("location".into(), "https://example.com/bp".into())));
+    }
+    let polled = hits(&cluster) - before;
+    assert!(
+        polled >= 1.0,
+        "no request of 50 was found by polling (busy_poll_us: 10000)"
+    );
+    println!("busy polling: {polled} of 50 requests found by polling");
 }
 
 #[test]

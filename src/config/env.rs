@@ -117,6 +117,7 @@ env_overrides! {
     "edge.retry_after_secs" => edge.retry_after_secs: "ULOAD_EDGE_RETRY_AFTER_SECS";
     "edge.fast_path" => edge.fast_path: "ULOAD_EDGE_FAST_PATH";
     "edge.redirect_loop" => edge.redirect_loop: "ULOAD_EDGE_REDIRECT_LOOP";
+    "edge.busy_poll_us" => edge.busy_poll_us: "ULOAD_EDGE_BUSY_POLL_US";
     "edge.follower_stall_secs" => edge.follower_stall_secs: "ULOAD_EDGE_FOLLOWER_STALL_SECS";
     "edge.client_header_timeout_ms" => edge.client_header_timeout_ms: "ULOAD_EDGE_CLIENT_HEADER_TIMEOUT_MS";
     "edge.keepalive_timeout_ms" => edge.keepalive_timeout_ms: "ULOAD_EDGE_KEEPALIVE_TIMEOUT_MS";

@@ -102,6 +102,7 @@ where
                 fast,
                 edge.client_header_timeout,
                 edge.keepalive_timeout,
+                edge.busy_poll,
                 conf.threads,
             )
         });

@@ -113,6 +113,7 @@ pub struct EdgeMetrics {
     pub redirect_loop_connections: IntGauge,
     pub redirect_loop_accepts: IntCounter,
     pub redirect_loop_handbacks: IntCounter,
+    pub redirect_loop_busy_poll_hits: IntCounter,
     /// Answers a loop could not write whole at once (the client's side was
     /// full), finished when the socket took them.
     pub redirect_loop_write_waits: IntCounter,
@@ -204,6 +205,11 @@ impl EdgeMetrics {
             "Connections a redirect loop gave to Pingora (a request the fast path does not answer).",
         )?;
         registry.register(Box::new(redirect_loop_handbacks.clone()))?;
+        let redirect_loop_busy_poll_hits = IntCounter::new(
+            "edge_redirect_loop_busy_poll_hits_total",
+            "Waits of a redirect loop that events ended while it polled (edge.busy_poll_us), without a sleep.",
+        )?;
+        registry.register(Box::new(redirect_loop_busy_poll_hits.clone()))?;
         let redirect_loop_write_waits = IntCounter::new(
             "edge_redirect_loop_write_waits_total",
             "Answers a redirect loop could not write at once and sent when the socket had room.",
@@ -222,6 +228,7 @@ impl EdgeMetrics {
             redirect_loop_connections,
             redirect_loop_accepts,
             redirect_loop_handbacks,
+            redirect_loop_busy_poll_hits,
             redirect_loop_write_waits,
         })
     }

@@ -71,6 +71,7 @@ pub struct RedirectLoops {
     fast: Arc<RedirectFastPath>,
     header_timeout: Duration,
     keepalive_timeout: Duration,
+    busy_poll: Duration,
     threads: usize,
     /// Started by [`Self::accept_from`] (not before Pingora has
     /// daemonised); `None` when they could not be started.
@@ -145,12 +146,14 @@ impl RedirectLoops {
         fast: Arc<RedirectFastPath>,
         header_timeout: Duration,
         keepalive_timeout: Duration,
+        busy_poll: Duration,
         threads: usize,
     ) -> Self {
         Self {
             fast,
             header_timeout,
             keepalive_timeout,
+            busy_poll,
             threads: threads.max(1),
             inboxes: OnceLock::new(),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -181,6 +184,7 @@ impl RedirectLoops {
                     self.fast.clone(),
                     self.header_timeout,
                     self.keepalive_timeout,
+                    self.busy_poll,
                     self.stopping.clone(),
                 )?;
                 let running = self.running.clone();
@@ -287,6 +291,8 @@ struct Loop {
     watch_failing: bool,
     /// Set while accepting pauses after an error ([`ACCEPT_PAUSE`]).
     accept_paused_until: Option<Instant>,
+    /// How long to poll for events before sleeping (`edge.busy_poll_us`).
+    busy_poll: Duration,
     slots: Vec<Slot>,
     free: Vec<u32>,
     live: usize,
@@ -306,6 +312,22 @@ struct LoopIo {
     wall_us: Option<u64>,
 }
 
+impl LoopIo {
+    /// `epoll_wait` into `events`, waiting up to `timeout` ms (-1: no
+    /// limit, 0: no wait).
+    fn wait(&self, events: &mut [libc::epoll_event], timeout: i32) -> i32 {
+        // SAFETY: `events` is a live buffer of `events.len()` entries.
+        unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len().min(i32::MAX as usize) as i32,
+                timeout,
+            )
+        }
+    }
+}
+
 fn last_error() -> std::io::Error {
     std::io::Error::last_os_error()
 }
@@ -316,6 +338,7 @@ impl Loop {
         fast: Arc<RedirectFastPath>,
         header_timeout: Duration,
         keepalive_timeout: Duration,
+        busy_poll: Duration,
         stopping: Arc<AtomicBool>,
     ) -> std::io::Result<Self> {
         // SAFETY: no memory arguments; the result is checked.
@@ -339,6 +362,7 @@ impl Loop {
             hand_back: None,
             watch_failing: false,
             accept_paused_until: None,
+            busy_poll,
             slots: Vec::new(),
             free: Vec::new(),
             live: 0,
@@ -398,14 +422,17 @@ impl Loop {
                 let left = at.saturating_duration_since(now);
                 left.as_millis().min(i32::MAX as u128) as i32 + 1
             });
-            // SAFETY: `events` is a live buffer of EVENTS entries.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.io.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    EVENTS as i32,
-                    timeout,
-                )
+            // With connections held, their next requests are polled for
+            // a while before the thread sleeps (`edge.busy_poll_us`).
+            let polled = if self.live > 0 && !self.busy_poll.is_zero() {
+                self.poll_for(&mut events, now + self.busy_poll)
+            } else {
+                0
+            };
+            let n = if polled > 0 {
+                polled
+            } else {
+                self.io.wait(&mut events, timeout)
             };
             if n < 0 {
                 let e = last_error();
@@ -446,6 +473,22 @@ impl Loop {
             if self.accept_paused_until.is_some_and(|t| now >= t) {
                 self.resume_accepting();
             }
+        }
+    }
+
+    /// Polls for events until some come or `until` passes: how many came
+    /// (0: none, or an error the blocking wait that follows will report).
+    fn poll_for(&self, events: &mut [libc::epoll_event], until: Instant) -> i32 {
+        loop {
+            let n = self.io.wait(events, 0);
+            if n > 0 {
+                self.io.fast.metrics.redirect_loop_busy_poll_hits.inc();
+                return n;
+            }
+            if n < 0 || Instant::now() >= until {
+                return 0;
+            }
+            std::hint::spin_loop();
         }
     }
 
