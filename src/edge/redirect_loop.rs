@@ -423,9 +423,11 @@ impl Loop {
                 left.as_millis().min(i32::MAX as u128) as i32 + 1
             });
             // With connections held, their next requests are polled for
-            // a while before the thread sleeps (`edge.busy_poll_us`).
+            // a while before the thread sleeps (`edge.busy_poll_us`), not
+            // past the time the loop is due to wake anyway.
             let polled = if self.live > 0 && !self.busy_poll.is_zero() {
-                self.poll_for(&mut events, now + self.busy_poll)
+                let until = Instant::now() + self.busy_poll;
+                self.poll_for(&mut events, wake_at.map_or(until, |at| at.min(until)))
             } else {
                 0
             };
