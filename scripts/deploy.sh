@@ -22,8 +22,10 @@
 #   --rollback-timeout S the same for the rolled-back edge (default: the
 #                        larger of --health-timeout and 30)
 #   --log FILE           append the new edge's stdout and stderr here (default:
-#                        the file the running edge's stderr goes to, if it is
-#                        a regular file, else /dev/null)
+#                        wherever the running edge's stderr goes, a file, a
+#                        pipe or a terminal; if that is a socket, as the
+#                        journal is under systemd, this script's own stderr,
+#                        which under ExecReload= is the unit's journal)
 #   DEPLOY_DEBUG=1       (environment) print every /health probe
 #
 # The new edge runs as `BINARY edge -u --config FILE` in its own session (not
@@ -62,7 +64,7 @@
 # How Pingora 0.9 hands the listening sockets over (pingora-core 0.9.1,
 # src/server/mod.rs, bootstrap_services.rs, transfer_fd/mod.rs):
 #   - A process started with -u binds upgrade_sock in Server::bootstrap(),
-#     which uload's edge::build calls before it loads the link table, and
+#     which uload's edge::build calls after it has loaded the link table, and
 #     waits about 6 s (5 retries, 1 s apart) for one connection carrying the
 #     listening fds (SCM_RIGHTS, plus their addresses as text). Without one it
 #     exits 1. Inherited fds whose address no service claims are closed.
@@ -176,7 +178,7 @@ yaml_get() { # FILE KEY [SECTION]
       }
     }' "$1"
 }
-old_env="$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -E '^(ULOAD_[A-Z_]*|RUST_LOG)=' || true)"
+old_env="$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -E '^(ULOAD_[A-Z0-9_]*|RUST_LOG)=' || true)"
 old_cwd="$(readlink "/proc/$pid/cwd")" || die "cannot read /proc/$pid/cwd (run as the edge's user or root)"
 # The running edge's user, group and supplementary groups: run as root, this
 # script starts the new (and a rolled-back) edge as that user, and gives it
@@ -202,10 +204,20 @@ if [ -r "$pconf" ]; then
   d="$(yaml_get "$pconf" graceful_shutdown_timeout_seconds)"; [ -n "$d" ] && drain="$d"
 fi
 sock="${sock:-/tmp/pingora_upgrade.sock}"
-if [ -z "$log" ]; then
-  log=/dev/null
-  l="$(readlink "/proc/$pid/fd/2" 2>/dev/null || true)"
-  if [ -n "$l" ] && [ -f "$l" ]; then log="$l"; fi
+# Without --log, the new edge (and a rolled-back one) writes where the
+# running edge's stderr goes: reopened through /proc now, while it runs, so
+# a file (even one rotated away), a pipe or a terminal all work. A socket
+# cannot be reopened so: that is the journal under systemd, and this
+# script's own stderr, under ExecReload=, is the same unit's journal.
+# ("&N": the helper's inherited fd N.)
+if [ -n "$log" ]; then
+  log_where="$log"
+elif { exec {edge_err}>>"/proc/$pid/fd/2"; } 2>/dev/null; then
+  log="&$edge_err"
+  log_where="the running edge's stderr ($(readlink "/proc/$pid/fd/2" 2>/dev/null || echo '?'))"
+else
+  log="&2"
+  log_where="this script's stderr"
 fi
 
 finish() {
@@ -344,7 +356,9 @@ def as_the_edge(log, cwd, env_file, argv, **popen):
     ids = edge_ids()
     if ids:
         popen.update(user=ids[0], group=ids[1], extra_groups=ids[2])
-    with open(log, "ab", buffering=0) as out_f:
+    # "&N": this helper's inherited fd N (its stdout carries the pid).
+    with (open(os.dup(int(log[1:])), "ab", buffering=0) if log.startswith("&")
+          else open(log, "ab", buffering=0)) as out_f:
         try:
             return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out_f, stderr=out_f, **popen)
@@ -582,7 +596,7 @@ say "edge pid $pid on $listen; upgrade socket $sock; new binary $new"
 # that user cannot read fails here, not after the hand-over.
 for b in "$new" "$old_bin"; do
   if ! python3 "$state/helper.py" run "$log" "$old_cwd" "$state/env" 30 "$b" check-config "$config"; then
-    say "pre-flight failed: $b check-config $config (output in $log); nothing changed, pid $pid still serves"
+    say "pre-flight failed: $b check-config $config (output in $log_where); nothing changed, pid $pid still serves"
     exit 3
   fi
 done

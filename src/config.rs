@@ -63,8 +63,8 @@ pub struct RawBackup {
     pub dir: String,
     /// Seconds between scheduled backups (from the newest one in `dir`).
     pub interval_secs: u64,
-    /// Backups older than this many days are deleted after each backup;
-    /// the newest complete one is always kept.
+    /// Backups older than this many days are deleted after each scheduled
+    /// backup, failed ones included; the newest complete one is always kept.
     pub keep_days: u64,
 }
 
@@ -534,6 +534,65 @@ pub struct AdminConfig {
 const MAX_SECS: u64 = 100 * 365 * 86_400;
 
 impl Config {
+    /// Makes every relative path absolute against `dir`, for a process that
+    /// is about to change its working directory (`uload edge -d`: Pingora's
+    /// daemon changes to its `working_directory`, `/` by default, when it
+    /// forks, after some files are open and before others are read).
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.rate_limit.state_dir);
+        if let Some(p) = &mut self.access_log.path {
+            fix(p);
+        }
+        if let Some(p) = &mut self.edge.pingora_conf {
+            fix(p);
+        }
+        if let Some(t) = &mut self.tls {
+            fix(&mut t.cert_path);
+            fix(&mut t.key_path);
+        }
+        if let Some(d) = &mut self.backup.dir {
+            fix(d);
+        }
+    }
+
+    /// Whether edge and admin can run on one host with this config, as
+    /// `uload up` runs them in one process (and the shipped systemd units
+    /// on one machine): every listener of either needs its own socket.
+    /// [`Config::load`] checks each one's own listeners; this checks them
+    /// against each other's, which a file used only for an edge on one
+    /// host and an admin on another may share.
+    pub fn check_one_host(&self) -> Result<(), ConfigError> {
+        let mut sockets = vec![
+            ("edge.listen", Some(self.edge.listen)),
+            ("tls.listen", self.tls.as_ref().map(|t| t.listen)),
+            ("metrics.listen", self.metrics_listen),
+            ("admin.listen", Some(self.admin.listen)),
+            ("metrics.admin_listen", self.admin_metrics_listen),
+        ];
+        sockets.retain(|(_, a)| a.is_some());
+        for (i, &(key, a)) in sockets.iter().enumerate() {
+            for &(other, b) in &sockets[i + 1..] {
+                let (Some(a), Some(b)) = (a, b) else { continue };
+                if same_socket(a, b) {
+                    return Err(ConfigError {
+                        file: self.source.clone(),
+                        key: key.to_owned(),
+                        problem: format!(
+                            "{a} is also {other} ({b}); edge and admin on one host need a port each"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `path` (if given) and applies the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         // A variable that is set but not UTF-8 is an error: skipping it would
@@ -1050,15 +1109,25 @@ fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-/// What an API key must be: at least 16 bytes, without whitespace at
-/// either end (a presented key is read without it, so a key with some
-/// could never be matched).
+/// What an API key must be: at least 16 bytes of visible ASCII (spaces and
+/// tabs inside it too), without whitespace at either end: a presented key
+/// is read from the `Authorization` header as such text and trimmed, so a
+/// key with any other byte (a non-ASCII letter, a control) could never be
+/// matched.
 pub fn check_api_key(key: &str) -> Result<(), String> {
     if key.len() < 16 {
         return Err("must be at least 16 bytes".into());
     }
     if key.trim() != key {
         return Err("must not begin or end with whitespace".into());
+    }
+    if let Some(c) = key
+        .chars()
+        .find(|&c| !(c.is_ascii_graphic() || c == ' ' || c == '\t'))
+    {
+        return Err(format!(
+            "must be visible ASCII characters only (it holds {c:?}, which a request header does not carry as text)"
+        ));
     }
     Ok(())
 }
@@ -1435,5 +1504,51 @@ mod tests {
         for bad in ["+f".repeat(32), format!("a\u{e9}{}", "a".repeat(61))] {
             assert!(parse_key_hash(&format!("sha256:{bad}")).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn api_keys_must_be_text_a_header_carries() {
+        assert!(check_api_key("a-long-enough-secret").is_ok());
+        assert!(check_api_key("a long enough secret").is_ok());
+        for bad in [
+            "short",
+            " leading-space-0123456",
+            "schl\u{fc}ssel-f\u{fc}r-die-admin-api",
+            "key\u{1}0123456789abcdef",
+            "key\u{7f}0123456789abcdef",
+        ] {
+            assert!(check_api_key(bad).is_err(), "{bad:?}");
+        }
+        let e = Config::from_yaml_str(
+            "admin:\n  api_key: \"schl\u{fc}ssel-f\u{fc}r-die-admin-api\"\n",
+            "f.yaml",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.file.as_str(), e.key.as_str()),
+            ("f.yaml", "admin.api_key")
+        );
+        assert!(e.problem.contains("visible ASCII"), "{e}");
+    }
+
+    #[test]
+    fn edge_and_admin_on_one_host_need_a_socket_per_listener() {
+        let one_host = |yaml: &str| {
+            Config::from_yaml_str(yaml, "f.yaml", &[])
+                .unwrap()
+                .check_one_host()
+        };
+        assert!(one_host("{}").is_ok());
+        let e = one_host("metrics:\n  listen: 127.0.0.1:9091\n  admin_listen: 127.0.0.1:9091\n")
+            .unwrap_err();
+        assert_eq!(e.key, "metrics.listen");
+        assert!(e.problem.contains("metrics.admin_listen"), "{e}");
+        let e = one_host("edge:\n  listen: 0.0.0.0:8081\nadmin:\n  listen: 127.0.0.1:8081\n")
+            .unwrap_err();
+        assert_eq!(e.key, "edge.listen");
+        assert!(e.problem.contains("admin.listen"), "{e}");
+        // Port 0 (a free port each time) never clashes.
+        assert!(one_host("edge:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n").is_ok());
     }
 }

@@ -278,6 +278,65 @@ fn check_config_refuses_listeners_that_collide() {
     );
 }
 
+/// Edge and admin sharing a socket is a valid file for an edge on one host
+/// and an admin on another, so check-config passes it, with a warning; but
+/// `uload up` runs both in one process and refuses it before it starts
+/// anything (it used to start, and fail, or have one listener served by one
+/// of the two only, depending on which bound first).
+#[test]
+fn uload_up_refuses_edge_and_admin_listeners_that_collide() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let file = dir.path().join("uload.yaml");
+    fs::write(
+        &file,
+        format!(
+            "data_dir: {}\nedge:\n  listen: 127.0.0.1:18080\nadmin:\n  listen: 127.0.0.1:18081\n\
+             metrics:\n  listen: 127.0.0.1:19091\n  admin_listen: 127.0.0.1:19091\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let (status, out) = check_config(&file, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains(&format!("warning: {}: metrics.listen: ", file.display()))
+            && out.contains("metrics.admin_listen"),
+        "{out}"
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uload"));
+    cmd.arg("up").arg("--config").arg(&file);
+    for (var, _) in uload::config::ENV_OVERRIDES {
+        cmd.env_remove(var);
+    }
+    // Bounded: were it to start, it would serve until killed.
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("uload up started with edge and admin on one metrics socket");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let up = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert_eq!(up.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{}: metrics.listen: ", file.display())),
+        "{err}"
+    );
+    assert!(
+        !data.exists(),
+        "uload up created its data dir before refusing"
+    );
+}
+
 /// An override that is not UTF-8 is an error naming the variable, not
 /// silently ignored (which left the file's value, e.g. its data dir, in
 /// force while the operator believed the variable applied).

@@ -49,10 +49,23 @@ fn deploy_env(
     pids: &Pids,
     envs: &[(&str, &str)],
 ) -> Deploy {
+    let log = setup.path().join("deployed-edges.log");
+    deploy_with(setup, new, health_timeout_s, pids, envs, Some(&log))
+}
+
+/// [`deploy_env`] with the script's `--log` (none: its default).
+fn deploy_with(
+    setup: &EdgeSetup,
+    new: &Path,
+    health_timeout_s: u32,
+    pids: &Pids,
+    envs: &[(&str, &str)],
+    log: Option<&Path>,
+) -> Deploy {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deploy.sh");
     let start = Instant::now();
-    let mut child = Command::new("bash")
-        .arg(&script)
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
         .arg("--pid-file")
         .arg(setup.path().join("edge.pid"))
         .arg("--new")
@@ -60,9 +73,11 @@ fn deploy_env(
         .arg("--config")
         .arg(&setup.config)
         .arg("--health-timeout")
-        .arg(health_timeout_s.to_string())
-        .arg("--log")
-        .arg(setup.path().join("deployed-edges.log"))
+        .arg(health_timeout_s.to_string());
+    if let Some(log) = log {
+        cmd.arg("--log").arg(log);
+    }
+    let mut child = cmd
         .env("TMPDIR", setup.path())
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
@@ -154,6 +169,87 @@ fn pid_file(setup: &EdgeSetup) -> u32 {
         .trim()
         .parse()
         .unwrap()
+}
+
+/// Without `--log`, the new edge writes where the running one writes, here
+/// a pipe (as under `uload edge 2>&1 | tee edge.log`, or any supervisor
+/// that reads its output), and is started with every `ULOAD_*` variable
+/// the running one had, digits in the name included. Its output used to go
+/// to /dev/null whenever the running edge's stderr was not a regular file
+/// (so under systemd, the journal), and `ULOAD_TLS_HTTP2` was dropped.
+#[test]
+fn deploy_keeps_the_running_edges_output_and_environment() {
+    let pids = Pids::default();
+    let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
+    import_links(&setup, 5);
+    let mut old = common::uload_command(setup.path())
+        .arg("edge")
+        .arg("--config")
+        .arg(&setup.config)
+        .env("ULOAD_TLS_HTTP2", "false")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    pids.add(old.id());
+    // Everything written to the pipe, by whichever process writes to it.
+    let mut pipe = old.stderr.take().unwrap();
+    let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let addr = setup.addr;
+    wait_until(Duration::from_secs(60), "edge /health", || {
+        request(addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    std::fs::write(setup.path().join("edge.pid"), format!("{}\n", old.id())).unwrap();
+    let old_stderr = std::fs::read_link(format!("/proc/{}/fd/2", old.id())).unwrap();
+    let loaded = "link table loaded";
+    assert_eq!(output.lock().unwrap().matches(loaded).count(), 1);
+
+    let d = deploy_with(&setup, Path::new(UPLOAD), 30, &pids, &[], None);
+    assert_eq!(d.code, 0, "{}\n{}", d.stderr, setup.logs());
+    let new = d.serving.expect("pid=N on stdout");
+    assert_ne!(new, old.id());
+    let environ = std::fs::read(format!("/proc/{new}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|&b| b == 0)
+            .any(|v| v == b"ULOAD_TLS_HTTP2=false"),
+        "{}",
+        String::from_utf8_lossy(&environ)
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new}/fd/2")).unwrap(),
+        old_stderr,
+        "the new edge's stderr"
+    );
+    // And its lines come out there (it logs its start at info, as
+    // RUST_LOG, also taken over, says).
+    wait_until(
+        Duration::from_secs(30),
+        "the new edge's lines on the pipe",
+        || output.lock().unwrap().matches(loaded).count() >= 2,
+    );
+    // The reader ends when the last writer does (the new edge is
+    // SIGKILLed with the test's other pids, at the end).
+    drop(reader);
+    wait_until(Duration::from_secs(60), "the old edge to exit", || {
+        old.try_wait().unwrap().is_some()
+    });
 }
 
 /// (a) The same binary deployed over itself under load: no request fails,

@@ -458,3 +458,172 @@ fn an_edge_that_cannot_listen_exits_non_zero() {
     );
     assert_eq!(get(cluster.edge_addr, "/health").status, 200);
 }
+
+/// `uload edge -d` (Pingora's daemon, which forks when the server starts
+/// running and then changes to `/`), started from a directory with relative
+/// paths in its config: the daemon still follows the data dir's log (a link
+/// created afterwards is served) and writes its access log there. It used
+/// to look for `data/` under `/` and serve its start-up table forever, and
+/// to lose its access log's writer thread in the fork.
+#[test]
+fn a_daemonized_edge_follows_the_log_and_writes_its_access_log() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let edge: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    std::fs::write(
+        d.join("pingora.yaml"),
+        format!(
+            "---\nversion: 1\nthreads: 1\npid_file: {0}/edge.pid\nupgrade_sock: {0}/upgrade.sock\n\
+             error_log: {0}/edge.stderr\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("uload.yaml"),
+        format!(
+            "data_dir: data\npublic_base_url: http://{edge}\nedge:\n  listen: {edge}\n  \
+             admin_upstreams: [\"{admin}\"]\n  health_check_interval_ms: 100\n  \
+             pingora_conf: pingora.yaml\nadmin:\n  listen: {admin}\n  api_key: {key}\n\
+             access_log:\n  path: logs/access.log\n",
+            key = common::KEY
+        ),
+    )
+    .unwrap();
+    let log = |name: &str| {
+        Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.join(name))
+                .unwrap(),
+        )
+    };
+    struct KillOnDrop(Vec<i32>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                // SAFETY: kill(2) on a pid this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let mut started = KillOnDrop(Vec::new());
+    let mut admin_proc = common::uload_command(d)
+        .current_dir(d)
+        .args(["admin", "--config", "uload.yaml"])
+        .stdout(Stdio::null())
+        .stderr(log("admin.stderr"))
+        .spawn()
+        .unwrap();
+    started.0.push(admin_proc.id() as i32);
+    wait_until(Duration::from_secs(30), "admin /api/health", || {
+        request(admin, "GET", "/api/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    // The command itself returns once Pingora has forked the daemon off.
+    let mut launcher = common::uload_command(d)
+        .current_dir(d)
+        .args(["edge", "-d", "--config", "uload.yaml"])
+        .stdout(Stdio::null())
+        .stderr(log("edge.stderr"))
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "uload edge -d did not return"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let logs = || {
+        format!(
+            "--- edge\n{}\n--- admin\n{}",
+            std::fs::read_to_string(d.join("edge.stderr")).unwrap_or_default(),
+            std::fs::read_to_string(d.join("admin.stderr")).unwrap_or_default()
+        )
+    };
+    assert!(status.success(), "uload edge -d: {status}\n{}", logs());
+    let mut pid = 0;
+    wait_until(Duration::from_secs(60), "the daemon's pid file", || {
+        pid = std::fs::read_to_string(d.join("edge.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        pid > 0
+    });
+    started.0.push(pid);
+    wait_until(Duration::from_secs(60), "the daemon's /health", || {
+        request(edge, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    // It runs where Pingora's daemon goes, not where it was started.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(),
+        std::path::Path::new("/")
+    );
+    let r = api(
+        edge,
+        "POST",
+        "/api/links",
+        r#"{"url":"https://example.com/daemon","code":"daemon1"}"#,
+    );
+    assert_eq!(
+        r.status,
+        201,
+        "{:?}\n{}",
+        String::from_utf8_lossy(&r.body),
+        logs()
+    );
+    // Polls `check` for at most PROPAGATION: whether it came true.
+    let poll = |mut check: Box<dyn FnMut() -> bool + '_>| {
+        let start = Instant::now();
+        while start.elapsed() < PROPAGATION {
+            if check() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    };
+    let mut last = 0;
+    let served = poll(Box::new(|| {
+        let r = get(edge, "/daemon1");
+        last = r.status;
+        (301..=308).contains(&r.status)
+            && r.header("location") == Some("https://example.com/daemon")
+    }));
+    assert!(
+        served,
+        "/daemon1 not served by the daemon (last status {last})\n{}",
+        logs()
+    );
+    let access = d.join("logs/access.log");
+    let logged = poll(Box::new(|| {
+        std::fs::read_to_string(&access).is_ok_and(|t| t.contains("\"path\":\"/daemon1\""))
+    }));
+    assert!(
+        logged,
+        "no line for /daemon1 in {}\n{}",
+        access.display(),
+        logs()
+    );
+    // SIGTERM: a graceful stop.
+    // SAFETY: kill(2) on the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    wait_until(Duration::from_secs(60), "the daemon to exit", || {
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0;
+        !alive
+    });
+    let _ = admin_proc.kill();
+    let _ = admin_proc.wait();
+}

@@ -19,7 +19,7 @@ use uload::store::log::{
     list_segments, scan_segment, segment_file_name,
 };
 use uload::store::record::{FLAG_DISABLED, FLAG_FORWARD_QUERY, Link, LinkEncoding, RedirectStatus};
-use uload::store::snapshot::{Snapshot, write_snapshot_as};
+use uload::store::snapshot::{Snapshot, SnapshotInfo, write_snapshot_as};
 use uload::store::{DataDir, LogOptions, Store};
 
 /// Links covering every field: each status, both flags, each optional
@@ -317,21 +317,14 @@ fn empty_v1_segment_is_appended_to() {
     assert_eq!(view(dir.path()), vec![varied(1), varied(2)]);
 }
 
-/// A format 1 snapshot with nothing newer in the log is rewritten in the
-/// current format by a compaction, at the same sequence and under the same
-/// name (the manifest is unchanged); a second compaction has nothing to do.
-#[test]
-fn compaction_rewrites_a_format_1_snapshot_with_nothing_new() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let links: Vec<Link> = (0..50).map(varied).collect();
-    let mut sorted = links.clone();
+/// A data dir of 50 links (sequence 50) in a format 1 snapshot named
+/// `name` and a manifest naming it: the links in code order, and the file.
+fn format_1_snapshot_of_50(root: &Path, name: &str) -> (Vec<Link>, SnapshotInfo) {
+    let mut sorted: Vec<Link> = (0..50).map(varied).collect();
     sorted.sort_by(|a, b| a.code.cmp(&b.code));
     fs::create_dir_all(root.join("snapshots")).unwrap();
-    let name = snapshot_file_name(50);
-    let path = root.join("snapshots").join(&name);
-    let v1 = write_snapshot_as(
-        &path,
+    let info = write_snapshot_as(
+        &root.join("snapshots").join(name),
         50,
         sorted
             .iter()
@@ -340,11 +333,24 @@ fn compaction_rewrites_a_format_1_snapshot_with_nothing_new() {
     )
     .unwrap();
     let manifest = Manifest {
-        snapshot: name,
+        snapshot: name.to_owned(),
         seq: 50,
         links: 50,
     };
     fs::write(root.join("MANIFEST"), manifest.encode()).unwrap();
+    (sorted, info)
+}
+
+/// A format 1 snapshot with nothing newer in the log is rewritten in the
+/// current format by a compaction, at the same sequence and under the same
+/// name (the manifest is unchanged); a second compaction has nothing to do.
+#[test]
+fn compaction_rewrites_a_format_1_snapshot_with_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let name = snapshot_file_name(50);
+    let path = root.join("snapshots").join(&name);
+    let (sorted, v1) = format_1_snapshot_of_50(root, &name);
     let manifest_bytes = fs::read(root.join("MANIFEST")).unwrap();
 
     let store = Store::open(root, LogOptions::default()).unwrap();
@@ -361,4 +367,37 @@ fn compaction_rewrites_a_format_1_snapshot_with_nothing_new() {
         1,
         "no other snapshot, no temporary file"
     );
+}
+
+/// The same with the manifest naming a file that is not `<seq>.snap` (a
+/// snapshot restored or renamed by hand): the rewrite goes to `<seq>.snap`
+/// and the manifest names it before the old file is deleted. It used to
+/// keep the manifest as it was and delete the file it named, leaving a data
+/// dir no reader could open.
+#[test]
+fn compaction_rewrite_of_a_renamed_format_1_snapshot_keeps_it_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (sorted, _) = format_1_snapshot_of_50(root, &snapshot_file_name(40));
+    assert_eq!(view(root), sorted, "readable as written");
+
+    let store = Store::open(root, LogOptions::default()).unwrap();
+    let report = store.compact().unwrap();
+    let info = report.snapshot.expect("rewritten");
+    assert_eq!(
+        info.path,
+        root.join("snapshots").join(snapshot_file_name(50))
+    );
+    assert_eq!(view(root), sorted, "readable after the rewrite");
+    let names: Vec<String> = fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [snapshot_file_name(50)],
+        "the old file is gone, nothing else"
+    );
+    drop(store);
+    assert_eq!(view(root), sorted, "and after the store is closed");
 }

@@ -92,8 +92,8 @@ fn header_safe(b: u8) -> bool {
 
 /// `location_into`, against its documentation: without a (non-empty) query
 /// the target unchanged; with one, the target's part before its first `#`,
-/// then `?` (the target has no query), `&` (it has one that does not end
-/// with `?` or `&`) or nothing, then the request's query with every byte
+/// then `?` (the target has no query), `&` (it has one, the part after its
+/// first `?`, that is not empty and does not end with `&`) or nothing, then the request's query with every byte
 /// that is not a visible ASCII character other than `#` percent-encoded as
 /// `%XX` (upper-case hex), then the target's fragment. So the merged part
 /// can never hold a control character, a space or a fragment of its own;
@@ -117,12 +117,10 @@ fn check_location(target: &[u8], query: Option<&[u8]>) {
             assert!(out.ends_with(fragment), "the fragment is not last");
             assert!(out.len() >= base.len() + fragment.len());
             let merged = &out[base.len()..out.len() - fragment.len()];
-            let sep: &[u8] = if !base.contains(&b'?') {
-                b"?"
-            } else if base.ends_with(b"?") || base.ends_with(b"&") {
-                b""
-            } else {
-                b"&"
+            let sep: &[u8] = match base.iter().position(|&b| b == b'?') {
+                None => b"?",
+                Some(i) if base[i + 1..].is_empty() || base.ends_with(b"&") => b"",
+                Some(_) => b"&",
             };
             let encoded = merged
                 .strip_prefix(sep)

@@ -241,15 +241,7 @@ impl Job {
                         ms = took.as_millis() as u64,
                         "admin: scheduled backup written"
                     );
-                    match backup::prune_backups(&self.dir, self.keep, now_ms()) {
-                        Ok(p) if !p.removed.is_empty() => tracing::info!(
-                            removed = p.removed.len(),
-                            dir = %self.dir.display(),
-                            "admin: old backups deleted"
-                        ),
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "admin: deleting old backups failed"),
-                    }
+                    self.prune();
                     retry = RETRY_MIN.min(self.interval);
                     next = started + self.interval;
                 }
@@ -261,10 +253,29 @@ impl Job {
                         retry_in_s = retry.as_secs(),
                         "admin: scheduled backup failed"
                     );
+                    // Retention applies all the same: a backup dir that
+                    // filled up gets back the space of the backups past
+                    // their time (the newest complete one stays), and the
+                    // retry can succeed without an operator.
+                    self.prune();
                     next = Instant::now() + retry;
                     retry = (retry * 2).min(self.interval);
                 }
             }
+        }
+    }
+
+    /// Deletes the backups older than `keep` (never the newest complete
+    /// one) and leftover partial ones.
+    fn prune(&self) {
+        match backup::prune_backups(&self.dir, self.keep, now_ms()) {
+            Ok(p) if !p.removed.is_empty() => tracing::info!(
+                removed = p.removed.len(),
+                dir = %self.dir.display(),
+                "admin: old backups deleted"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "admin: deleting old backups failed"),
         }
     }
 
@@ -430,5 +441,41 @@ mod tests {
         assert!(list[0].complete && list[0].seq == 1);
         assert!(!old.exists());
         assert!(backup::verify_backup(&list[0].path).is_ok());
+    }
+
+    /// Retention does not wait for a backup to succeed: when backups fail
+    /// (here the data dir is gone; in life, often a full backup dir), the
+    /// backups past their time and leftover partial ones are deleted all
+    /// the same, and the newest complete backup is kept.
+    #[test]
+    fn retention_runs_when_a_backup_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 86_400_000;
+        let old = backup::seal_empty_backup(dir.path(), now_ms() - 10 * day, 1);
+        let newest = backup::seal_empty_backup(dir.path(), now_ms() - 3 * day, 2);
+        let partial = dir.path().join(format!("{}x", backup::PARTIAL_PREFIX));
+        std::fs::create_dir(&partial).unwrap();
+        let not_a_dir = dir.path().join("not-a-data-dir");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let status = Arc::new(BackupStatus::default());
+        let config = BackupConfig {
+            dir: Some(dir.path().to_owned()),
+            interval: Duration::from_secs(3600),
+            keep: Duration::from_secs(86_400),
+        };
+        let task = BackupTask::start(&not_a_dir, &config, status.clone()).unwrap();
+        let start = Instant::now();
+        while status.failures() == 0 || old.exists() || partial.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "failures {}, old there {}, partial there {}",
+                status.failures(),
+                old.exists(),
+                partial.exists()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        task.stop(Duration::from_secs(30));
+        assert!(newest.exists(), "the newest complete backup is kept");
     }
 }

@@ -78,6 +78,9 @@ pub struct UpArgs {
 pub fn up(args: UpArgs) -> Result<(), CliError> {
     init_tracing();
     let mut config = args.config.load()?;
+    // Both in one process: a listener shared between them would fail (or
+    // worse, be served by one of them only) after the other has started.
+    config.check_one_host().map_err(CliError::new)?;
     if config.admin.api_key_hashes.is_empty() {
         let key = random_key().map_err(CliError::new)?;
         config.admin.api_key_hashes.push(hash_api_key(&key));
@@ -155,6 +158,13 @@ pub fn check_config(args: CheckConfigArgs) -> Result<(), CliError> {
                     eprintln!("{e}");
                     failed += 1;
                     continue;
+                }
+                // Valid for an edge and an admin each on its own host;
+                // said when they could not share one.
+                if let Err(e) = config.check_one_host() {
+                    eprintln!(
+                        "warning: {e} (fine for an edge and an admin on different hosts; `uload up` refuses it)"
+                    );
                 }
                 println!("{}: ok", file.display());
             }

@@ -16,6 +16,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use prometheus::IntCounter;
@@ -40,23 +41,47 @@ pub struct AccessRecord<'a> {
 pub struct AccessLog {
     tx: SyncSender<Vec<u8>>,
     dropped: IntCounter,
+    /// The file and the receiving half, until the writer thread takes them.
+    writer: Mutex<Option<(std::fs::File, Receiver<Vec<u8>>)>>,
 }
 
 impl AccessLog {
-    /// Starts the writer thread on a file opened by [`open_file`] (the edge
-    /// opens it before taking a running edge's sockets, and starts the
-    /// thread after Pingora's start-up, which may fork into a daemon).
+    /// An access log on a file opened by [`open_file`], its writer not
+    /// started: lines queue (up to `buffer_lines`) until
+    /// [`AccessLog::start_writer`]. The edge opens the file before taking a
+    /// running edge's sockets, and starts the writer from a service, once
+    /// Pingora runs: a thread started before then would not survive `-d`
+    /// (Pingora forks into a daemon when it starts running).
+    pub fn new(file: std::fs::File, buffer_lines: usize, dropped: IntCounter) -> Self {
+        let (tx, rx) = sync_channel(buffer_lines.max(1));
+        Self {
+            tx,
+            dropped,
+            writer: Mutex::new(Some((file, rx))),
+        }
+    }
+
+    /// [`AccessLog::new`] with its writer started.
     pub fn start(
         file: std::fs::File,
         buffer_lines: usize,
         dropped: IntCounter,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel(buffer_lines.max(1));
-        let lost = dropped.clone();
+        let log = Self::new(file, buffer_lines, dropped);
+        log.start_writer()?;
+        Ok(log)
+    }
+
+    /// Starts the writer thread (once: later calls do nothing).
+    pub fn start_writer(&self) -> std::io::Result<()> {
+        let Some((file, rx)) = self.writer.lock().ok().and_then(|mut w| w.take()) else {
+            return Ok(());
+        };
+        let lost = self.dropped.clone();
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || write_lines(file, rx, lost))?;
-        Ok(Self { tx, dropped })
+        Ok(())
     }
 
     /// Queues one record; drops it (and counts the drop) if the writer is behind.
@@ -69,6 +94,20 @@ impl AccessLog {
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+}
+
+/// Starts the access log's writer when the server's services start, after
+/// Pingora's fork into a daemon (`-d`), which a thread started before it
+/// would not survive.
+pub struct WriterService(pub std::sync::Arc<AccessLog>);
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for WriterService {
+    async fn start(&self, _shutdown: pingora::server::ShutdownWatch) {
+        if let Err(e) = self.0.start_writer() {
+            tracing::error!(error = %e, "access log: cannot start its writer; lines are being lost");
         }
     }
 }

@@ -182,17 +182,14 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?;
     }
     let edge_config = Arc::new(config.edge.clone());
-    let access_log = match (access_log_file, &config.access_log.path) {
-        (Some(file), Some(path)) => Some(Arc::new(
-            access_log::AccessLog::start(
-                file,
-                config.access_log.buffer_lines,
-                metrics.access_log_dropped.clone(),
-            )
-            .map_err(|e| EdgeError::AccessLog(path.clone(), e))?,
-        )),
-        _ => None,
-    };
+    // Its writer starts with the services (`access_log::WriterService`).
+    let access_log = access_log_file.map(|file| {
+        Arc::new(access_log::AccessLog::new(
+            file,
+            config.access_log.buffer_lines,
+            metrics.access_log_dropped.clone(),
+        ))
+    });
     // Plain redirects skip Pingora's request machinery (fast_path.rs),
     // unless plain HTTP must be sent on to HTTPS.
     let redirect_http = config.tls.as_ref().is_some_and(|t| t.redirect_http);
@@ -208,6 +205,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             access_log: access_log.clone(),
         })
     });
+    let access_log_writer = access_log.clone();
     let proxy = EdgeProxy {
         table: table.clone(),
         admins: admins.clone(),
@@ -287,6 +285,12 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         metrics_service.add_tcp(&listen.to_string());
         server.add_service(metrics_service);
     }
+    if let Some(log) = &access_log_writer {
+        server.add_service(GenBackgroundService::new(
+            "access log".into(),
+            Arc::new(access_log::WriterService(log.clone())),
+        ));
+    }
     server.add_service(health_service);
     server.add_service(follower_service);
     Ok(server)
@@ -313,6 +317,22 @@ fn check_bindable(config: &Config) -> Result<(), EdgeError> {
 
 /// Runs the edge until SIGTERM/SIGINT (graceful) or SIGQUIT (graceful upgrade hand-over).
 pub fn run(config: &Config, options: &EdgeOptions) -> Result<(), EdgeError> {
+    // Pingora's daemon (`-d`) changes to its `working_directory`, `/` by
+    // default, when it forks: after the table and some files are open,
+    // before the follower, a certificate reload or the limiter read theirs.
+    // Relative paths are made absolute first, so that they mean the same
+    // throughout: the directory the edge was started in.
+    let resolved;
+    let config = if options.daemon {
+        let cwd = std::env::current_dir()
+            .map_err(|e| EdgeError::Pingora(format!("the current directory: {e}")))?;
+        let mut c = config.clone();
+        c.resolve_paths(&cwd);
+        resolved = c;
+        &resolved
+    } else {
+        config
+    };
     let server = build(config, options)?;
     server.run(RunArgs::default());
     Ok(())

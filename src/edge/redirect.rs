@@ -105,12 +105,17 @@ pub fn location_into(out: &mut Vec<u8>, target: &[u8], query: Option<&[u8]>) {
         None => (target, &b""[..]),
     };
     out.extend_from_slice(base);
-    if base.contains(&b'?') {
-        if !base.ends_with(b"?") && !base.ends_with(b"&") {
-            out.push(b'&');
+    // A separator unless the target's query (after its first `?`) is empty
+    // or already ends in one: `?next=/a?` is a query whose last value ends
+    // in `?`, and the request's query is not glued onto that value.
+    match base.iter().position(|&b| b == b'?') {
+        Some(i) => {
+            let own = &base[i + 1..];
+            if !own.is_empty() && !own.ends_with(b"&") {
+                out.push(b'&');
+            }
         }
-    } else {
-        out.push(b'?');
+        None => out.push(b'?'),
     }
     for &b in query {
         if b.is_ascii_graphic() && b != b'#' {
@@ -222,6 +227,13 @@ mod tests {
         assert_eq!(loc("https://x/p", Some(b"a=1")), "https://x/p?a=1");
         assert_eq!(loc("https://x/p?t=0", Some(b"a=1")), "https://x/p?t=0&a=1");
         assert_eq!(loc("https://x/p?", Some(b"a=1")), "https://x/p?a=1");
+        assert_eq!(loc("https://x/p?t=0&", Some(b"a=1")), "https://x/p?t=0&a=1");
+        // A query whose last value ends in `?` still gets its `&`.
+        assert_eq!(
+            loc("https://x/login?next=/home?", Some(b"a=1")),
+            "https://x/login?next=/home?&a=1"
+        );
+        assert_eq!(loc("https://x/p??", Some(b"a=1")), "https://x/p??&a=1");
         assert_eq!(
             loc("https://x/p#frag", Some(b"a=1")),
             "https://x/p?a=1#frag"

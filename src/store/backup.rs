@@ -785,6 +785,22 @@ fn copy_segments(
     Ok(last_seq)
 }
 
+/// Whether `path` is a regular file: a symlink (whose target a restore
+/// would copy, or /dev/zero, which never ends), a FIFO (whose open blocks
+/// until a writer comes) or a device is neither followed nor read.
+fn regular_file(path: &Path) -> Result<(), BackupError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        Ok(_) => Err(BackupError::NotAFile {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(BackupError::Missing {
+            path: path.to_owned(),
+        }),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Opens the snapshot (with checksums) and replays the log of the backup
 /// (or restored data dir) at `root` as `manifest` describes it. Returns the
 /// sequence reached and the live links, or every problem found (snapshot
@@ -796,7 +812,9 @@ fn check_contents(root: &Path, manifest: &BackupManifest) -> Result<(u64, u64), 
         None => Some(TableView::new(None)),
         Some(s) => {
             let path = root.join(&s.file);
-            match Snapshot::open(&path, true) {
+            let opened =
+                regular_file(&path).and_then(|()| Snapshot::open(&path, true).map_err(Into::into));
+            match opened {
                 Ok(snap) if snap.seq() != s.seq || snap.len() != s.links => {
                     problems.push(BackupError::Inconsistent {
                         path,
@@ -812,7 +830,7 @@ fn check_contents(root: &Path, manifest: &BackupManifest) -> Result<(u64, u64), 
                 }
                 Ok(snap) => Some(TableView::new(Some(std::sync::Arc::new(snap)))),
                 Err(e) => {
-                    problems.push(e.into());
+                    problems.push(e);
                     None
                 }
             }
@@ -829,10 +847,12 @@ fn check_contents(root: &Path, manifest: &BackupManifest) -> Result<(u64, u64), 
     let mut reached = snap_seq;
     let mut expected: Option<u64> = None;
     for seg in &segments {
-        let buf = match fs::read(&seg.path) {
+        let buf = match regular_file(&seg.path)
+            .and_then(|()| fs::read(&seg.path).map_err(io_err(&seg.path)))
+        {
             Ok(b) => b,
             Err(e) => {
-                problems.push(io_err(&seg.path)(e));
+                problems.push(e);
                 return Err(problems);
             }
         };
@@ -1030,16 +1050,11 @@ pub fn verify_backup(src: &Path) -> VerifyReport {
         let path = src.join(&f.name);
         // Not followed or read: a symlink (whose target a restore would
         // copy, or /dev/zero, which never ends) or another special file.
-        let measured = match fs::symlink_metadata(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Err(BackupError::Missing { path: path.clone() })
-            }
-            Err(e) => Err(io_err(&path)(e)),
-            Ok(m) if !m.file_type().is_file() => Err(BackupError::NotAFile { path: path.clone() }),
-            Ok(_) => File::open(&path)
+        let measured = regular_file(&path).and_then(|()| {
+            File::open(&path)
                 .map_err(io_err(&path))
-                .and_then(|file| checksum_file(&file, &path)),
-        };
+                .and_then(|file| checksum_file(&file, &path))
+        });
         let (len, crc, problem) = match measured {
             Ok((len, crc)) if len != f.len => (
                 len,
@@ -1094,7 +1109,10 @@ pub fn verify_backup(src: &Path) -> VerifyReport {
     }
     if let Some(s) = &manifest.snapshot {
         let path = src.join("MANIFEST");
-        match fs::read_to_string(&path) {
+        // Anything but a file there is reported above, as a listed file.
+        let text =
+            regular_file(&path).and_then(|()| fs::read_to_string(&path).map_err(io_err(&path)));
+        match text {
             Ok(text) => match Manifest::decode(&text) {
                 Ok(m)
                     if format!("snapshots/{}", m.snapshot) == s.file
@@ -1109,9 +1127,9 @@ pub fn verify_backup(src: &Path) -> VerifyReport {
                 }),
                 Err(reason) => report.problems.push(BackupError::Manifest { path, reason }),
             },
-            // Already reported as missing.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => report.problems.push(io_err(&path)(e)),
+            // Already reported (missing, or not a file).
+            Err(BackupError::Missing { .. } | BackupError::NotAFile { .. }) => {}
+            Err(e) => report.problems.push(e),
         }
     }
     match check_contents(src, &manifest) {
@@ -1638,6 +1656,51 @@ mod tests {
         );
         fs::remove_file(&seg).unwrap();
         fs::rename(&aside, &seg).unwrap();
+        assert!(verify_backup(&dest).is_ok());
+        // Nor is anything read through one: a FIFO (whose open would block
+        // until a writer came) or a symlink to /dev/zero (which never ends)
+        // in place of a segment, the snapshot or the MANIFEST is reported,
+        // and verify and restore return.
+        let snap = fs::read_dir(dest.join("snapshots"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        for (listed, special) in [
+            (&seg, "fifo"),
+            (&seg, "zero"),
+            (&snap, "fifo"),
+            (&snap, "zero"),
+            (&dest.join("MANIFEST"), "fifo"),
+        ] {
+            fs::rename(listed, &aside).unwrap();
+            if special == "fifo" {
+                let c = std::ffi::CString::new(listed.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: a NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            } else {
+                std::os::unix::fs::symlink("/dev/zero", listed).unwrap();
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (d, r) = (dest.clone(), out.path().join("never"));
+            std::thread::spawn(move || {
+                let _ = tx.send((verify_backup(&d), restore(&d, &r).is_err()));
+            });
+            let (v, restore_refused) = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("verify or restore read {listed:?} ({special})"));
+            assert!(
+                v.problems
+                    .iter()
+                    .any(|p| matches!(p, BackupError::NotAFile { path } if path == listed)),
+                "{special} {listed:?}: {}",
+                v.to_text()
+            );
+            assert!(restore_refused, "{special} {listed:?}");
+            fs::remove_file(listed).unwrap();
+            fs::rename(&aside, listed).unwrap();
+        }
         assert!(verify_backup(&dest).is_ok());
         // A second backup into the same directory is refused.
         assert!(matches!(

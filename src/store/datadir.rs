@@ -497,7 +497,11 @@ impl Store {
             // A rewrite in the current format at the same sequence replaced
             // the file the manifest names, with the same links: the manifest
             // stays as it is (and a failure here must never remove that file).
-            if seq != base_seq {
+            // Unless the manifest names another file (a snapshot restored or
+            // renamed by hand): it then names the new one, before the old
+            // one is deleted below with the other old files.
+            let renamed = snapshot.as_ref().is_some_and(|s| s.path() != path);
+            if seq != base_seq || renamed {
                 let manifest = Manifest {
                     snapshot: snapshot_file_name(seq),
                     seq,
