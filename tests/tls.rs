@@ -901,6 +901,49 @@ fn a_graceful_upgrade_serves_the_new_certificate() {
     edge.edge = Some(new_edge);
 }
 
+/// A graceful upgrade (`uload edge -u`) on a certificate outside its
+/// validity period stops before it takes any socket: the running edge goes
+/// on serving HTTPS with its own certificate. (It used to take the sockets
+/// and serve the new one, so that every handshake failed once the old edge
+/// had drained, where a SIGHUP reload refuses such a certificate.)
+#[test]
+fn an_upgrade_on_a_certificate_outside_its_validity_leaves_the_running_edge_serving() {
+    let good = make_cert_valid(50, "uload test good", Some((2025, 2099)));
+    let future = make_cert_valid(51, "uload test future", Some((2099, 2100)));
+    let mut edge = Edge::start(&good, "", "", None);
+    install(edge.dir.path(), &future.cert_pem, &future.key_pem);
+    let mut new_edge = edge.spawn(&["edge", "-u"], "edge-new");
+    // An operator (or deploy.sh) tells the running edge to hand over once
+    // the new one waits on the upgrade socket; it must never get there.
+    let sock = edge.dir.path().join("upgrade.sock");
+    let mut status = None;
+    wait_until(
+        Duration::from_secs(30),
+        "the new edge to exit or wait for the sockets",
+        || {
+            status = new_edge.0.try_wait().unwrap();
+            status.is_some() || sock.exists()
+        },
+    );
+    let log = edge.log("edge-new");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the new edge waits for the running edge's sockets\n{log}"
+    );
+    assert!(
+        log.contains("not valid before 2099-01-01T00:00:00.000Z"),
+        "{log}"
+    );
+    // The running edge was not asked to hand over, and serves as before.
+    assert!(edge.edge.as_mut().unwrap().0.try_wait().unwrap().is_none());
+    runtime().block_on(async {
+        create_link(&edge, "v", "https://example.com/v").await;
+        let mut s = connect(edge.https, &edge.roots, &[b"http/1.1"]).await;
+        assert_eq!(leaf(&s), good.der);
+        assert_eq!(h1(&mut s, "GET", "/v", &[], b"").await.status, 302);
+    });
+}
+
 #[test]
 fn a_bad_certificate_or_key_stops_the_edge_and_check_config() {
     let good = make_cert(30, "uload test good");

@@ -82,7 +82,14 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     // takes it over once the server runs; without, it does nothing.
     tls::ignore_hangup();
     if let Some(e) = certs.as_ref().and_then(|store| store.validity_problem()) {
-        // Served all the same: see `tls.rs`.
+        // A graceful upgrade stops here, before it takes any socket: the
+        // running edge goes on serving HTTPS with its own certificate,
+        // which clients still accept (as a SIGHUP reload refuses such a
+        // one). A fresh start has no running edge to leave serving: it
+        // serves it all the same, see `tls.rs`.
+        if options.upgrade {
+            return Err(e.into());
+        }
         tracing::error!("tls: serving a certificate outside its validity period: {e}");
     }
     let pingora_err = |e: Box<pingora::Error>| EdgeError::Pingora(e.to_string());
