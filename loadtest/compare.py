@@ -62,6 +62,7 @@ Usage: compare.py [--uload PATH] [--rounds 3] [--duration 10] [N ...]
 import argparse
 import atexit
 import collections
+import fcntl
 import hashlib
 import http.client
 import json
@@ -87,6 +88,7 @@ NOT_FOUND = '{"error":{"code":"not_found","field":null,"message":"no such short 
 
 _running = []  # Server objects to stop on exit
 _pids_file = None
+_workdir_lock = None  # held for the run (flock on WORKDIR/lock)
 
 
 def log(msg):
@@ -1202,7 +1204,7 @@ def compare(args, n, uload_bin):
 
 
 def main():
-    global _pids_file
+    global _pids_file, _workdir_lock
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sizes", nargs="*", type=int, default=[1_000_000], help="link counts (default 1000000)")
     ap.add_argument("--uload", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
@@ -1289,9 +1291,23 @@ def main():
         args.servers.insert(at, name)
     if args.ratio_to not in args.servers:
         args.ratio_to = "nginx"
+    # The server the ratios are taken against runs right after the edge in
+    # every round (the order reverses each round, so right before it every
+    # other round): each per-round ratio pairs two runs back to back, with
+    # the variants and builds around them, not between them.
+    if "edge" in args.servers and args.ratio_to in args.servers and args.ratio_to != "edge":
+        args.servers.remove(args.ratio_to)
+        args.servers.insert(args.servers.index("edge") + 1, args.ratio_to)
     if args.rounds < 1 or args.duration < 1:
         ap.error("--rounds and --duration must be at least 1")
     os.makedirs(args.workdir, exist_ok=True)
+    # One run per work dir: two would share (and overwrite) its pids file
+    # and run directories, and stop each other's servers.
+    _workdir_lock = open(os.path.join(args.workdir, "lock"), "w")
+    try:
+        fcntl.flock(_workdir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        ap.error(f"{args.workdir} is in use by another compare.py run; give this one its own --workdir")
     _pids_file = os.path.join(args.workdir, "pids")
     atexit.register(stop_all)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -13,11 +13,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$PWD"
 workdir=/var/tmp/uload-loadtest
 args=()
+# --workdir DIR and --workdir=DIR (compare.py takes both): the trap below
+# must read the pids file of the run it started, not the default one's.
+prev=""
 for a in "$@"; do
+  case "$prev" in --workdir) workdir="$a" ;; esac
   case "$a" in
     --workdir=*) workdir="${a#--workdir=}" ;;
-    *) args+=("$a") ;;
   esac
+  args+=("$a")
+  prev="$a"
 done
 
 # Kill whatever compare.py started if compare.py itself dies (it cleans up

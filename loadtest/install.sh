@@ -42,11 +42,14 @@ if [ "${#_lt_missing[@]}" -gt 0 ]; then
   if [ ! -e "$_lt_policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$_lt_policy" && chmod +x "$_lt_policy" && _lt_made_policy=1
   fi
-  apt-get install -y -qq --no-install-recommends "${_lt_pkgs[@]}" >&2 || {
-    [ "$_lt_made_policy" = 1 ] && rm -f "$_lt_policy"
-    return 1 2>/dev/null || exit 1
-  }
-  [ "$_lt_made_policy" = 1 ] && rm -f "$_lt_policy"
+  # In a subshell whose EXIT trap removes the policy file however the
+  # install ends (Ctrl-C included): left behind, it would keep every later
+  # package's service on this machine from starting.
+  (
+    trap '[ "$_lt_made_policy" = 1 ] && rm -f "$_lt_policy"' EXIT
+    trap 'exit 130' INT TERM HUP
+    apt-get install -y -qq --no-install-recommends "${_lt_pkgs[@]}" >&2
+  ) || { return 1 2>/dev/null || exit 1; }
 fi
 export PATH="$PATH:/usr/sbin"
 

@@ -47,7 +47,7 @@ print(*[s.getsockname()[1] for s in ss])
 EOF
 )
 export ULOAD_API_KEY="${ULOAD_API_KEY:-k6-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
-for v in $(env | grep -o '^ULOAD_[A-Z_]*' | grep -v '^ULOAD_API_KEY$'); do unset "$v"; done
+for v in $(env | grep -o '^ULOAD_[A-Z0-9_]*' | grep -v '^ULOAD_API_KEY$'); do unset "$v"; done
 
 cat >"$tmp/pingora.yaml" <<EOF
 ---

@@ -11,9 +11,14 @@
 //      polled until the edge answers 404 (`delete_to_gone_ms`)
 //   5. GET /api/links/{code}                                   -> 404
 //
-// The times are the sum of the polls' own durations (res.timings.duration)
-// and the pauses between them, so they are sub-millisecond (k6's clock is
-// Date.now(), in ms). A poll loop gives up after 2 s (journey_failed).
+// The times are wall-clock, from the moment k6 has the write's answer to
+// the moment it has the answer that shows the change, both read from
+// k6/execution's currentTestRunDuration (microsecond resolution; Date.now()
+// has milliseconds). They include the last poll whole and k6's own time
+// between polls, so they are an upper bound. (Until 2026-11-28 they were the
+// sum of the polls' durations plus the nominal pauses, which left out k6's
+// time between polls and that a 0.5 ms sleep lasts about 1.2 ms here: an
+// underestimate.) A poll loop gives up after 2 s (journey_failed).
 //
 // Environment: BASE_URL (http://127.0.0.1:8080), ULOAD_API_KEY (required),
 // VUS (4), DURATION (20s), POLL_PAUSE_MS (0.5).
@@ -22,6 +27,7 @@
 import http from 'k6/http';
 import { check, fail, sleep } from 'k6';
 import { Counter, Rate, Trend } from 'k6/metrics';
+import exec from 'k6/execution';
 
 const BASE = __ENV.BASE_URL || 'http://127.0.0.1:8080';
 const KEY = __ENV.ULOAD_API_KEY || '';
@@ -68,21 +74,23 @@ export function setup() {
   if (a.status !== 200) fail(`${BASE}/api/health answered ${a.status}: is the admin up?`);
 }
 
-// Polls GET /{code} until done(res) is true; returns ms spent or -1.
-function pollUntil(code, done, tag) {
-  let spent = 0;
+// Milliseconds since the test began, with microseconds.
+const now = () => exec.instance.currentTestRunDuration;
+
+// Polls GET /{code} until done(res) is true; returns the ms from `since`
+// (a now() reading) to the answer that was done, or -1.
+function pollUntil(code, done, tag, since) {
   let first = true;
-  while (spent < POLL_LIMIT_MS) {
+  while (now() - since < POLL_LIMIT_MS) {
     const res = http.get(`${BASE}/${code}`, { responseCallback: pollStatuses, tags: { name: tag } });
-    spent += res.timings.duration;
+    const at = now();
     if (res.status !== 404 && (res.status < 300 || res.status > 399)) return -1;
     if (done(res)) {
       if (tag === 'poll_create') servedFirstPoll.add(first);
-      return spent;
+      return at - since;
     }
     first = false;
-    sleep(PAUSE_MS / 1000);
-    spent += PAUSE_MS;
+    if (PAUSE_MS > 0) sleep(PAUSE_MS / 1000);
   }
   return -1;
 }
@@ -90,13 +98,14 @@ function pollUntil(code, done, tag) {
 export default function () {
   const url = `https://example.com/k6/journey/${__VU}/${__ITER}/${Date.now()}`;
   const created = http.post(`${BASE}/api/links`, JSON.stringify({ url }), { headers, tags: { name: 'create' } });
+  const createdAt = now();
   if (!check(created, { 'create: 201': (r) => r.status === 201 })) {
     journeyFailed.add(1);
     return;
   }
   const code = created.json('code');
 
-  const t1 = pollUntil(code, (r) => r.status >= 300 && r.status < 400, 'poll_create');
+  const t1 = pollUntil(code, (r) => r.status >= 300 && r.status < 400, 'poll_create', createdAt);
   if (!check(t1, { 'created link served': (t) => t >= 0 })) {
     journeyFailed.add(1);
     return;
@@ -111,8 +120,9 @@ export default function () {
   const url2 = `${url}/v2`;
   const patched = http.patch(`${BASE}/api/links/${code}`, JSON.stringify({ url: url2 }),
     { headers, tags: { name: 'update' } });
+  const patchedAt = now();
   check(patched, { 'update: 200': (r) => r.status === 200 && r.json('url') === url2 });
-  const t2 = pollUntil(code, (r) => r.headers['Location'] === url2, 'poll_update');
+  const t2 = pollUntil(code, (r) => r.headers['Location'] === url2, 'poll_update', patchedAt);
   if (!check(t2, { 'update served': (t) => t >= 0 })) {
     journeyFailed.add(1);
     return;
@@ -120,8 +130,9 @@ export default function () {
   updateToServed.add(t2);
 
   const deleted = http.del(`${BASE}/api/links/${code}`, null, { headers: auth, tags: { name: 'delete' } });
+  const deletedAt = now();
   check(deleted, { 'delete: 204': (r) => r.status === 204 });
-  const t3 = pollUntil(code, (r) => r.status === 404, 'poll_delete');
+  const t3 = pollUntil(code, (r) => r.status === 404, 'poll_delete', deletedAt);
   if (!check(t3, { 'delete served': (t) => t >= 0 })) {
     journeyFailed.add(1);
     return;
