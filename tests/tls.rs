@@ -1080,6 +1080,53 @@ fn a_silent_connection_is_closed_whatever_its_protocol() {
     });
 }
 
+/// The 408 for a header that did not come in time is written by the edge's
+/// connection handling, outside Pingora's modules, which add HSTS to every
+/// other HTTPS answer: over TLS it carries HSTS too (it did not; found by
+/// review), and over plain HTTP it does not.
+#[test]
+fn a_408_over_tls_carries_hsts() {
+    let cert = make_cert(42, "uload test 408");
+    let edge = Edge::start(
+        &cert,
+        "  client_header_timeout_ms: 300\n",
+        "  hsts_include_subdomains: true\n",
+        None,
+    );
+    let partial = b"GET /abc HTTP/1.1\r\nHost: localhost\r\n";
+    let rt = runtime();
+    let over_tls = rt.block_on(async {
+        let mut s = connect(edge.https, &edge.roots, &[b"http/1.1"]).await;
+        s.write_all(partial).await.unwrap();
+        s.flush().await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "no answer within 10 s");
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    assert!(over_tls.starts_with("HTTP/1.1 408 "), "{over_tls}");
+    assert!(
+        over_tls.to_ascii_lowercase().contains(&format!(
+            "strict-transport-security: {}\r\n",
+            HSTS.to_ascii_lowercase()
+        )),
+        "{over_tls}"
+    );
+    let mut s = std::net::TcpStream::connect(edge.plain).unwrap();
+    s.write_all(partial).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let plain = String::from_utf8_lossy(&out);
+    assert!(plain.starts_with("HTTP/1.1 408 "), "{plain}");
+    assert!(
+        !plain
+            .to_ascii_lowercase()
+            .contains("strict-transport-security"),
+        "{plain}"
+    );
+}
+
 /// `edge.client_header_timeout_ms` is the time a client has from connecting
 /// for its first request, and a connection that sent nothing is closed then.
 /// On the HTTPS listener the clock started only after the TLS handshake,

@@ -65,6 +65,10 @@ pub struct ClientLimits<A> {
     /// Accept and serve the cleartext connections (`redirect_loop.rs`,
     /// `loop_listener.rs`).
     loops: Option<RedirectLoops>,
+    /// The `Strict-Transport-Security` value (`tls.hsts_max_age_secs`),
+    /// for the 408 written here to a TLS client: Pingora's modules, which
+    /// add it to every other answer, never see that one.
+    hsts: Option<String>,
 }
 
 impl<A> ClientLimits<A> {
@@ -75,6 +79,7 @@ impl<A> ClientLimits<A> {
             keepalive_timeout,
             fast: None,
             loops: None,
+            hsts: None,
         }
     }
 }
@@ -86,6 +91,7 @@ pub fn limits<SV>(
     proxy: SV,
     edge: &EdgeConfig,
     fast: Option<Arc<RedirectFastPath>>,
+    hsts: Option<&str>,
 ) -> Arc<ClientLimits<pingora::proxy::HttpProxy<SV>>>
 where
     SV: pingora::proxy::ProxyHttp + Send + Sync + 'static,
@@ -108,6 +114,7 @@ where
         });
     }
     limits.fast = fast;
+    limits.hsts = hsts.map(str::to_owned);
     Arc::new(limits)
 }
 
@@ -364,12 +371,21 @@ impl Future for Stop {
 
 /// The answer to a request whose header did not arrive in time.
 pub(super) fn timeout_response() -> Vec<u8> {
+    timeout_response_with(None)
+}
+
+/// [`timeout_response`], with `Strict-Transport-Security: {hsts}` (to a
+/// TLS client).
+fn timeout_response_with(hsts: Option<&str>) -> Vec<u8> {
     let body = super::proxy::error_body(
         "request_timeout",
         "the request header did not arrive in time",
     );
+    let hsts = hsts
+        .map(|v| format!("strict-transport-security: {v}\r\n"))
+        .unwrap_or_default();
     let mut out = format!(
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{hsts}connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -452,8 +468,13 @@ where
                 Head::Ready => {}
                 Head::Closed | Head::TimedOut(false) => return,
                 Head::TimedOut(true) => {
+                    let hsts = self
+                        .hsts
+                        .as_deref()
+                        .filter(|_| stream.get_ssl_digest().is_some());
+                    let response = timeout_response_with(hsts);
                     let answer = async {
-                        stream.write_all(&timeout_response()).await?;
+                        stream.write_all(&response).await?;
                         stream.flush().await?;
                         stream.shutdown().await
                     };

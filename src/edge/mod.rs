@@ -233,7 +233,8 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
         access_log,
     };
     // Header and keep-alive time limits around Pingora's proxy loop.
-    let limits = client_limits::limits(&server.configuration, proxy, &config.edge, fast);
+    let hsts = config.tls.as_ref().and_then(|t| t.hsts.as_deref());
+    let limits = client_limits::limits(&server.configuration, proxy, &config.edge, fast, hsts);
     let mut service = client_limits::service(&limits);
     // Cleartext connections: accepted by the redirect loops when they run
     // (`loop_listener.rs`), else by Pingora.
