@@ -6,8 +6,8 @@
 //!   never helps a redirect).
 //! - `GET /health/ready`: readiness. The same document; 503 with
 //!   `"status": "degraded"` and the failed checks' reasons when the table is
-//!   not loaded or the log follower has been stuck for longer than
-//!   `edge.follower_stall_secs`. The admin's state is reported, never a
+//!   not loaded or the log follower has been stuck (or one of its polls
+//!   has not returned) for longer than `edge.follower_stall_secs`. The admin's state is reported, never a
 //!   reason: redirects' readiness does not depend on it.
 //!
 //! Run it: `curl -s 127.0.0.1:8080/health/ready`.
@@ -54,6 +54,18 @@ impl EdgeHealth {
                 last_error.as_deref().unwrap_or("unknown error")
             ));
         }
+        // A poll that has not returned (a read blocked on a hung disk or
+        // mount) sets nothing above, and the table no longer changes.
+        let polling_since = self.follower.poll_started_ms.load(Ordering::Relaxed);
+        let polling_ms = (polling_since > 0).then(|| now.saturating_sub(polling_since));
+        if let Some(ms) = polling_ms
+            && ms >= self.follower_stall.as_millis() as u64
+        {
+            failures.push(format!(
+                "follower: a poll of the data dir has not returned for {} s",
+                ms / 1000
+            ));
+        }
         let backends = self.admins.backends();
         let upstreams: Vec<_> = backends
             .get_backend()
@@ -84,6 +96,7 @@ impl EdgeHealth {
                 "snapshots_loaded": self.follower.snapshots_loaded.load(Ordering::Relaxed),
                 "files_refused": self.follower.files_refused.load(Ordering::Relaxed),
                 "stuck_ms": stuck_ms,
+                "poll_running_ms": polling_ms,
                 "last_error": last_error,
             },
             "data_dir": {
@@ -94,5 +107,71 @@ impl EdgeHealth {
             "admin": { "upstreams": upstreams },
         });
         (ok, doc.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::datadir::DataDir;
+    use crate::store::follower::{LogFollower, RecordSource};
+    use crate::store::frame::LogOpRef;
+    use crate::store::log::{LogError, TailStatus};
+    use crate::store::view::TableView;
+
+    /// A record source whose poll blocks until told to go on, as a read of a
+    /// hung disk or mount does.
+    struct Blocked(std::sync::mpsc::Receiver<()>);
+
+    impl RecordSource for Blocked {
+        fn poll(
+            &mut self,
+            _visit: &mut dyn FnMut(u64, LogOpRef<'_>),
+        ) -> Result<TailStatus, LogError> {
+            let _ = self.0.recv();
+            Ok(TailStatus::CaughtUp)
+        }
+        fn reset(&mut self, _after_seq: u64) {}
+    }
+
+    /// Readiness fails while a follower's poll has not returned for longer
+    /// than the stall time (nothing else marks such a follower stuck), and
+    /// passes again once it returns.
+    #[test]
+    fn readiness_fails_while_a_poll_does_not_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let (go_on, rx) = std::sync::mpsc::channel();
+        let mut follower = LogFollower::with_source(
+            DataDir::new(dir.path()),
+            TableView::new(None),
+            None,
+            Box::new(Blocked(rx)),
+        );
+        let health = EdgeHealth {
+            table: follower.table(),
+            follower: follower.stats(),
+            admins: Arc::new(LoadBalancer::try_from_iter(["127.0.0.1:9"]).unwrap()),
+            data_dir: dir.path().to_owned(),
+            follower_stall: Duration::from_millis(50),
+        };
+        assert!(health.report().0, "{}", health.report().1);
+        let poller = std::thread::spawn(move || {
+            follower.poll_once();
+        });
+        let start = std::time::Instant::now();
+        while health.report().0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "ready while a poll hangs"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (ready, doc) = health.report();
+        assert!(!ready);
+        assert!(doc.contains("has not returned"), "{doc}");
+        go_on.send(()).unwrap();
+        poller.join().unwrap();
+        let (ready, doc) = health.report();
+        assert!(ready, "{doc}");
     }
 }

@@ -80,6 +80,10 @@ pub struct FollowerStats {
     /// Since when (ms since the epoch) the follower has been unable to read
     /// on in the log; 0 while it is not stuck.
     pub stuck_since_ms: AtomicU64,
+    /// When (ms since the epoch) the poll under way began; 0 between polls.
+    /// A poll that never returns (a read blocked on a hung disk or mount)
+    /// sets nothing else: this is how readiness sees it.
+    pub poll_started_ms: AtomicU64,
 }
 
 impl FollowerStats {
@@ -205,6 +209,23 @@ impl LogFollower {
 
     /// Picks up a new snapshot and new log records; publishes if anything changed.
     pub fn poll_once(&mut self) -> PollOutcome {
+        // Cleared however the poll ends, a panic included (which stops the
+        // follower and is reported as such).
+        struct Polling<'a>(&'a AtomicU64);
+        impl Drop for Polling<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::Relaxed);
+            }
+        }
+        let stats = self.stats.clone();
+        stats
+            .poll_started_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
+        let _polling = Polling(&stats.poll_started_ms);
+        self.poll_inner()
+    }
+
+    fn poll_inner(&mut self) -> PollOutcome {
         self.stats.polls.fetch_add(1, Ordering::Relaxed);
         let mut outcome = PollOutcome {
             new_snapshot: self.check_manifest(),
