@@ -109,10 +109,22 @@ for s in "${scripts[@]}"; do
   rc=0
   save_times; k0="$(children_cpu)"
   c0="$(cpu_ticks)"; t0="$(date +%s.%N)"
+  # LT_PROBE=1: loadtest/propagation.py alongside (one create at a time,
+  # polled back to back), for as long as the script runs at most.
+  probe_pid=""
+  if [ -n "${LT_PROBE:-}" ]; then
+    python3 loadtest/propagation.py --base "$base" --seconds "${LT_PROBE_SECONDS:-20}" \
+      --json "$WORKDIR/propagation-$s.json" >"$WORKDIR/propagation-$s.txt" 2>&1 &
+    probe_pid=$!
+  fi
   "$K6_BIN" run --no-color -e BASE_URL="$base" -e CODES="$links/codes.txt" \
     --summary-export "$WORKDIR/k6-$s.json" "loadtest/k6/$s.js" >"$WORKDIR/k6-$s.txt" 2>&1 || rc=$?
   # the summary (thresholds, checks, metrics), without the progress lines
   sed -n '/THRESHOLDS\|█ TOTAL RESULTS\|checks\.\.\.\|✓\|✗/,$p' "$WORKDIR/k6-$s.txt" | grep -v 'running (' || true
+  if [ -n "$probe_pid" ]; then
+    wait "$probe_pid" || rc=1
+    cat "$WORKDIR/propagation-$s.txt"
+  fi
   c1="$(cpu_ticks)"; t1="$(date +%s.%N)"
   save_times; k1="$(children_cpu)"
   echo "=== k6 $s: exit $rc; uload up used $(awk -v a="$c0" -v b="$c1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}') s of CPU in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s; k6 used $(awk -v a="$k0" -v b="$k1" 'BEGIN{printf "%.2f", b-a}') s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
