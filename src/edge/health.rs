@@ -7,8 +7,9 @@
 //! - `GET /health/ready`: readiness. The same document; 503 with
 //!   `"status": "degraded"` and the failed checks' reasons when the table is
 //!   not loaded or the log follower has been stuck (or one of its polls
-//!   has not returned) for longer than `edge.follower_stall_secs`. The admin's state is reported, never a
-//!   reason: redirects' readiness does not depend on it.
+//!   has not returned) for longer than `edge.follower_stall_secs`. The
+//!   admin's state is reported, never a reason: redirects' readiness does
+//!   not depend on it.
 //!
 //! Run it: `curl -s 127.0.0.1:8080/health/ready`.
 
