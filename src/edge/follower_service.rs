@@ -20,6 +20,8 @@ use crate::store::LogFollower;
 use crate::store::follower::FollowerStats;
 use crate::sys::DirWatch;
 
+use super::health::DiskGauge;
+
 /// With change notifications on, the follower still polls this often, in
 /// case a change was missed (a file system that does not report them).
 pub const SAFETY_POLL: Duration = Duration::from_millis(500);
@@ -35,6 +37,9 @@ pub struct FollowerService {
     /// Directories whose changes wake the follower; empty: poll every
     /// `interval`.
     pub watch_dirs: Vec<PathBuf>,
+    /// The data dir's disk space for `/health`, measured here after the
+    /// reads (at most once a second), off the request path.
+    pub disk: Option<(Arc<DiskGauge>, PathBuf)>,
 }
 
 impl FollowerService {
@@ -89,6 +94,9 @@ impl BackgroundService for FollowerService {
             let polled_ok = self.follower.lock().is_ok_and(|mut f| {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.poll_once())).is_ok()
             });
+            if let Some((disk, dir)) = &self.disk {
+                disk.refresh_if_due(dir);
+            }
             if !polled_ok {
                 let why = "the log follower stopped: a poll panicked; serving the last view";
                 tracing::error!("{why}");
@@ -167,6 +175,7 @@ mod tests {
             stats: stats.clone(),
             interval: Duration::from_millis(1),
             watch_dirs: Vec::new(),
+            disk: None,
         });
         let poisoner = service.clone();
         let _ = std::thread::spawn(move || {

@@ -15,7 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pingora::lb::LoadBalancer;
@@ -25,7 +25,50 @@ use serde_json::json;
 use crate::store::follower::FollowerStats;
 use crate::store::record::now_ms;
 use crate::store::view::HotTable;
-use crate::sys::{disk_space, started};
+use crate::sys::{DiskSpace, disk_space, started};
+
+/// The data dir's disk space, measured off the request path: by the log
+/// follower's service after its reads (at most once a second), and once at
+/// start-up. `statvfs` on a hung disk or mount blocks; on a Pingora worker
+/// thread, as each `/health` probe used to call it, a load balancer's
+/// probes would have pinned every worker.
+#[derive(Debug, Default)]
+pub struct DiskGauge {
+    total: AtomicU64,
+    available: AtomicU64,
+    /// When it was last measured (ms since the epoch); 0: never.
+    measured_ms: AtomicU64,
+}
+
+impl DiskGauge {
+    /// How often [`DiskGauge::refresh_if_due`] measures.
+    const EVERY_MS: u64 = 1000;
+
+    /// Measures the disk space of `dir` now.
+    pub fn refresh(&self, dir: &std::path::Path) {
+        if let Some(d) = disk_space(dir) {
+            self.total.store(d.total, Ordering::Relaxed);
+            self.available.store(d.available, Ordering::Relaxed);
+            self.measured_ms.store(now_ms().max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// [`DiskGauge::refresh`], when the last measure is a second old.
+    pub fn refresh_if_due(&self, dir: &std::path::Path) {
+        let last = self.measured_ms.load(Ordering::Relaxed);
+        if now_ms().saturating_sub(last) >= Self::EVERY_MS {
+            self.refresh(dir);
+        }
+    }
+
+    /// The last measure, if any.
+    pub fn get(&self) -> Option<DiskSpace> {
+        (self.measured_ms.load(Ordering::Relaxed) > 0).then(|| DiskSpace {
+            total: self.total.load(Ordering::Relaxed),
+            available: self.available.load(Ordering::Relaxed),
+        })
+    }
+}
 
 /// What the health endpoints read. Cloning is not offered; the proxy owns it.
 pub struct EdgeHealth {
@@ -33,6 +76,8 @@ pub struct EdgeHealth {
     pub follower: Arc<FollowerStats>,
     pub admins: Arc<LoadBalancer<RoundRobin>>,
     pub data_dir: PathBuf,
+    /// Its disk space, as last measured off the request path.
+    pub disk: Arc<DiskGauge>,
     /// How long the follower may be stuck before readiness fails.
     pub follower_stall: Duration,
 }
@@ -73,7 +118,7 @@ impl EdgeHealth {
             .iter()
             .map(|b| json!({ "addr": b.addr.to_string(), "healthy": backends.ready(b) }))
             .collect();
-        let disk = disk_space(&self.data_dir);
+        let disk = self.disk.get();
         let snapshot_age_s = view
             .snapshot()
             .map(|s| now.saturating_sub(s.header().created_at_ms) / 1000);
@@ -153,6 +198,7 @@ mod tests {
             follower: follower.stats(),
             admins: Arc::new(LoadBalancer::try_from_iter(["127.0.0.1:9"]).unwrap()),
             data_dir: dir.path().to_owned(),
+            disk: Arc::default(),
             follower_stall: Duration::from_millis(50),
         };
         assert!(health.report().0, "{}", health.report().1);
@@ -174,5 +220,31 @@ mod tests {
         poller.join().unwrap();
         let (ready, doc) = health.report();
         assert!(ready, "{doc}");
+    }
+
+    /// `/health` reports the disk space last measured off the request path
+    /// (it does not measure it itself, where a hung disk would block the
+    /// worker answering): here the data dir named is gone, and the figures
+    /// are the gauge's.
+    #[test]
+    fn health_reports_the_disk_space_measured_off_the_request_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DiskGauge::default());
+        assert!(disk.get().is_none());
+        disk.refresh(dir.path());
+        let measured = disk.get().expect("measured");
+        assert!(measured.total > 0);
+        let follower = LogFollower::open(dir.path()).unwrap();
+        let health = EdgeHealth {
+            table: follower.table(),
+            follower: follower.stats(),
+            admins: Arc::new(LoadBalancer::try_from_iter(["127.0.0.1:9"]).unwrap()),
+            data_dir: dir.path().join("gone"),
+            disk,
+            follower_stall: Duration::from_secs(30),
+        };
+        let doc: serde_json::Value = serde_json::from_str(&health.report().1).unwrap();
+        assert_eq!(doc["data_dir"]["disk_total_bytes"], measured.total);
+        assert!(doc["data_dir"]["disk_available_bytes"].is_u64(), "{doc}");
     }
 }

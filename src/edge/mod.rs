@@ -164,6 +164,9 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
     let health_service = GenBackgroundService::new("admin health check".into(), Arc::new(admins));
     let admins = health_service.task();
 
+    // Measured once now, then by the follower's service (`health.rs`).
+    let disk = Arc::new(health::DiskGauge::default());
+    disk.refresh(&config.data_dir);
     let follower_service = GenBackgroundService::new(
         "log follower".into(),
         Arc::new(FollowerService {
@@ -174,6 +177,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
                 let dir = crate::store::datadir::DataDir::new(&config.data_dir);
                 vec![dir.root().to_owned(), dir.log_dir(), dir.snapshot_dir()]
             },
+            disk: Some((disk.clone(), config.data_dir.clone())),
         }),
     );
 
@@ -222,6 +226,7 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             follower: stats,
             admins: admins.clone(),
             data_dir: config.data_dir.clone(),
+            disk,
             follower_stall: config.edge.follower_stall,
         },
         metrics: metrics.clone(),
