@@ -30,6 +30,9 @@ done
 cleanup() {
   local f="$workdir/pids"
   [ -f "$f" ] || return 0
+  # Another run holds the work dir (this one's compare.py refused it, or
+  # never got that far): those servers are that run's.
+  if [ -e "$workdir/lock" ] && ! flock -n "$workdir/lock" true; then return 0; fi
   while read -r pgid name; do
     [ -n "$pgid" ] || continue
     if [ -r "/proc/$pgid/cmdline" ] && tr '\0' ' ' <"/proc/$pgid/cmdline" | grep -q -- "$name"; then

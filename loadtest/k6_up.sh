@@ -121,12 +121,14 @@ for s in "${scripts[@]}"; do
     --summary-export "$WORKDIR/k6-$s.json" "loadtest/k6/$s.js" >"$WORKDIR/k6-$s.txt" 2>&1 || rc=$?
   # the summary (thresholds, checks, metrics), without the progress lines
   sed -n '/THRESHOLDS\|█ TOTAL RESULTS\|checks\.\.\.\|✓\|✗/,$p' "$WORKDIR/k6-$s.txt" | grep -v 'running (' || true
+  c1="$(cpu_ticks)"; t1="$(date +%s.%N)"
+  # k6's CPU is taken before the probe is waited for (`times` counts every
+  # child waited for).
+  save_times; k1="$(children_cpu)"
   if [ -n "$probe_pid" ]; then
     wait "$probe_pid" || rc=1
     cat "$WORKDIR/propagation-$s.txt"
   fi
-  c1="$(cpu_ticks)"; t1="$(date +%s.%N)"
-  save_times; k1="$(children_cpu)"
   echo "=== k6 $s: exit $rc; uload up used $(awk -v a="$c0" -v b="$c1" -v hz="$hz" 'BEGIN{printf "%.2f", (b-a)/hz}') s of CPU in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}') s; k6 used $(awk -v a="$k0" -v b="$k1" 'BEGIN{printf "%.2f", b-a}') s (load average $(cut -d' ' -f1-3 /proc/loadavg))"
   [ "$rc" = 0 ] || status=$rc
 done

@@ -24,8 +24,9 @@
 #   --log FILE           append the new edge's stdout and stderr here (default:
 #                        wherever the running edge's stderr goes, a file, a
 #                        pipe or a terminal; if that is a socket, as the
-#                        journal is under systemd, this script's own stderr,
-#                        which under ExecReload= is the unit's journal)
+#                        journal is under systemd, the journal when this
+#                        script's own stderr is it (ExecReload=), else
+#                        /dev/null)
 #   DEPLOY_DEBUG=1       (environment) print every /health probe
 #
 # The new edge runs as `BINARY edge -u --config FILE` in its own session (not
@@ -207,17 +208,24 @@ sock="${sock:-/tmp/pingora_upgrade.sock}"
 # Without --log, the new edge (and a rolled-back one) writes where the
 # running edge's stderr goes: reopened through /proc now, while it runs, so
 # a file (even one rotated away), a pipe or a terminal all work. A socket
-# cannot be reopened so: that is the journal under systemd, and this
-# script's own stderr, under ExecReload=, is the same unit's journal.
-# ("&N": the helper's inherited fd N.)
+# cannot be reopened so: that is the journal under systemd, and when this
+# script's own stderr is the journal too (ExecReload=: $JOURNAL_STREAM
+# names it), the new edge gets that. Otherwise /dev/null, and a line saying
+# so: the caller's stderr (an ssh session, a CI step) would be held open by
+# the new edge for as long as it runs. ("&N": the helper's inherited fd N.)
 if [ -n "$log" ]; then
   log_where="$log"
 elif { exec {edge_err}>>"/proc/$pid/fd/2"; } 2>/dev/null; then
   log="&$edge_err"
   log_where="the running edge's stderr ($(readlink "/proc/$pid/fd/2" 2>/dev/null || echo '?'))"
-else
+elif [ -n "${JOURNAL_STREAM:-}" ] &&
+  [ "$(stat -L -c %d:%i "/proc/$$/fd/2" 2>/dev/null || true)" = "$JOURNAL_STREAM" ]; then
   log="&2"
-  log_where="this script's stderr"
+  log_where="the journal"
+else
+  log=/dev/null
+  log_where="/dev/null"
+  say "the running edge's stderr cannot be reopened ($(readlink "/proc/$pid/fd/2" 2>/dev/null || echo '?')): the new edge's output goes to /dev/null; --log FILE keeps it"
 fi
 
 finish() {

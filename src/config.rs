@@ -1101,12 +1101,20 @@ fn tls(
 }
 
 /// Whether two listen addresses take the same socket: the same port (not
-/// 0, which picks a free one each time), on the same address or with either
-/// on the wildcard address.
+/// 0, which picks a free one each time) on addresses that overlap: the same
+/// one (an IPv4-mapped IPv6 address is its IPv4 address), `[::]` and any
+/// other (Linux's `[::]` takes IPv4 too unless `bindv6only` is set), or
+/// `0.0.0.0` and any IPv4 address. `0.0.0.0` and an IPv6 address other
+/// than `[::]` bind side by side.
 fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    use std::net::IpAddr;
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let any_v6 = |ip: IpAddr| ip.is_ipv6() && ip.is_unspecified();
+    let any_v4 = |ip: IpAddr| ip.is_ipv4() && ip.is_unspecified();
+    x == y || any_v6(x) || any_v6(y) || (any_v4(x) && y.is_ipv4()) || (any_v4(y) && x.is_ipv4())
 }
 
 /// What an API key must be: at least 16 bytes of visible ASCII (spaces and
@@ -1550,5 +1558,20 @@ mod tests {
         assert!(e.problem.contains("admin.listen"), "{e}");
         // Port 0 (a free port each time) never clashes.
         assert!(one_host("edge:\n  listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n").is_ok());
+    }
+
+    #[test]
+    fn same_socket_knows_which_addresses_overlap() {
+        let s = |a: &str, b: &str| same_socket(a.parse().unwrap(), b.parse().unwrap());
+        assert!(s("127.0.0.1:80", "127.0.0.1:80"));
+        assert!(s("0.0.0.0:80", "127.0.0.1:80"));
+        assert!(s("[::]:80", "127.0.0.1:80"));
+        assert!(s("[::]:80", "[::1]:80"));
+        assert!(s("[::ffff:127.0.0.1]:80", "127.0.0.1:80"));
+        assert!(s("0.0.0.0:80", "[::ffff:10.0.0.1]:80"));
+        assert!(!s("0.0.0.0:80", "[::1]:80"));
+        assert!(!s("127.0.0.1:80", "127.0.0.2:80"));
+        assert!(!s("127.0.0.1:80", "127.0.0.1:81"));
+        assert!(!s("127.0.0.1:0", "127.0.0.1:0"));
     }
 }

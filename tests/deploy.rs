@@ -252,6 +252,61 @@ fn deploy_keeps_the_running_edges_output_and_environment() {
     });
 }
 
+/// Without `--log`, when the running edge's stderr is a socket (as the
+/// journal's is) and the script's own stderr is not the journal, the new
+/// edge's output goes to /dev/null, and the script says so: giving it the
+/// script's stderr would have an ssh session or a CI step that ran the
+/// script held open for as long as the new edge runs.
+#[test]
+fn deploy_over_an_edge_logging_to_a_socket_says_where_the_output_goes() {
+    let pids = Pids::default();
+    let setup = EdgeSetup::new(&[free_addr()], "", Grace::default());
+    import_links(&setup, 5);
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut old = common::uload_command(setup.path())
+        .arg("edge")
+        .arg("--config")
+        .arg(&setup.config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .spawn()
+        .unwrap();
+    pids.add(old.id());
+    // Drained, so that the edge never blocks on it.
+    std::thread::spawn(move || {
+        let mut ours = ours;
+        let mut buf = [0u8; 4096];
+        while matches!(std::io::Read::read(&mut ours, &mut buf), Ok(n) if n > 0) {}
+    });
+    let addr = setup.addr;
+    wait_until(Duration::from_secs(60), "edge /health", || {
+        request(addr, "GET", "/health", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    std::fs::write(setup.path().join("edge.pid"), format!("{}\n", old.id())).unwrap();
+    let d = deploy_with(
+        &setup,
+        Path::new(UPLOAD),
+        30,
+        &pids,
+        &[("JOURNAL_STREAM", "")],
+        None,
+    );
+    assert_eq!(d.code, 0, "{}\n{}", d.stderr, setup.logs());
+    assert!(
+        d.stderr.contains("cannot be reopened") && d.stderr.contains("--log FILE"),
+        "{}",
+        d.stderr
+    );
+    let new = d.serving.expect("pid=N on stdout");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{new}/fd/2")).unwrap(),
+        Path::new("/dev/null")
+    );
+    wait_until(Duration::from_secs(60), "the old edge to exit", || {
+        old.try_wait().unwrap().is_some()
+    });
+}
+
 /// (a) The same binary deployed over itself under load: no request fails,
 /// another process serves afterwards, the old one exits.
 #[test]

@@ -95,7 +95,7 @@ impl BackgroundService for FollowerService {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.poll_once())).is_ok()
             });
             if let Some((disk, dir)) = &self.disk {
-                disk.refresh_if_due(dir);
+                self.stats.reading(|| disk.refresh_if_due(dir));
             }
             if !polled_ok {
                 let why = "the log follower stopped: a poll panicked; serving the last view";

@@ -61,6 +61,11 @@ impl DiskGauge {
         }
     }
 
+    /// When it was last measured (ms since the epoch), if ever.
+    pub fn measured_ms(&self) -> Option<u64> {
+        Some(self.measured_ms.load(Ordering::Relaxed)).filter(|&t| t > 0)
+    }
+
     /// The last measure, if any.
     pub fn get(&self) -> Option<DiskSpace> {
         (self.measured_ms.load(Ordering::Relaxed) > 0).then(|| DiskSpace {
@@ -108,7 +113,7 @@ impl EdgeHealth {
             && ms >= self.follower_stall.as_millis() as u64
         {
             failures.push(format!(
-                "follower: a poll of the data dir has not returned for {} s",
+                "follower: a read of the data dir has not returned for {} s",
                 ms / 1000
             ));
         }
@@ -149,6 +154,7 @@ impl EdgeHealth {
                 "path": self.data_dir.display().to_string(),
                 "disk_total_bytes": disk.map(|d| d.total),
                 "disk_available_bytes": disk.map(|d| d.available),
+                "disk_measured_ms_ago": self.disk.measured_ms().map(|t| now.saturating_sub(t)),
             },
             "admin": { "upstreams": upstreams },
         });

@@ -330,23 +330,17 @@ fn check_bindable(config: &Config) -> Result<(), EdgeError> {
 
 /// Runs the edge until SIGTERM/SIGINT (graceful) or SIGQUIT (graceful upgrade hand-over).
 pub fn run(config: &Config, options: &EdgeOptions) -> Result<(), EdgeError> {
-    // Pingora's daemon (`-d`) changes to its `working_directory`, `/` by
-    // default, when it forks: after the table and some files are open,
-    // before the follower, a certificate reload or the limiter read theirs.
-    // Relative paths are made absolute first, so that they mean the same
-    // throughout: the directory the edge was started in.
-    let resolved;
-    let config = if options.daemon {
-        let cwd = std::env::current_dir()
-            .map_err(|e| EdgeError::Pingora(format!("the current directory: {e}")))?;
-        let mut c = config.clone();
-        c.resolve_paths(&cwd);
-        resolved = c;
-        &resolved
-    } else {
-        config
-    };
-    let server = build(config, options)?;
+    // Pingora's daemon (`-d`, or `daemon: true` in its conf) changes to its
+    // `working_directory`, `/` by default, when it forks: after the table
+    // and some files are open, before the follower, a certificate reload or
+    // the limiter read theirs. Relative paths are made absolute first, so
+    // that they mean the same throughout: the directory the edge was
+    // started in (without a fork, nothing changes).
+    let cwd = std::env::current_dir()
+        .map_err(|e| EdgeError::Pingora(format!("the current directory: {e}")))?;
+    let mut config = config.clone();
+    config.resolve_paths(&cwd);
+    let server = build(&config, options)?;
     server.run(RunArgs::default());
     Ok(())
 }

@@ -80,13 +80,30 @@ pub struct FollowerStats {
     /// Since when (ms since the epoch) the follower has been unable to read
     /// on in the log; 0 while it is not stuck.
     pub stuck_since_ms: AtomicU64,
-    /// When (ms since the epoch) the poll under way began; 0 between polls.
-    /// A poll that never returns (a read blocked on a hung disk or mount)
-    /// sets nothing else: this is how readiness sees it.
+    /// When (ms since the epoch) the read of the data dir under way (a
+    /// poll, or a look at its disk space) began; 0 between them. One that
+    /// never returns (blocked on a hung disk or mount) sets nothing else:
+    /// this is how readiness sees it.
     pub poll_started_ms: AtomicU64,
 }
 
 impl FollowerStats {
+    /// Runs `f`, a read of the data dir (a poll, a look at its disk space),
+    /// with `poll_started_ms` set: one that does not return is seen by
+    /// readiness. Cleared however `f` ends, a panic included.
+    pub fn reading<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Reading<'a>(&'a AtomicU64);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::Relaxed);
+            }
+        }
+        self.poll_started_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
+        let _reading = Reading(&self.poll_started_ms);
+        f()
+    }
+
     /// The follower has stopped for good (`why`): from now on it counts as
     /// stuck, which readiness reports once `edge.follower_stall_secs` have
     /// passed, while the edge serves the last view it published.
@@ -209,20 +226,8 @@ impl LogFollower {
 
     /// Picks up a new snapshot and new log records; publishes if anything changed.
     pub fn poll_once(&mut self) -> PollOutcome {
-        // Cleared however the poll ends, a panic included (which stops the
-        // follower and is reported as such).
-        struct Polling<'a>(&'a AtomicU64);
-        impl Drop for Polling<'_> {
-            fn drop(&mut self) {
-                self.0.store(0, Ordering::Relaxed);
-            }
-        }
         let stats = self.stats.clone();
-        stats
-            .poll_started_ms
-            .store(now_ms().max(1), Ordering::Relaxed);
-        let _polling = Polling(&stats.poll_started_ms);
-        self.poll_inner()
+        stats.reading(|| self.poll_inner())
     }
 
     fn poll_inner(&mut self) -> PollOutcome {
