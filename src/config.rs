@@ -568,17 +568,18 @@ impl Config {
     /// against each other's, which a file used only for an edge on one
     /// host and an admin on another may share.
     pub fn check_one_host(&self) -> Result<(), ConfigError> {
-        let mut sockets = vec![
+        let sockets: Vec<(&str, SocketAddr)> = [
             ("edge.listen", Some(self.edge.listen)),
             ("tls.listen", self.tls.as_ref().map(|t| t.listen)),
             ("metrics.listen", self.metrics_listen),
             ("admin.listen", Some(self.admin.listen)),
             ("metrics.admin_listen", self.admin_metrics_listen),
-        ];
-        sockets.retain(|(_, a)| a.is_some());
+        ]
+        .into_iter()
+        .filter_map(|(key, addr)| Some((key, addr?)))
+        .collect();
         for (i, &(key, a)) in sockets.iter().enumerate() {
             for &(other, b) in &sockets[i + 1..] {
-                let (Some(a), Some(b)) = (a, b) else { continue };
                 if same_socket(a, b) {
                     return Err(ConfigError {
                         file: self.source.clone(),

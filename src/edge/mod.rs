@@ -193,13 +193,18 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             .map_err(|e| EdgeError::Pingora(format!("registering metrics: {e}")))?;
     }
     let edge_config = Arc::new(config.edge.clone());
-    // Its writer starts with the services (`access_log::WriterService`).
+    // Its writer starts with the services, after any fork into a daemon.
     let access_log = access_log_file.map(|file| {
-        Arc::new(access_log::AccessLog::new(
+        let log = Arc::new(access_log::AccessLog::new(
             file,
             config.access_log.buffer_lines,
             metrics.access_log_dropped.clone(),
-        ))
+        ));
+        server.add_service(GenBackgroundService::new(
+            "access log".into(),
+            Arc::new(access_log::WriterService(log.clone())),
+        ));
+        log
     });
     // Plain redirects skip Pingora's request machinery (fast_path.rs),
     // unless plain HTTP must be sent on to HTTPS.
@@ -216,7 +221,6 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             access_log: access_log.clone(),
         })
     });
-    let access_log_writer = access_log.clone();
     let proxy = EdgeProxy {
         table: table.clone(),
         admins: admins.clone(),
@@ -297,12 +301,6 @@ pub fn build(config: &Config, options: &EdgeOptions) -> Result<Server, EdgeError
             pingora::services::listening::Service::new("metrics".into(), MetricsApp { metrics });
         metrics_service.add_tcp(&listen.to_string());
         server.add_service(metrics_service);
-    }
-    if let Some(log) = &access_log_writer {
-        server.add_service(GenBackgroundService::new(
-            "access log".into(),
-            Arc::new(access_log::WriterService(log.clone())),
-        ));
     }
     server.add_service(health_service);
     server.add_service(follower_service);
